@@ -1,0 +1,146 @@
+"""From a data config to preprocessed volumes and 2D crop sets (no tracking here).
+
+``volumes -> preprocessed volumes -> crops``: :func:`ensure_cases` finds (or generates) the cases,
+:func:`preprocess_case` masks and standardises one, :func:`make_crop_set` cuts crops, and
+:func:`split_cases` decides which volumes train and which are held out.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from stego_core.config import DataConfig, SlicingConfig, to_dict
+from stego_core.io import Case, discover_cases, load_case
+from stego_core.slicing import crop_index, take_crops
+
+
+@dataclass
+class PreparedCase:
+    """A preprocessed volume.
+
+    Attributes
+    ----------
+    image : (I, J, K) float32 ndarray
+        Standardised to [0, 1]; voxels outside the brain mask are 0.
+    brain_mask : (I, J, K) bool ndarray
+    label : (I, J, K) bool ndarray or None
+        The full vessel label (not masked): metrics are computed against it, so voxels lost by skull stripping
+        count as misses. ``label_retention`` says how much of it the mask keeps.
+    """
+
+    case: Case
+    image: np.ndarray
+    brain_mask: np.ndarray
+    label: np.ndarray | None
+    affine: np.ndarray
+    header: nib.Nifti1Header | None
+    label_retention: float | None = None
+
+
+@dataclass
+class CropSet:
+    """2D crops of several volumes.
+
+    Attributes
+    ----------
+    crops : (N, P, P) float32 ndarray in [0, 1]
+    labels : (N, P, P) bool ndarray or None
+        Vessel labels inside the brain mask (None when no volume has labels).
+    index : (N, 3) int64 ndarray
+        ``(slice, row, col)`` of each crop in its volume.
+    case_ids : (N,) str ndarray
+    """
+
+    crops: np.ndarray
+    labels: np.ndarray | None
+    index: np.ndarray
+    case_ids: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.crops)
+
+
+def ensure_cases(data: DataConfig, *, require_labels: bool = False) -> list[Case]:
+    """The cases of ``data``; for ``source: phantom`` they are generated into ``data.root`` first if missing.
+
+    An existing phantom folder is reused only when it was generated with the same settings; otherwise a
+    ``FileExistsError`` names the folder (nothing is overwritten).
+    """
+    root = Path(data.root)
+    if data.source == "phantom":
+        from stego_core.phantom import PhantomConfig, write_phantom_cases
+
+        settings = to_dict(data.phantom)
+        stamp = root / "phantom_settings.json"
+        if stamp.is_file():
+            if json.loads(stamp.read_text()) != settings:
+                raise FileExistsError(f"{root} holds phantoms made with other settings ({stamp}); "
+                                      "choose another data.root or delete that folder")
+        else:
+            if root.exists() and any(root.iterdir()):
+                raise FileExistsError(f"{root} exists and is not a phantom folder; choose another data.root")
+            config = PhantomConfig(shape=tuple(data.phantom.shape), spacing_mm=tuple(data.phantom.spacing_mm))
+            write_phantom_cases(root, data.phantom.n_volumes, config, seed=data.phantom.seed)
+            stamp.write_text(json.dumps(settings))
+    return discover_cases(root, require_labels=require_labels)
+
+
+def preprocess_case(case: Case, data: DataConfig) -> PreparedCase:
+    """Load ``case``, compute its brain mask (``data.skull_strip``), mask and standardise the image."""
+    from stego_core.preprocess import apply_brain_mask, brain_mask_for, label_retention, standardize
+
+    loaded = load_case(case)
+    image = loaded.image.data.astype(np.float32)
+    mode = data.skull_strip
+    if mode == "given" and loaded.mask is None:
+        raise ValueError(f"data.skull_strip='given' but case {case.case_id} has no brain_mask.nii.gz "
+                         f"(folder {Path(case.image).parent})")
+    mask = brain_mask_for(image, mode, given=loaded.mask)
+    masked, _ = apply_brain_mask(image, mask)
+    image01 = standardize(masked, mask, method=data.standardize)
+    image01 = np.where(mask, image01, 0.0).astype(np.float32)
+    retention = label_retention(mask, loaded.label) if loaded.label is not None else None
+    return PreparedCase(case=case, image=image01, brain_mask=mask, label=loaded.label,
+                        affine=loaded.image.affine, header=loaded.image.header, label_retention=retention)
+
+
+def make_crop_set(cases: list[PreparedCase], slicing: SlicingConfig) -> CropSet:
+    """Cut every volume into crops of ``slicing.patch_size`` along ``slicing.axis``, skipping crops without brain."""
+    crops, labels, index, ids = [], [], [], []
+    with_labels = any(c.label is not None for c in cases)
+    for c in cases:
+        idx = crop_index(c.image.shape, axis=slicing.axis, patch_size=slicing.patch_size, stride=slicing.stride,
+                         brain_mask=c.brain_mask, min_brain_fraction=slicing.min_brain_fraction)
+        crops.append(take_crops(c.image, idx, axis=slicing.axis, patch_size=slicing.patch_size, pad_value=0.0))
+        if with_labels:
+            lab = (c.label & c.brain_mask) if c.label is not None else np.zeros(c.image.shape, bool)
+            labels.append(take_crops(lab, idx, axis=slicing.axis, patch_size=slicing.patch_size, pad_value=False))
+        index.append(idx)
+        ids.append(np.full(len(idx), c.case.case_id))
+    if not crops or sum(len(i) for i in index) == 0:
+        raise ValueError("no crops: every crop was skipped (check the brain masks and slicing.min_brain_fraction)")
+    return CropSet(crops=np.concatenate(crops).astype(np.float32),
+                   labels=np.concatenate(labels) if with_labels else None,
+                   index=np.concatenate(index), case_ids=np.concatenate(ids))
+
+
+def split_cases(cases: list[Case], test_fraction: float, *, seed: int = 0) -> tuple[list[Case], list[Case]]:
+    """Split cases into (train, test) by a seeded shuffle; at least one case each.
+
+    With a single case both lists hold it (transductive use: training never sees labels, so this is
+    legitimate for unsupervised methods, but label-based cluster mapping must not use it; see
+    :func:`stego_core.training` for how that is recorded).
+    """
+    if len(cases) == 1:
+        return list(cases), list(cases)
+    order = np.random.default_rng(seed).permutation(len(cases))
+    n_test = min(len(cases) - 1, max(1, math.ceil(test_fraction * len(cases)))) if test_fraction > 0 else 0
+    test = sorted((cases[i] for i in order[:n_test]), key=lambda c: c.case_id)
+    train = sorted((cases[i] for i in order[n_test:]), key=lambda c: c.case_id)
+    return train, test
