@@ -41,8 +41,8 @@ class PhantomSettings:
 
     def __post_init__(self) -> None:
         check_range(self.n_volumes, "phantom.n_volumes", 1)
-        if len(self.shape) != 3 or min(self.shape) < 16:
-            raise ValueError(f"phantom.shape={self.shape} must be three sizes >= 16")
+        if len(self.shape) != 3 or min(self.shape) < 24:
+            raise ValueError(f"phantom.shape={self.shape} must be three sizes >= 24")
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ any password masked; outputs are scoped by run id. The tracking store defaults t
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -56,6 +57,15 @@ def git_commit(repo: str | Path | None = None) -> str:
         return "unknown"
 
 
+class RunKilled(Exception):
+    """Raise (a subclass of) this inside :func:`start_run` to end the run KILLED instead of FAILED.
+
+    For deliberate stops that are not errors, such as an Optuna trial pruned by a sweep (``sweeps.driver`` raises
+    a subclass of both this and ``optuna.TrialPruned``). The message is kept in the tag ``end_reason``; no
+    ``error.txt`` is logged. The exception still propagates.
+    """
+
+
 @dataclass
 class RunHandle:
     """The active run: its id, experiment and a run-scoped local output folder."""
@@ -73,7 +83,8 @@ def _ensure_tracking() -> None:
 def start_run(experiment: str, *, run_name: str | None = None, tags: Mapping[str, str] | None = None,
               nested: bool = False, output_root: str | Path = "outputs", run_id: str | None = None
               ) -> Iterator[RunHandle]:
-    """Open an MLflow run (or resume ``run_id``); it ends FAILED with ``error.txt`` logged if the body raises.
+    """Open an MLflow run (or resume ``run_id``); it ends FAILED with ``error.txt`` logged if the body raises
+    (KILLED, without ``error.txt``, if it raises :class:`RunKilled`).
 
     The run's local outputs go to ``<output_root>/<run_id>/`` so runs never overwrite each other.
     """
@@ -86,6 +97,11 @@ def start_run(experiment: str, *, run_name: str | None = None, tags: Mapping[str
         handle.output_dir.mkdir(parents=True, exist_ok=True)
         try:
             yield handle
+        except RunKilled as exc:
+            with contextlib.suppress(Exception):
+                mlflow.set_tag("end_reason", f"{type(exc).__name__}: {exc}"[:4000])
+            mlflow.end_run(status="KILLED")
+            raise
         except BaseException as exc:
             with contextlib.suppress(Exception):
                 mlflow.log_text(traceback.format_exc(), "error.txt")
@@ -150,12 +166,20 @@ def log_text(text: str, artifact_file: str) -> None:
 
 
 def log_dataset(cases: list[Case], *, name: str, context: str, source: str) -> None:
-    """Log the data manifest (case ids, paths, content digests) as an MLflow dataset input."""
+    """Log the data manifest (case ids, paths, content digests) as an MLflow dataset input.
+
+    A pandas dataset input keeps only name, digest, source, schema and profile, so the case ids also go into
+    the input's ``case_ids`` tag (cut to MLflow's 500 characters) and the whole manifest into the artifact
+    ``datasets/<context>_<name>.json``.
+    """
     import pandas as pd
 
     frame = pd.DataFrame([c.to_dict() for c in cases]).fillna("")
     dataset = mlflow.data.from_pandas(frame, source=str(source), name=name)
-    mlflow.log_input(dataset, context=context)
+    ids = ",".join(c.case_id for c in cases)
+    ids = ids if len(ids) <= 500 else ids[:496] + ",..."
+    mlflow.log_input(dataset, context=context, tags={"n_cases": str(len(cases)), "case_ids": ids})
+    mlflow.log_text(json.dumps([c.to_dict() for c in cases], indent=2), f"datasets/{context}_{name}.json")
 
 
 def artifact_uri(path: str = "") -> str:
@@ -169,12 +193,19 @@ def download_artifacts(uri: str, dst: str | Path | None = None) -> Path:
 
 
 def log_pytorch_model(model: Any, *, name: str = "model", input_example: Any = None,
-                      metadata: Mapping[str, Any] | None = None, code_paths: list[str] | None = None) -> str:
-    """Log a torch module as an MLflow model of the active run; returns its ``runs:/<id>/<name>`` URI."""
+                      metadata: Mapping[str, Any] | None = None, code_paths: list[str] | None = None,
+                      serialization_format: str = "pickle") -> str:
+    """Log a torch module as an MLflow model of the active run; returns its ``runs:/<id>/<name>`` URI.
+
+    ``pickle`` (the default here) keeps the module's class, so the loaded model has its methods, ``.eval()``
+    and any input shape. MLflow's own default, ``pt2`` (``torch.export``), requires ``input_example``, fixes
+    every size of the example but the batch (and the batch too when the example's batch is 1) and loads back
+    as a bare graph module.
+    """
     import mlflow.pytorch
 
     mlflow.pytorch.log_model(model, name=name, input_example=input_example, metadata=dict(metadata or {}),
-                             code_paths=code_paths)
+                             code_paths=code_paths, serialization_format=serialization_format)
     return f"runs:/{active_run_id()}/{name}"
 
 

@@ -1,0 +1,137 @@
+"""Shared pytest fixtures: MLflow isolation, the real case, and tiny synthetic case folders."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_REAL_CASE = REPO_ROOT.parent / "shared" / "data" / "mra_mni_0656"
+
+#: Geometry of :func:`tiny_case` volumes: 0.8 x 0.8 x 1.5 mm voxels and a non-zero origin.
+TINY_SHAPE = (24, 24, 12)
+TINY_AFFINE = np.array([[0.8, 0.0, 0.0, -10.0],
+                        [0.0, 0.8, 0.0, 5.0],
+                        [0.0, 0.0, 1.5, 3.0],
+                        [0.0, 0.0, 0.0, 1.0]])
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _single_torch_thread() -> None:
+    """Keep torch on one thread: the test machine's cores are shared."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency, but the fixture stays generic
+        return
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_mlflow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Point MLflow at a SQLite store in ``tmp_path`` and run the test from ``tmp_path``.
+
+    Relative paths (``outputs/``, ``mlflow.db``) therefore land in the test's temporary folder, and any run left
+    open by a failing test is ended so it cannot leak into the next test.
+    """
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)
+    try:
+        yield
+    finally:
+        import sys
+
+        mlflow = sys.modules.get("mlflow")  # only tidy up if the test imported mlflow at all
+        if mlflow is not None and mlflow.active_run() is not None:
+            mlflow.end_run()
+
+
+@pytest.fixture(scope="session")
+def _mlflow_template_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty, fully migrated MLflow SQLite database, built once per session (migrations take seconds)."""
+    from mlflow.tracking import MlflowClient
+
+    folder = tmp_path_factory.mktemp("mlflow_template")
+    db = folder / "mlflow.db"
+    with contextlib.chdir(folder):
+        MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()
+    return db
+
+
+@pytest.fixture
+def mlflow_store(tmp_path: Path, _mlflow_template_db: Path) -> str:
+    """A ready SQLite tracking store at the isolated ``MLFLOW_TRACKING_URI`` (``<tmp_path>/mlflow.db``).
+
+    Copies the session's migrated template instead of creating the schema again, and points the Default
+    experiment's artifacts into ``tmp_path``. Returns the tracking URI. Tests that do not request it still get
+    an isolated (but slower to create) store from the autouse fixture.
+    """
+    db = tmp_path / "mlflow.db"
+    shutil.copyfile(_mlflow_template_db, db)
+    with contextlib.closing(sqlite3.connect(db)) as con, con:
+        con.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
+                    (str(tmp_path / "mlruns" / "0"),))
+    uri = f"sqlite:///{db}"
+    assert os.environ["MLFLOW_TRACKING_URI"] == uri
+    return uri
+
+
+@pytest.fixture
+def real_case_dir() -> Path:
+    """The real MRA case folder (``STEGO_REAL_CASE`` or ``<repo>/../shared/data/mra_mni_0656``); skips if absent."""
+    path = Path(os.environ.get("STEGO_REAL_CASE") or DEFAULT_REAL_CASE)
+    if not (path / "image.nii.gz").is_file():
+        pytest.skip(f"real case not available at {path} (set STEGO_REAL_CASE)")
+    return path
+
+
+def tube_volume(shape: tuple[int, int, int] = TINY_SHAPE, *, radius_vox: float = 2.5, seed: int = 0
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A bright straight tube along the last axis on a noisy background.
+
+    Returns ``(image (I, J, K) float32, label (I, J, K) uint8, brain_mask (I, J, K) uint8)``; the label is the
+    tube, the brain mask a centred box covering the inner half of the first two axes (it contains the tube).
+    """
+    rng = np.random.default_rng(seed)
+    i, j = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
+    ci, cj = (shape[0] - 1) / 2, (shape[1] - 1) / 2
+    tube2d = (i - ci) ** 2 + (j - cj) ** 2 <= radius_vox ** 2
+    label = np.repeat(tube2d[:, :, None], shape[2], axis=2).astype(np.uint8)
+    image = (0.2 + 0.05 * rng.standard_normal(shape)).astype(np.float32)
+    image[label > 0] += 0.7
+    mask = np.zeros(shape, dtype=np.uint8)
+    qi, qj = shape[0] // 4, shape[1] // 4
+    mask[qi:shape[0] - qi, qj:shape[1] - qj, :] = 1
+    return image, label, mask
+
+
+@pytest.fixture
+def tiny_case(tmp_path: Path) -> Callable[..., Path]:
+    """Factory writing a small case folder and returning it.
+
+    ``tiny_case(name="case_000", *, root=None, label=True, brain_mask=False, seed=0, shape=(24, 24, 12),
+    affine=TINY_AFFINE)`` writes ``image.nii.gz`` (float32 bright tube), ``label.nii.gz`` (uint8 {0, 1}) and
+    optionally ``brain_mask.nii.gz`` under ``<root or tmp_path/cases>/<name>/`` with a non-identity affine
+    (0.8 x 0.8 x 1.5 mm, origin (-10, 5, 3)).
+    """
+    from stego_core.io import save_volume
+
+    def make(name: str = "case_000", *, root: str | Path | None = None, label: bool = True,
+             brain_mask: bool = False, seed: int = 0, shape: tuple[int, int, int] = TINY_SHAPE,
+             affine: np.ndarray = TINY_AFFINE) -> Path:
+        folder = Path(root if root is not None else tmp_path / "cases") / name
+        image, lab, mask = tube_volume(shape, seed=seed)
+        save_volume(folder / "image.nii.gz", image, affine)
+        if label:
+            save_volume(folder / "label.nii.gz", lab, affine)
+        if brain_mask:
+            save_volume(folder / "brain_mask.nii.gz", mask, affine)
+        return folder
+
+    return make
