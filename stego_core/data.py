@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,7 +100,7 @@ def preprocess_case(case: Case, data: DataConfig) -> PreparedCase:
     if mode == "given" and loaded.mask is None:
         raise ValueError(f"data.skull_strip='given' but case {case.case_id} has no brain_mask.nii.gz "
                          f"(folder {Path(case.image).parent})")
-    mask = brain_mask_for(image, mode, given=loaded.mask)
+    mask = brain_mask_for(image, mode, given=loaded.mask, spacing_mm=loaded.image.spacing_mm)
     masked, _ = apply_brain_mask(image, mask)
     image01 = standardize(masked, mask, method=data.standardize)
     image01 = np.where(mask, image01, 0.0).astype(np.float32)
@@ -140,7 +139,7 @@ def split_cases(cases: list[Case], test_fraction: float, *, seed: int = 0) -> tu
     if len(cases) == 1:
         return list(cases), list(cases)
     order = np.random.default_rng(seed).permutation(len(cases))
-    n_test = min(len(cases) - 1, max(1, math.ceil(test_fraction * len(cases)))) if test_fraction > 0 else 0
+    n_test = min(len(cases) - 1, max(1, round(test_fraction * len(cases)))) if test_fraction > 0 else 0
     test = sorted((cases[i] for i in order[:n_test]), key=lambda c: c.case_id)
     train = sorted((cases[i] for i in order[n_test:]), key=lambda c: c.case_id)
     return train, test

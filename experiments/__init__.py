@@ -1,0 +1,1 @@
+"""Thin entry points: parse ``--config`` and ``key=value`` overrides, call stego_core, return an exit code."""

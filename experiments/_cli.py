@@ -1,0 +1,50 @@
+"""Shared argument handling of the entry points (no maths, no MLflow calls)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from stego_core.config import load_config
+
+T = TypeVar("T")
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def parse(argv: list[str] | None, description: str, default_config: str | None) -> tuple[str | None, list[str]]:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", default=str(CONFIG_DIR / default_config) if default_config else None,
+                        help="YAML config (default: %(default)s)")
+    parser.add_argument("--extra", default="",
+                        help="more overrides in one string, split like a shell line: \"a.b=1 'c={x: 2}'\"")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="override any config key, e.g. model.n_clusters=3 (empty values are ignored)")
+    args = parser.parse_args(argv)
+    items = list(args.overrides) + shlex.split(args.extra)
+    overrides = [o for o in items if not o.endswith("=")]  # MLproject passes "" for 'use the config'
+    return args.config, overrides
+
+
+def run(cls: type[T], fn: Callable[[T], Any], argv: list[str] | None, *, description: str,
+        default_config: str | None) -> int:
+    """Load ``cls`` from the config and overrides, call ``fn``; bad input exits 2 with a one-line message."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    config_path, overrides = parse(argv, description, default_config)
+    try:
+        config = load_config(cls, config_path, overrides)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        result = fn(config)
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if result is not None:
+        print(result)
+    return 0

@@ -1,0 +1,14 @@
+"""``mlflow run . -e train``: train STEGO on 2D crops of MRA volumes (one MLflow run, model logged)."""
+
+import sys
+
+from experiments._cli import run
+from stego_core.training import TrainConfig, run_train
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(TrainConfig, run_train, argv, description=__doc__, default_config="train.yaml")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""A trained STEGO segmenter as one ``nn.Module`` (what MLflow logs and loads) and its engine adapter.
+
+``crops (B, 1, P, P) in [0, 1] -> backbone features -> head codes -> cluster probabilities -> vessel
+probability (B, 1, P, P)``. The module holds everything inference needs (backbone, head, centroids, which
+clusters are vessel, the crop size it was trained on), so ``mlflow.pytorch.load_model`` gives a working model.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from stego_core.backbones import Backbone
+from stego_core.stego import ClusterProbe, StegoHead, cluster_vessel_probability
+
+
+class StegoSegmenterModel(nn.Module):
+    """Backbone + STEGO head + cluster probe + cluster-to-vessel mapping.
+
+    Parameters
+    ----------
+    backbone : Backbone
+        Frozen feature extractor (its own input transform is applied inside).
+    head : StegoHead
+    cluster_probe : ClusterProbe
+    vessel_clusters : (K,) bool tensor
+        Which clusters are vessel.
+    patch_size : int
+        Crop side the model was trained on; the engine uses it unless told otherwise.
+    threshold : float
+        Probability above which a voxel is vessel (a-priori 0.5, never tuned on test labels).
+    """
+
+    def __init__(self, backbone: Backbone, head: StegoHead, cluster_probe: ClusterProbe,
+                 vessel_clusters: torch.Tensor, *, patch_size: int, threshold: float = 0.5,
+                 mapping_rule: str = "brightness") -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.cluster_probe = cluster_probe
+        self.register_buffer("vessel_clusters", torch.as_tensor(vessel_clusters, dtype=torch.bool).clone())
+        self.patch_size = int(patch_size)
+        self.threshold = float(threshold)
+        self.mapping_rule = mapping_rule
+
+    @torch.no_grad()
+    def probabilities_from_features(self, features: torch.Tensor, out_size: int) -> torch.Tensor:
+        """Vessel probability (B, 1, out_size, out_size) from backbone features (B, C, h, w)."""
+        codes = self.head(features.float())
+        cluster_probs = self.cluster_probe.probabilities(codes)
+        return cluster_vessel_probability(cluster_probs, self.vessel_clusters, out_size)
+
+    @torch.no_grad()
+    def forward(self, crops: torch.Tensor) -> torch.Tensor:
+        """Vessel probability (B, 1, P, P) of preprocessed crops (B, 1, P, P) in [0, 1]."""
+        return self.probabilities_from_features(self.backbone(crops), crops.shape[-1])
+
+
+class TorchSegmenter:
+    """Adapts :class:`StegoSegmenterModel` to the engine's :class:`~stego_core.segmenter.Segmenter` protocol."""
+
+    def __init__(self, model: StegoSegmenterModel, *, device: str = "cpu", name: str = "stego",
+                 amp: bool = False) -> None:
+        self.model = model.to(device).eval()
+        self.device = device
+        self.name = name
+        self.threshold = float(getattr(model, "threshold", 0.5))
+        self.amp = amp
+
+    def fit_volume(self, image: np.ndarray, brain_mask: np.ndarray | None) -> None:
+        """Nothing to fit: the model is trained already."""
+
+    def predict_slices(self, slices: np.ndarray) -> np.ndarray:
+        """(N, P, P) crops in [0, 1] -> (N, P, P) vessel probabilities."""
+        x = torch.from_numpy(np.ascontiguousarray(slices, dtype=np.float32))[:, None].to(self.device)
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=self.amp and self.device != "cpu"):
+            prob = self.model(x)
+        return prob[:, 0].float().cpu().numpy()

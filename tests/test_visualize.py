@@ -1,0 +1,130 @@
+"""Figures: panel counts, PNG output, and the error overlay's colours."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from matplotlib.figure import Figure
+
+from stego_core.visualize import (
+    ERROR_COLOURS,
+    comparison_bar_figure,
+    error_overlay,
+    mask_outline_figure,
+    mip_figure,
+    slice_panel_figure,
+)
+
+
+@pytest.fixture()
+def volumes():
+    rng = np.random.default_rng(0)
+    image = rng.uniform(0.0, 0.3, (20, 16, 12)).astype(np.float32)
+    target = np.zeros(image.shape, bool)
+    target[5:15, 8, 6] = True  # a vessel along i
+    image[target] = 0.9
+    pred = target.copy()
+    pred[5:8, 8, 6] = False  # missed: false negatives at (5..7, 8)
+    pred[2, 3, 9] = True  # one false positive, alone on its projection ray
+    return image, target, pred
+
+
+def _png_ok(fig: Figure, path) -> None:
+    fig.savefig(path, dpi=40)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_mip_figure_panels(volumes, tmp_path):
+    image, target, pred = volumes
+    fig = mip_figure(image, target, pred, title="case_000 / otsu")
+    assert isinstance(fig, Figure)
+    assert len(fig.axes) == 4
+    assert [ax.get_title().split(" ")[0] for ax in fig.axes] == ["image", "ground", "prediction", "errors:"]
+    assert fig.axes[1].get_title() == "ground truth (10 vox)"
+    _png_ok(fig, tmp_path / "mip.png")
+
+
+def test_mip_figure_without_target(volumes, tmp_path):
+    image, _, pred = volumes
+    fig = mip_figure(image, None, pred, axis=0)
+    assert len(fig.axes) == 2
+    _png_ok(fig, tmp_path / "mip_no_gt.png")
+
+
+def test_error_overlay_colours(volumes):
+    image, target, pred = volumes
+    rgb = error_overlay(image.max(axis=2), target, pred, axis=2)
+    assert rgb.shape == (20, 16, 3)
+    np.testing.assert_array_equal(rgb[2, 3], ERROR_COLOURS["fp"])  # the false positive is red
+    np.testing.assert_array_equal(rgb[2, 3], (1.0, 0.0, 0.0))
+    np.testing.assert_array_equal(rgb[6, 8], ERROR_COLOURS["fn"])  # missed voxels are cyan
+    np.testing.assert_allclose(rgb[10, 8], ERROR_COLOURS["tp"], rtol=1e-6)  # found voxels grey
+    assert rgb[0, 0].max() <= 0.35  # background is the dimmed image
+
+
+def test_mip_figure_draws_overlay_with_axes_convention(volumes):
+    # panels show array axis 0 horizontally: the displayed data is the transposed projection
+    image, target, pred = volumes
+    fig = mip_figure(image, target, pred, axis=2)
+    shown = np.asarray(fig.axes[3].images[0].get_array())
+    assert shown.shape == (16, 20, 3)
+    np.testing.assert_array_equal(shown[3, 2], (1.0, 0.0, 0.0))
+
+
+def test_mip_figure_validates(volumes):
+    image, target, pred = volumes
+    with pytest.raises(ValueError, match=r"target has shape \(20, 16, 11\) but image has shape \(20, 16, 12\)"):
+        mip_figure(image, target[..., :11], pred)
+    with pytest.raises(ValueError, match="axis=3"):
+        mip_figure(image, target, pred, axis=3)
+
+
+def test_slice_panel_figure(tmp_path):
+    rng = np.random.default_rng(1)
+    images = rng.uniform(size=(10, 1, 16, 16)).astype(np.float32)  # (N, 1, H, W) crops accepted
+    labels = images[:, 0] > 0.8
+    clusters = rng.integers(0, 5, size=(10, 16, 16))
+    preds = images[:, 0]
+    fig = slice_panel_figure(images, labels, clusters, preds, n=6)
+    assert len(fig.axes) == 4 * 6
+    _png_ok(fig, tmp_path / "panel.png")
+    fig = slice_panel_figure(images[:3], None, None, preds[:3] > 0.5)
+    assert len(fig.axes) == 2 * 3
+    fig = slice_panel_figure(images, None, None, None, n=4)  # a data preview: images only
+    assert len(fig.axes) == 4
+    fig = slice_panel_figure(images, labels, clusters[:, ::4, ::4], preds[:, ::4, ::4], n=2)  # coarse maps
+    assert len(fig.axes) == 4 * 2
+    with pytest.raises(ValueError, match=r"labels holds 9 crops \(shape \(9, 16, 16\)\) but images holds 10"):
+        slice_panel_figure(images, labels[:9], clusters, preds)
+
+
+def test_comparison_bar_figure(tmp_path):
+    table = {
+        "otsu": {"dice": 0.4, "cldice": 0.5},
+        "stego": {"dice_mean": 0.6, "dice_std": 0.1, "cldice_mean": 0.7, "cldice_std": 0.05},
+    }
+    fig = comparison_bar_figure(table)
+    assert len(fig.axes) == 1
+    ax = fig.axes[0]
+    heights = sorted(round(p.get_height(), 6) for p in ax.patches)
+    assert heights == [0.4, 0.5, 0.6, 0.7]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["otsu", "stego"]
+    _png_ok(fig, tmp_path / "bars.png")
+    with pytest.raises(ValueError, match=r"table\['otsu'\] has no metric 'recall'"):
+        comparison_bar_figure(table, keys=("recall",))
+    fig = comparison_bar_figure({"otsu": {"dice": float("nan"), "cldice": 0.5}})  # not measured: no bar
+    labels = [t.get_text() for t in fig.axes[0].texts]
+    assert labels == ["n/a", "0.500"]
+    _png_ok(fig, tmp_path / "bars_nan.png")
+
+
+def test_mask_outline_figure(volumes, tmp_path):
+    image, target, _ = volumes
+    brain = np.zeros(image.shape, bool)
+    brain[3:17, 2:14, 2:10] = True
+    fig = mask_outline_figure(image, brain, target, title="case_000")
+    assert len(fig.axes) == 4
+    assert [ax.get_title() for ax in fig.axes] == ["MIP", "slice 4", "slice 6", "slice 7"]
+    assert len(fig.axes[0].collections) == 1  # the outline contour
+    _png_ok(fig, tmp_path / "mask.png")
+    assert len(mask_outline_figure(image, brain, None, axis=0).axes) == 4
