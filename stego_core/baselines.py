@@ -185,7 +185,13 @@ class PercentileSegmenter(_IntensitySegmenter):
         check_range(self.q, "q", 0.0, 100.0, low_inclusive=False, high_inclusive=False)
 
     def _fit_threshold(self, values: np.ndarray) -> float:
-        return float(np.percentile(values, self.q))
+        t = float(np.percentile(values, self.q))
+        if not (values > t).any():
+            # Saturated images (8-bit MRA clips vessel lumen at 255) put the percentile on the maximum, which
+            # nothing exceeds: step down to the next intensity below so the saturated voxels count as vessel.
+            lower = values[values < t]
+            t = float(lower.max()) if lower.size else t
+        return t
 
 
 @dataclass

@@ -22,7 +22,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from stego_core import tracking
 from stego_core._checks import check_range
@@ -32,8 +32,9 @@ from stego_core.data import CropSet, PreparedCase, ensure_cases, make_crop_set, 
 from stego_core.features import crops_digest, knn_table, load_or_compute_features
 from stego_core.inference import StegoSegmenterModel
 from stego_core.metrics import evaluate_segmentation
+from stego_core.module import CropFeatureDataset, StegoModule
 from stego_core.slicing import CropBlender, crop_index, take_crops
-from stego_core.stego import ClusterProbe, LinearProbe, LossConfig, StegoHead, correspondence_loss, vessel_clusters
+from stego_core.stego import ClusterProbe, LinearProbe, LossConfig, StegoHead, vessel_clusters
 
 log = logging.getLogger(__name__)
 CLUSTER_RULES = ("auto", "hungarian", "majority", "brightness")
@@ -116,95 +117,6 @@ class TrainResult:
     metrics: dict[str, float]
     mapping_rule: str
     output_dir: Path
-
-
-# --------------------------------------------------------------------------------------------- data
-
-
-class CropFeatureDataset(Dataset):
-    """Cached features of training crops, each paired with one of its k nearest neighbours.
-
-    The neighbour is drawn uniformly from ranks ``1..knn_rank_max`` of the kNN table (rank 0 is the crop itself)
-    by a generator seeded with ``seed``.
-    """
-
-    def __init__(self, features: np.ndarray, knn: np.ndarray, labels: np.ndarray | None, *, rank_max: int,
-                 seed: int) -> None:
-        self.features = features
-        self.knn = knn
-        self.labels = labels
-        self.rank_max = max(1, min(rank_max, knn.shape[1] - 1))
-        self.rng = np.random.default_rng(seed)
-
-    def __len__(self) -> int:
-        return len(self.features)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        j = int(self.knn[i, self.rng.integers(1, self.rank_max + 1)]) if self.knn.shape[1] > 1 else i
-        item = {"features": torch.from_numpy(np.asarray(self.features[i], dtype=np.float32)),
-                "knn_features": torch.from_numpy(np.asarray(self.features[j], dtype=np.float32))}
-        if self.labels is not None:
-            item["labels"] = torch.from_numpy(self.labels[i].astype(np.int64))
-        return item
-
-
-# --------------------------------------------------------------------------------------------- model
-
-
-class StegoModule(L.LightningModule):
-    """The STEGO training step: correspondence loss on the head, plus probes on detached codes.
-
-    Head, probes and loss settings are injected; head, cluster probe and linear probe each have their own Adam
-    learning rate (parameter groups of one optimiser, manual optimisation). The probes see detached codes, so
-    their losses never reach the head.
-    """
-
-    def __init__(self, head: StegoHead, cluster_probe: ClusterProbe, linear_probe: LinearProbe,
-                 loss_config: LossConfig, *, lr_head: float, lr_cluster: float, lr_linear: float,
-                 seed: int = 0) -> None:
-        super().__init__()
-        self.head = head
-        self.cluster_probe = cluster_probe
-        self.linear_probe = linear_probe
-        self.loss_config = loss_config
-        self.lrs = (lr_head, lr_cluster, lr_linear)
-        self.seed = seed
-        self.automatic_optimization = False
-        self._generator: torch.Generator | None = None
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        # One Adam with a parameter group per part (equivalent to three Adams; one step per batch keeps
-        # Lightning's global_step equal to the number of batches).
-        return torch.optim.Adam([
-            {"params": self.head.parameters(), "lr": self.lrs[0]},
-            {"params": self.cluster_probe.parameters(), "lr": self.lrs[1]},
-            {"params": self.linear_probe.parameters(), "lr": self.lrs[2]}])
-
-    def _points_generator(self) -> torch.Generator:
-        if self._generator is None or self._generator.device != self.device:
-            self._generator = torch.Generator(device=self.device).manual_seed(self.seed)
-        return self._generator
-
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        feats, knn_feats = batch["features"], batch["knn_features"]
-        codes, knn_codes = self.head(feats), self.head(knn_feats)
-        loss, terms = correspondence_loss(feats, codes, knn_feats, knn_codes, self.loss_config,
-                                          generator=self._points_generator())
-        cluster_loss, _ = self.cluster_probe(codes.detach())
-        total = loss + cluster_loss
-        logs = {"train/loss": loss, "train/cluster_loss": cluster_loss}
-        if "labels" in batch:
-            linear_loss = self.linear_probe.loss(codes.detach(), batch["labels"])
-            total = total + linear_loss
-            logs["train/linear_loss"] = linear_loss
-        logs.update({f"train/{k}": v for k, v in terms.items()})
-        optimizer = self.optimizers()
-        optimizer.zero_grad()
-        self.manual_backward(total)
-        optimizer.step()
-        self.log_dict(logs, prog_bar=False, on_step=True, on_epoch=False, batch_size=len(feats))
-        self.log("loss", loss, prog_bar=True, logger=False, on_step=True, on_epoch=False, batch_size=len(feats))
-        return total
 
 
 # --------------------------------------------------------------------------------------------- mapping & metrics

@@ -229,3 +229,16 @@ def test_predict_validates_slices(phantom):
         segmenter.predict_slices(np.zeros((8, 8), np.float32))
     with pytest.raises(ValueError, match="slices contains 1 NaN"):
         segmenter.predict_slices(np.array([[[np.nan, 0.0]]], np.float32))
+
+
+def test_percentile_on_saturated_image_keeps_the_saturated_voxels():
+    # 3 % of the brain at the maximum (as clipped 8-bit vessel lumen): the 99th percentile is the maximum itself,
+    # which nothing exceeds; the saturated voxels must still come out as vessel.
+    image = np.full((20, 20, 10), 0.4, dtype=np.float32)
+    image[::7, ::5, :] = 1.0
+    image += np.linspace(0, 0.1, image.size, dtype=np.float32).reshape(image.shape) * (image < 1.0)
+    mask = np.ones(image.shape, dtype=bool)
+    seg = build_segmenter("percentile", q=99.0)
+    seg.fit_volume(image, mask)
+    pred = seg.predict_slices(np.moveaxis(image, 2, 0)) > 0.5
+    assert np.array_equal(np.moveaxis(pred, 0, 2), image == 1.0)

@@ -1,0 +1,108 @@
+"""Reconstruction throughput: the batched engine against the seed's one-crop-at-a-time loop.
+
+Same segmenter (a STEGO model: backbone + head + cluster probe; random weights, since speed does not depend
+on them), same volume, same slices, measured side by side in one run. Prints slices/s of both and the ratio.
+With ``--naive-slices 0`` only the engine runs (e.g. a full 320x320x247 volume on a GPU).
+
+    python benchmarks/bench_reconstruction.py                                  # CPU defaults
+    python benchmarks/bench_reconstruction.py --backbone vit_small_patch8_dino --res 224 --shape 320 320 247 \
+        --device cuda --amp --naive-slices 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from stego_core.backbones import build_backbone
+from stego_core.io import load_volume
+from stego_core.inference import StegoSegmenterModel, TorchSegmenter
+from stego_core.phantom import PhantomConfig, make_phantom
+from stego_core.preprocess import skull_strip, standardize
+from stego_core.reconstruction import EngineConfig, predict_volume
+from stego_core.slicing import CropBlender, crop_index, take_crops
+from stego_core.stego import ClusterProbe, StegoHead
+
+
+def naive_reconstruction(model: StegoSegmenterModel, image: np.ndarray, mask: np.ndarray, *, axis: int,
+                         patch: int, stride: int, device: str) -> np.ndarray:
+    """The seed's way: one crop through the model at a time."""
+    index = crop_index(image.shape, axis=axis, patch_size=patch, stride=stride, brain_mask=mask)
+    blender = CropBlender(image.shape, axis=axis, patch_size=patch, blend="gaussian")
+    for row in index:
+        crop = take_crops(image, row[None], axis=axis, patch_size=patch, pad_value=0.0)
+        with torch.no_grad():
+            prob = model(torch.from_numpy(crop)[:, None].to(device))[:, 0].cpu().numpy()
+        blender.add(prob, row[None])
+    return blender.result()
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", default="vit_small_patch16_dino")
+    parser.add_argument("--res", type=int, default=64)
+    parser.add_argument("--shape", type=int, nargs=3, default=(160, 160, 48), help="phantom size (voxels)")
+    parser.add_argument("--image", default=None, help="a NIfTI volume to use instead of a phantom")
+    parser.add_argument("--patch", type=int, default=32)
+    parser.add_argument("--stride", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--naive-slices", type=int, default=4, help="slices the naive loop runs on (0: skip)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast (GPU)")
+    args = parser.parse_args()
+
+    t0 = time.perf_counter()
+    raw = load_volume(args.image).data.astype(np.float32) if args.image else \
+        make_phantom(PhantomConfig(shape=tuple(args.shape)), seed=0).image
+    args.shape = raw.shape
+    mask = skull_strip(raw)
+    image = np.where(mask, standardize(raw, mask), 0).astype(np.float32)
+    print(f"volume {raw.shape} ({args.image or 'phantom'}) read and preprocessed in {time.perf_counter() - t0:.1f} s, "
+          f"brain {mask.mean():.1%}")
+
+    backbone = build_backbone(args.backbone, weights="random", res=args.res)
+    model = StegoSegmenterModel(backbone, StegoHead(backbone.feature_dim, 70), ClusterProbe(70, 2),
+                                torch.tensor([False, True]), patch_size=args.patch).to(args.device).eval()
+    segmenter = TorchSegmenter(model, device=args.device, amp=args.amp)
+    engine = EngineConfig(axis=2, patch_size=args.patch, stride=args.stride, batch_size=args.batch)
+    name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"device: {name}; {args.backbone} res {args.res}; crops {args.patch}/{args.stride}; batch {args.batch}"
+          f"{'; bf16' if args.amp else '; fp32'}")
+
+    # The same brain slices for both: a slab around the middle of the volume.
+    n_slices = args.shape[2] if args.naive_slices == 0 else args.naive_slices
+    mid = args.shape[2] // 2
+    lo = max(0, mid - n_slices // 2)
+    slab = (slice(None), slice(None), slice(lo, lo + n_slices))
+    predict_volume(segmenter, image[slab][..., :1], mask[slab][..., :1], engine, progress=False)  # warm-up
+    sync(args.device)
+    t0 = time.perf_counter()
+    prob = predict_volume(segmenter, image[slab], mask[slab], engine, progress=args.naive_slices == 0)
+    sync(args.device)
+    batched_s = time.perf_counter() - t0
+    n_crops = len(crop_index(image[slab].shape, axis=2, patch_size=args.patch, stride=args.stride,
+                             brain_mask=mask[slab]))
+    print(f"batched engine : {n_slices / batched_s:9.2f} slices/s  ({n_crops / batched_s:9.1f} crops/s, "
+          f"{batched_s:.2f} s for {n_slices} slices, {n_crops} crops)")
+    if args.naive_slices:
+        t0 = time.perf_counter()
+        naive = naive_reconstruction(model, image[slab], mask[slab], axis=2, patch=args.patch, stride=args.stride,
+                                     device=args.device)
+        sync(args.device)
+        naive_s = time.perf_counter() - t0
+        naive[~mask[slab]] = 0
+        print(f"one crop a time: {n_slices / naive_s:9.2f} slices/s  ({n_crops / naive_s:9.1f} crops/s)")
+        print(f"max |difference| of the two probability maps: {np.abs(naive - prob).max():.2e}")
+        print(f"speed-up of the batched engine: {naive_s / batched_s:.1f}x (target >= 10x)")
+
+
+if __name__ == "__main__":
+    main()
