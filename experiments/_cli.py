@@ -46,5 +46,19 @@ def run(cls: type[T], fn: Callable[[T], Any], argv: list[str] | None, *, descrip
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if result is not None:
-        print(result)
+        print(describe(result))
     return 0
+
+
+def describe(result: Any) -> str:
+    """One readable summary of what a step returned (run id and headline metrics; text as is)."""
+    if isinstance(result, str):
+        return result
+    parts = [f"run {result.run_id}"] if hasattr(result, "run_id") else []
+    metrics = getattr(result, "summary", None) or getattr(result, "metrics", None) or {}
+    keys = [k for k in metrics if k.split("/")[-1] in ("dice_mean", "cldice_mean", "dice", "cldice")]
+    parts += [f"{k}={metrics[k]:.4f}" for k in keys]
+    for attr in ("model_uri", "dataset_dir", "output_dir"):
+        if getattr(result, attr, None):
+            parts.append(f"{attr}={getattr(result, attr)}")
+    return "  ".join(parts) or repr(result)

@@ -182,7 +182,7 @@ def load_segmenter(model_uri: str, *, device: str = "auto", amp: bool = False) -
     return TorchSegmenter(model, device=device, amp=amp)
 
 
-def run_reconstruct(cfg: ReconstructConfig) -> EvaluationResult:
+def run_reconstruct(cfg: ReconstructConfig, *, nested: bool = False) -> EvaluationResult:
     """Evaluate a trained model with the same engine and metric keys as the baselines, linked to its training run."""
     segmenter = load_segmenter(cfg.model_uri, device=cfg.device, amp=cfg.amp)
     model = segmenter.model
@@ -192,4 +192,4 @@ def run_reconstruct(cfg: ReconstructConfig) -> EvaluationResult:
     train_run = tracking.run_of_model(cfg.model_uri)
     if train_run:
         tags["training_run_id"] = train_run
-    return run_evaluation(segmenter, cfg, method="stego", run_name="reconstruct-stego", tags=tags)
+    return run_evaluation(segmenter, cfg, method="stego", run_name="reconstruct-stego", tags=tags, nested=nested)

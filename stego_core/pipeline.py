@@ -1,7 +1,8 @@
 """The whole pipeline on one config (``make demo`` / ``mlflow run . -e main``).
 
 prepare -> every classical baseline -> STEGO training -> STEGO reconstruction, all on the same volumes and
-split, then a summary run with the comparison table and bar chart. Each step is its own MLflow run.
+split. Each step is its own MLflow run, nested under one ``pipeline`` run that holds the comparison table and
+bar chart.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stego_core import tracking
-from stego_core.config import DataConfig, PrepareConfig, SlicingConfig, load_config
+from stego_core.config import DataConfig, PrepareConfig, SlicingConfig, flatten, load_config
 from stego_core.evaluation import BaselineConfig, ReconstructConfig, run_baseline, run_reconstruct
 from stego_core.reconstruction import EngineConfig
 from stego_core.training import TrainConfig, run_train
@@ -56,35 +57,40 @@ def format_table(table: dict[str, dict[str, float]], keys: tuple[str, ...] = TAB
 
 
 def run_main(cfg: MainConfig) -> str:
-    """Run every step; returns the comparison table (also logged by a ``summary`` run)."""
+    """Run every step as a run nested under one ``pipeline`` run; returns the comparison table.
+
+    The pipeline run (under ``mlflow run -e main``: the project's own run) logs the table and the bar chart.
+    """
     common = dict(test_fraction=cfg.test_fraction, split_seed=cfg.split_seed, experiment=cfg.experiment)
     from stego_core.prepare import run_prepare
-
-    run_prepare(PrepareConfig(data=cfg.data, slicing=cfg.slicing, output=f"{cfg.output}/prepare", **common))
-    table: dict[str, dict[str, float]] = {}
-    runs: dict[str, str] = {}
-    whole_slices = EngineConfig(axis=cfg.slicing.axis, patch_size=None, batch_size=16, blend="constant")
-    for method in cfg.baselines:
-        result = run_baseline(BaselineConfig(data=cfg.data, engine=whole_slices, method=method,
-                                             output=f"{cfg.output}/baseline", **common))
-        table[method], runs[method] = result.summary, result.run_id
-
-    train_cfg = load_config(TrainConfig, _config_path(cfg.train_config), list(cfg.train_overrides))
-    train_cfg = dataclasses.replace(train_cfg, data=cfg.data, slicing=cfg.slicing, output=f"{cfg.output}/train",
-                                    **common)
-    trained = run_train(train_cfg)
-    stego = run_reconstruct(ReconstructConfig(
-        data=cfg.data, engine=EngineConfig(axis=cfg.slicing.axis, patch_size=None),
-        model_uri=trained.model_uri or "", output=f"{cfg.output}/reconstruct", **common))
-    table["stego"], runs["stego"] = stego.summary, stego.run_id
-
-    text = format_table(table)
     from stego_core.visualize import comparison_bar_figure
 
-    with tracking.start_run(cfg.experiment, run_name="summary", output_root=f"{cfg.output}/summary",
-                            tags={"step": "summary", "method": "summary", "training_run_id": trained.run_id}):
-        tracking.set_tags({f"run.{m}": r for m, r in runs.items()})
+    with tracking.start_run(cfg.experiment, run_name="pipeline", output_root=f"{cfg.output}/pipeline",
+                            tags={"step": "pipeline", "method": "pipeline"}):
+        tracking.log_params(flatten(cfg))
+        run_prepare(PrepareConfig(data=cfg.data, slicing=cfg.slicing, output=f"{cfg.output}/prepare", **common),
+                    nested=True)
+        table: dict[str, dict[str, float]] = {}
+        runs: dict[str, str] = {}
+        whole_slices = EngineConfig(axis=cfg.slicing.axis, patch_size=None, batch_size=16, blend="constant")
+        for method in cfg.baselines:
+            result = run_baseline(BaselineConfig(data=cfg.data, engine=whole_slices, method=method,
+                                                 output=f"{cfg.output}/baseline", **common), nested=True)
+            table[method], runs[method] = result.summary, result.run_id
+
+        train_cfg = load_config(TrainConfig, _config_path(cfg.train_config), list(cfg.train_overrides))
+        train_cfg = dataclasses.replace(train_cfg, data=cfg.data, slicing=cfg.slicing,
+                                        output=f"{cfg.output}/train", **common)
+        trained = run_train(train_cfg, nested=True)
+        stego = run_reconstruct(ReconstructConfig(
+            data=cfg.data, engine=EngineConfig(axis=cfg.slicing.axis, patch_size=None),
+            model_uri=trained.model_uri or "", output=f"{cfg.output}/reconstruct", **common), nested=True)
+        table["stego"], runs["stego"] = stego.summary, stego.run_id
+
+        text = format_table(table)
+        tracking.set_tags({"training_run_id": trained.run_id, **{f"run.{m}": r for m, r in runs.items()}})
         tracking.log_text(text + "\n", "comparison.txt")
         means = {m: {k: s.get(f"{k}_mean", float("nan")) for k in TABLE_KEYS} for m, s in table.items()}
+        tracking.log_metrics({f"{m}/{k}": v for m, row in means.items() for k, v in row.items()})
         tracking.log_figure(comparison_bar_figure(means, keys=("dice", "cldice")), "comparison.png")
     return text

@@ -59,13 +59,13 @@ def _preview_figures(prepared: list[PreparedCase], crop_set: CropSet) -> dict:
     return figures
 
 
-def run_prepare(cfg: PrepareConfig) -> PrepareResult:
+def run_prepare(cfg: PrepareConfig, *, nested: bool = False) -> PrepareResult:
     """Generate or read the volumes, preprocess them, cut crops, write the seed layout, and log it all.
 
     Outputs go to ``<cfg.output>/<run_id>/`` (``dataset/<name>/`` in the seed layout, ``train_crops.npz``,
     ``test_crops.npz``, ``manifest.json``, ``config.yaml``), and are logged as artifacts of the run.
     """
-    with tracking.start_run(cfg.experiment, run_name="prepare", output_root=cfg.output,
+    with tracking.start_run(cfg.experiment, run_name="prepare", output_root=cfg.output, nested=nested,
                             tags={"step": "prepare", "method": "data"}) as run:
         tracking.log_params(flatten(cfg))
         cases = ensure_cases(cfg.data)

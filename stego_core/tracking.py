@@ -90,7 +90,16 @@ def start_run(experiment: str, *, run_name: str | None = None, tags: Mapping[str
     """
     _ensure_tracking()
     if run_id is None:
-        mlflow.set_experiment(experiment)
+        project_run = os.environ.get("MLFLOW_RUN_ID")
+        if project_run and mlflow.active_run() is None:
+            # Under `mlflow run`, this run adopts the project's run (MLFLOW_RUN_ID), whose experiment was chosen by
+            # `--experiment-name`: any other active experiment would make MLflow refuse to start it.
+            mlflow.set_experiment(experiment_id=MlflowClient().get_run(project_run).info.experiment_id)
+        elif nested and mlflow.active_run() is not None:
+            # A nested run lives in its parent's experiment, whatever that is.
+            mlflow.set_experiment(experiment_id=mlflow.active_run().info.experiment_id)
+        else:
+            mlflow.set_experiment(experiment)
     all_tags = {"git_commit": git_commit(), **(tags or {})}
     with mlflow.start_run(run_name=run_name, nested=nested, run_id=run_id, tags=all_tags) as run:
         handle = RunHandle(run.info.run_id, run.info.experiment_id, Path(output_root) / run.info.run_id)
