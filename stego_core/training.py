@@ -162,17 +162,18 @@ def choose_mapping_rule(requested: str, *, labels_available: bool, overlaps_eval
         if overlaps_evaluation:
             raise ValueError(f"model.cluster_rule={requested!r} would use labels of volumes that are also "
                              "evaluated (train and test overlap); use 'brightness' or 'auto'")
-        return "label"
     return requested
 
 
 def fit_vessel_mapping(module: StegoModule, features: np.ndarray, crops: np.ndarray, labels: np.ndarray | None,
                        rule: str, n_clusters: int) -> tuple[torch.Tensor, str]:
-    """Which clusters are vessel, decided on training crops by ``rule`` (``label`` or ``brightness``)."""
+    """Which clusters are vessel, decided on training crops by ``rule`` (``label`` = Hungarian for K = 2, else
+    majority; ``hungarian``; ``majority``; or ``brightness``)."""
     ids, _ = cluster_maps(module, features, crops.shape[-1])
-    if rule == "label":
+    if rule != "brightness":
         # balanced majority: vessels are a tiny minority, so a plain majority vote would mark no cluster
-        mask, name = vessel_clusters("auto", cluster_ids=ids, n_clusters=n_clusters, labels=labels, balanced=True)
+        mask, name = vessel_clusters("auto" if rule == "label" else rule, cluster_ids=ids, n_clusters=n_clusters,
+                                     labels=labels, balanced=True)
     else:
         mask, name = vessel_clusters("brightness", cluster_ids=ids, n_clusters=n_clusters, intensities=crops)
     return torch.as_tensor(mask, dtype=torch.bool), name
@@ -375,7 +376,7 @@ def run_train(cfg: TrainConfig, *, report: Callable[[int, dict[str, float]], Non
                              LinearProbe(cfg.model.code_dim, 2), cfg.loss, lr_head=cfg.train.lr_head,
                              lr_cluster=cfg.train.lr_cluster, lr_linear=cfg.train.lr_linear, seed=cfg.train.seed)
         map_pick = _subsample(len(train_set), cfg.train.max_mapping_crops, cfg.train.seed)
-        map_labels = train_labels[map_pick] if (train_labels is not None and rule == "label") else None
+        map_labels = train_labels[map_pick] if (train_labels is not None and rule != "brightness") else None
 
         def mapping() -> tuple[torch.Tensor, str]:
             return fit_vessel_mapping(module, features[map_pick], train_set.crops[map_pick], map_labels,

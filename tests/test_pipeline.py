@@ -1,0 +1,76 @@
+"""Tests for stego_core.pipeline: the comparison table and the whole demo on tiny phantoms."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from stego_core import tracking
+from stego_core.config import DataConfig, PhantomSettings, SlicingConfig
+from stego_core.pipeline import MainConfig, format_table, run_main
+
+pytestmark = pytest.mark.usefixtures("mlflow_store")
+
+
+def test_format_table_rows_and_values():
+    table = {
+        "otsu": {"dice_mean": 0.5, "dice_std": 0.125, "cldice_mean": 0.25, "cldice_std": 0.0,
+                 "precision_mean": 1.0, "precision_std": 0.0, "recall_mean": 0.75, "recall_std": 0.5},
+        "stego": {"dice_mean": 0.9, "dice_std": 0.01},  # missing keys print as nan
+    }
+    lines = format_table(table).splitlines()
+    assert len(lines) == 4
+    assert lines[0].split() == ["method", "dice", "cldice", "precision", "recall"]
+    assert set(lines[1]) == {"-"} and len(lines[1]) == len(lines[0])
+    assert lines[2].split() == ["otsu", "0.500", "±", "0.125", "0.250", "±", "0.000", "1.000", "±", "0.000",
+                                "0.750", "±", "0.500"]
+    assert lines[3].split()[:4] == ["stego", "0.900", "±", "0.010"] and lines[3].split()[4] == "nan"
+    assert format_table(table, keys=("dice",)).splitlines()[2].split() == ["otsu", "0.500", "±", "0.125"]
+
+
+def _artifact_names(client, run_id: str) -> set[str]:
+    return {a.path for a in client.list_artifacts(run_id)}
+
+
+def test_run_main_on_tiny_phantoms(tmp_path, monkeypatch):
+    import mlflow.models
+
+    # skip MLflow's pip-requirement inference subprocess (~20 s on 2 cores); the model is logged all the same
+    monkeypatch.setattr(mlflow.models, "infer_pip_requirements",
+                        lambda model_uri, flavor, fallback=None, **kwargs: fallback)
+    cfg = MainConfig(
+        data=DataConfig(root=str(tmp_path / "phantoms"),
+                        phantom=PhantomSettings(n_volumes=3, shape=(32, 32, 24), seed=0)),
+        slicing=SlicingConfig(patch_size=16, stride=8),
+        baselines=("otsu",),
+        train_overrides=("train.max_steps=10", "train.val_every_n_steps=10", "train.batch_size=8", "model.res=8",
+                         "model.code_dim=16", "train.progress=false", "train.accelerator=cpu",
+                         f"train.cache_dir={tmp_path / 'cache'}"),
+        output=str(tmp_path / "outputs"), experiment="pipeline-tests")
+    text = run_main(cfg)
+    rows = {line.split()[0]: line for line in text.splitlines()[2:]}
+    assert set(rows) == {"otsu", "stego"}
+
+    client = tracking.client()
+    experiment = client.get_experiment_by_name("pipeline-tests")
+    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    assert set(runs) == {"pipeline", "prepare", "baseline-otsu", "stego-classical", "reconstruct-stego"}
+    assert all(r.info.status == "FINISHED" for r in runs.values())
+    parent = runs["pipeline"]
+    for name, run in runs.items():
+        if name != "pipeline":
+            assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id, name
+
+    assert {"comparison.png", "comparison.txt"} <= _artifact_names(client, parent.info.run_id)
+    local = client.download_artifacts(parent.info.run_id, "comparison.txt", str(tmp_path))
+    assert Path(local).read_text() == text + "\n"
+    train, recon, otsu = runs["stego-classical"], runs["reconstruct-stego"], runs["baseline-otsu"]
+    assert parent.data.tags["training_run_id"] == train.info.run_id == recon.data.tags["training_run_id"]
+    assert parent.data.tags["run.otsu"] == otsu.info.run_id and parent.data.tags["run.stego"] == recon.info.run_id
+    assert train.data.params["train.max_steps"] == "10" and train.data.params["data.root"] == cfg.data.root
+    assert train.data.params["slicing.patch_size"] == "16"  # the pipeline's slicing, not train_cpu.yaml's 32
+    for method, run in (("otsu", otsu), ("stego", recon)):
+        dice, std = run.data.metrics["dice_mean"], run.data.metrics["dice_std"]
+        assert parent.data.metrics[f"{method}/dice"] == pytest.approx(dice)
+        assert f"{dice:.3f} ± {std:.3f}" in rows[method]
