@@ -188,6 +188,13 @@ def run_reconstruct(cfg: ReconstructConfig, *, nested: bool = False) -> Evaluati
     model = segmenter.model
     if cfg.engine.patch_size is None:
         cfg = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, patch_size=model.patch_size))
+    expected = {"skull_strip": cfg.data.skull_strip, "standardize": cfg.data.standardize, "axis": cfg.engine.axis}
+    trained = getattr(model, "preprocessing", {}) or {}
+    mismatch = {k: (trained[k], v) for k, v in expected.items() if k in trained and trained[k] != v}
+    if mismatch:
+        raise ValueError("the model was trained with other preprocessing than this evaluation asks for "
+                         + ", ".join(f"{k}: trained {a!r}, asked {b!r}" for k, (a, b) in mismatch.items())
+                         + "; set data.skull_strip / data.standardize / engine.axis to the training run's values")
     tags = {"model_uri": cfg.model_uri, "kind": "stego", "cluster_mapping_rule": model.mapping_rule}
     train_run = tracking.run_of_model(cfg.model_uri)
     if train_run:

@@ -30,11 +30,16 @@ class StegoSegmenterModel(nn.Module):
         Crop side the model was trained on; the engine uses it unless told otherwise.
     threshold : float
         Probability above which a voxel is vessel (a-priori 0.5, never tuned on test labels).
+    mapping_rule : str
+        How the vessel clusters were chosen (recorded with the run).
+    preprocessing : dict
+        The data settings it was trained with (``skull_strip``, ``standardize``, ``axis``); reconstruction
+        checks them.
     """
 
     def __init__(self, backbone: Backbone, head: StegoHead, cluster_probe: ClusterProbe,
                  vessel_clusters: torch.Tensor, *, patch_size: int, threshold: float = 0.5,
-                 mapping_rule: str = "brightness") -> None:
+                 mapping_rule: str = "brightness", preprocessing: dict | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
@@ -43,6 +48,7 @@ class StegoSegmenterModel(nn.Module):
         self.patch_size = int(patch_size)
         self.threshold = float(threshold)
         self.mapping_rule = mapping_rule
+        self.preprocessing = dict(preprocessing or {})
 
     @torch.no_grad()
     def probabilities_from_features(self, features: torch.Tensor, out_size: int) -> torch.Tensor:

@@ -344,6 +344,8 @@ def run_train(cfg: TrainConfig, *, report: Callable[[int, dict[str, float]], Non
         save_config(cfg, run.output_dir / "config.yaml")
         tracking.log_artifact(run.output_dir / "config.yaml")
         L.seed_everything(cfg.train.seed, workers=True, verbose=False)
+        # The backbone first: missing weights fail within seconds, before any data is touched.
+        backbone = build_backbone(cfg.model.backbone, weights=cfg.model.weights, res=cfg.model.res)
 
         cases = ensure_cases(cfg.data)
         train_cases, test_cases = split_cases(cases, cfg.test_fraction, seed=cfg.split_seed)
@@ -353,7 +355,6 @@ def run_train(cfg: TrainConfig, *, report: Callable[[int, dict[str, float]], Non
         prepared = {c.case_id: preprocess_case(c, cfg.data) for c in cases}
         train_set: CropSet = make_crop_set([prepared[c.case_id] for c in train_cases], cfg.slicing)
 
-        backbone = build_backbone(cfg.model.backbone, weights=cfg.model.weights, res=cfg.model.res)
         tracking.set_tags({"weights_id": backbone.weights_id, "device": device})
         features = _features(backbone, train_set.crops, cfg, device)
         knn = knn_table(features, k=cfg.train.knn_k)
@@ -382,11 +383,14 @@ def run_train(cfg: TrainConfig, *, report: Callable[[int, dict[str, float]], Non
             return fit_vessel_mapping(module, features[map_pick], train_set.crops[map_pick], map_labels,
                                       rule, cfg.model.n_clusters)
 
+        preprocessing = {"skull_strip": cfg.data.skull_strip, "standardize": cfg.data.standardize,
+                         "axis": cfg.slicing.axis}
+
         def make_model() -> StegoSegmenterModel:
             vessel, name = mapping()
             return StegoSegmenterModel(backbone, module.head, module.cluster_probe, vessel,
                                        patch_size=cfg.slicing.patch_size, threshold=cfg.model.threshold,
-                                       mapping_rule=name)
+                                       mapping_rule=name, preprocessing=preprocessing)
 
         val = build_validation(backbone, [prepared[c.case_id] for c in test_cases], cfg, device)
         validation = VolumeValidation(make_model, val, mapping, every_n_steps=cfg.train.val_every_n_steps,
