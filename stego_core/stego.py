@@ -622,8 +622,8 @@ def vessel_clusters(rule: str, *, cluster_ids: np.ndarray, n_clusters: int, labe
 
 
 def cluster_vessel_probability(cluster_probs: torch.Tensor, vessel_mask: np.ndarray | torch.Tensor,
-                               out_size: int | tuple[int, int]) -> torch.Tensor:
-    """Per-pixel vessel probability: the summed probability of the vessel clusters, upsampled to the crop.
+                               out_size: int | tuple[int, int], *, combine: str = "max") -> torch.Tensor:
+    """Per-pixel vessel probability from soft cluster probabilities, upsampled to the crop.
 
     Parameters
     ----------
@@ -634,6 +634,13 @@ def cluster_vessel_probability(cluster_probs: torch.Tensor, vessel_mask: np.ndar
         From :func:`vessel_clusters`.
     out_size : int or (H, W)
         Crop size ``P`` (bilinear upsampling, ``align_corners=False``).
+    combine : {"max", "sum"}
+        ``"max"`` (default): ``p_v / (p_v + p_b)`` with ``p_v`` the largest vessel-cluster probability and
+        ``p_b`` the largest background-cluster probability, i.e. ``sigmoid(alpha * (cos_v - cos_b))``; it is
+        above 0.5 exactly where the hard (argmax) cluster is a vessel cluster, for any ``K`` (for ``K = 2`` it
+        equals ``"sum"``). ``"sum"``: the summed probability of the vessel clusters; with ``K > 2`` and
+        ``alpha = 2`` it rarely reaches 0.5 (one cluster at cosine 1 against eleven at 0 gets 0.40), so a 0.5
+        threshold then predicts no vessel at all.
 
     Returns
     -------
@@ -641,12 +648,19 @@ def cluster_vessel_probability(cluster_probs: torch.Tensor, vessel_mask: np.ndar
     """
     if cluster_probs.ndim != 4:
         raise ValueError(f"cluster_probs must have shape (B, K, h, w); got {tuple(cluster_probs.shape)}")
+    if combine not in ("max", "sum"):
+        raise ValueError(f"combine={combine!r}; expected 'max' or 'sum'")
     mask = torch.as_tensor(np.asarray(vessel_mask, dtype=bool) if not torch.is_tensor(vessel_mask)
                            else vessel_mask.bool(), device=cluster_probs.device)
     if mask.ndim != 1 or mask.numel() != cluster_probs.shape[1]:
         raise ValueError(f"vessel_mask must have one entry per cluster ({cluster_probs.shape[1]}); got "
                          f"shape {tuple(mask.shape)}")
     size = (out_size, out_size) if isinstance(out_size, int) else tuple(out_size)
-    prob = cluster_probs[:, mask].sum(dim=1, keepdim=True)
+    if combine == "sum" or bool(mask.all()) or not bool(mask.any()):
+        prob = cluster_probs[:, mask].sum(dim=1, keepdim=True)
+    else:
+        p_v = cluster_probs[:, mask].amax(dim=1, keepdim=True)
+        p_b = cluster_probs[:, ~mask].amax(dim=1, keepdim=True)
+        prob = p_v / (p_v + p_b).clamp(min=1e-12)
     prob = F.interpolate(prob, size=size, mode="bilinear", align_corners=False)
     return prob.clamp(0.0, 1.0)

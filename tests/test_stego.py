@@ -360,9 +360,17 @@ def test_cluster_vessel_probability():
     probs = torch.zeros(2, 3, 2, 2)
     probs[:, 0], probs[:, 1], probs[:, 2] = 0.5, 0.3, 0.2
     probs[1, :, 0, 0] = torch.tensor([0.0, 1.0, 0.0])
-    out = cluster_vessel_probability(probs, np.array([True, False, True]), 8)
+    out = cluster_vessel_probability(probs, np.array([True, False, True]), 8, combine="sum")
     assert out.shape == (2, 1, 8, 8)
     torch.testing.assert_close(out[0], torch.full((1, 8, 8), 0.7))
     assert out[1, 0, 0, 0].item() == pytest.approx(0.0) and out[1, 0, -1, -1].item() == pytest.approx(0.7)
+    # default "max": best vessel cluster against best background cluster, 0.5 / (0.5 + 0.3)
+    out = cluster_vessel_probability(probs, np.array([True, False, True]), 8)
+    torch.testing.assert_close(out[0], torch.full((1, 8, 8), 0.625))
+    # K = 12, one vessel cluster winning the argmax: "sum" stays below 0.5, "max" is above it
+    probs12 = torch.softmax(2.0 * torch.tensor([1.0] + [0.0] * 11), 0).view(1, 12, 1, 1)
+    vessel12 = np.array([True] + [False] * 11)
+    assert cluster_vessel_probability(probs12, vessel12, 1, combine="sum").item() < 0.5
+    assert cluster_vessel_probability(probs12, vessel12, 1).item() == pytest.approx(1 / (1 + np.exp(-2.0)))
     with pytest.raises(ValueError, match="vessel_mask"):
         cluster_vessel_probability(probs, np.array([True, False]), 8)
