@@ -432,8 +432,11 @@ class LinearProbe(nn.Module):
         """Logits ``(B, n_classes, h, w)`` of codes ``(B, D, h, w)``."""
         return self.conv(codes)
 
-    def loss(self, codes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def loss(self, codes: torch.Tensor, labels: torch.Tensor, *, balanced: bool = True) -> torch.Tensor:
         """Cross-entropy of detached codes against labels on the code grid.
+
+        With ``balanced`` (default) each class present in the batch is weighted by the inverse of its pixel
+        count, so a probe on ~1 % vessel pixels does not settle on "all background".
 
         Parameters
         ----------
@@ -456,7 +459,11 @@ class LinearProbe(nn.Module):
         logits = self(codes)
         if not bool((small >= 0).any()):
             return logits.sum() * 0.0
-        return F.cross_entropy(logits, small, ignore_index=-1)
+        weight = None
+        if balanced:
+            counts = torch.bincount(small[small >= 0].flatten(), minlength=self.n_classes).to(logits.dtype)
+            weight = torch.where(counts > 0, counts.sum() / (self.n_classes * counts.clamp(min=1)), 0.0)
+        return F.cross_entropy(logits, small, weight=weight, ignore_index=-1)
 
 
 # ----------------------------------------------------------------------------------------------------------

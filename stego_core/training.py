@@ -42,11 +42,16 @@ CLUSTER_RULES = ("auto", "hungarian", "majority", "brightness")
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Backbone and head. ``weights``: ``hub``, ``random`` (tests only) or a local weights file."""
+    """Backbone and head. ``weights``: ``hub``, ``random`` (tests only) or a local weights file.
+
+    ``classical_standardize`` (``crop`` or ``fixed``) is the per-channel normalisation of the ``classical``
+    featurizer (ignored by the ViTs).
+    """
 
     backbone: str = "vit_small_patch8_dino"
     weights: str = "hub"
     res: int | None = None
+    classical_standardize: str = "crop"
     code_dim: int = 70
     dropout: float = 0.1
     n_clusters: int = 2
@@ -58,6 +63,7 @@ class ModelConfig:
         check_range(self.dropout, "model.dropout", 0.0, 1.0, high_inclusive=False)
         check_range(self.n_clusters, "model.n_clusters", 2)
         check_choice(self.cluster_rule, "model.cluster_rule", CLUSTER_RULES)
+        check_choice(self.classical_standardize, "model.classical_standardize", ("crop", "fixed"))
         check_range(self.threshold, "model.threshold", 0.0, 1.0)
 
 
@@ -345,7 +351,8 @@ def run_train(cfg: TrainConfig, *, report: Callable[[int, dict[str, float]], Non
         tracking.log_artifact(run.output_dir / "config.yaml")
         L.seed_everything(cfg.train.seed, workers=True, verbose=False)
         # The backbone first: missing weights fail within seconds, before any data is touched.
-        backbone = build_backbone(cfg.model.backbone, weights=cfg.model.weights, res=cfg.model.res)
+        backbone = build_backbone(cfg.model.backbone, weights=cfg.model.weights, res=cfg.model.res,
+                                  standardize=cfg.model.classical_standardize)
 
         cases = ensure_cases(cfg.data)
         train_cases, test_cases = split_cases(cases, cfg.test_fraction, seed=cfg.split_seed)

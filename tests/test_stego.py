@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from stego_core.stego import (
     ClusterProbe,
@@ -374,3 +375,16 @@ def test_cluster_vessel_probability():
     assert cluster_vessel_probability(probs12, vessel12, 1).item() == pytest.approx(1 / (1 + np.exp(-2.0)))
     with pytest.raises(ValueError, match="vessel_mask"):
         cluster_vessel_probability(probs, np.array([True, False]), 8)
+
+
+def test_linear_probe_balanced_loss_weights_classes_by_inverse_frequency():
+    torch.manual_seed(0)
+    probe = LinearProbe(4, 2)
+    codes = torch.randn(2, 4, 4, 4)
+    labels = torch.zeros(2, 4, 4, dtype=torch.long)
+    labels[0, 0, :2] = 1  # 2 vessel pixels of 32
+    logits = probe(codes)
+    weight = torch.tensor([32 / (2 * 30), 32 / (2 * 2)])
+    expected = F.cross_entropy(logits, labels, weight=weight)
+    assert torch.allclose(probe.loss(codes, labels), expected)
+    assert torch.allclose(probe.loss(codes, labels, balanced=False), F.cross_entropy(logits, labels))
