@@ -556,8 +556,12 @@ def map_clusters_majority(cluster_ids: np.ndarray, labels: np.ndarray, n_cluster
 
 
 def map_clusters_unsupervised(cluster_ids: np.ndarray, intensities: np.ndarray,
-                              n_clusters: int) -> tuple[np.ndarray, str]:
+                              n_clusters: int, *, min_fraction: float = 1e-3) -> tuple[np.ndarray, str]:
     """Without labels: the cluster with the highest mean intensity is vessel (bright TOF-MRA vessels).
+
+    Clusters holding less than ``min_fraction`` of the pixels are not candidates (a handful of the very
+    brightest pixels would otherwise win and the model would predict nearly nothing); if none is large enough,
+    every non-empty cluster is a candidate.
 
     Parameters
     ----------
@@ -582,7 +586,10 @@ def map_clusters_unsupervised(cluster_ids: np.ndarray, intensities: np.ndarray,
         raise ValueError("intensities must be non-empty and finite")
     counts = np.bincount(ids, minlength=n_clusters)
     sums = np.bincount(ids, weights=x, minlength=n_clusters)
-    means = np.where(counts > 0, sums / np.maximum(counts, 1), -np.inf)
+    candidates = counts >= max(1.0, min_fraction * ids.size)
+    if not candidates.any():
+        candidates = counts > 0
+    means = np.where(candidates, sums / np.maximum(counts, 1), -np.inf)
     vessel = np.zeros(n_clusters, dtype=bool)
     vessel[int(np.argmax(means))] = True
     return vessel, "brightness"

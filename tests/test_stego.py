@@ -388,3 +388,16 @@ def test_linear_probe_balanced_loss_weights_classes_by_inverse_frequency():
     expected = F.cross_entropy(logits, labels, weight=weight)
     assert torch.allclose(probe.loss(codes, labels), expected)
     assert torch.allclose(probe.loss(codes, labels, balanced=False), F.cross_entropy(logits, labels))
+
+
+def test_brightness_rule_ignores_tiny_clusters():
+    # cluster 2 is the brightest but holds 2 pixels of 10,000: not a vessel class; cluster 1 (bright, 5 %) is.
+    ids = np.zeros(10_000, dtype=np.int64)
+    ids[:500] = 1
+    ids[500:502] = 2
+    intensities = np.where(ids == 1, 0.9, 0.3)
+    intensities[500:502] = 1.0
+    vessel, rule = map_clusters_unsupervised(ids, intensities, 3)
+    assert rule == "brightness" and vessel.tolist() == [False, True, False]
+    vessel, _ = map_clusters_unsupervised(ids, intensities, 3, min_fraction=0.0)
+    assert vessel.tolist() == [False, False, True]
