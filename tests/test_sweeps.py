@@ -95,6 +95,7 @@ def test_sweep_config_checks() -> None:
         sweep_config(space={})
     with pytest.raises(ValueError, match="n_startup_trial"):
         sweep_config(space=space, sampler_settings={"n_startup_trial": 3})
+    assert sweep_config(space=space, pruner="none", pruner_settings={"percentile": 75.0}).pruner == "none"
     with pytest.raises(ValueError, match="'hyperbands'"):
         sweep_config(space=space, pruner="hyperbands")
     cfg = sweep_config(space=space, target="baseline")
@@ -167,11 +168,12 @@ def test_stego_sweep_nested_runs_best_trial_and_resume() -> None:
     best = max(objectives, key=objectives.get)
     assert parent.data.tags["best_trial_number"] == str(best) == str(result.best_trial_number)
     assert parent.data.metrics["best_value"] == pytest.approx(objectives[best])
-    assert parent.data.params["study_name"] == "stego" and parent.data.params["storage"] == "sqlite:///optuna.db"
+    assert parent.data.params["sweep.study_name"] == "stego"
+    assert parent.data.params["sweep.storage"] == "sqlite:///optuna.db"
     artifacts = {a.path for a in client().list_artifacts(parent.info.run_id)}
     assert {"best_trial.json", "trials.csv", "sweep_config.yaml", "plots"} <= artifacts
     plots = {a.path for a in client().list_artifacts(parent.info.run_id, "plots")}
-    assert {"plots/optimization_history.png", "plots/parallel_coordinate.png",
+    assert {"plots/optimization_history.png", "plots/parallel_coordinate.png", "plots/param_importances.png",
             "plots/intermediate_values.png"} <= plots
     best_json = json.loads((Path(tracking.download_artifacts(
         f"runs:/{parent.info.run_id}/best_trial.json"))).read_text())
@@ -236,23 +238,29 @@ def test_failed_and_pruned_trials_are_recorded_and_the_sweep_goes_on() -> None:
     assert {t.state for t in study.trials} == {TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED}
 
 
-def test_baseline_sweep() -> None:
-    cfg = sweep_config(study_name="frangi", target="baseline", space={
-        "settings.k_std": {"type": "float", "low": 1.0, "high": 3.0},
-        "settings.sigmas_vox": {"type": "categorical", "choices": [[1.0], [1.0, 2.0]]}},
-        n_trials=2, sampler="random", pruner="none",
-        base_overrides=("method=frangi", "settings.rule=mean_std", *TINY_BASELINE))
-    result = run_sweep(cfg)
-    assert result.states["COMPLETE"] == 2
+def test_baseline_sweep_through_the_cli_as_mlproject_calls_it(capsys: pytest.CaptureFixture) -> None:
+    from sweeps.run import main
+
+    extra = " ".join(f"'{o}'" for o in TINY_BASELINE)
+    argv = ["--config", str(REPO_ROOT / "sweeps/configs/sweep_baseline.yaml"), "--extra", extra,
+            "study_name=", "storage=", "n_trials=2", "timeout_s=", "objective=",  # "" = keep the config's
+            "experiment=sweep-tests", "heartbeat_interval_s=0"]
+    assert main(argv) == 0
+    assert "frangi-phantom-sweep" in capsys.readouterr().out
+    study = optuna.load_study(study_name="frangi-phantom-sweep", storage="sqlite:///optuna.db")
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
     runs = runs_of("sweep-tests")
-    for trial_run in children(runs, result.parent_run_id):
-        (seed_run,) = children(runs, trial_run.info.run_id)
+    (parent,) = [r for r in runs if r.data.tags.get("sweep_role") == "parent"]
+    assert parent.data.params["sweep.target"] == "baseline" and parent.data.params["sweep.objective"] == "cldice"
+    for trial_run in children(runs, parent.info.run_id):
+        (seed_run,) = children(runs, trial_run.info.run_id)  # a baseline runs once per trial
         assert seed_run.data.tags["method"] == "frangi" and trial_run.data.tags["method"] == "frangi"
-        assert seed_run.data.params["settings.rule"] == "mean_std"  # from base_overrides
-        for key in ("settings.k_std", "settings.sigmas_vox"):  # the trial's values reached the baseline run
+        for key in ("settings.k_std", "settings.rule", "settings.sigmas_vox"):  # trial values reached the run
             assert seed_run.data.params[key] == trial_run.data.params[key]
-        assert trial_run.data.params["settings.sigmas_vox"] in ("[1.0]", "[1.0, 2.0]")
+        assert trial_run.data.params["settings.sigmas_vox"] in ("[1.0]", "[1.0, 2.0]", "[1.0, 2.0, 3.0]",
+                                                                "[0.5, 1.0, 2.0]")
         assert trial_run.data.metrics["objective"] == pytest.approx(seed_run.data.metrics["cldice_mean"])
+    assert main(argv[:4] + ["n_trials=0"]) == 2  # bad input: one-line error, exit 2
 
 
 # --------------------------------------------------------------------------------------------- PostgreSQL workers
@@ -295,7 +303,7 @@ def worker_env(url: str) -> dict[str, str]:
 
 def test_two_workers_share_one_study_on_postgres(postgres_url: str, tmp_path: Path) -> None:
     name = f"two-workers-{uuid.uuid4().hex[:8]}"
-    command = worker_setup(tmp_path, name)
+    command = worker_setup(tmp_path, name, heartbeat_interval_s=5, grace_period_s=60)  # no false stale trials
     workers = [subprocess.Popen(command, env=worker_env(postgres_url), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     logs = [w.communicate(timeout=240)[0] for w in workers]
@@ -311,7 +319,7 @@ def test_two_workers_share_one_study_on_postgres(postgres_url: str, tmp_path: Pa
     (parent,) = [r for r in runs if r.data.tags.get("sweep_role") == "parent"]
     trial_runs = children(runs, parent.info.run_id)
     assert sorted(int(r.data.tags["optuna_trial_number"]) for r in trial_runs) == sorted(numbers)
-    assert parent.data.params["storage"].count("***") == 1
+    assert parent.data.params["sweep.storage"].count("***") == 1
 
 
 def test_killed_worker_trial_fails_after_grace_and_another_worker_finishes(postgres_url: str,
@@ -320,7 +328,7 @@ def test_killed_worker_trial_fails_after_grace_and_another_worker_finishes(postg
     command = worker_setup(tmp_path, name, n_trials=3)
     storage = make_storage(postgres_url, heartbeat_interval_s=0)
     victim = None
-    for _attempt in range(3):  # a trial lasts ~2 s; catch worker A inside one and SIGKILL it
+    for _attempt in range(3):  # a trial lasts ~2 s; catch worker A inside one (its MLflow run open), SIGKILL it
         a = subprocess.Popen(command, env=worker_env(postgres_url), stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 120
