@@ -59,7 +59,6 @@ __all__ = [
     "SatoSegmenter",
     "available_segmenters",
     "build_segmenter",
-    "segment_volume",
 ]
 
 
@@ -620,59 +619,3 @@ def build_segmenter(name: str, **settings: object) -> Segmenter:
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ValueError(f"unknown setting {key!r} for segmenter {name!r}{hint}; valid settings: {valid}")
     return cls(**settings)
-
-
-# ------------------------------------------------------------------------------------------ convenience
-
-
-def segment_volume(
-    segmenter: Segmenter,
-    image01: np.ndarray,
-    brain_mask: np.ndarray | None,
-    *,
-    batch_size: int = 16,
-    fit: bool = True,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Segment a whole volume slice by slice along axis 2 (no crops, no blending).
-
-    Parameters
-    ----------
-    segmenter : Segmenter
-    image01 : (I, J, K) float ndarray
-        Preprocessed volume in [0, 1].
-    brain_mask : (I, J, K) bool ndarray or None
-        Voxels outside it are set to score 0 and background (None: no masking).
-    batch_size : int >= 1, keyword-only
-        Slices per ``predict_slices`` call.
-    fit : bool, keyword-only
-        Call ``segmenter.fit_volume(image01, brain_mask)`` first.
-
-    Returns
-    -------
-    prob : (I, J, K) float32 ndarray
-        Scores in [0, 1].
-    binary : (I, J, K) bool ndarray
-        ``prob > segmenter.threshold`` inside the brain mask.
-    """
-    image01 = np.asarray(image01)
-    check_ndim(image01, 3, "image01")
-    check_range(batch_size, "batch_size", 1)
-    if brain_mask is not None:
-        check_same_shape(image01, brain_mask, "image01", "brain_mask")
-        brain_mask = np.asarray(brain_mask)
-        brain_mask = brain_mask if brain_mask.dtype == bool else as_binary(brain_mask, "brain_mask")
-    if fit:
-        segmenter.fit_volume(image01, brain_mask)
-    stack = np.moveaxis(image01, 2, 0).astype(np.float32)  # (K, I, J)
-    prob = np.empty(stack.shape, dtype=np.float32)
-    for start in range(0, stack.shape[0], batch_size):
-        batch = stack[start:start + batch_size]
-        scores = np.asarray(segmenter.predict_slices(batch))
-        if scores.shape != batch.shape:
-            raise ValueError(f"{segmenter.name}.predict_slices returned shape {scores.shape}; expected {batch.shape}")
-        prob[start:start + batch_size] = scores
-    prob = np.moveaxis(prob, 0, 2)
-    if brain_mask is not None:
-        prob = np.where(brain_mask, prob, np.float32(0.0))
-    binary = prob > segmenter.threshold
-    return np.ascontiguousarray(prob, dtype=np.float32), binary

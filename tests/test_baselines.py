@@ -7,14 +7,18 @@ import inspect
 import numpy as np
 import pytest
 
-from stego_core.baselines import (
-    SEGMENTERS,
-    available_segmenters,
-    build_segmenter,
-    segment_volume,
-)
+from stego_core.baselines import SEGMENTERS, available_segmenters, build_segmenter
 from stego_core.metrics import dice
+from stego_core.reconstruction import EngineConfig
+from stego_core.reconstruction import segment_volume as engine_segment_volume
 from stego_core.segmenter import Segmenter
+
+
+def segment_volume(segmenter, image, brain_mask):
+    """Whole axial slices through the engine (no labels, no crops); ``None`` mask = everything."""
+    mask = np.ones(image.shape, dtype=bool) if brain_mask is None else brain_mask
+    engine = EngineConfig(axis=2, patch_size=None, batch_size=16, blend="constant")
+    return engine_segment_volume(segmenter, image, mask, engine, progress=False)
 
 SHAPE = (48, 48, 24)
 # phantom design (not read from its label): about 3 % of brain voxels are vessel, so percentile uses q = 97
