@@ -44,8 +44,8 @@ class StegoModule(L.LightningModule):
     """The STEGO training step: correspondence loss on the head, plus probes on detached codes.
 
     Head, probes and loss settings are injected; head, cluster probe and linear probe each have their own Adam
-    learning rate (parameter groups of one optimiser, manual optimisation). The probes see detached codes, so
-    their losses never reach the head.
+    learning rate (parameter groups of one optimiser). The probes see detached codes, so their losses never
+    reach the head.
     """
 
     def __init__(self, head: StegoHead, cluster_probe: ClusterProbe, linear_probe: LinearProbe,
@@ -58,7 +58,6 @@ class StegoModule(L.LightningModule):
         self.loss_config = loss_config
         self.lrs = (lr_head, lr_cluster, lr_linear)
         self.seed = seed
-        self.automatic_optimization = False
         self._generator: torch.Generator | None = None
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -87,10 +86,6 @@ class StegoModule(L.LightningModule):
             total = total + linear_loss
             logs["train/linear_loss"] = linear_loss
         logs.update({f"train/{k}": v for k, v in terms.items()})
-        optimizer = self.optimizers()
-        optimizer.zero_grad()
-        self.manual_backward(total)
-        optimizer.step()
         self.log_dict(logs, prog_bar=False, on_step=True, on_epoch=False, batch_size=len(feats))
         self.log("loss", loss, prog_bar=True, logger=False, on_step=True, on_epoch=False, batch_size=len(feats))
         return total

@@ -15,6 +15,7 @@ import re
 import subprocess
 import tempfile
 import traceback
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,7 +185,9 @@ def log_dataset(cases: list[Case], *, name: str, context: str, source: str) -> N
     import pandas as pd
 
     frame = pd.DataFrame([c.to_dict() for c in cases]).fillna("")
-    dataset = mlflow.data.from_pandas(frame, source=str(source), name=name)
+    with warnings.catch_warnings():  # a local path matches MLflow's local source type twice; harmless
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+        dataset = mlflow.data.from_pandas(frame, source=str(source), name=name)
     ids = ",".join(c.case_id for c in cases)
     ids = ids if len(ids) <= 500 else ids[:496] + ",..."
     mlflow.log_input(dataset, context=context, tags={"n_cases": str(len(cases)), "case_ids": ids})
