@@ -151,8 +151,8 @@ def run_baseline(cfg: BaselineConfig, *, nested: bool = False, tags: dict[str, s
 
 @dataclass(frozen=True)
 class ReconstructConfig(EvaluateConfig):
-    """The ``reconstruct`` entry point: a trained STEGO model (``runs:/<id>/model``, ``models:/...`` or a local
-    MLflow model folder) evaluated on held-out volumes. ``engine.patch_size: null`` means the model's own
+    """The ``reconstruct`` entry point: a trained STEGO model (a training run id, ``runs:/<id>/model``,
+    ``models:/...`` or a local MLflow model folder) evaluated on held-out volumes. ``engine.patch_size: null`` means the model's own
     training crop size."""
 
     model_uri: str = ""
@@ -167,6 +167,17 @@ class ReconstructConfig(EvaluateConfig):
         check_choice(self.device, "device", ("auto", "cpu", "cuda"))
 
 
+def resolve_model_uri(model_uri: str) -> str:
+    """Accept a bare training run id as ``runs:/<id>/model``; other URIs and local model folders pass through.
+
+    >>> resolve_model_uri("0123456789abcdef0123456789abcdef")
+    'runs:/0123456789abcdef0123456789abcdef/model'
+    """
+    import re
+
+    return f"runs:/{model_uri}/model" if re.fullmatch(r"[0-9a-f]{32}", model_uri) else model_uri
+
+
 def load_segmenter(model_uri: str, *, device: str = "auto", amp: bool = False) -> Any:
     """Load a logged STEGO model as an engine segmenter (:class:`~stego_core.inference.TorchSegmenter`)."""
     import torch
@@ -175,6 +186,7 @@ def load_segmenter(model_uri: str, *, device: str = "auto", amp: bool = False) -
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    model_uri = resolve_model_uri(model_uri)
     try:
         model = tracking.load_pytorch_model(model_uri, map_location=device)
     except Exception as exc:
@@ -195,8 +207,9 @@ def run_reconstruct(cfg: ReconstructConfig, *, nested: bool = False) -> Evaluati
         raise ValueError("the model was trained with other preprocessing than this evaluation asks for "
                          + ", ".join(f"{k}: trained {a!r}, asked {b!r}" for k, (a, b) in mismatch.items())
                          + "; set data.skull_strip / data.standardize / engine.axis to the training run's values")
-    tags = {"model_uri": cfg.model_uri, "kind": "stego", "cluster_mapping_rule": model.mapping_rule}
-    train_run = tracking.run_of_model(cfg.model_uri)
+    model_uri = resolve_model_uri(cfg.model_uri)
+    tags = {"model_uri": model_uri, "kind": "stego", "cluster_mapping_rule": model.mapping_rule}
+    train_run = tracking.run_of_model(model_uri)
     if train_run:
         tags["training_run_id"] = train_run
     return run_evaluation(segmenter, cfg, method="stego", run_name="reconstruct-stego", tags=tags, nested=nested)
