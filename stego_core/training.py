@@ -205,16 +205,15 @@ class VolumeValidation(L.Callback):
     ``report(step, metrics)`` is called after each validation (the sweep uses it for pruning; it may raise).
     """
 
-    def __init__(self, make_model: Callable[[], StegoSegmenterModel], val: ValidationData,
-                 mapping: Callable[[], tuple[torch.Tensor, str]], *, every_n_steps: int, max_steps: int,
-                 report: Callable[[int, dict[str, float]], None] | None = None) -> None:
+    def __init__(self, make_model: Callable[[], StegoSegmenterModel], val: ValidationData, *, every_n_steps: int,
+                 max_steps: int, report: Callable[[int, dict[str, float]], None] | None = None) -> None:
         self.make_model = make_model
         self.val = val
-        self.mapping = mapping
         self.every = every_n_steps
         self.max_steps = max_steps
         self.report = report
         self.last: dict[str, float] = {}
+        self.last_model: StegoSegmenterModel | None = None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step
@@ -224,14 +223,15 @@ class VolumeValidation(L.Callback):
     def validate(self, trainer: L.Trainer, pl_module: StegoModule, step: int) -> dict[str, float]:
         was_training = pl_module.training
         pl_module.eval()
-        vessel, _ = self.mapping()
-        metrics = validation_metrics(pl_module, vessel, self.val, self.make_model)
+        model = self.make_model()  # maps clusters to vessel once per validation
+        metrics = validation_metrics(pl_module, model, self.val)
         if trainer.logger is not None:
             trainer.logger.log_metrics(metrics, step=step)
         if self.val.features is not None and len(self.val.features):
-            tracking.log_figure(validation_figure(pl_module, vessel, self.val), f"figures/val_step_{step:06d}.png")
+            tracking.log_figure(validation_figure(pl_module, model.vessel_clusters, self.val),
+                                f"figures/val_step_{step:06d}.png")
         pl_module.train(was_training)
-        self.last = metrics
+        self.last, self.last_model = metrics, model
         if self.report is not None:
             self.report(step, metrics)
         return metrics
@@ -253,9 +253,10 @@ def reconstruct_from_features(model: StegoSegmenterModel, features: np.ndarray, 
     return prob
 
 
-def validation_metrics(module: StegoModule, vessel: torch.Tensor, val: ValidationData,
-                       make_model: Callable[[], StegoSegmenterModel]) -> dict[str, float]:
+def validation_metrics(module: StegoModule, model: StegoSegmenterModel, val: ValidationData) -> dict[str, float]:
+    """Crop-level cluster / linear-probe mIoU and accuracy, and Dice etc. of the reconstructed volume."""
     metrics: dict[str, float] = {}
+    vessel = model.vessel_clusters
     if val.features is not None and val.labels is not None and len(val.features):
         ids, linear = cluster_maps(module, val.features, val.patch_size)
         pred = vessel.cpu().numpy()[ids]
@@ -264,7 +265,6 @@ def validation_metrics(module: StegoModule, vessel: torch.Tensor, val: Validatio
         for k, v in binary_iou_accuracy(linear, val.labels).items():
             metrics[f"val/linear_{k}"] = v
     if val.volume is not None and val.volume_features is not None:
-        model = make_model()
         prob = reconstruct_from_features(model, val.volume_features, val.volume_index, val.volume,
                                          axis=val.axis, patch_size=val.patch_size)
         pred = (prob > model.threshold) & val.volume.brain_mask
@@ -386,21 +386,18 @@ def run_train(cfg: TrainConfig, *, report: Callable[[int, dict[str, float]], Non
         map_pick = _subsample(len(train_set), cfg.train.max_mapping_crops, cfg.train.seed)
         map_labels = train_labels[map_pick] if (train_labels is not None and rule != "brightness") else None
 
-        def mapping() -> tuple[torch.Tensor, str]:
-            return fit_vessel_mapping(module, features[map_pick], train_set.crops[map_pick], map_labels,
-                                      rule, cfg.model.n_clusters)
-
         preprocessing = {"skull_strip": cfg.data.skull_strip, "standardize": cfg.data.standardize,
                          "axis": cfg.slicing.axis}
 
         def make_model() -> StegoSegmenterModel:
-            vessel, name = mapping()
+            vessel, name = fit_vessel_mapping(module, features[map_pick], train_set.crops[map_pick], map_labels,
+                                              rule, cfg.model.n_clusters)
             return StegoSegmenterModel(backbone, module.head, module.cluster_probe, vessel,
                                        patch_size=cfg.slicing.patch_size, threshold=cfg.model.threshold,
                                        mapping_rule=name, preprocessing=preprocessing)
 
         val = build_validation(backbone, [prepared[c.case_id] for c in test_cases], cfg, device)
-        validation = VolumeValidation(make_model, val, mapping, every_n_steps=cfg.train.val_every_n_steps,
+        validation = VolumeValidation(make_model, val, every_n_steps=cfg.train.val_every_n_steps,
                                       max_steps=cfg.train.max_steps, report=report)
         checkpoints = L.pytorch.callbacks.ModelCheckpoint(dirpath=run.output_dir / "checkpoints", save_last=True,
                                                           every_n_train_steps=cfg.train.val_every_n_steps,
@@ -415,8 +412,9 @@ def run_train(cfg: TrainConfig, *, report: Callable[[int, dict[str, float]], Non
         trainer.fit(module, train_dataloaders=loader)
 
         module.eval()
-        final = validation.last or validation.validate(trainer, module, trainer.global_step)  # ran at max_steps
-        model = make_model().cpu()
+        if validation.last_model is None:  # the callback validates at max_steps; this only guards odd stops
+            validation.validate(trainer, module, trainer.global_step)
+        final, model = validation.last, validation.last_model.cpu()
         tracking.set_tags({"cluster_mapping_rule": model.mapping_rule,
                            "vessel_clusters": ",".join(str(i) for i in np.flatnonzero(model.vessel_clusters))})
         tracking.log_metrics({k.replace("val/", "final/"): v for k, v in final.items()})
