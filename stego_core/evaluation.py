@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from stego_core import tracking
 from stego_core._checks import check_range
 from stego_core.config import DataConfig, check_choice, flatten, save_config
+from stego_core.crf import CRFRefiner, CRFSettings
 from stego_core.data import ensure_cases, preprocess_case, split_cases
 from stego_core.io import Case, save_volume
 from stego_core.metrics import evaluate_segmentation, summarize, write_results
@@ -30,7 +31,8 @@ class EvaluateConfig:
     """Which volumes to evaluate and how to reconstruct them.
 
     ``split: test`` evaluates the held-out volumes of the same seeded split that training uses
-    (``test_fraction``, ``split_seed``); ``all`` evaluates every case.
+    (``test_fraction``, ``split_seed``); ``all`` evaluates every case. ``crf: true`` refines every slice's
+    probabilities with a dense CRF (``crf_settings``; needs ``pydensecrf2``) and adds ``+crf`` to the method.
     """
 
     data: DataConfig = field(default_factory=DataConfig)
@@ -42,6 +44,8 @@ class EvaluateConfig:
     experiment: str = "stego-vessels"
     save_probabilities: bool = False
     progress: bool = True
+    crf: bool = False
+    crf_settings: CRFSettings = field(default_factory=CRFSettings)
 
     def __post_init__(self) -> None:
         check_choice(self.split, "split", ("test", "all"))
@@ -105,6 +109,9 @@ def run_evaluation(segmenter: Segmenter, cfg: EvaluateConfig, *, method: str, ru
     params; ``params`` adds method settings; ``tags`` adds e.g. the training run a model came from.
     """
     config = config if config is not None else cfg
+    if cfg.crf:
+        segmenter = CRFRefiner(segmenter, cfg.crf_settings)
+        method = f"{method}+crf"
     with tracking.start_run(cfg.experiment, run_name=run_name or method, output_root=cfg.output, nested=nested,
                             tags={"method": method, "step": "evaluate", **(tags or {})}) as run:
         tracking.log_params({**flatten(config), **(params or {})})
