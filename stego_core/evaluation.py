@@ -109,10 +109,11 @@ def run_evaluation(segmenter: Segmenter, cfg: EvaluateConfig, *, method: str, ru
     params; ``params`` adds method settings; ``tags`` adds e.g. the training run a model came from.
     """
     config = config if config is not None else cfg
+    run_name = run_name or method
     if cfg.crf:
         segmenter = CRFRefiner(segmenter, cfg.crf_settings)
-        method = f"{method}+crf"
-    with tracking.start_run(cfg.experiment, run_name=run_name or method, output_root=cfg.output, nested=nested,
+        method, run_name = f"{method}+crf", f"{run_name}+crf"
+    with tracking.start_run(cfg.experiment, run_name=run_name, output_root=cfg.output, nested=nested,
                             tags={"method": method, "step": "evaluate", **(tags or {})}) as run:
         tracking.log_params({**flatten(config), **(params or {})})
         cases = select_cases(cfg)

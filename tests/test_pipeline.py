@@ -8,7 +8,7 @@ import pytest
 
 from stego_core import tracking
 from stego_core.config import DataConfig, PhantomSettings, SlicingConfig
-from stego_core.pipeline import MainConfig, format_table, run_main
+from stego_core.pipeline import MainConfig, crf_available, format_table, run_main
 
 pytestmark = pytest.mark.usefixtures("mlflow_store")
 
@@ -50,12 +50,14 @@ def test_run_main_on_tiny_phantoms(tmp_path, monkeypatch):
         output=str(tmp_path / "outputs"), experiment="pipeline-tests")
     text = run_main(cfg)
     rows = {line.split()[0]: line for line in text.splitlines()[2:]}
-    assert set(rows) == {"otsu", "stego"}
+    with_crf = crf_available()
+    assert set(rows) == {"otsu", "stego"} | ({"stego+crf"} if with_crf else set())
 
     client = tracking.client()
     experiment = client.get_experiment_by_name("pipeline-tests")
     runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
-    assert set(runs) == {"pipeline", "prepare", "baseline-otsu", "stego-classical", "reconstruct-stego"}
+    assert set(runs) == {"pipeline", "prepare", "baseline-otsu", "stego-classical", "reconstruct-stego"} | (
+        {"reconstruct-stego+crf"} if with_crf else set())
     assert all(r.info.status == "FINISHED" for r in runs.values())
     parent = runs["pipeline"]
     for name, run in runs.items():
