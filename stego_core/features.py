@@ -221,7 +221,7 @@ def load_features(path: str | Path, *, mmap: bool = True) -> tuple[np.ndarray, F
 
 def load_or_compute_features(backbone: Backbone, crops: np.ndarray, path: str | Path, *, batch_size: int = 64,
                              device: str = "cpu", dtype: np.dtype | str = np.float16, amp: bool = False,
-                             progress: bool = True) -> tuple[np.ndarray, FeatureCacheMeta]:
+                             progress: bool = True, digest: str | None = None) -> tuple[np.ndarray, FeatureCacheMeta]:
     """Return cached features of ``crops`` when ``path`` holds them for this backbone, else compute and cache.
 
     The cache is valid when its metadata (backbone name, ``res``, weights id, crop digest, shape, dtype,
@@ -237,6 +237,8 @@ def load_or_compute_features(backbone: Backbone, crops: np.ndarray, path: str | 
         The ``.npy`` file; metadata goes to the same name with ``.json``.
     batch_size, device, dtype, amp, progress
         As in :func:`compute_features`.
+    digest : str, optional
+        :func:`crops_digest` of ``crops`` when the caller has it already (it is not computed twice).
 
     Returns
     -------
@@ -250,7 +252,7 @@ def load_or_compute_features(backbone: Backbone, crops: np.ndarray, path: str | 
     _check_crops(crops)
     key = backbone.cache_key()
     want = FeatureCacheMeta(backbone=str(key["backbone"]), res=int(key["res"]), weights=str(key["weights"]),
-                            crop_digest=crops_digest(crops),
+                            crop_digest=digest or crops_digest(crops),
                             shape=(crops.shape[0], *backbone.output_shape(crops.shape[1])),
                             dtype=np.dtype(dtype).name)
     if path.is_file() and _meta_path(path).is_file():

@@ -310,9 +310,11 @@ def _subsample(n: int, k: int, seed: int) -> np.ndarray:
 
 def _features(backbone: Backbone, crops: np.ndarray, cfg: TrainConfig, device: str) -> np.ndarray:
     """Features of ``crops`` from the shared, content-addressed cache (computed once per backbone and crop set)."""
-    path = Path(cfg.train.cache_dir) / f"{backbone.name}_r{backbone.spec.res}_{crops_digest(crops)[:20]}.npy"
+    digest = crops_digest(crops)
+    path = Path(cfg.train.cache_dir) / f"{backbone.name}_r{backbone.spec.res}_{digest[:20]}.npy"
     features, _ = load_or_compute_features(backbone, crops, path, batch_size=cfg.train.feature_batch_size,
-                                           device=device, amp=cfg.train.feature_amp, progress=cfg.train.progress)
+                                           device=device, amp=cfg.train.feature_amp, progress=cfg.train.progress,
+                                           digest=digest)
     return features
 
 
