@@ -10,14 +10,15 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from stego_core.features import draw_knn_partners
 from stego_core.stego import ClusterProbe, LinearProbe, LossConfig, StegoHead, correspondence_loss
 
 
 class CropFeatureDataset(Dataset):
     """Cached features of training crops, each paired with one of its k nearest neighbours.
 
-    The neighbour is drawn uniformly from ranks ``1..knn_rank_max`` of the kNN table (rank 0 is the crop itself)
-    by a generator seeded with ``seed``.
+    The neighbour is drawn uniformly from ranks ``1..rank_max`` of the kNN table (rank 0 is the crop itself) by
+    :func:`~stego_core.features.draw_knn_partners` with a generator seeded with ``seed``.
     """
 
     def __init__(self, features: np.ndarray, knn: np.ndarray, labels: np.ndarray | None, *, rank_max: int,
@@ -25,14 +26,14 @@ class CropFeatureDataset(Dataset):
         self.features = features
         self.knn = knn
         self.labels = labels
-        self.rank_max = max(1, min(rank_max, knn.shape[1] - 1))
+        self.rank_max = rank_max
         self.rng = np.random.default_rng(seed)
 
     def __len__(self) -> int:
         return len(self.features)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        j = int(self.knn[i, self.rng.integers(1, self.rank_max + 1)]) if self.knn.shape[1] > 1 else i
+        j = int(draw_knn_partners(self.knn, np.array([i]), rank_max=self.rank_max, rng=self.rng)[0])
         item = {"features": torch.from_numpy(np.asarray(self.features[i], dtype=np.float32)),
                 "knn_features": torch.from_numpy(np.asarray(self.features[j], dtype=np.float32))}
         if self.labels is not None:
