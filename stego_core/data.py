@@ -7,7 +7,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,31 +71,55 @@ class CropSet:
 def ensure_cases(data: DataConfig, *, require_labels: bool = False) -> list[Case]:
     """The cases of ``data``; for ``source: phantom`` they are generated into ``data.root`` first if missing.
 
+    Generation holds a file lock beside ``data.root`` so concurrent runs (sweep workers) make the phantoms once.
     An existing phantom folder is reused only when it was generated with the same settings; otherwise a
     ``FileExistsError`` names the folder (nothing is overwritten).
     """
     root = Path(data.root)
     if data.source == "phantom":
-        from stego_core.phantom import PhantomConfig, write_phantom_cases
-
-        settings = to_dict(data.phantom)
-        stamp = root / "phantom_settings.json"
-        if stamp.is_file():
-            if json.loads(stamp.read_text()) != settings:
-                raise FileExistsError(f"{root} holds phantoms made with other settings ({stamp}); "
-                                      "choose another data.root or delete that folder")
-        else:
-            if root.exists() and any(root.iterdir()):
-                raise FileExistsError(f"{root} exists and is not a phantom folder; choose another data.root")
-            config = PhantomConfig(shape=tuple(data.phantom.shape), spacing_mm=tuple(data.phantom.spacing_mm))
-            write_phantom_cases(root, data.phantom.n_volumes, config, seed=data.phantom.seed)
-            stamp.write_text(json.dumps(settings))
+        with _file_lock(root.parent / f".{root.name}.lock"):  # concurrent runs generate the phantoms once
+            _ensure_phantoms(root, data)
     return discover_cases(root, require_labels=require_labels)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``path`` (held by one process of this machine at a time)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _ensure_phantoms(root: Path, data: DataConfig) -> None:
+    """Generate the phantoms of ``data`` into ``root`` unless that folder already holds them."""
+    from stego_core.phantom import PhantomConfig, write_phantom_cases
+
+    settings = to_dict(data.phantom)
+    stamp = root / "phantom_settings.json"
+    if stamp.is_file():
+        if json.loads(stamp.read_text()) != settings:
+            raise FileExistsError(f"{root} holds phantoms made with other settings ({stamp}); "
+                                  "choose another data.root or delete that folder")
+    else:
+        if root.exists() and any(root.iterdir()):
+            raise FileExistsError(f"{root} exists and is not a phantom folder; choose another data.root")
+        config = PhantomConfig(shape=tuple(data.phantom.shape), spacing_mm=tuple(data.phantom.spacing_mm))
+        write_phantom_cases(root, data.phantom.n_volumes, config, seed=data.phantom.seed)
+        stamp.write_text(json.dumps(settings))
 
 
 def preprocess_case(case: Case, data: DataConfig) -> PreparedCase:
     """Load ``case``, compute its brain mask (``data.skull_strip``), mask and standardise the image."""
-    from stego_core.preprocess import apply_brain_mask, brain_mask_for, label_retention, standardize
+    from stego_core.preprocess import (
+        apply_brain_mask,
+        brain_mask_for,
+        label_retention,
+        standardize,
+    )
 
     loaded = load_case(case)
     image = loaded.image.data.astype(np.float32)

@@ -182,6 +182,20 @@ def _meta_path(path: Path) -> Path:
     return path.with_suffix(".json")
 
 
+def _partial_path(path: Path) -> Path:
+    """Where this process writes a cache file before publishing it (unique per process, so concurrent runs
+    computing the same features never write into each other's file)."""
+    return path.with_name(f"{path.name}.{os.getpid()}.partial.npy")
+
+
+def _publish(tmp: Path, path: Path, meta: FeatureCacheMeta) -> None:
+    """Move a finished cache file into place, then its metadata (each an atomic rename; metadata last)."""
+    os.replace(tmp, path)
+    meta_tmp = _meta_path(tmp)
+    meta_tmp.write_text(meta.to_json())
+    os.replace(meta_tmp, _meta_path(path))
+
+
 def save_features(path: str | Path, features: np.ndarray, meta: FeatureCacheMeta) -> None:
     """Write ``features`` to ``path`` (``.npy``) and ``meta`` to the ``.json`` beside it (written last)."""
     path = Path(path)
@@ -189,13 +203,12 @@ def save_features(path: str | Path, features: np.ndarray, meta: FeatureCacheMeta
         raise ValueError(f"feature cache path {path} must end in .npy")
     path.parent.mkdir(parents=True, exist_ok=True)
     _meta_path(path).unlink(missing_ok=True)
-    tmp = path.with_name(path.name + ".partial.npy")
+    tmp = _partial_path(path)
     out = open_memmap(tmp, mode="w+", dtype=features.dtype, shape=features.shape)
     out[...] = features
     out.flush()
     del out
-    os.replace(tmp, path)
-    _meta_path(path).write_text(meta.to_json())
+    _publish(tmp, path, meta)
 
 
 def load_features(path: str | Path, *, mmap: bool = True) -> tuple[np.ndarray, FeatureCacheMeta]:
@@ -269,11 +282,10 @@ def load_or_compute_features(backbone: Backbone, crops: np.ndarray, path: str | 
                     if getattr(have, f.name) != getattr(want, f.name)}
             logger.info("feature cache %s: stale (%s); recomputing", path, diff)
     _meta_path(path).unlink(missing_ok=True)  # no metadata = incomplete, whatever happens next
-    tmp = path.with_name(path.name + ".partial.npy")
+    tmp = _partial_path(path)
     compute_features(backbone, crops, batch_size=batch_size, device=device, dtype=dtype, amp=amp, out_path=tmp,
                      progress=progress)
-    os.replace(tmp, path)
-    _meta_path(path).write_text(want.to_json())
+    _publish(tmp, path, want)
     return load_features(path)
 
 

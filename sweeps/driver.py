@@ -33,16 +33,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import json
 import logging
 import os
 import shlex
-import shutil
 import socket
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +52,7 @@ from optuna.trial import TrialState
 
 from stego_core import tracking
 from stego_core.config import flatten, load_config, parse_overrides, save_config, to_dict
+from stego_core.data import ensure_cases
 from sweeps.space import SweepConfig, grid_search_space, is_finite, pruner_class, sampler_class, suggest
 
 log = logging.getLogger(__name__)
@@ -252,8 +251,8 @@ def config_class(target: str) -> type:
     return BaselineConfig
 
 
-def trial_config(cfg: SweepConfig, overrides: dict[str, Any], seed: int | None, *, experiment: str | None = None,
-                 cache_dir: str | None = None) -> Any:
+def trial_config(cfg: SweepConfig, overrides: dict[str, Any], seed: int | None, *, experiment: str | None = None
+                 ) -> Any:
     """The entry point's config of one run: base config, ``base_overrides``, the trial's values, the seed."""
     items = dict(parse_overrides(list(cfg.base_overrides)))
     items.update(overrides)
@@ -261,8 +260,6 @@ def trial_config(cfg: SweepConfig, overrides: dict[str, Any], seed: int | None, 
         items[cfg.resolved_seed_key] = seed
     if experiment:
         items["experiment"] = experiment
-    if cache_dir and cfg.target == "stego":
-        items["train.cache_dir"] = cache_dir
     return load_config(config_class(cfg.target), resolve_base_config(cfg.resolved_base_config), items)
 
 
@@ -293,26 +290,6 @@ def _jsonable(value: Any) -> Any:
 # --------------------------------------------------------------------------------------------- objective
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def ensure_data(data: Any) -> None:
-    """Generate (phantoms) or find the cases once, under a file lock shared by the workers of one machine."""
-    from stego_core.data import ensure_cases
-
-    root = Path(data.root)
-    with _file_lock(root.parent / f".{root.name}.lock"):
-        ensure_cases(data)
-
-
 class Objective:
     """``objective(trial) -> float``: suggest, run every seed of the trial as a nested run, return the mean.
 
@@ -320,13 +297,12 @@ class Objective:
     :func:`stego_core.evaluation.run_baseline` (injectable for tests).
     """
 
-    def __init__(self, cfg: SweepConfig, *, experiment: str, tags: dict[str, Any], cache_dir: str | None = None,
+    def __init__(self, cfg: SweepConfig, *, experiment: str, tags: dict[str, Any],
                  train_fn: Callable[..., Any] | None = None, baseline_fn: Callable[..., Any] | None = None) -> None:
         self.cfg = cfg
         self.specs = cfg.specs
         self.experiment = experiment
         self.tags = tags
-        self.cache_dir = cache_dir
         self.train_fn = train_fn
         self.baseline_fn = baseline_fn
         self.key = f"val/{cfg.objective}" if cfg.target == "stego" else f"{cfg.objective}_mean"
@@ -381,8 +357,8 @@ class Objective:
 
     def _run_seed(self, trial: optuna.Trial, overrides: dict[str, Any], seed: int | None,
                   report: Callable[[int, dict[str, float]], None] | None) -> dict[str, float]:
-        cfg = trial_config(self.cfg, overrides, seed, experiment=self.experiment, cache_dir=self.cache_dir)
-        ensure_data(cfg.data)
+        cfg = trial_config(self.cfg, overrides, seed, experiment=self.experiment)
+        ensure_cases(cfg.data)
         tags = {"study_name": self.cfg.study_name, "sweep_role": "seed", "optuna_trial_number": str(trial.number),
                 "sweep_seed": str(seed)}
         if self.cfg.target == "stego":
@@ -657,19 +633,11 @@ def run_sweep(cfg: SweepConfig, *, worker: bool = False, train_fn: Callable[...,
         log.info("study %s in %s: %d trials, %d to run here (n_trials=%d); MLflow parent run %s",
                  cfg.study_name, storage_text, n_existing, max(remaining, 0), cfg.n_trials, parent.run_id)
         if remaining > 0:
-            cache_dir = None
-            if cfg.target == "stego":
-                safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in cfg.study_name)
-                cache_dir = str(Path(base.train.cache_dir) / f"sweep-{safe}" / worker_name.replace(":", "-"))
-            objective = Objective(cfg, experiment=experiment, cache_dir=cache_dir, train_fn=train_fn,
+            objective = Objective(cfg, experiment=experiment, train_fn=train_fn,
                                   baseline_fn=baseline_fn,
                                   tags={**tags, "worker": worker_name, "sampler_seed_effective": seed})
-            try:
-                study.optimize(objective, n_trials=remaining, timeout=cfg.timeout_s, catch=(Exception,),
-                               callbacks=[StopAtBudget(cfg.n_trials), log_progress], gc_after_trial=True)
-            finally:
-                if cache_dir:
-                    shutil.rmtree(cache_dir, ignore_errors=True)
+            study.optimize(objective, n_trials=remaining, timeout=cfg.timeout_s, catch=(Exception,),
+                           callbacks=[StopAtBudget(cfg.n_trials), log_progress], gc_after_trial=True)
         return summarize(study, cfg, parent.run_id, storage_text=storage_text)
 
 
