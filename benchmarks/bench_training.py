@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from stego_core.backbones import build_backbone
-from stego_core.stego import ClusterProbe, LossConfig, StegoHead, correspondence_loss
+from stego_core.config import LossConfig
+from stego_core.stego import ClusterProbe, StegoHead, correspondence_loss
 
 
 def step(head, probe, opt, feats, knn_feats, cfg, gen) -> float:

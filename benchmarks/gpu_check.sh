@@ -24,7 +24,8 @@ python3 benchmarks/bench_training.py --device cuda --cached-steps 30 --uncached-
 python3 - <<'PY'
 import time, torch, lightning as L
 from torch.utils.data import DataLoader, TensorDataset
-from stego_core.stego import StegoHead, ClusterProbe, LinearProbe, LossConfig
+from stego_core.config import LossConfig
+from stego_core.stego import StegoHead, ClusterProbe, LinearProbe
 from stego_core.module import StegoModule
 class DS(torch.utils.data.Dataset):
     def __init__(s): s.f = torch.randn(480, 384, 28, 28)

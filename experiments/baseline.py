@@ -2,12 +2,14 @@
 
 import sys
 
-from experiments._cli import run
-from stego_core.evaluation import BaselineConfig, run_baseline
+from experiments import CONFIG_DIR
+from stego_core.cli import run
+from stego_core.config import BaselineConfig
+from stego_core.steps.evaluation import run_baseline
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(BaselineConfig, run_baseline, argv, description=__doc__, default_config="baseline.yaml")
+    return run(BaselineConfig, run_baseline, argv, description=__doc__, default_config=CONFIG_DIR / "baseline.yaml")
 
 
 if __name__ == "__main__":

@@ -2,12 +2,14 @@
 
 import sys
 
-from experiments._cli import run
-from stego_core.pipeline import MainConfig, run_main
+from experiments import CONFIG_DIR
+from stego_core.cli import run
+from stego_core.config import MainConfig
+from stego_core.steps.pipeline import run_main
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(MainConfig, run_main, argv, description=__doc__, default_config="main.yaml")
+    return run(MainConfig, run_main, argv, description=__doc__, default_config=CONFIG_DIR / "main.yaml")
 
 
 if __name__ == "__main__":

@@ -2,13 +2,14 @@
 
 import sys
 
-from experiments._cli import run
+from experiments import CONFIG_DIR
+from stego_core.cli import run
 from stego_core.config import PrepareConfig
-from stego_core.prepare import run_prepare
+from stego_core.steps.prepare import run_prepare
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(PrepareConfig, run_prepare, argv, description=__doc__, default_config="prepare.yaml")
+    return run(PrepareConfig, run_prepare, argv, description=__doc__, default_config=CONFIG_DIR / "prepare.yaml")
 
 
 if __name__ == "__main__":

@@ -2,12 +2,15 @@
 
 import sys
 
-from experiments._cli import run
-from stego_core.evaluation import ReconstructConfig, run_reconstruct
+from experiments import CONFIG_DIR
+from stego_core.cli import run
+from stego_core.config import ReconstructConfig
+from stego_core.steps.evaluation import run_reconstruct
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(ReconstructConfig, run_reconstruct, argv, description=__doc__, default_config="reconstruct.yaml")
+    return run(ReconstructConfig, run_reconstruct, argv, description=__doc__,
+               default_config=CONFIG_DIR / "reconstruct.yaml")
 
 
 if __name__ == "__main__":

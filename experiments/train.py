@@ -2,12 +2,14 @@
 
 import sys
 
-from experiments._cli import run
-from stego_core.training import TrainConfig, run_train
+from experiments import CONFIG_DIR
+from stego_core.cli import run
+from stego_core.config import TrainConfig
+from stego_core.steps.training import run_train
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(TrainConfig, run_train, argv, description=__doc__, default_config="train.yaml")
+    return run(TrainConfig, run_train, argv, description=__doc__, default_config=CONFIG_DIR / "train.yaml")
 
 
 if __name__ == "__main__":

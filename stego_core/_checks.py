@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -61,3 +63,11 @@ def check_range(value: float, name: str, low: float | None = None, high: float |
         lb = "[" if low_inclusive else "("
         hb = "]" if high_inclusive else ")"
         raise ValueError(f"{name}={value!r} is out of range; expected a value in {lb}{lo}, {hi}{hb}")
+
+
+def check_choice(value: Any, name: str, choices: tuple) -> None:
+    """Raise ``ValueError`` naming ``name``, listing ``choices`` (and the closest one) unless ``value`` is one."""
+    if value not in choices:
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"{name}={value!r} is not valid{hint}; choose one of {', '.join(map(repr, choices))}")

@@ -1,8 +1,13 @@
-"""Frozen dataclass configs loaded from YAML, with ``section.key=value`` overrides.
+"""Every config of the platform, in one place: frozen dataclasses loaded from YAML with ``section.key=value``
+overrides.
 
-One dataclass per stage; a run's config nests them. Unknown keys fail listing the valid ones, values are
-converted to the field's type, and ``__post_init__`` checks ranges. The resolved config is saved with the run
-and flattened into MLflow params (:func:`flatten`).
+A run's config nests the sections below; each entry point's config (``PrepareConfig``, ``TrainConfig``,
+``BaselineConfig``, ``ReconstructConfig``, ``MainConfig``) extends :class:`RunSettings` (split, output,
+experiment). Defaults are stated once, here: the YAML files in ``experiments/configs/`` state only what
+differs. Unknown keys fail listing the valid ones, values are converted to the field's type, and
+``__post_init__`` checks ranges. The resolved config is saved with the run and flattened into MLflow params
+(:func:`flatten`). The sweep's own settings live beside its search space (``sweeps/space.py``), since they
+are validated against Optuna.
 
 >>> cfg = load_config(PrepareConfig, None, ["slicing.patch_size=32", "slicing.axis=1"])
 >>> cfg.slicing.patch_size, cfg.slicing.axis
@@ -13,36 +18,164 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 import yaml
 
-from stego_core._checks import check_range
+from stego_core._checks import check_choice, check_range
 
 T = TypeVar("T")
 
 SKULL_STRIP_MODES = ("auto", "given", "head", "none")
 STANDARDIZE_METHODS = ("zscore_minmax", "percentile")
 BLEND_MODES = ("constant", "gaussian")
+CLUSTER_RULES = ("auto", "hungarian", "majority", "brightness")
+
+
+# ------------------------------------------------------------------------------------------- shared sections
 
 
 @dataclass(frozen=True)
-class PhantomSettings:
-    """How ``source: phantom`` data is generated (see :mod:`stego_core.phantom`)."""
+class RunSettings:
+    """What every entry point shares: the seeded train/test split of the cases, where outputs go (one folder
+    per run id below ``output``) and the MLflow experiment."""
+
+    test_fraction: float = 0.34
+    split_seed: int = 0
+    output: str = "outputs"
+    experiment: str = "stego-vessels"
+
+    def __post_init__(self) -> None:
+        check_range(self.test_fraction, "test_fraction", 0.0, 1.0, high_inclusive=False)
+
+
+# ------------------------------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class PhantomConfig:
+    """Synthetic TOF-MRA phantoms: how many, their seed, and every generation parameter (:mod:`stego_core.phantom`).
+
+    Lengths named ``*_vox`` are in units of the finest voxel spacing (``min(spacing_mm)``), those named
+    ``*_mm`` in millimetres. Intensities are on a 0-255 scale like the real 8-bit case.
+
+    Attributes
+    ----------
+    n_volumes : int
+        How many phantoms ``source: phantom`` generates (``phantom_000``, ``phantom_001``, ...).
+    seed : int
+        Seed of the first phantom; phantom ``i`` uses ``seed + i``.
+    shape : (3,) tuple of int
+        Grid size (I, J, K); K is the axial (inferior -> superior) axis.
+    spacing_mm : (3,) tuple of float
+        Voxel size along each axis, in mm.
+    n_trees : int
+        Number of arterial trees entering from the skull base.
+    max_depth : int
+        Maximum number of bifurcation generations per tree.
+    root_radius_vox : (2,) tuple of float
+        Range (low, high) of root radii.
+    min_radius_vox : float
+        Branches thinner than this are not grown.
+    segment_length_radii : (2,) tuple of float
+        Range of segment lengths between bifurcations, in radii of the segment.
+    bifurcation_angle_deg : (2,) tuple of float
+        Range of the angle between the two children of a bifurcation, in degrees.
+    murray_jitter : float
+        Share of ``r0**3`` given to the first child is drawn from ``0.5 +/- murray_jitter``.
+    tortuosity_deg : float
+        Standard deviation of the random turn per step along a segment, in degrees.
+    sinus : bool
+        Draw a superior sagittal sinus (part of the vessel label, as in the real case).
+    sinus_radius_vox : float
+        Radius of the sinus.
+    head_fill : float
+        Fraction of the field of view spanned by the head in-plane.
+    scalp_mm, skull_mm, csf_rim_mm : float
+        Thickness of the scalp/fat shell, of the skull and of the CSF rim around the brain.
+    vessel_intensity, brain_intensity, csf_intensity, scalp_intensity, skull_intensity, skin_intensity : float
+        Mean intensities of the tissues before bias and noise. The vessel value may exceed 255: the image is
+        clipped to [0, 255], so thick vessels saturate as they do in 8-bit TOF data.
+    texture : float
+        Relative amplitude of the smooth brain and scalp texture.
+    noise_sigma : float
+        Standard deviation of the Gaussian noise in each of the real and imaginary channels (Rician noise).
+    bias_strength : float
+        The bias field spans ``1 +/- bias_strength``.
+    """
 
     n_volumes: int = 3
+    seed: int = 0
     shape: tuple[int, int, int] = (96, 96, 64)
     spacing_mm: tuple[float, float, float] = (1.0, 1.0, 1.0)
-    seed: int = 0
+    n_trees: int = 5
+    max_depth: int = 9
+    root_radius_vox: tuple[float, float] = (1.3, 2.5)
+    min_radius_vox: float = 0.3
+    segment_length_radii: tuple[float, float] = (4.0, 10.0)
+    bifurcation_angle_deg: tuple[float, float] = (30.0, 75.0)
+    murray_jitter: float = 0.15
+    tortuosity_deg: float = 15.0
+    sinus: bool = True
+    sinus_radius_vox: float = 2.2
+    head_fill: float = 0.94
+    scalp_mm: float = 4.0
+    skull_mm: float = 3.5
+    csf_rim_mm: float = 1.5
+    vessel_intensity: float = 290.0
+    brain_intensity: float = 125.0
+    csf_intensity: float = 45.0
+    scalp_intensity: float = 175.0
+    skull_intensity: float = 25.0
+    skin_intensity: float = 120.0
+    texture: float = 0.08
+    noise_sigma: float = 10.0
+    bias_strength: float = 0.2
 
     def __post_init__(self) -> None:
         check_range(self.n_volumes, "phantom.n_volumes", 1)
-        if len(self.shape) != 3 or min(self.shape) < 24:
-            raise ValueError(f"phantom.shape={self.shape} must be three sizes >= 24")
+        if len(self.shape) != 3 or any(int(s) != s for s in self.shape) or min(self.shape) < 24:
+            raise ValueError(f"phantom.shape={self.shape!r} must be three sizes >= 24 (integers)")
+        if len(self.spacing_mm) != 3 or not all(np.isfinite(s) and s > 0 for s in self.spacing_mm):
+            raise ValueError(f"phantom.spacing_mm={self.spacing_mm!r} must be 3 positive finite numbers")
+        for name in ("root_radius_vox", "segment_length_radii", "bifurcation_angle_deg"):
+            pair = getattr(self, name)
+            if len(pair) != 2 or not pair[0] <= pair[1]:
+                raise ValueError(f"{name}={pair!r} must be a (low, high) pair with low <= high")
+        check_range(self.n_trees, "n_trees", 1, 16)
+        check_range(self.max_depth, "max_depth", 0, 12)
+        check_range(self.root_radius_vox[0], "root_radius_vox", 0.5, None)
+        check_range(self.root_radius_vox[1], "root_radius_vox", None, 8.0)
+        check_range(self.min_radius_vox, "min_radius_vox", 0.1, self.root_radius_vox[0])
+        check_range(self.segment_length_radii[0], "segment_length_radii", 1.0, None)
+        check_range(self.segment_length_radii[1], "segment_length_radii", None, 40.0)
+        check_range(self.bifurcation_angle_deg[0], "bifurcation_angle_deg", 0.0, None, low_inclusive=False)
+        check_range(self.bifurcation_angle_deg[1], "bifurcation_angle_deg", None, 180.0, high_inclusive=False)
+        check_range(self.murray_jitter, "murray_jitter", 0.0, 0.45)
+        check_range(self.tortuosity_deg, "tortuosity_deg", 0.0, 45.0)
+        check_range(self.sinus_radius_vox, "sinus_radius_vox", 0.5, 8.0)
+        check_range(self.head_fill, "head_fill", 0.5, 1.0)
+        for name in ("scalp_mm", "skull_mm", "csf_rim_mm"):
+            check_range(getattr(self, name), name, 0.0, 30.0)
+        check_range(self.vessel_intensity, "vessel_intensity", 0.0, 400.0)
+        for name in ("brain_intensity", "csf_intensity", "scalp_intensity",
+                     "skull_intensity", "skin_intensity"):
+            check_range(getattr(self, name), name, 0.0, 255.0)
+        check_range(self.texture, "texture", 0.0, 0.5)
+        check_range(self.noise_sigma, "noise_sigma", 0.0, 100.0)
+        check_range(self.bias_strength, "bias_strength", 0.0, 0.9)
+        # the brain must be left with room once the shells are peeled off the head
+        half_min_mm = 0.5 * self.head_fill * min(n * s for n, s in zip(self.shape[:2], self.spacing_mm[:2]))
+        shells = self.scalp_mm + self.skull_mm + self.csf_rim_mm
+        if shells > 0.6 * half_min_mm:
+            raise ValueError(f"scalp_mm + skull_mm + csf_rim_mm = {shells:g} mm leaves no room for a brain in a "
+                             f"head of in-plane half-width {half_min_mm:g} mm; use a larger shape or thinner shells")
 
 
 @dataclass(frozen=True)
@@ -56,12 +189,12 @@ class DataConfig:
     root: str = "data/phantoms"
     skull_strip: str = "auto"
     standardize: str = "zscore_minmax"
-    phantom: PhantomSettings = field(default_factory=PhantomSettings)
+    phantom: PhantomConfig = field(default_factory=PhantomConfig)
 
     def __post_init__(self) -> None:
-        _check_choice(self.source, "data.source", ("phantom", "folder"))
-        _check_choice(self.skull_strip, "data.skull_strip", SKULL_STRIP_MODES)
-        _check_choice(self.standardize, "data.standardize", STANDARDIZE_METHODS)
+        check_choice(self.source, "data.source", ("phantom", "folder"))
+        check_choice(self.skull_strip, "data.skull_strip", SKULL_STRIP_MODES)
+        check_choice(self.standardize, "data.standardize", STANDARDIZE_METHODS)
 
 
 @dataclass(frozen=True)
@@ -74,41 +207,263 @@ class SlicingConfig:
     min_brain_fraction: float = 0.05
 
     def __post_init__(self) -> None:
-        _check_choice(self.axis, "slicing.axis", (0, 1, 2))
+        check_choice(self.axis, "slicing.axis", (0, 1, 2))
         check_range(self.patch_size, "slicing.patch_size", 4)
         check_range(self.stride, "slicing.stride", 1, self.patch_size)
         check_range(self.min_brain_fraction, "slicing.min_brain_fraction", 0.0, 1.0)
 
 
 @dataclass(frozen=True)
-class PrepareConfig:
+class PrepareConfig(RunSettings):
     """The ``prepare`` entry point: volumes -> preprocessed 2D crops in the seed's dataset layout."""
 
     data: DataConfig = field(default_factory=DataConfig)
     slicing: SlicingConfig = field(default_factory=SlicingConfig)
-    output: str = "outputs/prepared"
+    output: str = "outputs/prepare"
     dataset_name: str = "mra"
-    test_fraction: float = 0.34
-    split_seed: int = 0
-    experiment: str = "stego-vessels"
+
+
+# ----------------------------------------------------------------------------------- model and training
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Backbone and head. ``weights``: ``hub``, ``random`` (tests only) or a local weights file.
+
+    ``classical_standardize`` (``crop`` or ``fixed``) is the per-channel normalisation of the ``classical``
+    featurizer (ignored by the ViTs).
+    """
+
+    backbone: str = "vit_small_patch8_dino"
+    weights: str = "hub"
+    res: int | None = None
+    classical_standardize: str = "crop"
+    code_dim: int = 70
+    dropout: float = 0.1
+    n_clusters: int = 2
+    cluster_rule: str = "auto"
+    threshold: float = 0.5
 
     def __post_init__(self) -> None:
-        check_range(self.test_fraction, "test_fraction", 0.0, 1.0, high_inclusive=False)
+        check_range(self.code_dim, "model.code_dim", 1)
+        check_range(self.dropout, "model.dropout", 0.0, 1.0, high_inclusive=False)
+        check_range(self.n_clusters, "model.n_clusters", 2)
+        check_choice(self.cluster_rule, "model.cluster_rule", CLUSTER_RULES)
+        check_choice(self.classical_standardize, "model.classical_standardize", ("crop", "fixed"))
+        check_range(self.threshold, "model.threshold", 0.0, 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """Weights and shifts of STEGO's three correspondence terms (defaults: the seed's vessel settings).
+
+    Attributes
+    ----------
+    pos_intra_weight, pos_intra_shift : float
+        The image with itself (0.67, 0.18).
+    pos_inter_weight, pos_inter_shift : float
+        The image with a kNN neighbour (0.25, 0.12).
+    neg_inter_weight, neg_inter_shift : float
+        The image with random other images of the batch (0.63, 0.46).
+    neg_samples : int
+        Derangements of the batch used for the negative term (5).
+    n_points : int
+        Side of the grid of random sampling points (11 -> 121 points per image).
+    knn_k : int
+        Neighbours kept per crop in the kNN table of pooled backbone features (30).
+    knn_rank_max : int
+        Neighbours are drawn uniformly from kNN ranks ``1..knn_rank_max`` (7) by the data side
+        (:func:`stego_core.features.draw_knn_partners`).
+    intra_same_points : bool
+        True (default, as STEGO's reference code does): the self term compares the image's sampled points with
+        themselves. False: with a second, independent grid of the same image.
+    """
+
+    pos_intra_weight: float = 0.67
+    pos_intra_shift: float = 0.18
+    pos_inter_weight: float = 0.25
+    pos_inter_shift: float = 0.12
+    neg_inter_weight: float = 0.63
+    neg_inter_shift: float = 0.46
+    neg_samples: int = 5
+    n_points: int = 11
+    knn_k: int = 30
+    knn_rank_max: int = 7
+    intra_same_points: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("pos_intra_weight", "pos_inter_weight", "neg_inter_weight"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise ValueError(f"LossConfig.{name}={v!r} must be a finite number >= 0")
+        for name in ("pos_intra_shift", "pos_inter_shift", "neg_inter_shift"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v)):
+                raise ValueError(f"LossConfig.{name}={v!r} must be a finite number")
+        for name, low in (("neg_samples", 0), ("n_points", 1), ("knn_k", 1), ("knn_rank_max", 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"LossConfig.{name}={v!r} must be an integer >= {low}")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Optimisation and bookkeeping (seed defaults: batch 24, 5000 steps, Adam 5e-4 head / 5e-3 probe)."""
+
+    seed: int = 0
+    max_steps: int = 5000
+    batch_size: int = 24
+    lr_head: float = 5e-4
+    lr_cluster: float = 5e-3
+    lr_linear: float = 1e-3
+    val_every_n_steps: int = 500
+    log_every_n_steps: int = 10
+    accelerator: str = "auto"
+    precision: str = "32-true"
+    feature_batch_size: int = 64
+    feature_amp: bool = False
+    max_val_crops: int = 512
+    max_mapping_crops: int = 4096
+    cache_dir: str = "outputs/feature_cache"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        check_range(self.max_steps, "train.max_steps", 1)
+        check_range(self.batch_size, "train.batch_size", 2)
+        check_range(self.val_every_n_steps, "train.val_every_n_steps", 1)
+        for name in ("lr_head", "lr_cluster", "lr_linear"):
+            check_range(getattr(self, name), f"train.{name}", 0.0, low_inclusive=False)
+        check_choice(self.accelerator, "train.accelerator", ("auto", "cpu", "cuda", "gpu"))
+        check_choice(self.precision, "train.precision", ("32-true", "bf16-mixed", "16-mixed"))
+
+
+@dataclass(frozen=True)
+class TrainConfig(RunSettings):
+    """The ``train`` entry point. ``val_stride`` is the sliding-window stride of validation reconstructions."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    slicing: SlicingConfig = field(default_factory=SlicingConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    val_stride: int | None = None
+    output: str = "outputs/train"
+    log_model: bool = True
+
+# ------------------------------------------------------------------------ reconstruction and evaluation
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Sliding-window settings.
+
+    ``patch_size: null`` feeds whole slices (what the classical baselines want); ``stride`` defaults to half a
+    patch. ``blend`` weights overlapping crops (``constant`` or ``gaussian``).
+    """
+
+    axis: int = 2
+    patch_size: int | None = 32
+    stride: int | None = None
+    batch_size: int = 64
+    blend: str = "gaussian"
+
+    def __post_init__(self) -> None:
+        check_choice(self.axis, "engine.axis", (0, 1, 2))
+        check_choice(self.blend, "engine.blend", BLEND_MODES)
+        check_range(self.batch_size, "engine.batch_size", 1)
+        if self.patch_size is not None:
+            check_range(self.patch_size, "engine.patch_size", 4)
+        if self.stride is not None:
+            check_range(self.stride, "engine.stride", 1, self.patch_size)
+
+
+@dataclass(frozen=True)
+class CRFSettings:
+    """Dense-CRF parameters (the seed's values by default)."""
+
+    n_iterations: int = 10
+    gaussian_sxy: float = 1.0
+    gaussian_compat: float = 3.0
+    bilateral_sxy: float = 67.0
+    bilateral_srgb: float = 3.0
+    bilateral_compat: float = 4.0
+
+    def __post_init__(self) -> None:
+        check_range(self.n_iterations, "crf.n_iterations", 1)
+        for name in ("gaussian_sxy", "bilateral_sxy", "bilateral_srgb"):
+            check_range(getattr(self, name), f"crf.{name}", 0.0, low_inclusive=False)
+
+
+@dataclass(frozen=True)
+class EvaluateConfig(RunSettings):
+    """Which volumes to evaluate and how to reconstruct them.
+
+    ``split: test`` evaluates the held-out volumes of the same seeded split that training uses
+    (``test_fraction``, ``split_seed``); ``all`` evaluates every case. ``crf: true`` refines every slice's
+    probabilities with a dense CRF (``crf_settings``; needs ``pydensecrf2``) and adds ``+crf`` to the method.
+    """
+
+    data: DataConfig = field(default_factory=DataConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    split: str = "test"
+    output: str = "outputs/evaluate"
+    save_probabilities: bool = False
+    progress: bool = True
+    crf: bool = False
+    crf_settings: CRFSettings = field(default_factory=CRFSettings)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice(self.split, "split", ("test", "all"))
+
+
+@dataclass(frozen=True)
+class BaselineConfig(EvaluateConfig):
+    """The ``baseline`` entry point: a classical method by name with its settings (e.g. ``{q: 99.5}``)."""
+
+    method: str = "frangi"
+    settings: dict = field(default_factory=dict)
+    output: str = "outputs/baseline"
+
+
+@dataclass(frozen=True)
+class ReconstructConfig(EvaluateConfig):
+    """The ``reconstruct`` entry point: a trained STEGO model (a training run id, ``runs:/<id>/model``,
+    ``models:/...`` or a local MLflow model folder) evaluated on held-out volumes. ``engine.patch_size: null`` means the model's own
+    training crop size."""
+
+    model_uri: str = ""
+    device: str = "auto"
+    amp: bool = False
+    output: str = "outputs/reconstruct"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.model_uri:
+            raise ValueError("model_uri is required, e.g. model_uri=runs:/<train_run_id>/model")
+        check_choice(self.device, "device", ("auto", "cpu", "cuda"))
+
+# ----------------------------------------------------------------------------------- the whole pipeline
+
+
+@dataclass(frozen=True)
+class MainConfig(RunSettings):
+    """What the demo (``make demo``, ``mlflow run . -e main``) runs, read top to bottom: the data and crops
+    every step shares, the classical baselines, then STEGO's model / loss / training sections (as in
+    :class:`TrainConfig`). ``stego_crf`` also evaluates the STEGO model with dense-CRF refinement (when
+    pydensecrf2 is installed)."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    slicing: SlicingConfig = field(default_factory=SlicingConfig)
+    baselines: tuple[str, ...] = ("percentile", "otsu", "multiotsu", "kmeans", "gmm", "frangi", "sato")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    stego_crf: bool = True
+    output: str = "outputs"
 
 
 # --------------------------------------------------------------------------------------------------- loading
-
-
-def _check_choice(value: Any, name: str, choices: tuple) -> None:
-    if value not in choices:
-        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"{name}={value!r} is not valid{hint}; choose one of {', '.join(map(repr, choices))}")
-
-
-def check_choice(value: Any, name: str, choices: tuple) -> None:
-    """Raise ``ValueError`` naming ``name`` and listing ``choices`` unless ``value`` is one of them."""
-    _check_choice(value, name, choices)
 
 
 def _convert(value: Any, tp: Any, name: str) -> Any:

@@ -96,19 +96,21 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 def _ensure_phantoms(root: Path, data: DataConfig) -> None:
     """Generate the phantoms of ``data`` into ``root`` unless that folder already holds them."""
-    from stego_core.phantom import PhantomConfig, write_phantom_cases
+    from stego_core.config import PhantomConfig
+    from stego_core.phantom import write_phantom_cases
 
     settings = to_dict(data.phantom)
     stamp = root / "phantom_settings.json"
     if stamp.is_file():
-        if json.loads(stamp.read_text()) != settings:
+        # stamps written before every generation parameter was recorded hold only some keys: the rest were
+        # the defaults
+        if {**to_dict(PhantomConfig()), **json.loads(stamp.read_text())} != settings:
             raise FileExistsError(f"{root} holds phantoms made with other settings ({stamp}); "
                                   "choose another data.root or delete that folder")
     else:
         if root.exists() and any(root.iterdir()):
             raise FileExistsError(f"{root} exists and is not a phantom folder; choose another data.root")
-        config = PhantomConfig(shape=tuple(data.phantom.shape), spacing_mm=tuple(data.phantom.spacing_mm))
-        write_phantom_cases(root, data.phantom.n_volumes, config, seed=data.phantom.seed)
+        write_phantom_cases(root, data.phantom.n_volumes, data.phantom, seed=data.phantom.seed)
         stamp.write_text(json.dumps(settings))
 
 
@@ -161,7 +163,7 @@ def split_cases(cases: list[Case], test_fraction: float, *, seed: int = 0) -> tu
 
     With a single case both lists hold it (transductive use: training never sees labels, so this is
     legitimate for unsupervised methods, but label-based cluster mapping must not use it; see
-    :func:`stego_core.training` for how that is recorded).
+    :func:`stego_core.steps.training` for how that is recorded).
     """
     if len(cases) == 1:
         return list(cases), list(cases)

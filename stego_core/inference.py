@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from stego_core.backbones import Backbone
-from stego_core.stego import ClusterProbe, StegoHead, cluster_vessel_probability
+from stego_core.mapping import cluster_vessel_probability
+from stego_core.stego import ClusterProbe, StegoHead
 
 
 class StegoSegmenterModel(nn.Module):

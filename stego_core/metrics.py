@@ -37,6 +37,8 @@ from stego_core._checks import as_binary, check_ndim, check_range, check_same_sh
 
 __all__ = [
     "METRIC_KEYS",
+    "OBJECTIVE_KEYS",
+    "SCORE_KEYS",
     "cldice",
     "dice",
     "evaluate_segmentation",
@@ -60,6 +62,11 @@ METRIC_KEYS: tuple[str, ...] = (
     "n_components_pred",
     "n_components_gt",
 )
+#: The headline scores of :data:`METRIC_KEYS`: comparison tables, parent-run summaries, entry-point output.
+SCORE_KEYS: tuple[str, ...] = tuple(k for k in METRIC_KEYS if k in ("dice", "cldice", "precision", "recall"))
+#: The scores a sweep may optimise (higher is better), clDice first.
+OBJECTIVE_KEYS: tuple[str, ...] = ("cldice", "dice")
+assert set(OBJECTIVE_KEYS) <= set(SCORE_KEYS)
 
 #: Connectivity (neighbours counted as touching) -> ``generate_binary_structure`` rank, per ndim.
 _CONNECTIVITY_RANK = {2: {4: 1, 8: 2}, 3: {6: 1, 18: 2, 26: 3}}

@@ -1,6 +1,6 @@
 """The STEGO LightningModule and its dataset: step logic only (no data loading, no tracking).
 
-Head, probes and loss settings are injected; the Trainer owns logging. :mod:`stego_core.training` wires them.
+Head, probes and loss settings are injected; the Trainer owns logging. :mod:`stego_core.steps.training` wires them.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import torch
 from torch.utils.data import Dataset
 
 from stego_core.features import draw_knn_partners
-from stego_core.stego import ClusterProbe, LinearProbe, LossConfig, StegoHead, correspondence_loss
+from stego_core.config import LossConfig
+from stego_core.stego import ClusterProbe, LinearProbe, StegoHead, correspondence_loss
 
 
 class CropFeatureDataset(Dataset):

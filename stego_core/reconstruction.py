@@ -6,39 +6,15 @@ Only the image enters the segmenter; labels are used by :mod:`stego_core.metrics
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from stego_core._checks import check_ndim, check_range, check_same_shape
-from stego_core.config import BLEND_MODES, check_choice
+from stego_core.config import EngineConfig
 from stego_core.segmenter import Segmenter
 from stego_core.slicing import CropBlender, crop_index, take_crops
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """Sliding-window settings.
-
-    ``patch_size: null`` feeds whole slices (what the classical baselines want); ``stride`` defaults to half a
-    patch. ``blend`` weights overlapping crops (``constant`` or ``gaussian``).
-    """
-
-    axis: int = 2
-    patch_size: int | None = 32
-    stride: int | None = None
-    batch_size: int = 64
-    blend: str = "gaussian"
-
-    def __post_init__(self) -> None:
-        check_choice(self.axis, "engine.axis", (0, 1, 2))
-        check_choice(self.blend, "engine.blend", BLEND_MODES)
-        check_range(self.batch_size, "engine.batch_size", 1)
-        if self.patch_size is not None:
-            check_range(self.patch_size, "engine.patch_size", 4)
-        if self.stride is not None:
-            check_range(self.stride, "engine.stride", 1, self.patch_size)
 
 
 def window(volume_shape: tuple[int, int, int], engine: EngineConfig) -> tuple[int, int]:
@@ -47,6 +23,49 @@ def window(volume_shape: tuple[int, int, int], engine: EngineConfig) -> tuple[in
         patch = max(s for i, s in enumerate(volume_shape) if i != engine.axis)
         return patch, patch
     return engine.patch_size, engine.stride or max(1, engine.patch_size // 2)
+
+
+def sliding_window(volume_shape: tuple[int, int, int], index: np.ndarray,
+                   predict: Callable[[slice], np.ndarray], *, axis: int, patch_size: int, blend: str,
+                   batch_size: int, brain_mask: np.ndarray | None = None, progress: bool = False,
+                   desc: str = "predict") -> np.ndarray:
+    """The one sliding window: predict crops batch by batch and blend them back into a volume.
+
+    Evaluation (:func:`predict_volume`, crops cut from the image) and training validation (cached features
+    of the same crops) both call it, so blending and masking are defined once.
+
+    Parameters
+    ----------
+    volume_shape : (I, J, K) tuple of int
+    index : (N, 3) int ndarray
+        ``(slice, row, col)`` of every crop (:func:`stego_core.slicing.crop_index`).
+    predict : callable
+        ``predict(batch)`` with ``batch`` a ``slice`` of ``index`` returns the (n, P, P) probabilities of those
+        crops.
+    axis, patch_size, blend
+        Slicing axis, crop side ``P`` and overlap weighting (``constant`` or ``gaussian``).
+    batch_size : int
+        Crops per call of ``predict``.
+    brain_mask : (I, J, K) bool ndarray, optional
+        Voxels outside it get probability 0.
+
+    Returns
+    -------
+    prob : (I, J, K) float32 ndarray in [0, 1]
+    """
+    blender = CropBlender(volume_shape, axis=axis, patch_size=patch_size, blend=blend)
+    starts = range(0, len(index), batch_size)
+    for start in tqdm(starts, desc=desc, unit="batch", disable=not progress, leave=False):
+        batch = slice(start, start + batch_size)
+        pred = np.asarray(predict(batch), dtype=np.float32)
+        expected = (len(index[batch]), patch_size, patch_size)
+        if pred.shape != expected:
+            raise ValueError(f"{desc}: predictions of shape {pred.shape} for crops of shape {expected}")
+        blender.add(pred, index[batch])
+    prob = blender.result()
+    if brain_mask is not None:
+        prob[~brain_mask] = 0.0
+    return np.clip(prob, 0.0, 1.0)
 
 
 def predict_volume(segmenter: Segmenter, image: np.ndarray, brain_mask: np.ndarray, engine: EngineConfig, *,
@@ -72,18 +91,14 @@ def predict_volume(segmenter: Segmenter, image: np.ndarray, brain_mask: np.ndarr
     segmenter.fit_volume(image, brain_mask)
     index = crop_index(image.shape, axis=engine.axis, patch_size=patch, stride=stride, brain_mask=brain_mask,
                        min_brain_fraction=0.0)
-    blender = CropBlender(image.shape, axis=engine.axis, patch_size=patch, blend=engine.blend)
-    batches = range(0, len(index), engine.batch_size)
-    for start in tqdm(batches, desc=f"predict {segmenter.name}", unit="batch", disable=not progress, leave=False):
-        idx = index[start:start + engine.batch_size]
-        crops = take_crops(image, idx, axis=engine.axis, patch_size=patch, pad_value=0.0)
-        pred = np.asarray(segmenter.predict_slices(crops), dtype=np.float32)
-        if pred.shape != crops.shape:
-            raise ValueError(f"segmenter {segmenter.name} returned shape {pred.shape} for crops {crops.shape}")
-        blender.add(pred, idx)
-    prob = blender.result()
-    prob[~brain_mask] = 0.0
-    return np.clip(prob, 0.0, 1.0)
+
+    def predict(batch: slice) -> np.ndarray:
+        crops = take_crops(image, index[batch], axis=engine.axis, patch_size=patch, pad_value=0.0)
+        return segmenter.predict_slices(crops)
+
+    return sliding_window(image.shape, index, predict, axis=engine.axis, patch_size=patch, blend=engine.blend,
+                          batch_size=engine.batch_size, brain_mask=brain_mask, progress=progress,
+                          desc=f"predict {segmenter.name}")
 
 
 def binarize(prob: np.ndarray, threshold: float, brain_mask: np.ndarray | None = None) -> np.ndarray:

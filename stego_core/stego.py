@@ -1,4 +1,6 @@
-"""STEGO's trainable pieces: segmentation head, correspondence-distillation loss, probes, cluster -> vessel.
+"""STEGO's trainable pieces: segmentation head, correspondence-distillation loss, probes.
+
+Which clusters are vessel is decided in :mod:`stego_core.mapping`.
 
 Hamilton et al., "Unsupervised Semantic Segmentation by Distilling Feature Correspondences", ICLR 2022,
 and its reference implementation (``mhamilton723/STEGO``: ``modules.py``, ``train_segmentation.py``). Pure
@@ -27,32 +29,26 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
+from stego_core.config import LossConfig
+
 __all__ = [
     "DEFAULT_ALPHA",
-    "VESSEL_RULES",
     "ClusterProbe",
     "LinearProbe",
-    "LossConfig",
     "StegoHead",
     "centre_correlation",
-    "cluster_vessel_probability",
     "correspondence_loss",
     "correspondence_term",
-    "map_clusters_hungarian",
-    "map_clusters_majority",
-    "map_clusters_unsupervised",
     "random_derangement",
     "sample_grid",
     "sample_points",
     "tensor_correlation",
-    "vessel_clusters",
 ]
 
 logger = logging.getLogger(__name__)
 
 #: Inverse temperature of the soft cluster probabilities ``softmax(alpha * cosine)`` (STEGO evaluates with 2).
 DEFAULT_ALPHA = 2.0
-VESSEL_RULES = ("auto", "hungarian", "majority", "brightness")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -203,56 +199,6 @@ def random_derangement(n: int, *, generator: torch.Generator | None = None,
         if not bool((perm == ar).any()):
             return perm.to(device) if device is not None else perm
     raise RuntimeError("could not draw a derangement")  # pragma: no cover - probability ~ (1 - 1/e) ** 10000
-
-
-@dataclasses.dataclass(frozen=True)
-class LossConfig:
-    """Weights and shifts of STEGO's three correspondence terms (defaults: the seed's vessel settings).
-
-    Attributes
-    ----------
-    pos_intra_weight, pos_intra_shift : float
-        The image with itself (0.67, 0.18).
-    pos_inter_weight, pos_inter_shift : float
-        The image with a kNN neighbour (0.25, 0.12).
-    neg_inter_weight, neg_inter_shift : float
-        The image with random other images of the batch (0.63, 0.46).
-    neg_samples : int
-        Derangements of the batch used for the negative term (5).
-    n_points : int
-        Side of the grid of random sampling points (11 -> 121 points per image).
-    knn_rank_max : int
-        Neighbours are drawn uniformly from kNN ranks ``1..knn_rank_max`` (7) by the data side
-        (:func:`stego_core.features.draw_knn_partners`).
-    intra_same_points : bool
-        True (default, as STEGO's reference code does): the self term compares the image's sampled points with
-        themselves. False: with a second, independent grid of the same image.
-    """
-
-    pos_intra_weight: float = 0.67
-    pos_intra_shift: float = 0.18
-    pos_inter_weight: float = 0.25
-    pos_inter_shift: float = 0.12
-    neg_inter_weight: float = 0.63
-    neg_inter_shift: float = 0.46
-    neg_samples: int = 5
-    n_points: int = 11
-    knn_rank_max: int = 7
-    intra_same_points: bool = True
-
-    def __post_init__(self) -> None:
-        for name in ("pos_intra_weight", "pos_inter_weight", "neg_inter_weight"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-                raise ValueError(f"LossConfig.{name}={v!r} must be a finite number >= 0")
-        for name in ("pos_intra_shift", "pos_inter_shift", "neg_inter_shift"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and math.isfinite(v)):
-                raise ValueError(f"LossConfig.{name}={v!r} must be a finite number")
-        for name, low in (("neg_samples", 0), ("n_points", 1), ("knn_rank_max", 1)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ValueError(f"LossConfig.{name}={v!r} must be an integer >= {low}")
 
 
 def correspondence_loss(feats: torch.Tensor, codes: torch.Tensor, knn_feats: torch.Tensor | None,
@@ -464,217 +410,3 @@ class LinearProbe(nn.Module):
             counts = torch.bincount(small[small >= 0].flatten(), minlength=self.n_classes).to(logits.dtype)
             weight = torch.where(counts > 0, counts.sum() / (self.n_classes * counts.clamp(min=1)), 0.0)
         return F.cross_entropy(logits, small, weight=weight, ignore_index=-1)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Which clusters are vessel
-
-
-def _check_ids(cluster_ids: np.ndarray, n_clusters: int) -> np.ndarray:
-    if isinstance(n_clusters, bool) or not isinstance(n_clusters, (int, np.integer)) or n_clusters < 2:
-        raise ValueError(f"n_clusters={n_clusters!r} must be an integer >= 2")
-    ids = np.asarray(cluster_ids).ravel()
-    if ids.size and (not np.issubdtype(ids.dtype, np.integer) or ids.min() < 0 or ids.max() >= n_clusters):
-        raise ValueError(f"cluster_ids must be integers in [0, {n_clusters}); got dtype {ids.dtype}, "
-                         f"range [{ids.min()}, {ids.max()}]")
-    return ids.astype(np.int64)
-
-
-def _confusion(cluster_ids: np.ndarray, labels: np.ndarray, n_clusters: int) -> np.ndarray:
-    """``(K, 2)`` counts of labelled pixels per (cluster, class); labels < 0 are ignored."""
-    ids = _check_ids(cluster_ids, n_clusters)
-    lab = np.asarray(labels).ravel()
-    if lab.shape != ids.shape:
-        raise ValueError(f"labels has {lab.size} values but cluster_ids has {ids.size}")
-    lab = lab.astype(np.int64)
-    if lab.size and lab.max() > 1:
-        raise ValueError(f"labels must be 1 (vessel), 0 (background) or -1 (unlabelled); got max {lab.max()}")
-    ok = lab >= 0
-    if not ok.any():
-        raise ValueError("labels has no labelled pixel; cannot map clusters to classes")
-    return np.bincount(ids[ok] * 2 + lab[ok], minlength=2 * n_clusters).reshape(n_clusters, 2)
-
-
-def map_clusters_hungarian(cluster_ids: np.ndarray, labels: np.ndarray, n_clusters: int) -> np.ndarray:
-    """Vessel clusters by Hungarian matching of clusters to classes {background, vessel}.
-
-    Maximises the pixels on which cluster and class agree (``scipy.optimize.linear_sum_assignment`` on the
-    ``(K, 2)`` confusion matrix). Meant for ``K = 2``; with ``K > 2`` only the one cluster matched to vessel
-    is vessel.
-
-    Parameters
-    ----------
-    cluster_ids : (...) int ndarray
-        Cluster of each pixel, in ``[0, n_clusters)``.
-    labels : (...) int ndarray, same size
-        1 = vessel, 0 = background, -1 = unlabelled (ignored).
-    n_clusters : int
-
-    Returns
-    -------
-    vessel : (K,) bool ndarray
-
-    Examples
-    --------
-    >>> map_clusters_hungarian(np.array([0, 0, 1, 1]), np.array([1, 1, 0, 0]), 2)
-    array([ True, False])
-    """
-    conf = _confusion(cluster_ids, labels, n_clusters)
-    if conf[:, 1].sum() == 0:
-        raise ValueError("labels has no vessel pixel; cannot match a cluster to vessel")
-    rows, cols = linear_sum_assignment(conf, maximize=True)
-    vessel = np.zeros(n_clusters, dtype=bool)
-    vessel[rows[cols == 1]] = True
-    return vessel
-
-
-def map_clusters_majority(cluster_ids: np.ndarray, labels: np.ndarray, n_clusters: int, *,
-                          balanced: bool = False) -> np.ndarray:
-    """Vessel clusters by majority vote: each cluster takes its most frequent labelled class.
-
-    Parameters
-    ----------
-    cluster_ids, labels, n_clusters
-        As in :func:`map_clusters_hungarian`.
-    balanced : bool
-        Compare class counts divided by the class totals (a cluster is vessel when it holds a larger share of
-        all vessel pixels than of all background pixels). Plain counts (False) rarely make any cluster vessel
-        when vessels are ~0.2 % of the pixels.
-
-    Returns
-    -------
-    vessel : (K,) bool ndarray
-        Clusters without labelled pixels are background.
-    """
-    conf = _confusion(cluster_ids, labels, n_clusters).astype(np.float64)
-    if balanced:
-        conf = conf / np.maximum(conf.sum(axis=0, keepdims=True), 1)
-    vessel = conf[:, 1] > conf[:, 0]
-    if not vessel.any():
-        logger.warning("majority mapping: no cluster has a vessel majority; every cluster is background")
-    return vessel
-
-
-def map_clusters_unsupervised(cluster_ids: np.ndarray, intensities: np.ndarray,
-                              n_clusters: int, *, min_fraction: float = 1e-3) -> tuple[np.ndarray, str]:
-    """Without labels: the cluster with the highest mean intensity is vessel (bright TOF-MRA vessels).
-
-    Clusters holding less than ``min_fraction`` of the pixels are not candidates (a handful of the very
-    brightest pixels would otherwise win and the model would predict nearly nothing); if none is large enough,
-    every non-empty cluster is a candidate.
-
-    Parameters
-    ----------
-    cluster_ids : (...) int ndarray
-        Cluster of each pixel.
-    intensities : (...) float ndarray, same size
-        Preprocessed intensity of each pixel.
-    n_clusters : int
-
-    Returns
-    -------
-    vessel : (K,) bool ndarray
-        Exactly one True.
-    rule : str
-        ``"brightness"``.
-    """
-    ids = _check_ids(cluster_ids, n_clusters)
-    x = np.asarray(intensities, dtype=np.float64).ravel()
-    if x.shape != ids.shape:
-        raise ValueError(f"intensities has {x.size} values but cluster_ids has {ids.size}")
-    if not ids.size or not np.isfinite(x).all():
-        raise ValueError("intensities must be non-empty and finite")
-    counts = np.bincount(ids, minlength=n_clusters)
-    sums = np.bincount(ids, weights=x, minlength=n_clusters)
-    candidates = counts >= max(1.0, min_fraction * ids.size)
-    if not candidates.any():
-        candidates = counts > 0
-    means = np.where(candidates, sums / np.maximum(counts, 1), -np.inf)
-    vessel = np.zeros(n_clusters, dtype=bool)
-    vessel[int(np.argmax(means))] = True
-    return vessel, "brightness"
-
-
-def vessel_clusters(rule: str, *, cluster_ids: np.ndarray, n_clusters: int, labels: np.ndarray | None = None,
-                    intensities: np.ndarray | None = None, balanced: bool = False) -> tuple[np.ndarray, str]:
-    """Decide which clusters are vessel, and say which rule decided.
-
-    Parameters
-    ----------
-    rule : {"auto", "hungarian", "majority", "brightness"}
-        ``"auto"``: with labels, Hungarian for ``K = 2`` and majority for ``K > 2``; without labels,
-        brightness.
-    cluster_ids : (...) int ndarray
-        Cluster of each pixel (e.g. of the labelled training crops, at label resolution).
-    n_clusters : int
-    labels : (...) int ndarray, optional
-        1 vessel, 0 background, -1 unlabelled; required by "hungarian" and "majority".
-    intensities : (...) float ndarray, optional
-        Required by "brightness" (and by "auto" without labels).
-    balanced : bool
-        Passed to :func:`map_clusters_majority`.
-
-    Returns
-    -------
-    vessel : (K,) bool ndarray
-    rule_name : str
-        The rule actually applied (``"hungarian"``, ``"majority"`` or ``"brightness"``): record it with the run.
-    """
-    if rule not in VESSEL_RULES:
-        raise ValueError(f"rule={rule!r}; expected one of {VESSEL_RULES}")
-    if rule == "auto":
-        rule = ("hungarian" if n_clusters == 2 else "majority") if labels is not None else "brightness"
-    if rule in ("hungarian", "majority") and labels is None:
-        raise ValueError(f"rule {rule!r} needs labels")
-    if rule == "hungarian":
-        return map_clusters_hungarian(cluster_ids, labels, n_clusters), rule
-    if rule == "majority":
-        return map_clusters_majority(cluster_ids, labels, n_clusters, balanced=balanced), rule
-    if intensities is None:
-        raise ValueError("rule 'brightness' needs intensities")
-    return map_clusters_unsupervised(cluster_ids, intensities, n_clusters)
-
-
-def cluster_vessel_probability(cluster_probs: torch.Tensor, vessel_mask: np.ndarray | torch.Tensor,
-                               out_size: int | tuple[int, int], *, combine: str = "max") -> torch.Tensor:
-    """Per-pixel vessel probability from soft cluster probabilities, upsampled to the crop.
-
-    Parameters
-    ----------
-    cluster_probs : (B, K, h, w) tensor
-        Soft cluster probabilities, e.g. ``ClusterProbe.probabilities(codes, alpha=2.0)`` =
-        ``softmax(alpha * cosine)`` over clusters (``alpha`` is an inverse temperature: larger = harder).
-    vessel_mask : (K,) bool array
-        From :func:`vessel_clusters`.
-    out_size : int or (H, W)
-        Crop size ``P`` (bilinear upsampling, ``align_corners=False``).
-    combine : {"max", "sum"}
-        ``"max"`` (default): ``p_v / (p_v + p_b)`` with ``p_v`` the largest vessel-cluster probability and
-        ``p_b`` the largest background-cluster probability, i.e. ``sigmoid(alpha * (cos_v - cos_b))``; it is
-        above 0.5 exactly where the hard (argmax) cluster is a vessel cluster, for any ``K`` (for ``K = 2`` it
-        equals ``"sum"``). ``"sum"``: the summed probability of the vessel clusters; with ``K > 2`` and
-        ``alpha = 2`` it rarely reaches 0.5 (one cluster at cosine 1 against eleven at 0 gets 0.40), so a 0.5
-        threshold then predicts no vessel at all.
-
-    Returns
-    -------
-    prob : (B, 1, H, W) tensor in [0, 1]
-    """
-    if cluster_probs.ndim != 4:
-        raise ValueError(f"cluster_probs must have shape (B, K, h, w); got {tuple(cluster_probs.shape)}")
-    if combine not in ("max", "sum"):
-        raise ValueError(f"combine={combine!r}; expected 'max' or 'sum'")
-    mask = torch.as_tensor(np.asarray(vessel_mask, dtype=bool) if not torch.is_tensor(vessel_mask)
-                           else vessel_mask.bool(), device=cluster_probs.device)
-    if mask.ndim != 1 or mask.numel() != cluster_probs.shape[1]:
-        raise ValueError(f"vessel_mask must have one entry per cluster ({cluster_probs.shape[1]}); got "
-                         f"shape {tuple(mask.shape)}")
-    size = (out_size, out_size) if isinstance(out_size, int) else tuple(out_size)
-    if combine == "sum" or bool(mask.all()) or not bool(mask.any()):
-        prob = cluster_probs[:, mask].sum(dim=1, keepdim=True)
-    else:
-        p_v = cluster_probs[:, mask].amax(dim=1, keepdim=True)
-        p_b = cluster_probs[:, ~mask].amax(dim=1, keepdim=True)
-        prob = p_v / (p_v + p_b).clamp(min=1e-12)
-    prob = F.interpolate(prob, size=size, mode="bilinear", align_corners=False)
-    return prob.clamp(0.0, 1.0)

@@ -243,10 +243,10 @@ def resolve_base_config(path: str) -> Path:
 
 def config_class(target: str) -> type:
     if target == "stego":
-        from stego_core.training import TrainConfig
+        from stego_core.steps.training import TrainConfig
 
         return TrainConfig
-    from stego_core.evaluation import BaselineConfig
+    from stego_core.steps.evaluation import BaselineConfig
 
     return BaselineConfig
 
@@ -293,8 +293,8 @@ def _jsonable(value: Any) -> Any:
 class Objective:
     """``objective(trial) -> float``: suggest, run every seed of the trial as a nested run, return the mean.
 
-    ``train_fn`` / ``baseline_fn`` default to :func:`stego_core.training.run_train` and
-    :func:`stego_core.evaluation.run_baseline` (injectable for tests).
+    ``train_fn`` / ``baseline_fn`` default to :func:`stego_core.steps.training.run_train` and
+    :func:`stego_core.steps.evaluation.run_baseline` (injectable for tests).
     """
 
     def __init__(self, cfg: SweepConfig, *, experiment: str, tags: dict[str, Any],
@@ -364,14 +364,14 @@ class Objective:
         if self.cfg.target == "stego":
             fn = self.train_fn
             if fn is None:
-                from stego_core.training import run_train as fn
+                from stego_core.steps.training import run_train as fn
             name = f"trial-{trial.number:03d}-seed-{seed}"
             result = fn(cfg, report=report, nested=True, run_name=name, tags=tags)
             metrics = dict(result.metrics)
         else:
             fn = self.baseline_fn
             if fn is None:
-                from stego_core.evaluation import run_baseline as fn
+                from stego_core.steps.evaluation import run_baseline as fn
             result = fn(cfg, nested=True, tags=tags)
             metrics = dict(result.summary)
         if self.key not in metrics:

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from experiments._cli import parse
+from stego_core.cli import parse
 from stego_core.config import parse_overrides
 from sweeps.driver import load_sweep_config, run_sweep
 from sweeps.space import SPEC_FIELDS, SweepConfig

@@ -30,12 +30,12 @@ from typing import Any
 
 import yaml
 
-from stego_core._checks import check_range
-from stego_core.config import check_choice
+from stego_core._checks import check_choice, check_range
+from stego_core.metrics import OBJECTIVE_KEYS
 
 PARAM_TYPES = ("categorical", "int", "float")
 TARGETS = ("stego", "baseline")
-OBJECTIVES = ("cldice", "dice")
+OBJECTIVES = OBJECTIVE_KEYS
 DIRECTIONS = ("maximize", "minimize")
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("none", "median", "percentile", "hyperband", "successive_halving", "threshold")

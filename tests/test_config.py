@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stego_core.config import (DataConfig, PhantomSettings, PrepareConfig, SlicingConfig, check_choice, flatten,
+from stego_core.config import (DataConfig, PhantomConfig, PrepareConfig, SlicingConfig, check_choice, flatten,
                                from_dict, load_config, parse_overrides, save_config, to_dict)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -187,9 +187,10 @@ def test_stride_equal_to_patch_is_allowed():
 
 def test_flatten_keys_and_values():
     flat = flatten(PrepareConfig())
-    assert set(flat) == {
+    phantom = {f"data.phantom.{f.name}" for f in dataclasses.fields(PhantomConfig)}  # every generation setting
+    assert {"data.phantom.n_volumes", "data.phantom.seed", "data.phantom.n_trees"} <= phantom
+    assert set(flat) == phantom | {
         "data.source", "data.root", "data.skull_strip", "data.standardize",
-        "data.phantom.n_volumes", "data.phantom.shape", "data.phantom.spacing_mm", "data.phantom.seed",
         "slicing.axis", "slicing.patch_size", "slicing.stride", "slicing.min_brain_fraction",
         "output", "dataset_name", "test_fraction", "split_seed", "experiment",
     }
@@ -240,8 +241,8 @@ def test_parse_overrides():
 
 
 def test_from_dict_builds_sections():
-    data = from_dict(DataConfig, {"phantom": {"n_volumes": 2, "shape": [24, 24, 24]}})
-    assert data.phantom == PhantomSettings(n_volumes=2, shape=(24, 24, 24))
+    data = from_dict(DataConfig, {"phantom": {"n_volumes": 2, "shape": [32, 32, 24]}})
+    assert data.phantom == PhantomConfig(n_volumes=2, shape=(32, 32, 24))
 
 
 def test_shipped_prepare_config_loads():

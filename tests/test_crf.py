@@ -59,12 +59,12 @@ def test_bad_settings_name_the_parameter():
 
 @pytest.mark.usefixtures("mlflow_store")
 def test_baseline_run_with_crf_is_tagged(tmp_path):
-    from stego_core.config import DataConfig, PhantomSettings
-    from stego_core.evaluation import BaselineConfig, run_baseline
+    from stego_core.config import DataConfig, PhantomConfig
+    from stego_core.steps.evaluation import BaselineConfig, run_baseline
     from stego_core.reconstruction import EngineConfig
     from stego_core.tracking import client
 
-    data = DataConfig(root=str(tmp_path / "ph"), phantom=PhantomSettings(n_volumes=2, shape=(32, 32, 24)))
+    data = DataConfig(root=str(tmp_path / "ph"), phantom=PhantomConfig(n_volumes=2, shape=(32, 32, 24)))
     cfg = BaselineConfig(data=data, engine=EngineConfig(patch_size=None, batch_size=8), method="kmeans", crf=True,
                          crf_settings=CRFSettings(n_iterations=3), output=str(tmp_path / "out"), progress=False)
     result = run_baseline(cfg)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stego_core.config import DataConfig, PhantomSettings, SlicingConfig
+from stego_core.config import DataConfig, PhantomConfig, SlicingConfig
 from stego_core.data import ensure_cases, make_crop_set, preprocess_case, split_cases
 from stego_core.io import Case, load_volume, make_case, save_volume
 
@@ -18,7 +18,7 @@ from conftest import TINY_AFFINE, tube_volume
 
 def _phantom_config(root: Path, *, n_volumes: int = 2, seed: int = 0,
                     spacing_mm: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> DataConfig:
-    return DataConfig(source="phantom", root=str(root), phantom=PhantomSettings(
+    return DataConfig(source="phantom", root=str(root), phantom=PhantomConfig(
         n_volumes=n_volumes, shape=(32, 32, 24), spacing_mm=spacing_mm, seed=seed))
 
 

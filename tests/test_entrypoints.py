@@ -13,14 +13,15 @@ import pytest
 
 from experiments import baseline as baseline_entry
 from experiments import prepare as prepare_entry
-from experiments._cli import CONFIG_DIR, parse
+from experiments import CONFIG_DIR
+from stego_core.cli import parse
 from stego_core import tracking
 from stego_core.config import PrepareConfig, load_config
-from stego_core.evaluation import BaselineConfig, ReconstructConfig
-from stego_core.pipeline import MainConfig
-from stego_core.prepare import load_crop_set
+from stego_core.steps.evaluation import BaselineConfig, ReconstructConfig
+from stego_core.steps.pipeline import MainConfig
+from stego_core.steps.prepare import load_crop_set
 from stego_core.seed_layout import read_seed_dataset
-from stego_core.training import TrainConfig
+from stego_core.steps.training import TrainConfig
 
 from conftest import REPO_ROOT
 
@@ -38,7 +39,7 @@ def test_parse_splits_extra_and_drops_empty_values():
     _, overrides = parse(["--extra", "settings='{q: 99.0, r: 1}' model.weights= x.y=[1,2]", "model.backbone="],
                          "d", None)
     assert overrides == ["settings={q: 99.0, r: 1}", "x.y=[1,2]"]  # empty values mean "use the config"
-    config, overrides = parse([], "d", "prepare.yaml")
+    config, overrides = parse([], "d", CONFIG_DIR / "prepare.yaml")
     assert config == str(CONFIG_DIR / "prepare.yaml") and Path(config).is_file() and overrides == []
     assert parse(["--config", "other.yaml", "--extra", ""], "d", "prepare.yaml") == ("other.yaml", [])
 

@@ -1,4 +1,4 @@
-"""Tests for stego_core.evaluation: classical baselines reconstructed, scored and tracked in MLflow."""
+"""Tests for stego_core.steps.evaluation: classical baselines reconstructed, scored and tracked in MLflow."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from stego_core import tracking
-from stego_core.config import DataConfig, PhantomSettings
+from stego_core.config import DataConfig, PhantomConfig
 from stego_core.data import ensure_cases, split_cases
-from stego_core.evaluation import (BaselineConfig, EvaluateConfig, ReconstructConfig, load_segmenter, run_baseline,
+from stego_core.steps.evaluation import (BaselineConfig, EvaluateConfig, ReconstructConfig, load_segmenter, run_baseline,
                                    select_cases)
 from stego_core.io import load_volume
 from stego_core.metrics import METRIC_KEYS
@@ -39,7 +39,7 @@ def phantom_data(tmp_path_factory) -> DataConfig:
     """Three 32x32x24 phantoms with anisotropic voxels (1 x 1 x 1.5 mm), generated once for the module."""
     root = tmp_path_factory.mktemp("eval_data") / "phantoms"
     data = DataConfig(source="phantom", root=str(root), skull_strip="given",
-                      phantom=PhantomSettings(n_volumes=3, shape=(32, 32, 24), spacing_mm=SPACING, seed=0))
+                      phantom=PhantomConfig(n_volumes=3, shape=(32, 32, 24), spacing_mm=SPACING, seed=0))
     ensure_cases(data)
     return data
 

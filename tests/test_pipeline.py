@@ -1,4 +1,4 @@
-"""Tests for stego_core.pipeline: the comparison table and the whole demo on tiny phantoms."""
+"""Tests for stego_core.steps.pipeline: the comparison table and the whole demo on tiny phantoms."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from stego_core import tracking
-from stego_core.config import DataConfig, PhantomSettings, SlicingConfig
-from stego_core.pipeline import MainConfig, crf_available, format_table, run_main
+from experiments import CONFIG_DIR
+from stego_core.config import MainConfig, load_config
+from stego_core.steps.pipeline import crf_available, format_table, run_main
 
 pytestmark = pytest.mark.usefixtures("mlflow_store")
 
@@ -39,15 +40,12 @@ def test_run_main_on_tiny_phantoms(tmp_path, monkeypatch):
     # skip MLflow's pip-requirement inference subprocess (~20 s on 2 cores); the model is logged all the same
     monkeypatch.setattr(mlflow.models, "infer_pip_requirements",
                         lambda model_uri, flavor, fallback=None, **kwargs: fallback)
-    cfg = MainConfig(
-        data=DataConfig(root=str(tmp_path / "phantoms"),
-                        phantom=PhantomSettings(n_volumes=3, shape=(32, 32, 24), seed=0)),
-        slicing=SlicingConfig(patch_size=16, stride=8),
-        baselines=("otsu",),
-        train_overrides=("train.max_steps=10", "train.val_every_n_steps=10", "train.batch_size=8", "model.res=8",
-                         "model.code_dim=16", "train.progress=false", "train.accelerator=cpu",
-                         f"train.cache_dir={tmp_path / 'cache'}"),
-        output=str(tmp_path / "outputs"), experiment="pipeline-tests")
+    cfg = load_config(MainConfig, CONFIG_DIR / "main.yaml", [  # the demo's plan, shrunk
+        f"data.root={tmp_path / 'phantoms'}", "data.phantom.shape=[32, 32, 24]", "slicing.patch_size=16",
+        "slicing.stride=8", "baselines=[otsu]", "train.max_steps=10", "train.val_every_n_steps=10",
+        "train.batch_size=8", "model.res=8", "model.code_dim=16", "train.progress=false", "train.accelerator=cpu",
+        f"train.cache_dir={tmp_path / 'cache'}", f"output={tmp_path / 'outputs'}", "experiment=pipeline-tests"])
+    assert cfg.model.backbone == "classical" and cfg.model.n_clusters == 12
     text = run_main(cfg)
     rows = {line.split()[0]: line for line in text.splitlines()[2:]}
     with_crf = crf_available()

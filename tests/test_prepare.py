@@ -1,4 +1,4 @@
-"""Tests for stego_core.prepare: volumes -> crops -> seed layout, tracked in MLflow."""
+"""Tests for stego_core.steps.prepare: volumes -> crops -> seed layout, tracked in MLflow."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from stego_core import tracking
-from stego_core.config import DataConfig, PhantomSettings, PrepareConfig, SlicingConfig
+from stego_core.config import DataConfig, PhantomConfig, PrepareConfig, SlicingConfig
 from stego_core.data import CropSet, ensure_cases, make_crop_set, preprocess_case, split_cases
-from stego_core.prepare import crop_names, load_crop_set, run_prepare, save_crop_set
+from stego_core.steps.prepare import crop_names, load_crop_set, run_prepare, save_crop_set
 from stego_core.seed_layout import read_seed_dataset
 
 pytestmark = pytest.mark.usefixtures("mlflow_store")
@@ -28,7 +28,7 @@ def _artifacts(client, run_id: str, path: str | None = None) -> set[str]:
 @pytest.fixture(scope="module")
 def data3(tmp_path_factory) -> DataConfig:
     data = DataConfig(source="phantom", root=str(tmp_path_factory.mktemp("prep") / "phantoms"),
-                      phantom=PhantomSettings(n_volumes=3, shape=(32, 32, 24), seed=2))
+                      phantom=PhantomConfig(n_volumes=3, shape=(32, 32, 24), seed=2))
     ensure_cases(data)
     return data
 

@@ -10,23 +10,25 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stego_core.stego import (
-    ClusterProbe,
-    LinearProbe,
-    LossConfig,
-    StegoHead,
-    centre_correlation,
+from stego_core.config import LossConfig
+from stego_core.mapping import (
     cluster_vessel_probability,
-    correspondence_loss,
-    correspondence_term,
     map_clusters_hungarian,
     map_clusters_majority,
     map_clusters_unsupervised,
+    vessel_clusters,
+)
+from stego_core.stego import (
+    ClusterProbe,
+    LinearProbe,
+    StegoHead,
+    centre_correlation,
+    correspondence_loss,
+    correspondence_term,
     random_derangement,
     sample_grid,
     sample_points,
     tensor_correlation,
-    vessel_clusters,
 )
 
 # ---------------------------------------------------------------------------------------------------------

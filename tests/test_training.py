@@ -12,12 +12,12 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from stego_core import tracking
-from stego_core.config import DataConfig, PhantomSettings, load_config
+from stego_core.config import DataConfig, PhantomConfig, load_config
 from stego_core.data import ensure_cases, split_cases
-from stego_core.evaluation import (BaselineConfig, ReconstructConfig, load_segmenter, run_baseline,
+from stego_core.steps.evaluation import (BaselineConfig, ReconstructConfig, load_segmenter, run_baseline,
                                    run_reconstruct)
 from stego_core.reconstruction import EngineConfig
-from stego_core.training import TrainConfig, choose_mapping_rule, run_train
+from stego_core.steps.training import TrainConfig, choose_mapping_rule, run_train
 
 pytestmark = pytest.mark.usefixtures("mlflow_store")
 
@@ -41,7 +41,7 @@ def _fast_model_logging(mp: pytest.MonkeyPatch) -> None:
 
 def _phantoms(root: Path, n_volumes: int) -> DataConfig:
     data = DataConfig(source="phantom", root=str(root),
-                      phantom=PhantomSettings(n_volumes=n_volumes, shape=(32, 32, 24), seed=0))
+                      phantom=PhantomConfig(n_volumes=n_volumes, shape=(32, 32, 24), seed=0))
     ensure_cases(data)
     return data
 

@@ -8,7 +8,7 @@ per-volume metrics ``<key>/<case_id>``, their ``<key>_mean`` and ``<key>_std``, 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,40 +16,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from stego_core import tracking
-from stego_core._checks import check_range
-from stego_core.config import DataConfig, check_choice, flatten, save_config
-from stego_core.crf import CRFRefiner, CRFSettings
+from stego_core.config import BaselineConfig, EvaluateConfig, ReconstructConfig, flatten, save_config
+from stego_core.crf import CRFRefiner
 from stego_core.data import ensure_cases, preprocess_case, split_cases
 from stego_core.io import Case, save_volume
 from stego_core.metrics import evaluate_segmentation, summarize, write_results
-from stego_core.reconstruction import EngineConfig, segment_volume
+from stego_core.reconstruction import segment_volume
 from stego_core.segmenter import Segmenter
-
-
-@dataclass(frozen=True)
-class EvaluateConfig:
-    """Which volumes to evaluate and how to reconstruct them.
-
-    ``split: test`` evaluates the held-out volumes of the same seeded split that training uses
-    (``test_fraction``, ``split_seed``); ``all`` evaluates every case. ``crf: true`` refines every slice's
-    probabilities with a dense CRF (``crf_settings``; needs ``pydensecrf2``) and adds ``+crf`` to the method.
-    """
-
-    data: DataConfig = field(default_factory=DataConfig)
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    split: str = "test"
-    test_fraction: float = 0.34
-    split_seed: int = 0
-    output: str = "outputs/evaluate"
-    experiment: str = "stego-vessels"
-    save_probabilities: bool = False
-    progress: bool = True
-    crf: bool = False
-    crf_settings: CRFSettings = field(default_factory=CRFSettings)
-
-    def __post_init__(self) -> None:
-        check_choice(self.split, "split", ("test", "all"))
-        check_range(self.test_fraction, "test_fraction", 0.0, 1.0, high_inclusive=False)
 
 
 @dataclass
@@ -132,15 +105,6 @@ def run_evaluation(segmenter: Segmenter, cfg: EvaluateConfig, *, method: str, ru
         return EvaluationResult(run_id=run.run_id, rows=rows, summary=summary, output_dir=run.output_dir)
 
 
-@dataclass(frozen=True)
-class BaselineConfig(EvaluateConfig):
-    """The ``baseline`` entry point: a classical method by name with its settings (e.g. ``{q: 99.5}``)."""
-
-    method: str = "frangi"
-    settings: dict = field(default_factory=dict)
-    output: str = "outputs/baseline"
-
-
 def run_baseline(cfg: BaselineConfig, *, nested: bool = False, tags: dict[str, str] | None = None
                  ) -> EvaluationResult:
     """Evaluate the classical method ``cfg.method`` (no labels used) as an MLflow run tagged with its name."""
@@ -155,24 +119,6 @@ def run_baseline(cfg: BaselineConfig, *, nested: bool = False, tags: dict[str, s
     params = {f"resolved.{k}": v for k, v in segmenter.settings().items()}
     return run_evaluation(segmenter, cfg, method=cfg.method, run_name=f"baseline-{cfg.method}", nested=nested,
                           params=params, tags={"kind": "baseline", **(tags or {})})
-
-
-@dataclass(frozen=True)
-class ReconstructConfig(EvaluateConfig):
-    """The ``reconstruct`` entry point: a trained STEGO model (a training run id, ``runs:/<id>/model``,
-    ``models:/...`` or a local MLflow model folder) evaluated on held-out volumes. ``engine.patch_size: null`` means the model's own
-    training crop size."""
-
-    model_uri: str = ""
-    device: str = "auto"
-    amp: bool = False
-    output: str = "outputs/reconstruct"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not self.model_uri:
-            raise ValueError("model_uri is required, e.g. model_uri=runs:/<train_run_id>/model")
-        check_choice(self.device, "device", ("auto", "cpu", "cuda"))
 
 
 def resolve_model_uri(model_uri: str) -> str:

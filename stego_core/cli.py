@@ -1,4 +1,5 @@
-"""Shared argument handling of the entry points (no maths, no MLflow calls)."""
+"""Command-line handling shared by the entry points in ``experiments/`` and ``sweeps/`` (no maths, no MLflow
+calls): ``--config FILE``, ``--extra "k=v ..."`` and ``section.key=value`` overrides, one-line errors."""
 
 from __future__ import annotations
 
@@ -11,14 +12,18 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from stego_core.config import load_config
+from stego_core.metrics import OBJECTIVE_KEYS
 
 T = TypeVar("T")
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+#: Metric keys an entry point prints after a run.
+_PRINTED = {*OBJECTIVE_KEYS, *(f"{k}_mean" for k in OBJECTIVE_KEYS)}
 
 
-def parse(argv: list[str] | None, description: str, default_config: str | None) -> tuple[str | None, list[str]]:
+def parse(argv: list[str] | None, description: str, default_config: str | Path | None
+          ) -> tuple[str | None, list[str]]:
+    """``(config path, overrides)`` from the command line; empty ``key=`` values are dropped."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", default=str(CONFIG_DIR / default_config) if default_config else None,
+    parser.add_argument("--config", default=str(default_config) if default_config else None,
                         help="YAML config (default: %(default)s)")
     parser.add_argument("--extra", default="",
                         help="more overrides in one string, split like a shell line: \"a.b=1 'c={x: 2}'\"")
@@ -31,7 +36,7 @@ def parse(argv: list[str] | None, description: str, default_config: str | None) 
 
 
 def run(cls: type[T], fn: Callable[[T], Any], argv: list[str] | None, *, description: str,
-        default_config: str | None) -> int:
+        default_config: str | Path | None) -> int:
     """Load ``cls`` from the config and overrides, call ``fn``; bad input exits 2 with a one-line message."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     config_path, overrides = parse(argv, description, default_config)
@@ -56,7 +61,7 @@ def describe(result: Any) -> str:
         return result
     parts = [f"run {result.run_id}"] if hasattr(result, "run_id") else []
     metrics = getattr(result, "summary", None) or getattr(result, "metrics", None) or {}
-    keys = [k for k in metrics if k.split("/")[-1] in ("dice_mean", "cldice_mean", "dice", "cldice")]
+    keys = [k for k in metrics if k.split("/")[-1] in _PRINTED]
     parts += [f"{k}={metrics[k]:.4f}" for k in keys]
     for attr in ("model_uri", "dataset_dir", "output_dir"):
         if getattr(result, attr, None):

@@ -1,0 +1,139 @@
+"""STEGO's training data as a Lightning ``LightningDataModule`` (no tracking here).
+
+``volumes -> preprocessed volumes -> training crops -> frozen-backbone features (cached once) -> kNN table ->
+batches of (features, kNN partner's features)``, plus what validation needs (labelled held-out crops and one
+held-out volume's crops, with their cached features) and the crops on which clusters are mapped to vessel.
+:func:`stego_core.steps.training.run_train` builds one, logs what it holds, and hands it to the Trainer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from stego_core.backbones import Backbone
+from stego_core.config import TrainConfig
+from stego_core.data import CropSet, PreparedCase, ensure_cases, make_crop_set, preprocess_case, split_cases
+from stego_core.features import crops_digest, knn_table, load_or_compute_features
+from stego_core.io import Case
+from stego_core.module import CropFeatureDataset
+from stego_core.slicing import crop_index, take_crops
+
+
+@dataclass
+class ValidationData:
+    """What validation needs, computed once: labelled held-out crops and one held-out volume's crops.
+
+    Attributes
+    ----------
+    features, crops, labels : ndarray or None
+        ``(M, C, h, w)`` cached features, ``(M, P, P)`` crops and ``(M, P, P)`` labels of up to
+        ``train.max_val_crops`` labelled held-out crops.
+    volume : PreparedCase or None
+        The first held-out volume, reconstructed at every validation.
+    volume_features, volume_index : ndarray or None
+        Features of every crop of that volume (stride ``val_stride``) and their ``(slice, row, col)``.
+    """
+
+    features: np.ndarray | None = None
+    crops: np.ndarray | None = None
+    labels: np.ndarray | None = None
+    volume: PreparedCase | None = None
+    volume_features: np.ndarray | None = None
+    volume_index: np.ndarray | None = None
+    patch_size: int = 32
+    axis: int = 2
+
+
+def subsample(n: int, k: int, seed: int) -> np.ndarray:
+    """Sorted indices of ``k`` of ``n`` items drawn without replacement (all of them when ``n <= k``)."""
+    if n <= k:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))
+
+
+class StegoDataModule(L.LightningDataModule):
+    """Crops, cached features and the kNN table of the training volumes; validation data of the held-out ones.
+
+    Labels reach only the linear probe (an evaluation tool that never trains the head) and, with a label rule,
+    the cluster-to-vessel mapping on *training* volumes: when the training volumes are also evaluated
+    (``overlap``), ``train_labels`` is None.
+    """
+
+    def __init__(self, cfg: TrainConfig, backbone: Backbone, *, device: str = "cpu") -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = backbone
+        self.device = device
+        self.cases: list[Case] = []
+        self.train_cases: list[Case] = []
+        self.test_cases: list[Case] = []
+
+    def features_for(self, crops: np.ndarray) -> np.ndarray:
+        """Features of ``crops`` from the shared, content-addressed cache (computed once per backbone and
+        crop set)."""
+        cfg, bb = self.cfg.train, self.backbone
+        digest = crops_digest(crops)
+        path = Path(cfg.cache_dir) / f"{bb.name}_r{bb.spec.res}_{digest[:20]}.npy"
+        features, _ = load_or_compute_features(bb, crops, path, batch_size=cfg.feature_batch_size,
+                                               device=self.device, amp=cfg.feature_amp, progress=cfg.progress,
+                                               digest=digest)
+        return features
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build everything once (later calls do nothing)."""
+        if self.cases:
+            return
+        cfg = self.cfg
+        self.cases = ensure_cases(cfg.data)
+        self.train_cases, self.test_cases = split_cases(self.cases, cfg.test_fraction, seed=cfg.split_seed)
+        prepared = {c.case_id: preprocess_case(c, cfg.data) for c in self.cases}
+        self.train_set: CropSet = make_crop_set([prepared[c.case_id] for c in self.train_cases], cfg.slicing)
+        self.features = self.features_for(self.train_set.crops)
+        self.knn = knn_table(self.features, k=cfg.loss.knn_k)
+        self.overlap = bool({c.case_id for c in self.train_cases} & {c.case_id for c in self.test_cases})
+        self.train_labels = self.train_set.labels if not self.overlap else None
+        self.dataset = CropFeatureDataset(self.features, self.knn, self.train_labels,
+                                          rank_max=cfg.loss.knn_rank_max, seed=cfg.train.seed)
+        if len(self.dataset) < cfg.train.batch_size:
+            raise ValueError(f"only {len(self.dataset)} training crops for train.batch_size="
+                             f"{cfg.train.batch_size}")
+        self.mapping_pick = subsample(len(self.train_set), cfg.train.max_mapping_crops, cfg.train.seed)
+        self.val = self._validation([prepared[c.case_id] for c in self.test_cases])
+
+    def train_dataloader(self) -> DataLoader:
+        cfg = self.cfg.train
+        return DataLoader(self.dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+                          generator=torch.Generator().manual_seed(cfg.seed), num_workers=0)
+
+    def mapping_data(self, with_labels: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Features, crops and (when ``with_labels`` and allowed) labels of the crops clusters are mapped on."""
+        pick = self.mapping_pick
+        labels = self.train_labels[pick] if (with_labels and self.train_labels is not None) else None
+        return self.features[pick], self.train_set.crops[pick], labels
+
+    def _validation(self, test_cases: list[PreparedCase]) -> ValidationData:
+        """Held-out labelled crops (up to ``train.max_val_crops``) and the first held-out volume's crops."""
+        cfg = self.cfg
+        val = ValidationData(patch_size=cfg.slicing.patch_size, axis=cfg.slicing.axis)
+        if not test_cases:
+            return val
+        test_set = make_crop_set(test_cases, cfg.slicing)
+        if test_set.labels is not None:
+            pick = subsample(len(test_set), cfg.train.max_val_crops, cfg.train.seed)
+            val.crops, val.labels = test_set.crops[pick], test_set.labels[pick]
+            val.features = self.features_for(val.crops)
+        volume = test_cases[0]
+        stride = cfg.val_stride or max(1, cfg.slicing.patch_size // 2)
+        index = crop_index(volume.image.shape, axis=cfg.slicing.axis, patch_size=cfg.slicing.patch_size,
+                           stride=stride, brain_mask=volume.brain_mask, min_brain_fraction=0.0)
+        crops = take_crops(volume.image, index, axis=cfg.slicing.axis, patch_size=cfg.slicing.patch_size,
+                           pad_value=0.0)
+        val.volume, val.volume_index = volume, index
+        val.volume_features = self.features_for(crops)
+        return val

@@ -1,0 +1,224 @@
+"""The ``train`` step: STEGO trained with Lightning on cached backbone features, as one MLflow run.
+
+:func:`run_train` is the wiring, read top to bottom: the backbone (missing weights fail first) -> a
+:class:`~stego_core.datamodule.StegoDataModule` (crops, cached features, kNN, validation data) ->
+:class:`~stego_core.module.StegoModule` (step logic only) trained by a Lightning ``Trainer`` whose MLflow logger
+writes the training curves into the run -> cluster-to-vessel mapping (:mod:`stego_core.mapping`) -> a
+:class:`~stego_core.inference.StegoSegmenterModel` logged as an MLflow model.
+
+Every ``train.val_every_n_steps`` the :class:`VolumeValidation` callback reconstructs a held-out volume from
+cached features with the engine's one sliding window and logs (through :mod:`stego_core.tracking`) its Dice /
+clDice, crop-level cluster and linear-probe mIoU / accuracy, and a slice panel.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+
+from stego_core import tracking
+from stego_core.backbones import build_backbone
+from stego_core.config import TrainConfig, flatten, save_config
+from stego_core.datamodule import StegoDataModule, ValidationData
+from stego_core.inference import StegoSegmenterModel
+from stego_core.mapping import binary_iou_accuracy, choose_mapping_rule, cluster_maps, fit_vessel_mapping
+from stego_core.metrics import evaluate_segmentation
+from stego_core.module import StegoModule
+from stego_core.reconstruction import sliding_window
+from stego_core.stego import ClusterProbe, LinearProbe, StegoHead
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    model_uri: str | None
+    metrics: dict[str, float]
+    mapping_rule: str
+    output_dir: Path
+
+
+class VolumeValidation(L.Callback):
+    """Every ``every_n_steps`` (and at the end): map clusters, score held-out crops, reconstruct a volume.
+
+    ``report(step, metrics)`` is called after each validation (the sweep uses it for pruning; it may raise).
+    """
+
+    def __init__(self, make_model: Callable[[], StegoSegmenterModel], val: ValidationData, *, every_n_steps: int,
+                 max_steps: int, report: Callable[[int, dict[str, float]], None] | None = None) -> None:
+        self.make_model = make_model
+        self.val = val
+        self.every = every_n_steps
+        self.max_steps = max_steps
+        self.report = report
+        self.last: dict[str, float] = {}
+        self.last_model: StegoSegmenterModel | None = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if step % self.every == 0 or step >= self.max_steps:
+            self.validate(trainer, pl_module, step)
+
+    def validate(self, trainer: L.Trainer, pl_module: StegoModule, step: int) -> dict[str, float]:
+        was_training = pl_module.training
+        pl_module.eval()
+        model = self.make_model()  # maps clusters to vessel once per validation
+        metrics = validation_metrics(pl_module, model, self.val)
+        tracking.log_metrics(metrics, step=step)
+        if self.val.features is not None and len(self.val.features):
+            tracking.log_figure(validation_figure(pl_module, model.vessel_clusters, self.val),
+                                f"figures/val_step_{step:06d}.png")
+        pl_module.train(was_training)
+        self.last, self.last_model = metrics, model
+        if self.report is not None:
+            self.report(step, metrics)
+        return metrics
+
+
+@torch.no_grad()
+def reconstruct_from_features(model: StegoSegmenterModel, val: ValidationData, *, batch_size: int = 256
+                              ) -> np.ndarray:
+    """Vessel probabilities (I, J, K) of the validation volume from its cached crop features, through the
+    engine's :func:`~stego_core.reconstruction.sliding_window` (Gaussian blending)."""
+    assert val.volume is not None and val.volume_features is not None and val.volume_index is not None
+    device = next(model.head.parameters()).device
+    features = val.volume_features
+
+    def predict(batch: slice) -> np.ndarray:
+        f = torch.from_numpy(np.asarray(features[batch], dtype=np.float32)).to(device)
+        return model.probabilities_from_features(f, val.patch_size)[:, 0].cpu().numpy()
+
+    return sliding_window(val.volume.image.shape, val.volume_index, predict, axis=val.axis,
+                          patch_size=val.patch_size, blend="gaussian", batch_size=batch_size,
+                          brain_mask=val.volume.brain_mask)
+
+
+def validation_metrics(module: StegoModule, model: StegoSegmenterModel, val: ValidationData) -> dict[str, float]:
+    """Crop-level cluster / linear-probe mIoU and accuracy, and Dice etc. of the reconstructed volume."""
+    metrics: dict[str, float] = {}
+    vessel = model.vessel_clusters
+    if val.features is not None and val.labels is not None and len(val.features):
+        ids, linear = cluster_maps(module, val.features, val.patch_size)
+        pred = vessel.cpu().numpy()[ids]
+        for k, v in binary_iou_accuracy(pred, val.labels).items():
+            metrics[f"val/cluster_{k}"] = v
+        for k, v in binary_iou_accuracy(linear, val.labels).items():
+            metrics[f"val/linear_{k}"] = v
+    if val.volume is not None and val.volume_features is not None:
+        prob = reconstruct_from_features(model, val)
+        pred = (prob > model.threshold) & val.volume.brain_mask
+        metrics["val/predicted_fraction"] = float(pred.mean())
+        if val.volume.label is not None:
+            scores = evaluate_segmentation(pred, val.volume.label)
+            metrics.update({f"val/{k}": float(v) for k, v in scores.items()})
+    return metrics
+
+
+def validation_figure(module: StegoModule, vessel: torch.Tensor, val: ValidationData, n: int = 8) -> Any:
+    from stego_core.visualize import slice_panel_figure
+
+    assert val.features is not None and val.crops is not None
+    pick = pick_informative(val.labels, val.crops, n)
+    ids, _ = cluster_maps(module, val.features[pick], val.patch_size)
+    pred = vessel.cpu().numpy()[ids]
+    labels = val.labels[pick] if val.labels is not None else None
+    return slice_panel_figure(val.crops[pick], labels, ids, pred, n=n)
+
+
+def pick_informative(labels: np.ndarray | None, crops: np.ndarray, n: int) -> np.ndarray:
+    """Indices of up to ``n`` crops to show: those with the most vessel (or the brightest), spread out."""
+    score = labels.reshape(len(labels), -1).mean(1) if labels is not None else crops.reshape(len(crops), -1).max(1)
+    order = np.argsort(-score, kind="stable")[: max(n * 4, n)]
+    return np.sort(order[np.linspace(0, len(order) - 1, num=min(n, len(order))).astype(int)])
+
+
+# --------------------------------------------------------------------------------------------- wiring
+
+
+def _device(accelerator: str) -> str:
+    if accelerator in ("cuda", "gpu") or (accelerator == "auto" and torch.cuda.is_available()):
+        return "cuda"
+    return "cpu"
+
+
+def run_train(cfg: TrainConfig, *, report: Callable[[int, dict[str, float]], None] | None = None,
+              nested: bool = False, run_name: str | None = None, tags: dict[str, str] | None = None
+              ) -> TrainResult:
+    """Train STEGO as one MLflow run; returns the run id, the logged model's URI and the final val metrics."""
+    device = _device(cfg.train.accelerator)
+    with tracking.start_run(cfg.experiment, run_name=run_name or f"stego-{cfg.model.backbone}", nested=nested,
+                            output_root=cfg.output, tags={"method": "stego", "step": "train",
+                                                          "backbone": cfg.model.backbone, **(tags or {})}) as run:
+        tracking.log_params(flatten(cfg))
+        save_config(cfg, run.output_dir / "config.yaml")
+        tracking.log_artifact(run.output_dir / "config.yaml")
+        L.seed_everything(cfg.train.seed, workers=True, verbose=False)
+        # The backbone first: missing weights fail within seconds, before any data is touched.
+        backbone = build_backbone(cfg.model.backbone, weights=cfg.model.weights, res=cfg.model.res,
+                                  standardize=cfg.model.classical_standardize)
+
+        data = StegoDataModule(cfg, backbone, device=device)
+        data.setup("fit")
+        tracking.log_dataset(data.train_cases, name=Path(cfg.data.root).name, context="training",
+                             source=cfg.data.root)
+        tracking.log_dataset(data.test_cases, name=Path(cfg.data.root).name + "-val", context="validation",
+                             source=cfg.data.root)
+        tracking.set_tags({"weights_id": backbone.weights_id, "device": device})
+        rule = choose_mapping_rule(cfg.model.cluster_rule, labels_available=data.train_set.labels is not None,
+                                   overlaps_evaluation=data.overlap)
+
+        head = StegoHead(backbone.feature_dim, cfg.model.code_dim, dropout=cfg.model.dropout)
+        module = StegoModule(head, ClusterProbe(cfg.model.code_dim, cfg.model.n_clusters),
+                             LinearProbe(cfg.model.code_dim, 2), cfg.loss, lr_head=cfg.train.lr_head,
+                             lr_cluster=cfg.train.lr_cluster, lr_linear=cfg.train.lr_linear, seed=cfg.train.seed)
+        map_features, map_crops, map_labels = data.mapping_data(with_labels=rule != "brightness")
+        preprocessing = {"skull_strip": cfg.data.skull_strip, "standardize": cfg.data.standardize,
+                         "axis": cfg.slicing.axis}
+
+        def make_model() -> StegoSegmenterModel:
+            vessel, name = fit_vessel_mapping(module, map_features, map_crops, map_labels, rule,
+                                              cfg.model.n_clusters)
+            return StegoSegmenterModel(backbone, module.head, module.cluster_probe, vessel,
+                                       patch_size=cfg.slicing.patch_size, threshold=cfg.model.threshold,
+                                       mapping_rule=name, preprocessing=preprocessing)
+
+        validation = VolumeValidation(make_model, data.val, every_n_steps=cfg.train.val_every_n_steps,
+                                      max_steps=cfg.train.max_steps, report=report)
+        checkpoints = L.pytorch.callbacks.ModelCheckpoint(dirpath=run.output_dir / "checkpoints", save_last=True,
+                                                          every_n_train_steps=cfg.train.val_every_n_steps,
+                                                          save_top_k=0)
+        trainer = L.Trainer(max_steps=cfg.train.max_steps, max_epochs=-1,
+                            accelerator="gpu" if device == "cuda" else "cpu", devices=1,
+                            precision=cfg.train.precision, logger=tracking.lightning_logger(run.run_id,
+                                                                                             cfg.experiment),
+                            callbacks=[validation, checkpoints], log_every_n_steps=cfg.train.log_every_n_steps,
+                            enable_progress_bar=cfg.train.progress, enable_model_summary=False,
+                            num_sanity_val_steps=0, deterministic=device == "cpu", default_root_dir=run.output_dir)
+        trainer.fit(module, datamodule=data)
+
+        module.eval()
+        if validation.last_model is None:  # the callback validates at max_steps; this only guards odd stops
+            validation.validate(trainer, module, trainer.global_step)
+        final, model = validation.last, validation.last_model.cpu()
+        tracking.set_tags({"cluster_mapping_rule": model.mapping_rule,
+                           "vessel_clusters": ",".join(str(i) for i in np.flatnonzero(model.vessel_clusters))})
+        tracking.log_metrics({k.replace("val/", "final/"): v for k, v in final.items()})
+        tracking.log_artifact(run.output_dir / "checkpoints", "checkpoints")
+        model_uri = None
+        if cfg.log_model:
+            example = np.zeros((1, 1, cfg.slicing.patch_size, cfg.slicing.patch_size), dtype=np.float32)
+            model_uri = tracking.log_pytorch_model(model, name="model", input_example=example, metadata={
+                "patch_size": cfg.slicing.patch_size, "axis": cfg.slicing.axis, "backbone": cfg.model.backbone,
+                "weights_id": backbone.weights_id, "mapping_rule": model.mapping_rule,
+                "skull_strip": cfg.data.skull_strip, "standardize": cfg.data.standardize})
+        return TrainResult(run_id=run.run_id, model_uri=model_uri, metrics=final, mapping_rule=model.mapping_rule,
+                           output_dir=run.output_dir)
+
