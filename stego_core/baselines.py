@@ -42,11 +42,11 @@ from typing import ClassVar
 
 import numpy as np
 from scipy.cluster.vq import kmeans2
-from skimage.feature import hessian_matrix
-from skimage.filters import frangi, sato, threshold_multiotsu, threshold_otsu
+from skimage.filters import sato, threshold_multiotsu, threshold_otsu
 
 from stego_core._checks import as_binary, check_finite, check_ndim, check_range, check_same_shape
 from stego_core.segmenter import Segmenter
+from stego_core.vesselness import frangi_slices, hessian_slices
 
 __all__ = [
     "SEGMENTERS",
@@ -438,6 +438,10 @@ class _VesselnessSegmenter(_Baseline):
     def _response(self, image2d: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
+    def _responses(self, slices: np.ndarray) -> np.ndarray:
+        """Responses of (N, H, W) slices; filters that batch override this."""
+        return np.stack([self._response(image2d) for image2d in slices]) if len(slices) else slices
+
     def _fit_filter(self, slices: list[np.ndarray], masks: list[np.ndarray]) -> None:
         """Hook for filter constants computed on the fit slices (Frangi's gamma)."""
 
@@ -465,7 +469,7 @@ class _VesselnessSegmenter(_Baseline):
         slices = [self._filled(np.clip(plane(image, i).astype(np.float32), 0.0, 1.0)) for i in picks]
         masks = [plane(mask, i) for i in picks]
         self._fit_filter(slices, masks)
-        responses = np.concatenate([self._response(s)[m] for s, m in zip(slices, masks)]).astype(np.float64)
+        responses = self._responses(np.stack(slices))[np.stack(masks)].astype(np.float64)
         if self.rule == "otsu":
             t = float(threshold_otsu(responses)) if responses.min() < responses.max() else float(responses.max())
         else:
@@ -477,9 +481,7 @@ class _VesselnessSegmenter(_Baseline):
         t = _require_fitted(self, "response_threshold_")
         slices = _check_slices(slices)
         filled = self._filled(slices)
-        out = np.empty(slices.shape, dtype=np.float32)
-        for i, image2d in enumerate(filled):
-            out[i] = _score_ratio(self._response(image2d), t)
+        out = _score_ratio(self._responses(filled), t)
         if self.require_bright:
             np.minimum(out, _score_linear(slices, self.intensity_threshold_), out=out)
         return out
@@ -530,18 +532,14 @@ class FrangiSegmenter(_VesselnessSegmenter):
         if self.gamma is not None:
             self.gamma_ = float(self.gamma)
             return
-        largest = 0.0
-        for image2d, mask2d in zip(slices, masks):
-            hrr, hrc, hcc = hessian_matrix(image2d, self.sigmas_vox[0], mode="reflect",
-                                           use_gaussian_derivatives=True)
-            norm = np.sqrt(hrr**2 + 2 * hrc**2 + hcc**2)  # Frobenius norm = sqrt(sum of squared eigenvalues)
-            largest = max(largest, float(norm[mask2d].max()))
+        hrr, hrc, hcc = hessian_slices(np.stack(slices), self.sigmas_vox[0])
+        norm = np.sqrt(hrr**2 + 2 * hrc**2 + hcc**2)  # Frobenius norm = sqrt(sum of squared eigenvalues)
+        largest = float(norm[np.stack(masks)].max())
         self.gamma_ = largest / 2 if largest > 0 else 1.0
 
-    def _response(self, image2d: np.ndarray) -> np.ndarray:
+    def _responses(self, slices: np.ndarray) -> np.ndarray:
         gamma = _require_fitted(self, "gamma_")
-        return frangi(image2d, sigmas=self.sigmas_vox, alpha=self.alpha, beta=self.beta, gamma=gamma,
-                      black_ridges=False, mode="reflect")
+        return frangi_slices(slices, self.sigmas_vox, alpha=self.alpha, beta=self.beta, gamma=gamma)
 
 
 @dataclass

@@ -226,3 +226,23 @@ def test_classical_vesselness_peaks_on_bright_tube(standardize, vertical):
         assert profile[8] > profile[2] + 1.0 and profile[8] > profile[13] + 1.0, name
     flat = bb(torch.full((1, 1, 32, 32), 0.4))[0, bb.channel_names.index("vesselness_s1")]
     assert flat.abs().max().item() < 1e-3
+
+
+def test_classical_derivatives_equal_one_convolution_per_derivative():
+    """The fast path (one row pass, one grouped column pass per scale) equals separate separable convolutions."""
+    import torch.nn.functional as F
+
+    from stego_core.backbones import ClassicalFeaturizer, _gaussian_derivative_kernels, get_spec
+
+    def sep(x, ky, kx):
+        ry, rx = ky.numel() // 2, kx.numel() // 2
+        x = F.conv2d(F.pad(x, (0, 0, ry, ry), mode="replicate"), ky.view(1, 1, -1, 1))
+        return F.conv2d(F.pad(x, (rx, rx, 0, 0), mode="replicate"), kx.view(1, 1, 1, -1))
+
+    featurizer = ClassicalFeaturizer(get_spec("classical", res=8))
+    x = torch.rand(4, 1, 20, 20, generator=torch.Generator().manual_seed(0))
+    for i, sigma in enumerate(featurizer.sigmas_vox):
+        g, d1, d2 = _gaussian_derivative_kernels(sigma)
+        plain = (sep(x, g, g), sep(x, g, d1), sep(x, d1, g), sep(x, g, d2), sep(x, d2, g), sep(x, d1, d1))
+        for fast, ref in zip(featurizer._derivatives(x, i), plain):
+            assert torch.allclose(fast, ref, atol=1e-6)
