@@ -42,11 +42,11 @@ from typing import ClassVar
 
 import numpy as np
 from scipy.cluster.vq import kmeans2
-from skimage.filters import sato, threshold_multiotsu, threshold_otsu
+from skimage.filters import threshold_multiotsu, threshold_otsu
 
 from stego_core._checks import as_binary, check_finite, check_ndim, check_range, check_same_shape
 from stego_core.segmenter import Segmenter
-from stego_core.vesselness import frangi_slices, hessian_slices
+from stego_core.vesselness import frangi_slices, hessian_slices, sato_slices
 
 __all__ = [
     "SEGMENTERS",
@@ -435,12 +435,9 @@ class _VesselnessSegmenter(_Baseline):
         self.require_bright = bool(self.require_bright)
         self.fill_background = bool(self.fill_background)
 
-    def _response(self, image2d: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
-
     def _responses(self, slices: np.ndarray) -> np.ndarray:
-        """Responses of (N, H, W) slices; filters that batch override this."""
-        return np.stack([self._response(image2d) for image2d in slices]) if len(slices) else slices
+        """Filter responses (N, H, W) of (N, H, W) slices, all at once (:mod:`stego_core.vesselness`)."""
+        raise NotImplementedError
 
     def _fit_filter(self, slices: list[np.ndarray], masks: list[np.ndarray]) -> None:
         """Hook for filter constants computed on the fit slices (Frangi's gamma)."""
@@ -554,8 +551,8 @@ class SatoSegmenter(_VesselnessSegmenter):
 
     name: ClassVar[str] = "sato"
 
-    def _response(self, image2d: np.ndarray) -> np.ndarray:
-        return sato(image2d, sigmas=self.sigmas_vox, black_ridges=False, mode="reflect")
+    def _responses(self, slices: np.ndarray) -> np.ndarray:
+        return sato_slices(slices, self.sigmas_vox)
 
 
 # ---------------------------------------------------------------------------------------------- registry
