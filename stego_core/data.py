@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import os
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,8 +112,16 @@ def _ensure_phantoms(root: Path, data: DataConfig) -> None:
     else:
         if root.exists() and any(root.iterdir()):
             raise FileExistsError(f"{root} exists and is not a phantom folder; choose another data.root")
-        write_phantom_cases(root, data.phantom.n_volumes, data.phantom, seed=data.phantom.seed)
-        stamp.write_text(json.dumps(settings))
+        # write into a temporary folder and rename it into place: a killed generation leaves no half-made root
+        # (we hold the generation lock, so any leftover temporary folder is a dead process's)
+        for leftover in root.parent.glob(f".{root.name}.tmp-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
+        write_phantom_cases(tmp, data.phantom.n_volumes, data.phantom, seed=data.phantom.seed)
+        (tmp / stamp.name).write_text(json.dumps(settings))
+        if root.exists():
+            root.rmdir()  # empty (checked above)
+        os.replace(tmp, root)
 
 
 def preprocess_case(case: Case, data: DataConfig) -> PreparedCase:
