@@ -198,6 +198,12 @@ def run_train(cfg: TrainConfig, *, report: Callable[[int, dict[str, float]], Non
                              LinearProbe(cfg.model.code_dim, 2), cfg.loss, lr_head=cfg.train.lr_head,
                              lr_cluster=cfg.train.lr_cluster, lr_linear=cfg.train.lr_linear, seed=cfg.train.seed)
         map_features, map_crops, map_labels = data.mapping_data(with_labels=rule != "brightness")
+        if rule != "brightness" and (map_labels is None or not np.any(map_labels)):
+            # all-empty labels would map every cluster to background: a model that predicts nothing
+            log.warning("model.cluster_rule=%r: the training labels are all empty; falling back to the "
+                        "unsupervised 'brightness' rule", rule)
+            tracking.set_tags({"label_empty": "true", "cluster_rule_fallback": f"{rule}->brightness"})
+            rule = "brightness"
         preprocessing = {"skull_strip": cfg.data.skull_strip, "standardize": cfg.data.standardize,
                          "axis": cfg.slicing.axis}
 
