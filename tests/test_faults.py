@@ -78,7 +78,7 @@ def test_storage_password_on_the_command_line_is_refused_and_never_recorded(mlfl
     for path in Path().rglob("*"):
         if path.is_file():
             assert PLANTED.encode() not in path.read_bytes(), path
-    assert "storage" not in (REPO_ROOT / "MLproject").read_text().split("sweep:")[1].split("command")[0]
+    assert "storage:" not in (REPO_ROOT / "MLproject").read_text().split("sweep:")[1].split("command")[0]
     assert tracking.mask_secrets(f"postgresql://db/x?user=u&password={PLANTED}") == \
         "postgresql://db/x?user=u&password=***"
     with pytest.raises(ValueError, match="STEGO_OPTUNA_STORAGE"):
