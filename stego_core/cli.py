@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from stego_core.config import load_config
+from stego_core.faults import Interrupted, handle_signals
 from stego_core.metrics import OBJECTIVE_KEYS
 
 T = TypeVar("T")
@@ -37,7 +38,8 @@ def parse(argv: list[str] | None, description: str, default_config: str | Path |
 
 def run(cls: type[T], fn: Callable[[T], Any], argv: list[str] | None, *, description: str,
         default_config: str | Path | None) -> int:
-    """Load ``cls`` from the config and overrides, call ``fn``; bad input exits 2 with a one-line message."""
+    """Load ``cls`` from the config and overrides, call ``fn``; bad input exits 2 with a one-line message,
+    SIGTERM / SIGINT exit 143 / 130 (see :func:`stego_core.faults.handle_signals`)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     config_path, overrides = parse(argv, description, default_config)
     try:
@@ -46,10 +48,14 @@ def run(cls: type[T], fn: Callable[[T], Any], argv: list[str] | None, *, descrip
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        result = fn(config)
+        with handle_signals():
+            result = fn(config)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as exc:  # SIGTERM / SIGINT: the run ended KILLED; exit 143 / 130 like a killed process
+        print(f"error: {exc}; the run ended KILLED", file=sys.stderr)
+        return exc.exit_code
     if result is not None:
         print(describe(result))
     return 0

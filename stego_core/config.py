@@ -326,6 +326,9 @@ class TrainSettings:
     max_mapping_crops: int = 4096
     cache_dir: str = "outputs/feature_cache"
     progress: bool = True
+    #: continue from a checkpoint: a Lightning ``.ckpt`` file or the id of a train run (its ``interrupted.ckpt``,
+    #: saved on SIGTERM / SIGINT, else its ``last.ckpt``); "" starts afresh
+    resume_from: str = ""
 
     def __post_init__(self) -> None:
         check_range(self.max_steps, "train.max_steps", 1)

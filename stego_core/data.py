@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import os
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +45,8 @@ class PreparedCase:
     affine: np.ndarray
     header: nib.Nifti1Header | None
     label_retention: float | None = None
+    #: set when the automatic brain mask is implausible for a head (see :func:`mask_plausibility`)
+    mask_warning: str | None = None
 
 
 @dataclass
@@ -110,8 +114,16 @@ def _ensure_phantoms(root: Path, data: DataConfig) -> None:
     else:
         if root.exists() and any(root.iterdir()):
             raise FileExistsError(f"{root} exists and is not a phantom folder; choose another data.root")
-        write_phantom_cases(root, data.phantom.n_volumes, data.phantom, seed=data.phantom.seed)
-        stamp.write_text(json.dumps(settings))
+        # write into a temporary folder and rename it into place: a killed generation leaves no half-made root
+        # (we hold the generation lock, so any leftover temporary folder is a dead process's)
+        for leftover in root.parent.glob(f".{root.name}.tmp-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
+        write_phantom_cases(tmp, data.phantom.n_volumes, data.phantom, seed=data.phantom.seed)
+        (tmp / stamp.name).write_text(json.dumps(settings))
+        if root.exists():
+            root.rmdir()  # empty (checked above)
+        os.replace(tmp, root)
 
 
 def preprocess_case(case: Case, data: DataConfig) -> PreparedCase:
@@ -130,12 +142,43 @@ def preprocess_case(case: Case, data: DataConfig) -> PreparedCase:
         raise ValueError(f"data.skull_strip='given' but case {case.case_id} has no brain_mask.nii.gz "
                          f"(folder {Path(case.image).parent})")
     mask = brain_mask_for(image, mode, given=loaded.mask, spacing_mm=loaded.image.spacing_mm)
+    if not mask.any():
+        raise ValueError(f"case {case.case_id}: the brain mask (data.skull_strip={mode!r}) is empty for "
+                         f"{case.image}; is the image constant or not a head? try data.skull_strip=none")
+    warning = mask_plausibility(image, mask, case) if mode in ("auto", "head") else None
     masked, _ = apply_brain_mask(image, mask)
     image01 = standardize(masked, mask, method=data.standardize)
     image01 = np.where(mask, image01, 0.0).astype(np.float32)
     retention = label_retention(mask, loaded.label) if loaded.label is not None else None
     return PreparedCase(case=case, image=image01, brain_mask=mask, label=loaded.label,
-                        affine=loaded.image.affine, header=loaded.image.header, label_retention=retention)
+                        affine=loaded.image.affine, header=loaded.image.header, label_retention=retention,
+                        mask_warning=warning)
+
+
+#: A head's automatic brain mask keeps between these fractions of the volume / of its brightest voxels.
+PLAUSIBLE_MASK_FRACTION = (0.05, 0.95)
+PLAUSIBLE_BRIGHT_FRACTION = 0.1
+
+
+def mask_plausibility(image: np.ndarray, mask: np.ndarray, case: Case) -> str | None:
+    """Log the fraction of the volume and of its bright voxels (top 5 %) the automatic mask keeps; return a
+    warning when either is implausible for a head (e.g. a microscopy stack keeps a sliver), else ``None``."""
+    import logging
+
+    log = logging.getLogger(__name__)
+    fraction = float(mask.mean())
+    bright = image > np.percentile(image, 95)
+    bright_kept = float(mask[bright].mean()) if bright.any() else 1.0
+    log.info("case %s: brain mask keeps %.1f%% of the volume and %.1f%% of its bright voxels", case.case_id,
+             100 * fraction, 100 * bright_kept)
+    low, high = PLAUSIBLE_MASK_FRACTION
+    if low <= fraction <= high and bright_kept >= PLAUSIBLE_BRIGHT_FRACTION:
+        return None
+    warning = (f"case {case.case_id}: the automatic brain mask keeps {100 * fraction:.1f}% of the volume and "
+               f"{100 * bright_kept:.1f}% of its bright voxels: implausible for a head ({case.image}); "
+               "if this is not a head scan use data.skull_strip=none")
+    log.warning(warning)
+    return warning
 
 
 def make_crop_set(cases: list[PreparedCase], slicing: SlicingConfig) -> CropSet:

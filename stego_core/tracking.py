@@ -24,6 +24,7 @@ from typing import Any
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from stego_core import faults
 from stego_core.io import Case
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -44,7 +45,8 @@ def mask_secrets(url: str) -> str:
     >>> mask_secrets("sqlite:///optuna.db")
     'sqlite:///optuna.db'
     """
-    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+    url = re.sub(r"(://[^:/@]+:)[^@/]*@", r"\1***@", url)
+    return re.sub(r"([?&]password=)[^&]*", r"\1***", url, flags=re.IGNORECASE)
 
 
 def git_commit(repo: str | Path | None = None) -> str:
@@ -77,7 +79,17 @@ class RunHandle:
 
 
 def _ensure_tracking() -> None:
-    mlflow.set_tracking_uri(tracking_uri())
+    """Point MLflow at :func:`tracking_uri`, opening (creating, migrating) the store under a file lock beside a
+    SQLite database: MLflow's own schema migration races when processes start together on a new store."""
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        with faults.store_lock(uri):
+            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise RuntimeError(f"cannot open the MLflow tracking store {mask_secrets(uri)}: {type(exc).__name__}: "
+                           f"{mask_secrets(first)[:300]}") from None
 
 
 @contextlib.contextmanager
@@ -85,7 +97,9 @@ def start_run(experiment: str, *, run_name: str | None = None, tags: Mapping[str
               nested: bool = False, output_root: str | Path = "outputs", run_id: str | None = None
               ) -> Iterator[RunHandle]:
     """Open an MLflow run (or resume ``run_id``); it ends FAILED with ``error.txt`` logged if the body raises
-    (KILLED, without ``error.txt``, if it raises :class:`RunKilled`).
+    (KILLED, without ``error.txt``, if it raises :class:`RunKilled` or is interrupted by SIGTERM / SIGINT,
+    :class:`stego_core.faults.Interrupted`). The tags ``owner_host`` / ``owner_pid`` let
+    :mod:`stego_core.doctor` end KILLED the runs of processes that died without a word (SIGKILL).
 
     The run's local outputs go to ``<output_root>/<run_id>/`` so runs never overwrite each other.
     """
@@ -101,13 +115,18 @@ def start_run(experiment: str, *, run_name: str | None = None, tags: Mapping[str
             mlflow.set_experiment(experiment_id=mlflow.active_run().info.experiment_id)
         else:
             mlflow.set_experiment(experiment)
-    all_tags = {"git_commit": git_commit(), **(tags or {})}
+    if not nested and run_id is None:
+        from stego_core.doctor import reap_dead_runs  # runs left RUNNING by killed processes end KILLED
+
+        with contextlib.suppress(Exception):
+            reap_dead_runs(client())
+    all_tags = {"git_commit": git_commit(), **faults.owner_tags(), **(tags or {})}
     with mlflow.start_run(run_name=run_name, nested=nested, run_id=run_id, tags=all_tags) as run:
         handle = RunHandle(run.info.run_id, run.info.experiment_id, Path(output_root) / run.info.run_id)
         handle.output_dir.mkdir(parents=True, exist_ok=True)
         try:
             yield handle
-        except RunKilled as exc:
+        except (RunKilled, faults.Interrupted) as exc:
             with contextlib.suppress(Exception):
                 mlflow.set_tag("end_reason", f"{type(exc).__name__}: {exc}"[:4000])
             mlflow.end_run(status="KILLED")

@@ -50,7 +50,7 @@ import optuna
 import yaml
 from optuna.trial import TrialState
 
-from stego_core import tracking
+from stego_core import faults, tracking
 from stego_core.config import flatten, load_config, parse_overrides, save_config, to_dict
 from stego_core.data import ensure_cases
 from sweeps.space import SweepConfig, grid_search_space, is_finite, pruner_class, sampler_class, suggest
@@ -147,7 +147,8 @@ def make_storage(url: str, *, heartbeat_interval_s: int = 60, grace_period_s: in
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
+                with faults.store_lock(url):  # serialise creating the tables of a new SQLite file
+                    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
         except ImportError:
             raise
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as exc:
@@ -636,7 +637,7 @@ def run_sweep(cfg: SweepConfig, *, worker: bool = False, train_fn: Callable[...,
             objective = Objective(cfg, experiment=experiment, train_fn=train_fn,
                                   baseline_fn=baseline_fn,
                                   tags={**tags, "worker": worker_name, "sampler_seed_effective": seed})
-            study.optimize(objective, n_trials=remaining, timeout=cfg.timeout_s, catch=(Exception,),
+            study.optimize(faults.fail_trial_on_interrupt(objective), n_trials=remaining, timeout=cfg.timeout_s, catch=(Exception,),
                            callbacks=[StopAtBudget(cfg.n_trials), log_progress], gc_after_trial=True)
         return summarize(study, cfg, parent.run_id, storage_text=storage_text)
 

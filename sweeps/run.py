@@ -19,6 +19,7 @@ from typing import Any
 
 from stego_core.cli import parse
 from stego_core.config import parse_overrides
+from stego_core.faults import Interrupted, handle_signals, resolve_storage
 from sweeps.driver import load_sweep_config, run_sweep
 from sweeps.space import SPEC_FIELDS, SweepConfig
 
@@ -72,19 +73,27 @@ def apply_space_overrides(space: dict[str, Any], overrides: dict[str, Any]) -> d
 def launch(config: str | Path, items: list[str], *, worker: bool = False, extra: dict[str, str] | None = None
            ) -> int:
     """Load the sweep config with ``items`` (``key=value``) and ``extra`` (verbatim values), run it, print the
-    summary. Bad input exits 2 with a one-line message; failing trials do not (they are recorded)."""
+    summary. Bad input exits 2 with a one-line message; failing trials do not (they are recorded); SIGTERM / SIGINT
+    exit 143 / 130. A ``storage`` with a password is refused: it comes from ``$STEGO_OPTUNA_STORAGE`` only."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         sweep_overrides, space_overrides, base_overrides = split_overrides(items)
-        cfg = load_sweep_config(config, {**sweep_overrides, **(extra or {})})
+        cfg = load_sweep_config(config, sweep_overrides)
+        # a password is taken from the environment only (the command line is printed and logged)
+        storage = resolve_storage(cfg.storage, default=SweepConfig.storage)
+        cfg = load_sweep_config(config, {**sweep_overrides, "storage": storage, **(extra or {})})
         if space_overrides:
             cfg = dataclasses.replace(cfg, space=apply_space_overrides(cfg.space, space_overrides))
         if base_overrides:
             cfg = dataclasses.replace(cfg, base_overrides=(*cfg.base_overrides, *base_overrides))
-        result = run_sweep(cfg, worker=worker)
+        with handle_signals():
+            result = run_sweep(cfg, worker=worker)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as exc:  # runs ended KILLED, the running trial FAIL
+        print(f"error: {exc}; the sweep's runs ended KILLED and its running trial FAIL", file=sys.stderr)
+        return exc.exit_code
     print(result)
     return 0
 

@@ -101,7 +101,7 @@ def project():
 
 
 def test_mlproject_entry_points_and_parameters(project):
-    assert set(project._entry_points) == {"main", "prepare", "train", "reconstruct", "baseline", "sweep"}
+    assert set(project._entry_points) == {"main", "prepare", "train", "reconstruct", "baseline", "sweep", "doctor"}
     expected = {  # the -P keys the README shows, plus the shared ones
         "main": {"config", "extra"},
         "prepare": {"config", "source", "data_root", "output", "n_volumes", "seed", "patch_size", "stride",
@@ -110,7 +110,7 @@ def test_mlproject_entry_points_and_parameters(project):
         "train": {"config", "source", "data_root", "backbone", "weights", "n_clusters", "patch_size",
                   "max_steps", "seed", "extra"},
         "reconstruct": {"config", "model_uri", "source", "data_root", "split", "extra"},
-        "sweep": {"config", "study_name", "storage", "n_trials", "timeout_s", "objective", "extra"},
+        "sweep": {"config", "study_name", "n_trials", "timeout_s", "objective", "extra"},
     }
     for name, params in expected.items():
         entry = project.get_entry_point(name)

@@ -8,6 +8,7 @@ per-volume metrics ``<key>/<case_id>``, their ``<key>_mean`` and ``<key>_std``, 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ from stego_core.io import Case, save_volume
 from stego_core.metrics import evaluate_segmentation, summarize, write_results
 from stego_core.reconstruction import segment_volume
 from stego_core.segmenter import Segmenter
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -49,6 +52,14 @@ def evaluate_cases(segmenter: Segmenter, cases: list[Case], cfg: EvaluateConfig,
     rows = []
     for case in tqdm(cases, desc=f"evaluate {segmenter.name}", unit="vol", disable=not cfg.progress):
         prepared = preprocess_case(case, cfg.data)
+        if log_to_mlflow and prepared.mask_warning:
+            tracking.set_tags({"skull_strip_implausible": "true",
+                               f"skull_strip_warning/{case.case_id}": prepared.mask_warning[:4000]})
+        if prepared.label is not None and not np.any(prepared.label):
+            log.warning("case %s: the label %s is all zero; its scores (Dice 0 or 1 by convention) are "
+                        "meaningless", case.case_id, case.label)
+            if log_to_mlflow:
+                tracking.set_tags({"label_empty": "true", f"label_empty/{case.case_id}": "true"})
         prob, pred = segment_volume(segmenter, prepared.image, prepared.brain_mask, cfg.engine,
                                     progress=cfg.progress)
         pred_path = save_volume(out_dir / "predictions" / f"{case.case_id}_pred.nii.gz", pred.astype(np.uint8),

@@ -23,7 +23,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from stego_core import tracking
+from stego_core import faults, tracking
 from stego_core.backbones import build_backbone
 from stego_core.config import TrainConfig, flatten, save_config
 from stego_core.datamodule import StegoDataModule, ValidationData
@@ -149,6 +149,24 @@ def _device(accelerator: str) -> str:
     return "cpu"
 
 
+def resume_checkpoint(resume_from: str, scratch: Path) -> str | None:
+    """The checkpoint file that ``train.resume_from`` names: a ``.ckpt`` path, or a train run id whose logged
+    ``checkpoints/interrupted.ckpt`` (else ``last.ckpt``) is downloaded into ``scratch``; ``None`` for ""."""
+    if not resume_from:
+        return None
+    if Path(resume_from).is_file():
+        return str(resume_from)
+    try:
+        folder = tracking.download_artifacts(f"runs:/{resume_from}/checkpoints", scratch)
+    except Exception as exc:
+        raise ValueError(f"train.resume_from={resume_from!r} is neither a checkpoint file nor a run with logged "
+                         f"checkpoints ({type(exc).__name__})") from None
+    for name in ("interrupted.ckpt", "last.ckpt"):
+        if (folder / name).is_file():
+            return str(folder / name)
+    raise ValueError(f"train.resume_from={resume_from!r}: run has no checkpoints/interrupted.ckpt or last.ckpt")
+
+
 def run_train(cfg: TrainConfig, *, report: Callable[[int, dict[str, float]], None] | None = None,
               nested: bool = False, run_name: str | None = None, tags: dict[str, str] | None = None
               ) -> TrainResult:
@@ -180,6 +198,12 @@ def run_train(cfg: TrainConfig, *, report: Callable[[int, dict[str, float]], Non
                              LinearProbe(cfg.model.code_dim, 2), cfg.loss, lr_head=cfg.train.lr_head,
                              lr_cluster=cfg.train.lr_cluster, lr_linear=cfg.train.lr_linear, seed=cfg.train.seed)
         map_features, map_crops, map_labels = data.mapping_data(with_labels=rule != "brightness")
+        if rule != "brightness" and (map_labels is None or not np.any(map_labels)):
+            # all-empty labels would map every cluster to background: a model that predicts nothing
+            log.warning("model.cluster_rule=%r: the training labels are all empty; falling back to the "
+                        "unsupervised 'brightness' rule", rule)
+            tracking.set_tags({"label_empty": "true", "cluster_rule_fallback": f"{rule}->brightness"})
+            rule = "brightness"
         preprocessing = {"skull_strip": cfg.data.skull_strip, "standardize": cfg.data.standardize,
                          "axis": cfg.slicing.axis}
 
@@ -195,14 +219,24 @@ def run_train(cfg: TrainConfig, *, report: Callable[[int, dict[str, float]], Non
         checkpoints = L.pytorch.callbacks.ModelCheckpoint(dirpath=run.output_dir / "checkpoints", save_last=True,
                                                           every_n_train_steps=cfg.train.val_every_n_steps,
                                                           save_top_k=0)
+        # SIGTERM / SIGINT (faults.Interrupted) save checkpoints/interrupted.ckpt: train.resume_from=<this run id>
+        on_interrupt = L.pytorch.callbacks.OnExceptionCheckpoint(run.output_dir / "checkpoints", "interrupted")
         trainer = L.Trainer(max_steps=cfg.train.max_steps, max_epochs=-1,
                             accelerator="gpu" if device == "cuda" else "cpu", devices=1,
                             precision=cfg.train.precision, logger=tracking.lightning_logger(run.run_id,
                                                                                              cfg.experiment),
-                            callbacks=[validation, checkpoints], log_every_n_steps=cfg.train.log_every_n_steps,
+                            callbacks=[validation, checkpoints, on_interrupt], log_every_n_steps=cfg.train.log_every_n_steps,
                             enable_progress_bar=cfg.train.progress, enable_model_summary=False,
                             num_sanity_val_steps=0, deterministic=device == "cpu", default_root_dir=run.output_dir)
-        trainer.fit(module, datamodule=data)
+        resume = resume_checkpoint(cfg.train.resume_from, run.output_dir / "resume")
+        if resume is not None:
+            tracking.set_tags({"resumed_from": cfg.train.resume_from})
+        try:
+            trainer.fit(module, datamodule=data, ckpt_path=resume)
+        except faults.Interrupted:
+            tracking.log_artifact(run.output_dir / "checkpoints", "checkpoints")
+            tracking.set_tags({"resume_with": f"train.resume_from={run.run_id}"})
+            raise
 
         module.eval()
         if validation.last_model is None:  # the callback validates at max_steps; this only guards odd stops

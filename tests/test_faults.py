@@ -1,0 +1,285 @@
+"""Fault suite (issue 12): real processes, real signals, real SQLite (and PostgreSQL when
+``STEGO_TEST_POSTGRES_URL`` is set). Each test reproduces one fault and shows it handled."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+import yaml
+
+from stego_core import doctor, faults, tracking
+from stego_core.config import DataConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PLANTED = "Pl4ntedS3cret"
+#: STEGO on tiny phantoms with the weight-free featurizer; max_steps is set per test.
+TINY_TRAIN = ["data.root=data/tiny", "data.phantom.shape=[32, 32, 24]", "data.phantom.n_volumes=2",
+              "slicing.patch_size=16", "slicing.stride=8", "model.backbone=classical", "model.res=8",
+              "model.code_dim=16", "train.val_every_n_steps=5", "train.batch_size=8", "train.progress=false",
+              "train.accelerator=cpu", "log_model=false", "experiment=faults"]
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def spawn(*args: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, *args], env=kw.pop("env", env()), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def wait_for(pattern: str, proc: subprocess.Popen, timeout: float = 60.0) -> Path:
+    """The first file matching ``pattern`` (glob under the cwd) once it exists."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        found = sorted(Path().glob(pattern))
+        if found:
+            return found[0]
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"process ended {proc.returncode} before {pattern} appeared:\n{out}\n{err[-3000:]}")
+        time.sleep(0.2)
+    proc.kill()
+    pytest.fail(f"{pattern} did not appear within {timeout} s")
+
+
+def runs(experiment: str) -> list:
+    client = tracking.client()
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], max_results=100) if exp else []
+
+
+# --------------------------------------------------------------------------------------------- secrets
+
+
+def test_storage_password_on_the_command_line_is_refused_and_never_recorded(mlflow_store: str) -> None:
+    url = f"postgresql://user:{PLANTED}@127.0.0.1:9/optuna"
+    proc = spawn("-m", "sweeps.run", "--config", str(REPO_ROOT / "sweeps/configs/sweep_baseline.yaml"),
+                 f"storage={url}", "n_trials=1")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert err.strip().startswith("error:") and "STEGO_OPTUNA_STORAGE" in err and "PGPASSWORD" in err
+    # from the environment the password is accepted, and every recorded / printed form is masked
+    proc = spawn("-m", "sweeps.run", "--config", str(REPO_ROOT / "sweeps/configs/sweep_baseline.yaml"),
+                 "n_trials=1", env={**env(), faults.STORAGE_ENV: url})
+    out2, err2 = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "cannot open Optuna storage" in err2 and "user:***@127.0.0.1:9" in err2
+    for text in (out, err, out2, err2):
+        assert PLANTED not in text
+    for path in Path().rglob("*"):
+        if path.is_file():
+            assert PLANTED.encode() not in path.read_bytes(), path
+    assert "storage:" not in (REPO_ROOT / "MLproject").read_text().split("sweep:")[1].split("command")[0]
+    assert tracking.mask_secrets(f"postgresql://db/x?user=u&password={PLANTED}") == \
+        "postgresql://db/x?user=u&password=***"
+    with pytest.raises(ValueError, match="STEGO_OPTUNA_STORAGE"):
+        faults.resolve_storage(url, default="sqlite:///optuna.db", environ={})
+    assert faults.resolve_storage("sqlite:///optuna.db", default="sqlite:///optuna.db",
+                                  environ={faults.STORAGE_ENV: url}) == url
+    assert faults.resolve_storage("postgresql://user@h/db", default="x", environ={}) == "postgresql://user@h/db"
+
+
+def test_postgres_sweep_stores_no_password(mlflow_store: str, tmp_path: Path) -> None:
+    url = os.environ.get("STEGO_TEST_POSTGRES_URL")
+    if not url or not faults.has_password(url):
+        pytest.skip("STEGO_TEST_POSTGRES_URL (with a password) is not set")
+    password = url.split("://", 1)[1].split("@")[0].split(":", 1)[1]
+    proc = spawn("-m", "sweeps.run", "--config", str(REPO_ROOT / "sweeps/configs/sweep_baseline.yaml"),
+                 "n_trials=1", f"study_name=faults-{os.getpid()}", "experiment=faults", "heartbeat_interval_s=0",
+                 "data.root=data/tiny", "data.phantom.shape=[32, 32, 24]", "data.phantom.n_volumes=2",
+                 env={**env(), faults.STORAGE_ENV: url})
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err[-3000:]
+    assert password not in out + err
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert password.encode() not in path.read_bytes(), path
+
+
+# --------------------------------------------------------------------------------------------- signals
+
+
+def test_sigterm_during_training_ends_killed_exits_143_and_resumes(mlflow_store: str) -> None:
+    import torch
+
+    proc = spawn("-m", "experiments.train", *TINY_TRAIN, "train.max_steps=100000")
+    wait_for("outputs/**/checkpoints/last.ckpt", proc, timeout=120)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err[-3000:]
+    assert "error: interrupted by SIGTERM" in err
+    (run,) = runs("faults")
+    assert run.info.status == "KILLED" and run.data.tags["end_reason"].startswith("Interrupted")
+    assert run.data.tags["owner_pid"] == str(proc.pid)
+    logged = {a.path for a in tracking.client().list_artifacts(run.info.run_id, "checkpoints")}
+    assert "checkpoints/interrupted.ckpt" in logged
+    step = torch.load(Path("outputs", "train", run.info.run_id, "checkpoints", "interrupted.ckpt"), map_location="cpu",
+                      weights_only=False)["global_step"]
+    # train.resume_from=<run id> continues from the interrupted step
+    proc = spawn("-m", "experiments.train", *TINY_TRAIN, f"train.max_steps={step + 3}",
+                 f"train.resume_from={run.info.run_id}")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    resumed = [r for r in runs("faults") if r.info.run_id != run.info.run_id][0]
+    assert resumed.info.status == "FINISHED" and resumed.data.tags["resumed_from"] == run.info.run_id
+    ckpt = torch.load(Path("outputs", "train", resumed.info.run_id, "checkpoints", "last.ckpt"), map_location="cpu",
+                      weights_only=False)
+    assert ckpt["global_step"] == step + 3
+
+
+def test_sigint_during_a_sweep_fails_the_trial_kills_the_runs_and_exits_130(mlflow_store: str,
+                                                                           tmp_path: Path) -> None:
+    cfg = {"study_name": "faults-sigint", "target": "stego", "base_config": "experiments/configs/train.yaml",
+           "base_overrides": [*TINY_TRAIN, "train.max_steps=100000"], "experiment": "faults",
+           "space": {"train.lr_head": {"type": "float", "low": 1e-4, "high": 1e-3, "log": True}},
+           "n_trials": 2, "pruner": "none", "heartbeat_interval_s": 0, "log_plots": False}
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(cfg))
+    proc = spawn("-m", "sweeps.run", "--config", str(tmp_path / "sweep.yaml"), cwd=tmp_path)
+    wait_for("outputs/**/checkpoints/last.ckpt", proc, timeout=120)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-3000:]
+    study = optuna.load_study(study_name="faults-sigint", storage="sqlite:///optuna.db")
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL]
+    statuses = {r.data.tags.get("sweep_role"): r.info.status for r in runs("faults")}
+    assert statuses == {"parent": "KILLED", "trial": "KILLED", "seed": "KILLED"}
+
+
+# --------------------------------------------------------------------------------------------- stores
+
+
+THREE = """
+import sys
+from stego_core import tracking
+from sweeps.driver import make_storage
+make_storage("sqlite:///optuna.db", heartbeat_interval_s=0)
+with tracking.start_run("concurrent", run_name=sys.argv[1]):
+    tracking.log_metrics({"x": 1.0})
+"""
+
+
+def test_three_processes_on_a_fresh_sqlite_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    uri = f"sqlite:///{tmp_path / 'fresh.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    procs = [spawn("-c", THREE, str(i), env={**env(), "MLFLOW_TRACKING_URI": uri}) for i in range(3)]
+    results = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [err[-2000:] for _, err in results]
+    assert sorted(r.info.run_name for r in runs("concurrent")) == ["0", "1", "2"]
+    assert all(r.info.status == "FINISHED" for r in runs("concurrent"))
+    assert (tmp_path / "fresh.db.lock").exists() and (tmp_path / "optuna.db.lock").exists()
+    # a store that cannot be opened: one error line naming it
+    bad = tmp_path / "not_a_db.db"
+    bad.write_text("this is not sqlite")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{bad}")
+    with pytest.raises(RuntimeError, match=f"cannot open the MLflow tracking store sqlite:///{bad}"):
+        tracking.client()
+
+
+# --------------------------------------------------------------------------------------------- cleanup
+
+
+HANG = """
+import time
+from pathlib import Path
+from stego_core import tracking
+with tracking.start_run("faults", run_name="doomed") as run:
+    Path("started").write_text(run.run_id)
+    time.sleep(600)
+"""
+
+
+def test_sigkill_then_cleanup(mlflow_store: str, tmp_path: Path) -> None:
+    proc = spawn("-c", HANG)
+    wait_for("started", proc)
+    proc.kill()
+    proc.wait()
+    # debris: a partial cache file of the dead process, a half-made phantom folder
+    cache = tmp_path / "outputs" / "feature_cache"
+    cache.mkdir(parents=True)
+    partial = cache / f"feats.npy.{proc.pid}.partial.npy"
+    partial.write_bytes(b"x")
+    mine = cache / f"feats.npy.{os.getpid()}.partial.npy"
+    mine.write_bytes(b"x")
+    (tmp_path / "data" / ".tiny.tmp-999999").mkdir(parents=True)
+    (tmp_path / "data" / "tiny").mkdir()
+    report = doctor.doctor(cache_roots=[tmp_path / "outputs"], data_roots=[tmp_path / "data" / "tiny"],
+                           dry_run=True)
+    run_id = Path("started").read_text()
+    assert report.killed_runs == [run_id] and report.removed_partials == [partial]
+    assert tracking.client().get_run(run_id).info.status == "RUNNING"  # dry run
+    # the automatic check at the start of the next run
+    with tracking.start_run("faults", run_name="next"):
+        pass
+    dead = tracking.client().get_run(run_id)
+    assert dead.info.status == "KILLED" and "is gone" in dead.data.tags["end_reason"]
+    proc = spawn("-m", "stego_core.doctor", "--cache", "outputs", "--data", "data/tiny")
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert not partial.exists() and mine.exists()
+    assert "half-made data folders" in out and ".tiny.tmp-999999" in out
+
+
+def test_phantoms_are_renamed_into_place(tmp_path: Path) -> None:
+    from stego_core.config import PhantomConfig
+    from stego_core.data import ensure_cases
+
+    (tmp_path / ".ph.tmp-999999").mkdir()  # a killed generation's leftover
+    data = DataConfig(source="phantom", root=str(tmp_path / "ph"),
+                      phantom=PhantomConfig(n_volumes=1, shape=(32, 32, 24), seed=0))
+    assert len(ensure_cases(data)) == 1
+    assert not list(tmp_path.glob(".ph.tmp-*")) and (tmp_path / "ph" / "phantom_settings.json").is_file()
+
+
+# --------------------------------------------------------------------------------------------- inputs
+
+
+def test_empty_label_warns_and_tags_the_evaluation(mlflow_store: str, tiny_case, caplog) -> None:
+    from stego_core.config import BaselineConfig, EngineConfig
+    from stego_core.io import load_volume, save_volume
+    from stego_core.steps.evaluation import run_baseline
+
+    folder = tiny_case("empty", brain_mask=True)
+    label = load_volume(folder / "label.nii.gz")
+    save_volume(folder / "label.nii.gz", np.zeros(label.data.shape, np.uint8), label.affine, overwrite=True)
+    cfg = BaselineConfig(data=DataConfig(source="folder", root=str(folder.parent), skull_strip="given"),
+                         engine=EngineConfig(patch_size=None, batch_size=8), method="otsu", split="all",
+                         experiment="faults", progress=False)
+    result = run_baseline(cfg)
+    tags = tracking.client().get_run(result.run_id).data.tags
+    assert tags["label_empty"] == "true" and tags["label_empty/empty"] == "true"
+    assert "label" in caplog.text and "all zero" in caplog.text
+
+
+def test_non_head_volume_warns_and_constant_image_names_the_case(mlflow_store: str, tmp_path: Path,
+                                                                 caplog) -> None:
+    from stego_core.config import BaselineConfig, EngineConfig
+    from stego_core.io import save_volume
+    from stego_core.steps.evaluation import run_baseline
+
+    rng = np.random.default_rng(0)
+    stack = (0.3 + 0.05 * rng.standard_normal((32, 32, 24))).astype(np.float32)
+    stack[::4] += 0.8  # vessels across the whole field of view, no head around them (a microscopy stack)
+    affine = np.diag([1.0, 1.0, 1.5, 1.0])
+    save_volume(tmp_path / "stack" / "s0" / "image.nii.gz", stack, affine)
+    cfg = BaselineConfig(data=DataConfig(source="folder", root=str(tmp_path / "stack"), skull_strip="auto"),
+                         engine=EngineConfig(patch_size=None, batch_size=8), method="otsu", split="all",
+                         experiment="faults", progress=False)
+    result = run_baseline(cfg)
+    tags = tracking.client().get_run(result.run_id).data.tags
+    assert tags["skull_strip_implausible"] == "true" and "implausible for a head" in tags["skull_strip_warning/s0"]
+    assert "of the volume" in caplog.text
+    save_volume(tmp_path / "const" / "c0" / "image.nii.gz", np.ones((32, 32, 24), np.float32), affine)
+    cfg = BaselineConfig(data=DataConfig(source="folder", root=str(tmp_path / "const"), skull_strip="auto"),
+                         engine=EngineConfig(patch_size=None, batch_size=8), method="otsu", split="all",
+                         experiment="faults", progress=False)
+    with pytest.raises(ValueError, match=r"case c0: the brain mask .* is empty for .*const/c0/image.nii.gz"):
+        run_baseline(cfg)
