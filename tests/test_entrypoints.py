@@ -108,7 +108,7 @@ def test_mlproject_entry_points_and_parameters(project):
                     "axis", "skull_strip", "extra"},
         "baseline": {"config", "method", "settings", "source", "data_root", "skull_strip", "split", "extra"},
         "train": {"config", "source", "data_root", "backbone", "weights", "n_clusters", "patch_size",
-                  "max_steps", "seed", "extra"},
+                  "max_steps", "seed", "register", "extra"},
         "reconstruct": {"config", "model_uri", "source", "data_root", "split", "extra"},
         "sweep": {"config", "study_name", "n_trials", "timeout_s", "objective", "extra"},
     }
