@@ -164,10 +164,15 @@ def test_stego_sweep_nested_runs_best_trial_and_resume() -> None:
         assert run.data.metrics["objective_std"] == pytest.approx(std)
         assert run.data.tags["trial_state"] == "COMPLETE" and run.info.status == "FINISHED"
         assert run.data.params["model.n_clusters"] in ("2", "3")
+        assert set(run.data.params) == set(space)  # only the swept parameters, under their plain names
+        assert run.data.tags["mlflow.note.content"].startswith(f"Optuna trial {run.data.tags['optuna_trial_number']}")
         objectives[int(run.data.tags["optuna_trial_number"])] = mean
     best = max(objectives, key=objectives.get)
     assert parent.data.tags["best_trial_number"] == str(best) == str(result.best_trial_number)
     assert parent.data.metrics["best_value"] == pytest.approx(objectives[best])
+    note = parent.data.tags["mlflow.note.content"]
+    assert f"Best: trial {best}, cldice = **{objectives[best]:.4f}**" in note and "| trial | objective |" in note
+    assert "best_trial/cldice" in parent.data.metrics and "best_trial/dice" in parent.data.metrics
     assert parent.data.params["sweep.study_name"] == "stego"
     assert parent.data.params["sweep.storage"] == "sqlite:///optuna.db"
     artifacts = {a.path for a in client().list_artifacts(parent.info.run_id)}

@@ -8,7 +8,11 @@ writes the training curves into the run -> cluster-to-vessel mapping (:mod:`steg
 
 Every ``train.val_every_n_steps`` the :class:`VolumeValidation` callback reconstructs a held-out volume from
 cached features with the engine's one sliding window and logs (through :mod:`stego_core.tracking`) its Dice /
-clDice, crop-level cluster and linear-probe mIoU / accuracy, and a slice panel.
+clDice, crop-level cluster and linear-probe mIoU / accuracy, and two stepped images (``val/crops``: a slice panel,
+``val/volume_mip``: the volume's MIP with an error overlay) that the run page shows with a step slider. It also
+hands ``val/*`` to Lightning, whose ``ModelCheckpoint`` keeps the ``train.save_top_k`` best checkpoints by
+``val/cldice`` plus ``last.ckpt``. The last validation is logged again as ``val_final/*`` (sorting after the
+curves); ``register=true`` registers the model as a version of ``model_name`` with those values as tags.
 """
 
 from __future__ import annotations
