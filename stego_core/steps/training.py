@@ -262,8 +262,10 @@ def run_train(cfg: TrainConfig, *, report: Callable[[int, dict[str, float]], Non
                             accelerator="gpu" if device == "cuda" else "cpu", devices=1,
                             precision=cfg.train.precision, logger=tracking.lightning_logger(run.run_id,
                                                                                              cfg.experiment),
-                            callbacks=[validation, checkpoints, on_interrupt], log_every_n_steps=cfg.train.log_every_n_steps,
-                            enable_progress_bar=cfg.train.progress and sys.stderr.isatty(), enable_model_summary=False,
+                            callbacks=[validation, checkpoints, on_interrupt],
+                            log_every_n_steps=cfg.train.log_every_n_steps,
+                            enable_progress_bar=cfg.train.progress and sys.stderr.isatty(),
+                            enable_model_summary=False,
                             num_sanity_val_steps=0, deterministic=device == "cpu", default_root_dir=run.output_dir)
         resume = resume_checkpoint(cfg.train.resume_from, run.output_dir / "resume")
         if resume is not None:
