@@ -47,8 +47,8 @@ def test_run_main_on_tiny_phantoms(tmp_path, monkeypatch, mlflow_store, server_s
         f"data.root={tmp_path / 'phantoms'}", "data.phantom.shape=[32, 32, 24]", "slicing.patch_size=16",
         "slicing.stride=8", "baselines=[otsu]", "train.max_steps=10", "train.val_every_n_steps=10",
         "train.batch_size=8", "model.res=8", "model.code_dim=16", "train.progress=false", "train.accelerator=cpu",
-        f"train.cache_dir={tmp_path / 'cache'}", f"output={tmp_path / 'outputs'}", "experiment=pipeline-tests", "register=true",
-        "model_name=stego-pipeline-tests"])
+        f"train.cache_dir={tmp_path / 'cache'}", f"output={tmp_path / 'outputs'}", "experiment=pipeline-tests",
+        "register=true", "model_name=stego-pipeline-tests"])
     assert cfg.model.backbone == "classical" and cfg.model.n_clusters == 12
     text = run_main(cfg)
     rows = {line.split()[0]: line for line in text.splitlines()[2:]}
