@@ -21,5 +21,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+UI_HOST ?= 127.0.0.1
+UI_PORT ?= 5000
+
+# Prints (and tries to open) the demo's runs table in the model-training view, then serves the UI.
 ui: $(STAMP)
-	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI)
+	@$(BIN)/python -m stego_core.tracking ui --base http://$(UI_HOST):$(UI_PORT) stego-vessels stego-vessels-sweeps
+	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host $(UI_HOST) --port $(UI_PORT)

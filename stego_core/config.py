@@ -325,7 +325,9 @@ class TrainSettings:
     max_val_crops: int = 512
     max_mapping_crops: int = 4096
     cache_dir: str = "outputs/feature_cache"
-    progress: bool = True
+    progress: bool = True  # progress bars, on a terminal only (plain log lines otherwise)
+    save_top_k: int = 3  # checkpoints kept by validation clDice (plus last.ckpt)
+    system_metrics: bool = True  # MLflow system metrics (CPU, memory, GPU) while training
     #: continue from a checkpoint: a Lightning ``.ckpt`` file or the id of a train run (its ``interrupted.ckpt``,
     #: saved on SIGTERM / SIGINT, else its ``last.ckpt``); "" starts afresh
     resume_from: str = ""
@@ -352,6 +354,8 @@ class TrainConfig(RunSettings):
     val_stride: int | None = None
     output: str = "outputs/train"
     log_model: bool = True
+    register: bool = False  # register the logged model as a new version of ``model_name`` (model registry)
+    model_name: str = "stego-segmenter"
 
 # ------------------------------------------------------------------------ reconstruction and evaluation
 
@@ -464,6 +468,8 @@ class MainConfig(RunSettings):
     train: TrainSettings = field(default_factory=TrainSettings)
     stego_crf: bool = True
     output: str = "outputs"
+    register: bool = False  # register the trained model in the model registry (as TrainConfig.register)
+    model_name: str = "stego-segmenter"
 
 
 # --------------------------------------------------------------------------------------------------- loading

@@ -104,7 +104,7 @@ def compute_features(backbone: Backbone, crops: np.ndarray, *, batch_size: int =
     dev = torch.device(device)
     backbone.to(dev)
     use_amp = bool(amp) and dev.type == "cuda"
-    with torch.inference_mode(), tqdm(total=n, disable=not progress, unit="crop", desc="features") as bar:
+    with torch.inference_mode(), tqdm(total=n, disable=None if progress else True, unit="crop", desc="features") as bar:
         for start in range(0, n, batch_size):
             stop = min(start + batch_size, n)
             x = torch.from_numpy(np.ascontiguousarray(crops[start:stop], dtype=np.float32))[:, None].to(dev)

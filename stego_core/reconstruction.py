@@ -55,7 +55,7 @@ def sliding_window(volume_shape: tuple[int, int, int], index: np.ndarray,
     """
     blender = CropBlender(volume_shape, axis=axis, patch_size=patch_size, blend=blend)
     starts = range(0, len(index), batch_size)
-    for start in tqdm(starts, desc=desc, unit="batch", disable=not progress, leave=False):
+    for start in tqdm(starts, desc=desc, unit="batch", disable=None if progress else True, leave=False):
         batch = slice(start, start + batch_size)
         pred = np.asarray(predict(batch), dtype=np.float32)
         expected = (len(index[batch]), patch_size, patch_size)

@@ -92,36 +92,94 @@ def _ensure_tracking() -> None:
                            f"{mask_secrets(first)[:300]}") from None
 
 
+#: The id of MLflow's "Default" experiment, where `mlflow run` puts its run unless told `--experiment-name`.
+DEFAULT_EXPERIMENT_ID = "0"
+#: Tags of the project's own run copied onto the run that replaces it (see :func:`start_run`).
+_PROJECT_TAG_PREFIXES = ("mlflow.source.", "mlflow.project.", "mlflow.gitRepoURL", "mlflow.user")
+NOTE_TAG = "mlflow.note.content"
+
+
+def system_metrics_available() -> bool:
+    """Whether MLflow's system metrics (CPU, memory, GPU) can be sampled: they need ``psutil``."""
+    import importlib.util
+
+    return importlib.util.find_spec("psutil") is not None
+
+
+def _project_run_to_adopt(experiment: str) -> tuple[str | None, str | None]:
+    """Under ``mlflow run`` (``MLFLOW_RUN_ID`` set, no active run): ``(run to adopt, run to redirect from)``.
+
+    The project's run is adopted when it lives in an experiment the user chose (``--experiment-name`` /
+    ``--experiment-id`` / ``MLFLOW_EXPERIMENT_NAME``), i.e. any experiment but "Default" -- or "Default" when
+    that is the configured experiment. A project run that landed in "Default" only because nothing was chosen
+    is not adopted: the step opens its own run in ``experiment`` and the project run points to it.
+    """
+    project_run = os.environ.get("MLFLOW_RUN_ID")
+    if not project_run or mlflow.active_run() is not None:
+        return None, None
+    info = MlflowClient().get_run(project_run).info
+    if info.experiment_id != DEFAULT_EXPERIMENT_ID or experiment == "Default":
+        mlflow.set_experiment(experiment_id=info.experiment_id)
+        return project_run, None
+    os.environ.pop("MLFLOW_RUN_ID", None)  # else mlflow.start_run would adopt it
+    return None, project_run
+
+
+def _point_project_run(project_run: str, run: Any) -> dict[str, str]:
+    """Tag the project's "Default" run with a link to ``run``; returns the project tags to copy onto ``run``."""
+    c = MlflowClient()
+    project = c.get_run(project_run)
+    exp = c.get_experiment(run.info.experiment_id)
+    c.set_tag(project_run, "stego.moved_to_run_id", run.info.run_id)
+    c.set_tag(project_run, NOTE_TAG, (
+        f"`mlflow run` started without `--experiment-name`: this run stays empty. The step ran as run "
+        f"`{run.info.run_id}` in experiment **{exp.name}** (#/experiments/{exp.experiment_id}/runs/"
+        f"{run.info.run_id}). Pass `--experiment-name {exp.name}` to avoid this placeholder."))
+    return {k: v for k, v in project.data.tags.items() if k.startswith(_PROJECT_TAG_PREFIXES)}
+
+
 @contextlib.contextmanager
 def start_run(experiment: str, *, run_name: str | None = None, tags: Mapping[str, str] | None = None,
-              nested: bool = False, output_root: str | Path = "outputs", run_id: str | None = None
-              ) -> Iterator[RunHandle]:
+              nested: bool = False, output_root: str | Path = "outputs", run_id: str | None = None,
+              description: str | None = None, log_system_metrics: bool = False) -> Iterator[RunHandle]:
     """Open an MLflow run (or resume ``run_id``); it ends FAILED with ``error.txt`` logged if the body raises
     (KILLED, without ``error.txt``, if it raises :class:`RunKilled` or is interrupted by SIGTERM / SIGINT,
     :class:`stego_core.faults.Interrupted`). The tags ``owner_host`` / ``owner_pid`` let
     :mod:`stego_core.doctor` end KILLED the runs of processes that died without a word (SIGKILL).
 
     The run's local outputs go to ``<output_root>/<run_id>/`` so runs never overwrite each other.
+    ``description`` is the run's one-line description (the run page's "Description", ``mlflow.note.content``);
+    ``log_system_metrics`` samples CPU / memory / GPU while the run is open (when ``psutil`` is installed).
+    Under ``mlflow run`` the project's run is adopted unless it landed in "Default" by default (see
+    :func:`_project_run_to_adopt`): runs always land in ``experiment`` or the one chosen on the command line.
     """
     _ensure_tracking()
+    redirected_from = None
     if run_id is None:
-        project_run = os.environ.get("MLFLOW_RUN_ID")
-        if project_run and mlflow.active_run() is None:
-            # Under `mlflow run`, this run adopts the project's run (MLFLOW_RUN_ID), whose experiment was chosen by
-            # `--experiment-name`: any other active experiment would make MLflow refuse to start it.
-            mlflow.set_experiment(experiment_id=MlflowClient().get_run(project_run).info.experiment_id)
+        adopted, redirected_from = _project_run_to_adopt(experiment)
+        if adopted is not None:
+            pass
         elif nested and mlflow.active_run() is not None:
             # A nested run lives in its parent's experiment, whatever that is.
             mlflow.set_experiment(experiment_id=mlflow.active_run().info.experiment_id)
         else:
-            mlflow.set_experiment(experiment)
+            _mark_model_training(mlflow.set_experiment(experiment))
     if not nested and run_id is None:
         from stego_core.doctor import reap_dead_runs  # runs left RUNNING by killed processes end KILLED
 
         with contextlib.suppress(Exception):
             reap_dead_runs(client())
     all_tags = {"git_commit": git_commit(), **faults.owner_tags(), **(tags or {})}
-    with mlflow.start_run(run_name=run_name, nested=nested, run_id=run_id, tags=all_tags) as run:
+    if description and run_id is None:
+        all_tags[NOTE_TAG] = description
+    system = log_system_metrics and system_metrics_available()
+    with mlflow.start_run(run_name=run_name, nested=nested, run_id=run_id, tags=all_tags,
+                          log_system_metrics=system or None) as run:
+        if redirected_from is not None:
+            with contextlib.suppress(Exception):
+                mlflow.set_tags({**_point_project_run(redirected_from, run), "stego.project_run_id": redirected_from})
+        if description and run_id is not None and NOTE_TAG not in run.data.tags:
+            mlflow.set_tag(NOTE_TAG, description)
         handle = RunHandle(run.info.run_id, run.info.experiment_id, Path(output_root) / run.info.run_id)
         handle.output_dir.mkdir(parents=True, exist_ok=True)
         try:
@@ -137,6 +195,28 @@ def start_run(experiment: str, *, run_name: str | None = None, tags: Mapping[str
                 mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:4000])
             mlflow.end_run(status="FAILED")
             raise
+
+
+def _mark_model_training(exp: Any) -> None:
+    """Tag an experiment as model development so MLflow 3's UI opens it on its runs table, not GenAI pages."""
+    if exp.tags.get("mlflow.experimentKind") != "custom_model_development":
+        with contextlib.suppress(Exception):
+            MlflowClient().set_experiment_tag(exp.experiment_id, "mlflow.experimentKind", "custom_model_development")
+
+
+def set_description(text: str) -> None:
+    """Set the active run's markdown description (the run page's "Description", ``mlflow.note.content``)."""
+    mlflow.set_tag(NOTE_TAG, text)
+
+
+def ui_url(experiment: str, *, base: str = "http://127.0.0.1:5000") -> str:
+    """The UI page of ``experiment``'s runs table in the model-training view (created if missing)."""
+    _ensure_tracking()
+    c = MlflowClient()
+    exp = c.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp is not None else c.create_experiment(experiment)
+    _mark_model_training(c.get_experiment(exp_id))
+    return f"{base.rstrip('/')}/#/experiments/{exp_id}/runs?workflowType=machine_learning"
 
 
 def active_run_id() -> str | None:
@@ -190,8 +270,34 @@ def log_figure(figure: Any, artifact_file: str) -> None:
     plt.close(figure)
 
 
+def figure_array(figure: Any) -> Any:
+    """A matplotlib figure as an RGB ``uint8`` array (H, W, 3); the figure is closed."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    rgb = np.asarray(canvas.buffer_rgba())[..., :3].copy()
+    plt.close(figure)
+    return rgb
+
+
+def log_image(figure: Any, key: str, *, step: int) -> None:
+    """Log a matplotlib figure (or an image array) as the stepped image ``key`` at ``step``: the run page's
+    image panel then shows one card per key with a step slider."""
+    image = figure if hasattr(figure, "shape") else figure_array(figure)
+    mlflow.log_image(image, key=key, step=step)
+
+
 def log_text(text: str, artifact_file: str) -> None:
     mlflow.log_text(text, artifact_file)
+
+
+def source_uri(source: str | Path) -> str:
+    """A dataset source as an absolute URI: local paths become ``file:///abs/path``, URIs pass through."""
+    text = str(source)
+    return text if "://" in text else Path(text).resolve().as_uri()
 
 
 def log_dataset(cases: list[Case], *, name: str, context: str, source: str) -> None:
@@ -206,7 +312,7 @@ def log_dataset(cases: list[Case], *, name: str, context: str, source: str) -> N
     frame = pd.DataFrame([c.to_dict() for c in cases]).fillna("")
     with warnings.catch_warnings():  # a local path matches MLflow's local source type twice; harmless
         warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
-        dataset = mlflow.data.from_pandas(frame, source=str(source), name=name)
+        dataset = mlflow.data.from_pandas(frame, source=source_uri(source), name=name)
     ids = ",".join(c.case_id for c in cases)
     ids = ids if len(ids) <= 500 else ids[:496] + ",..."
     mlflow.log_input(dataset, context=context, tags={"n_cases": str(len(cases)), "case_ids": ids})
@@ -265,9 +371,34 @@ def load_pytorch_model(model_uri: str, *, map_location: str = "cpu") -> Any:
 
 
 def run_of_model(model_uri: str) -> str | None:
-    """The run id that logged ``model_uri`` when it can be told (``runs:/<id>/...``)."""
+    """The run id that logged ``model_uri`` when it can be told: ``runs:/<id>/...``, or (asking the tracking
+    server) ``models:/<name>/<version>`` and ``models:/<model_id>``."""
     m = re.match(r"runs:/([0-9a-f]+)/", model_uri)
-    return m.group(1) if m else None
+    if m:
+        return m.group(1)
+    m = re.fullmatch(r"models:/([^/@]+)(?:/([^/]+)|@([^/]+))?", model_uri)
+    if not m:
+        return None
+    with contextlib.suppress(Exception):
+        name, version, alias = m.groups()
+        c = client()
+        if version:
+            return c.get_model_version(name, version).run_id
+        if alias:
+            return c.get_model_version_by_alias(name, alias).run_id
+        return c.get_logged_model(name).source_run_id
+    return None
+
+
+def register_model(model_uri: str, name: str, *, tags: Mapping[str, Any] | None = None,
+                   description: str | None = None) -> str:
+    """Register ``model_uri`` in the model registry as a new version of ``name`` (created if missing), with
+    ``tags`` (e.g. the validation metrics) on the version; returns ``models:/<name>/<version>``."""
+    c = client()
+    version = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in (tags or {}).items()})
+    if description:
+        c.update_model_version(name, version.version, description=description)
+    return f"models:/{name}/{version.version}"
 
 
 def client() -> MlflowClient:
@@ -285,3 +416,30 @@ def lightning_logger(run_id: str, experiment: str) -> Any:
 
 def scratch_dir() -> tempfile.TemporaryDirectory:
     return tempfile.TemporaryDirectory(prefix="stego_")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m stego_core.tracking ui [--base URL] [--open] EXPERIMENT...``: print the runs-table URL of
+    each experiment (model-training view) in the store of ``MLFLOW_TRACKING_URI`` (``make ui`` calls this)."""
+    import argparse
+    import webbrowser
+
+    parser = argparse.ArgumentParser(prog="python -m stego_core.tracking")
+    sub = parser.add_subparsers(dest="command", required=True)
+    ui = sub.add_parser("ui", help="print the UI URL of each experiment's runs table")
+    ui.add_argument("experiments", nargs="+")
+    ui.add_argument("--base", default="http://127.0.0.1:5000")
+    ui.add_argument("--open", action="store_true", help="also open the first URL in a browser")
+    args = parser.parse_args(argv)
+    urls = [ui_url(name, base=args.base) for name in args.experiments]
+    for name, url in zip(args.experiments, urls):
+        print(f"{name}: {url}")
+    print("(the UI starts now; open the first link once it says it is listening)")
+    if args.open:
+        with contextlib.suppress(Exception):
+            webbrowser.open(urls[0])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

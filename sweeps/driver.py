@@ -188,6 +188,7 @@ def open_study(cfg: SweepConfig, storage: optuna.storages.BaseStorage) -> tuple[
                                     load_if_exists=False)
         for key, value in identity.items():
             study.set_user_attr(key, value)
+        study.set_metric_names([cfg.objective])  # Optuna's plots name the axis after the objective
         return study, True
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(study_name=cfg.study_name, storage=storage)
@@ -312,11 +313,15 @@ class Objective:
         overrides = suggest(trial, self.specs)
         trial.set_user_attr("overrides", _jsonable(overrides))
         tags = {**self.tags, "sweep_role": "trial", "optuna_trial_number": trial.number}
+        tags["optuna_seeds"] = ",".join(map(str, self.cfg.seeds)) if self.cfg.resolved_seed_key else "none"
+        description = (f"Optuna trial {trial.number} of study {self.cfg.study_name}: "
+                       + ", ".join(f"{k}={v}" for k, v in overrides.items())
+                       + f"; `objective` = mean {self.cfg.objective} over the seeds.")
         with tracking.start_run(self.experiment, run_name=f"trial-{trial.number:03d}", nested=True,
-                                tags=tags) as run:
+                                tags=tags, description=description) as run:
             trial.set_user_attr(RUN_ATTR, run.run_id)
-            tracking.log_params({**overrides, "optuna.trial_number": trial.number,
-                                 "optuna.seeds": list(self.cfg.seeds) if self.cfg.resolved_seed_key else "none"})
+            # Only the swept parameters, under their plain names: Compare's axes default to them.
+            tracking.log_params(overrides)
             intermediate: list[tuple[int, float]] = []
             try:
                 per_seed = []
@@ -325,7 +330,7 @@ class Objective:
                     metrics = self._run_seed(trial, overrides, seed, report)
                     per_seed.append(metrics)
                     if seed is not None:
-                        tracking.log_metrics({f"objective/seed_{seed}": metrics[self.key]})
+                        tracking.log_metrics({f"seed_{seed}/objective": metrics[self.key]})
                 value = self._aggregate(trial, per_seed)
             except optuna.TrialPruned as exc:
                 tracking.set_tags({"trial_state": "PRUNED"})
@@ -566,9 +571,35 @@ def summarize(study: optuna.Study, cfg: SweepConfig, parent_run_id: str, *, stor
             indent=2, default=str), "best_trial.json")
     with contextlib.suppress(Exception):  # an empty study has no table
         tracking.log_text(study.trials_dataframe().to_csv(index=False), "trials.csv")
+    tracking.set_description(sweep_note(study, cfg))
+    if best is not None:
+        with contextlib.suppress(Exception):  # the best trial's scores as this row's own columns
+            metrics = tracking.client().get_run(best.user_attrs[RUN_ATTR]).data.metrics
+            tracking.log_metrics({f"best_trial/{k.split('/')[-1]}": v for k, v in metrics.items()
+                                  if k in (f"mean/val/{m}" for m in ("dice", "cldice"))
+                                  or k in (f"mean/{m}_mean" for m in ("dice", "cldice"))})
     if cfg.log_plots:
         log_plots(study)
     return result
+
+
+def sweep_note(study: optuna.Study, cfg: SweepConfig, top: int = 10) -> str:
+    """The sweep parent's markdown description: the best trial and the best ``top`` trials as a table."""
+    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
+    complete.sort(key=lambda t: t.value, reverse=cfg.direction == "maximize")
+    lines = [f"**Optuna study `{cfg.study_name}`**: {len(study.get_trials(deepcopy=False))} trials, objective "
+             f"`{cfg.objective}` ({cfg.direction}). Chart view: `trial_value` per trial and `best_value` so far; "
+             f"artifacts `plots/`, `trials.csv`, `best_trial.json`.", ""]
+    if not complete:
+        return "\n".join(lines + ["No completed trial yet."])
+    best = complete[0]
+    names = list(best.params)
+    lines += [f"Best: trial {best.number}, {cfg.objective} = **{best.value:.4f}**, run "
+              f"`{best.user_attrs.get(RUN_ATTR, '?')}`.", "",
+              "| trial | objective | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for t in complete[:top]:
+        lines.append(f"| {t.number} | {t.value:.4f} | " + " | ".join(str(t.params.get(n, "")) for n in names) + " |")
+    return "\n".join(lines)
 
 
 def retrain_command(cfg: SweepConfig, trial: optuna.trial.FrozenTrial) -> str:
@@ -622,6 +653,8 @@ def run_sweep(cfg: SweepConfig, *, worker: bool = False, train_fn: Callable[...,
     if parent_id is not None:
         _attach_project_run(parent_id, {**tags, "sweep_role": "session", "worker": worker_name})
     with tracking.start_run(experiment, run_name=cfg.study_name, run_id=parent_id,
+                            description=f"Optuna study {cfg.study_name} ({cfg.target}, objective {cfg.objective}): "
+                                        "expand the row (+) for the trials; the summary appears when it ends.",
                             tags={**tags, "sweep_role": "parent", "optuna_storage": storage_text}) as parent:
         if parent_id is None:
             study.set_user_attr(PARENT_ATTR, parent.run_id)

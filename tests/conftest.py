@@ -135,3 +135,63 @@ def tiny_case(tmp_path: Path) -> Callable[..., Path]:
         return folder
 
     return make
+
+
+def _free_port() -> int:
+    import socket
+
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory, _mlflow_template_db: Path):
+    """A real ``mlflow server`` process on a free loopback port (one per session); yields its URL.
+
+    Its SQLite store starts from the migrated template; artifacts are served (``mlflow-artifacts:``) from a
+    folder of the session. Tests talk to it over REST, as a user's tracking server would be used.
+    """
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    folder = tmp_path_factory.mktemp("mlflow_server")
+    db = folder / "server.db"
+    shutil.copyfile(_mlflow_template_db, db)
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = (folder / "server.log").open("w")
+    mlflow_cli = Path(sys.executable).with_name("mlflow")
+    proc = subprocess.Popen([str(mlflow_cli), "server", "--backend-store-uri", f"sqlite:///{db}",
+                             "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1",
+                             "--port", str(port), "--workers", "1"], cwd=folder, stdout=log,
+                            stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"mlflow server did not start: {(folder / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture
+def server_store(mlflow_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Point this test's MLflow at the session's real ``mlflow server`` (REST); returns its URL."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    return mlflow_server

@@ -108,7 +108,7 @@ def test_mlproject_entry_points_and_parameters(project):
                     "axis", "skull_strip", "extra"},
         "baseline": {"config", "method", "settings", "source", "data_root", "skull_strip", "split", "extra"},
         "train": {"config", "source", "data_root", "backbone", "weights", "n_clusters", "patch_size",
-                  "max_steps", "seed", "extra"},
+                  "max_steps", "seed", "register", "extra"},
         "reconstruct": {"config", "model_uri", "source", "data_root", "split", "extra"},
         "sweep": {"config", "study_name", "n_trials", "timeout_s", "objective", "extra"},
     }
@@ -174,22 +174,29 @@ def test_start_run_adopts_the_mlflow_run_project_run(monkeypatch):
     assert client.get_run(project_run).info.status == "FINISHED"
 
 
-def test_mlflow_run_prepare_smoke(tmp_path, mlflow_store):
+def test_mlflow_run_prepare_lands_in_stego_vessels_on_a_server(tmp_path, mlflow_store, server_store):
+    """The README's `mlflow run . -e prepare --env-manager local` (no --experiment-name) against a real
+    `mlflow server`: the step's run is in the configured experiment, the project's placeholder in Default
+    points to it."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_") or k == "MLFLOW_TRACKING_URI"}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # `python` = this venv's
     env["OMP_NUM_THREADS"] = "1"
     proc = subprocess.run(
         [sys.executable, "-m", "mlflow", "run", str(REPO_ROOT), "-e", "prepare", "--env-manager", "local",
-         "--experiment-name", "t", "-P", "n_volumes=2", "-P", f"data_root={tmp_path / 'ph'}",
+         "-P", "n_volumes=2", "-P", f"data_root={tmp_path / 'ph'}",
          "-P", f"output={tmp_path / 'out'}", "-P", "patch_size=16", "-P", "stride=8",
-         "-P", "extra=data.phantom.shape=[32,32,24]"],
+         "-P", "extra=data.phantom.shape=[32,32,24] experiment=entry-tests"],
         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     client = tracking.client()
-    (run,) = client.search_runs([client.get_experiment_by_name("t").experiment_id])
+    (run,) = client.search_runs([client.get_experiment_by_name("entry-tests").experiment_id])
     assert run.info.status == "FINISHED"
-    assert run.data.tags["mlflow.project.entryPoint"] == "prepare"
-    assert run.data.tags["step"] == "prepare"  # our run is the project's run, not a second one
+    assert run.data.tags["mlflow.project.entryPoint"] == "prepare"  # the project's tags are carried over
+    assert run.data.tags["step"] == "prepare" and run.data.tags["mlflow.note.content"].startswith("Data prep")
     assert run.data.params["data.phantom.n_volumes"] == "2" and run.data.params["slicing.patch_size"] == "16"
+    (placeholder,) = client.search_runs(["0"], f"tags.`stego.moved_to_run_id` = '{run.info.run_id}'")
+    assert placeholder.info.status == "FINISHED" and placeholder.info.run_id == run.data.tags["stego.project_run_id"]
+    (dataset,) = run.inputs.dataset_inputs
+    assert dataset.dataset.source.startswith('{"uri": "file:///') or "file:///" in dataset.dataset.source
     assert (tmp_path / "out" / run.info.run_id / "dataset" / "mra" / "all.txt").is_file()
     assert not (REPO_ROOT / "data" / "ph").exists()

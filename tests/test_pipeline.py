@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from stego_core import tracking
 from experiments import CONFIG_DIR
 from stego_core.config import MainConfig, load_config
+from stego_core.steps.evaluation import load_segmenter
 from stego_core.steps.pipeline import crf_available, format_table, run_main
 
 pytestmark = pytest.mark.usefixtures("mlflow_store")
@@ -34,7 +36,8 @@ def _artifact_names(client, run_id: str) -> set[str]:
     return {a.path for a in client.list_artifacts(run_id)}
 
 
-def test_run_main_on_tiny_phantoms(tmp_path, monkeypatch):
+def test_run_main_on_tiny_phantoms(tmp_path, monkeypatch, mlflow_store, server_store):
+    """The demo on tiny phantoms against a real `mlflow server` (REST), with the model registered."""
     import mlflow.models
 
     # skip MLflow's pip-requirement inference subprocess (~20 s on 2 cores); the model is logged all the same
@@ -44,7 +47,8 @@ def test_run_main_on_tiny_phantoms(tmp_path, monkeypatch):
         f"data.root={tmp_path / 'phantoms'}", "data.phantom.shape=[32, 32, 24]", "slicing.patch_size=16",
         "slicing.stride=8", "baselines=[otsu]", "train.max_steps=10", "train.val_every_n_steps=10",
         "train.batch_size=8", "model.res=8", "model.code_dim=16", "train.progress=false", "train.accelerator=cpu",
-        f"train.cache_dir={tmp_path / 'cache'}", f"output={tmp_path / 'outputs'}", "experiment=pipeline-tests"])
+        f"train.cache_dir={tmp_path / 'cache'}", f"output={tmp_path / 'outputs'}", "experiment=pipeline-tests",
+        "register=true", "model_name=stego-pipeline-tests"])
     assert cfg.model.backbone == "classical" and cfg.model.n_clusters == 12
     text = run_main(cfg)
     rows = {line.split()[0]: line for line in text.splitlines()[2:]}
@@ -74,3 +78,25 @@ def test_run_main_on_tiny_phantoms(tmp_path, monkeypatch):
         dice, std = run.data.metrics["dice_mean"], run.data.metrics["dice_std"]
         assert parent.data.metrics[f"{method}/dice"] == pytest.approx(dice)
         assert f"{dice:.3f} ± {std:.3f}" in rows[method]
+        assert parent.data.metrics[f"{method}/cldice"] == pytest.approx(run.data.metrics["cldice_mean"])
+
+    # the parent's description: the comparison as a markdown table linking each run, and the best method
+    note = parent.data.tags["mlflow.note.content"]
+    assert "| method | dice | cldice |" in note and "Best by clDice" in note
+    assert f"#/experiments/{experiment.experiment_id}/runs/{otsu.info.run_id}" in note
+    assert all(r.data.tags.get("mlflow.note.content") for r in runs.values())  # every run has a description
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+    # training: stepped images (step slider), val_final/* summaries, top-k checkpoints
+    images = {a.path for a in client.list_artifacts(train.info.run_id, "images")}
+    assert any(a.startswith("images/val~volume_mip+step+10+") and a.endswith(".png") for a in images)
+    assert "val_final/cldice" in train.data.metrics
+
+    # the registry: version 1 of the model, metrics as tags, reconstructed by models:/ URI, linked to training
+    version = client.get_model_version("stego-pipeline-tests", "1")
+    assert version.run_id == train.info.run_id and float(version.tags["cldice"]) == pytest.approx(
+        train.data.metrics["val_final/cldice"], abs=1e-4)
+    assert recon.data.tags["model_uri"] == "models:/stego-pipeline-tests/1"
+    segmenter = load_segmenter("models:/stego-pipeline-tests/1", device="cpu")
+    prob = segmenter.predict_slices(np.random.default_rng(0).random((2, 16, 16), dtype=np.float32))
+    assert prob.shape == (2, 16, 16) and np.isfinite(prob).all() and ((prob >= 0) & (prob <= 1)).all()

@@ -158,16 +158,21 @@ def test_stego_sweep_nested_runs_best_trial_and_resume() -> None:
         assert sorted(r.data.tags["sweep_seed"] for r in seeds) == ["0", "1"]
         assert all(r.info.status == "FINISHED" and r.data.params["train.seed"] == r.data.tags["sweep_seed"]
                    for r in seeds)
-        values = [r.data.metrics["final/cldice"] for r in seeds]  # run_train's final validation clDice
+        values = [r.data.metrics["val_final/cldice"] for r in seeds]  # run_train's final validation clDice
         mean, std = sum(values) / 2, abs(values[0] - values[1]) / 2
         assert run.data.metrics["objective"] == pytest.approx(mean)
         assert run.data.metrics["objective_std"] == pytest.approx(std)
         assert run.data.tags["trial_state"] == "COMPLETE" and run.info.status == "FINISHED"
         assert run.data.params["model.n_clusters"] in ("2", "3")
+        assert set(run.data.params) == set(space)  # only the swept parameters, under their plain names
+        assert run.data.tags["mlflow.note.content"].startswith(f"Optuna trial {run.data.tags['optuna_trial_number']}")
         objectives[int(run.data.tags["optuna_trial_number"])] = mean
     best = max(objectives, key=objectives.get)
     assert parent.data.tags["best_trial_number"] == str(best) == str(result.best_trial_number)
     assert parent.data.metrics["best_value"] == pytest.approx(objectives[best])
+    note = parent.data.tags["mlflow.note.content"]
+    assert f"Best: trial {best}, cldice = **{objectives[best]:.4f}**" in note and "| trial | objective |" in note
+    assert "best_trial/cldice" in parent.data.metrics and "best_trial/dice" in parent.data.metrics
     assert parent.data.params["sweep.study_name"] == "stego"
     assert parent.data.params["sweep.storage"] == "sqlite:///optuna.db"
     artifacts = {a.path for a in client().list_artifacts(parent.info.run_id)}
@@ -226,7 +231,7 @@ def test_failed_and_pruned_trials_are_recorded_and_the_sweep_goes_on() -> None:
     ok, failed, pruned = by_k["2"], by_k["3"], by_k["4"]
     assert (ok.info.status, ok.data.tags["trial_state"]) == ("FINISHED", "COMPLETE")
     assert ok.data.metrics["objective_std"] == pytest.approx(0.005)
-    assert ok.data.metrics["objective/seed_1"] == pytest.approx(0.81)
+    assert ok.data.metrics["seed_1/objective"] == pytest.approx(0.81)
     assert (failed.info.status, failed.data.tags["trial_state"]) == ("FAILED", "FAIL")
     assert "boom" in failed.data.tags["error"]
     assert (pruned.info.status, pruned.data.tags["trial_state"]) == ("KILLED", "PRUNED")

@@ -277,3 +277,48 @@ def test_pytorch_model_round_trip():
     from mlflow.models import get_model_info
 
     assert get_model_info(uri).metadata == {"n_clusters": 2}
+
+
+def test_project_run_in_default_is_replaced_in_the_configured_experiment(monkeypatch):
+    """`mlflow run` without --experiment-name: the project's run sits in Default; the step runs in its own
+    experiment and the placeholder points to it. With an experiment chosen, the project run is adopted."""
+    client = tracking.client()
+    placeholder = client.create_run("0", tags={"mlflow.source.type": "PROJECT", "mlflow.project.entryPoint": "x"})
+    monkeypatch.setenv("MLFLOW_RUN_ID", placeholder.info.run_id)
+    with tracking.start_run("exp-configured", description="one line") as handle:
+        pass
+    run = client.get_run(handle.run_id)
+    assert handle.run_id != placeholder.info.run_id
+    assert client.get_experiment(handle.experiment_id).name == "exp-configured"
+    assert run.data.tags["mlflow.note.content"] == "one line"
+    assert run.data.tags["stego.project_run_id"] == placeholder.info.run_id
+    assert run.data.tags["mlflow.project.entryPoint"] == "x"
+    moved = client.get_run(placeholder.info.run_id).data.tags
+    assert moved["stego.moved_to_run_id"] == handle.run_id and "exp-configured" in moved["mlflow.note.content"]
+    exp = client.get_experiment(handle.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on the runs table
+
+    chosen = client.create_experiment("exp-chosen")
+    project = client.create_run(chosen)
+    monkeypatch.setenv("MLFLOW_RUN_ID", project.info.run_id)
+    with tracking.start_run("exp-configured") as adopted:
+        pass
+    assert adopted.run_id == project.info.run_id and adopted.experiment_id == chosen
+
+
+def test_ui_url_points_at_the_model_training_runs_table():
+    url = tracking.ui_url("exp-ui", base="http://127.0.0.1:5123/")
+    exp = tracking.client().get_experiment_by_name("exp-ui")
+    assert url == f"http://127.0.0.1:5123/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"
+
+
+def test_log_image_is_stepped():
+    import matplotlib.figure
+
+    with tracking.start_run("exp-img") as handle:
+        for step in (1, 2):
+            figure = matplotlib.figure.Figure(figsize=(1, 1))
+            figure.add_subplot().plot([0, step])
+            tracking.log_image(figure, "val/panel", step=step)
+    names = _artifact_paths(tracking.client(), handle.run_id)
+    assert sorted(int(n.split("+step+")[1].split("+")[0]) for n in names if n.endswith(".png")) == [1, 2]

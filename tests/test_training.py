@@ -116,13 +116,19 @@ def test_train_run_records_everything(e2e, data3):
     assert len(client.get_metric_history(trained.run_id, "val/cluster_miou")) == 2
     metrics = run.data.metrics
     for key in ("dice", "cldice", "precision", "recall", "cluster_miou", "linear_miou"):
-        assert metrics[f"final/{key}"] == pytest.approx(trained.metrics[f"val/{key}"])
-        assert 0.0 <= metrics[f"final/{key}"] <= 1.0
+        assert metrics[f"val_final/{key}"] == pytest.approx(trained.metrics[f"val/{key}"])
+        assert 0.0 <= metrics[f"val_final/{key}"] <= 1.0
     assert "train/linear_loss" in metrics  # disjoint labelled training volumes feed the linear probe
 
     artifacts = _artifacts(client, trained.run_id)
-    assert {"figures/val_step_000010.png", "figures/val_step_000020.png", "config.yaml",
-            "checkpoints/last.ckpt"} <= artifacts
+    assert {"config.yaml", "checkpoints/last.ckpt", "checkpoints/best_k.json"} <= artifacts
+    # stepped images (the run page's image cards with a step slider), one per validation
+    for key in ("val~crops", "val~volume_mip"):  # MLflow's file name of the key val/...
+        steps = sorted(int(a.split("+step+")[1].split("+")[0]) for a in artifacts
+                       if a.startswith(f"images/{key}+step+") and a.endswith(".png"))
+        assert steps == [10, 20], key
+    assert any(a.startswith("checkpoints/best-step") for a in artifacts)  # top-k by val/cldice
+    assert run.data.tags["mlflow.note.content"].startswith("STEGO training")
     assert trained.model_uri == f"runs:/{trained.run_id}/model"
     (logged,) = client.search_logged_models([run.info.experiment_id], f"source_run_id = '{trained.run_id}'")
     assert logged.name == "model"

@@ -50,7 +50,7 @@ def evaluate_cases(segmenter: Segmenter, cases: list[Case], cfg: EvaluateConfig,
     from stego_core.visualize import mip_figure
 
     rows = []
-    for case in tqdm(cases, desc=f"evaluate {segmenter.name}", unit="vol", disable=not cfg.progress):
+    for case in tqdm(cases, desc=f"evaluate {segmenter.name}", unit="vol", disable=None if cfg.progress else True):
         prepared = preprocess_case(case, cfg.data)
         if log_to_mlflow and prepared.mask_warning:
             tracking.set_tags({"skull_strip_implausible": "true",
@@ -97,7 +97,10 @@ def run_evaluation(segmenter: Segmenter, cfg: EvaluateConfig, *, method: str, ru
     if cfg.crf:
         segmenter = CRFRefiner(segmenter, cfg.crf_settings)
         method, run_name = f"{method}+crf", f"{run_name}+crf"
+    description = (f"Evaluation of {method} on the {cfg.split} volumes of {Path(cfg.data.root).name}: "
+                   f"dice_mean / cldice_mean, per volume <key>/<case>, MIP and error overlays in figures/.")
     with tracking.start_run(cfg.experiment, run_name=run_name, output_root=cfg.output, nested=nested,
+                            description=description,
                             tags={"method": method, "step": "evaluate", **(tags or {})}) as run:
         tracking.log_params({**flatten(config), **(params or {})})
         cases = select_cases(cfg)
@@ -133,7 +136,8 @@ def run_baseline(cfg: BaselineConfig, *, nested: bool = False, tags: dict[str, s
 
 
 def resolve_model_uri(model_uri: str) -> str:
-    """Accept a bare training run id as ``runs:/<id>/model``; other URIs and local model folders pass through.
+    """Accept a bare training run id as ``runs:/<id>/model``; other URIs (``runs:/``, ``models:/<name>/<version>``,
+    ``models:/<name>@<alias>``) and local model folders pass through.
 
     >>> resolve_model_uri("0123456789abcdef0123456789abcdef")
     'runs:/0123456789abcdef0123456789abcdef/model'

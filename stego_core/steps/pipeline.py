@@ -39,6 +39,30 @@ def format_table(table: dict[str, dict[str, float]], keys: tuple[str, ...] = SCO
     return "\n".join(rows)
 
 
+def markdown_table(table: dict[str, dict[str, float]], runs: dict[str, str], experiment_id: str,
+                   keys: tuple[str, ...] = SCORE_KEYS) -> str:
+    """The comparison as a markdown note (the pipeline run's description): one row per method linking its run,
+    best Dice / clDice in bold, and the best method by clDice named below the table."""
+    cell = {k: max((s.get(f"{k}_mean", float("-inf")) for s in table.values()), default=float("nan")) for k in keys}
+    lines = ["| method | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    for method, s in table.items():
+        values = []
+        for k in keys:
+            mean, std = s.get(f"{k}_mean", float("nan")), s.get(f"{k}_std", float("nan"))
+            text = f"{mean:.3f} ± {std:.3f}"
+            values.append(f"**{text}**" if mean == cell[k] else text)
+        link = f"[{method}](#/experiments/{experiment_id}/runs/{runs[method]})" if method in runs else method
+        lines.append(f"| {link} | " + " | ".join(values) + " |")
+    scored = {m: s["cldice_mean"] for m, s in table.items() if s.get("cldice_mean") == s.get("cldice_mean")
+              and "cldice_mean" in s}
+    best = max(scored, key=scored.get) if scored else None
+    head = ["**Pipeline comparison** on the held-out volumes (mean ± std over volumes).", ""]
+    tail = ["", f"Best by clDice: **{best}** ({scored[best]:.3f}), run `{runs.get(best, '?')}`." if best else
+            "No labels: no scores.", "", "Per-method metrics of this row: `<method>/dice`, `<method>/cldice`; "
+            "figure: artifacts `comparison.png`."]
+    return "\n".join(head + lines + tail)
+
+
 def run_main(cfg: MainConfig) -> str:
     """Run every step as a run nested under one ``pipeline`` run; returns the comparison table.
 
@@ -49,7 +73,9 @@ def run_main(cfg: MainConfig) -> str:
     from stego_core.visualize import comparison_bar_figure
 
     with tracking.start_run(cfg.experiment, run_name="pipeline", output_root=f"{cfg.output}/pipeline",
-                            tags={"step": "pipeline", "method": "pipeline"}):
+                            tags={"step": "pipeline", "method": "pipeline"},
+                            description="The whole demo: prepare, classical baselines, STEGO training and "
+                                        "reconstruction (the comparison appears here when it ends).") as parent:
         tracking.log_params(flatten(cfg))
         run_prepare(PrepareConfig(data=cfg.data, slicing=cfg.slicing, output=f"{cfg.output}/prepare", **common),
                     nested=True)
@@ -62,7 +88,8 @@ def run_main(cfg: MainConfig) -> str:
             table[method], runs[method] = result.summary, result.run_id
 
         train_cfg = TrainConfig(data=cfg.data, slicing=cfg.slicing, model=cfg.model, loss=cfg.loss,
-                                train=cfg.train, output=f"{cfg.output}/train", **common)
+                                train=cfg.train, output=f"{cfg.output}/train", register=cfg.register,
+                                model_name=cfg.model_name, **common)
         trained = run_train(train_cfg, nested=True)
         stego = run_reconstruct(ReconstructConfig(
             data=cfg.data, engine=EngineConfig(axis=cfg.slicing.axis, patch_size=None),
@@ -81,4 +108,5 @@ def run_main(cfg: MainConfig) -> str:
         means = {m: {k: s.get(f"{k}_mean", float("nan")) for k in SCORE_KEYS} for m, s in table.items()}
         tracking.log_metrics({f"{key[m]}/{k}": v for m, row in means.items() for k, v in row.items()})
         tracking.log_figure(comparison_bar_figure(means, keys=("dice", "cldice")), "comparison.png")
+        tracking.set_description(markdown_table(table, runs, parent.experiment_id))
     return text

@@ -66,12 +66,16 @@ def run_prepare(cfg: PrepareConfig, *, nested: bool = False) -> PrepareResult:
     ``test_crops.npz``, ``manifest.json``, ``config.yaml``), and are logged as artifacts of the run.
     """
     with tracking.start_run(cfg.experiment, run_name="prepare", output_root=cfg.output, nested=nested,
-                            tags={"step": "prepare", "method": "data"}) as run:
+                            tags={"step": "prepare", "method": "data"},
+                            description=f"Data preparation: {cfg.data.source} volumes of {Path(cfg.data.root).name} "
+                                        f"-> preprocessed {cfg.slicing.patch_size}px crops; previews in preview/.") \
+            as run:
         tracking.log_params(flatten(cfg))
         cases = ensure_cases(cfg.data)
         tracking.log_dataset(cases, name=Path(cfg.data.root).name, context="prepare", source=cfg.data.root)
         train, test = split_cases(cases, cfg.test_fraction, seed=cfg.split_seed)
-        prepared = {c.case_id: preprocess_case(c, cfg.data) for c in tqdm(cases, desc="preprocess", unit="vol")}
+        prepared = {c.case_id: preprocess_case(c, cfg.data)  # a bar on a terminal only (disable=None)
+                    for c in tqdm(cases, desc="preprocess", unit="vol", disable=None)}
         for cid, p in prepared.items():
             metrics = {f"brain_fraction/{cid}": float(p.brain_mask.mean())}
             if p.label_retention is not None:

@@ -8,12 +8,18 @@ writes the training curves into the run -> cluster-to-vessel mapping (:mod:`steg
 
 Every ``train.val_every_n_steps`` the :class:`VolumeValidation` callback reconstructs a held-out volume from
 cached features with the engine's one sliding window and logs (through :mod:`stego_core.tracking`) its Dice /
-clDice, crop-level cluster and linear-probe mIoU / accuracy, and a slice panel.
+clDice, crop-level cluster and linear-probe mIoU / accuracy, and two stepped images (``val/crops``: a slice panel,
+``val/volume_mip``: the volume's MIP with an error overlay) that the run page shows with a step slider. It also
+hands ``val/*`` to Lightning, whose ``ModelCheckpoint`` keeps the ``train.save_top_k`` best checkpoints by
+``val/cldice`` plus ``last.ckpt``. The last validation is logged again as ``val_final/*`` (sorting after the
+curves); ``register=true`` registers the model as a version of ``model_name`` with those values as tags.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,11 +77,19 @@ class VolumeValidation(L.Callback):
         was_training = pl_module.training
         pl_module.eval()
         model = self.make_model()  # maps clusters to vessel once per validation
-        metrics = validation_metrics(pl_module, model, self.val)
+        metrics, prob = validation_metrics(pl_module, model, self.val, return_probabilities=True)
         tracking.log_metrics(metrics, step=step)
+        # Exposed to Lightning, so ModelCheckpoint(monitor="val/cldice") keeps the best checkpoints.
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
         if self.val.features is not None and len(self.val.features):
-            tracking.log_figure(validation_figure(pl_module, model.vessel_clusters, self.val),
-                                f"figures/val_step_{step:06d}.png")
+            tracking.log_image(validation_figure(pl_module, model.vessel_clusters, self.val), "val/crops",
+                               step=step)
+        if prob is not None and self.val.volume is not None:
+            tracking.log_image(validation_mip_figure(prob > model.threshold, self.val, step), "val/volume_mip",
+                               step=step)
+        loss = trainer.callback_metrics.get("loss")
+        log.info("step %d/%d%s: %s", step, self.max_steps, f" loss {float(loss):.4f}" if loss is not None else "",
+                 ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k in VAL_LOG_KEYS))
         pl_module.train(was_training)
         self.last, self.last_model = metrics, model
         if self.report is not None:
@@ -101,9 +115,15 @@ def reconstruct_from_features(model: StegoSegmenterModel, val: ValidationData, *
                           brain_mask=val.volume.brain_mask)
 
 
-def validation_metrics(module: StegoModule, model: StegoSegmenterModel, val: ValidationData) -> dict[str, float]:
-    """Crop-level cluster / linear-probe mIoU and accuracy, and Dice etc. of the reconstructed volume."""
+VAL_LOG_KEYS = ("val/dice", "val/cldice", "val/cluster_miou", "val/predicted_fraction")
+
+
+def validation_metrics(module: StegoModule, model: StegoSegmenterModel, val: ValidationData, *,
+                       return_probabilities: bool = False) -> Any:
+    """Crop-level cluster / linear-probe mIoU and accuracy, and Dice etc. of the reconstructed volume
+    (with ``return_probabilities``: ``(metrics, vessel probabilities or None)``)."""
     metrics: dict[str, float] = {}
+    prob = None
     vessel = model.vessel_clusters
     if val.features is not None and val.labels is not None and len(val.features):
         ids, linear = cluster_maps(module, val.features, val.patch_size)
@@ -119,7 +139,16 @@ def validation_metrics(module: StegoModule, model: StegoSegmenterModel, val: Val
         if val.volume.label is not None:
             scores = evaluate_segmentation(pred, val.volume.label)
             metrics.update({f"val/{k}": float(v) for k, v in scores.items()})
-    return metrics
+    return (metrics, prob) if return_probabilities else metrics
+
+
+def validation_mip_figure(pred: np.ndarray, val: ValidationData, step: int) -> Any:
+    """The validation volume's MIP with the prediction and its errors against the label (as in evaluation)."""
+    from stego_core.visualize import mip_figure
+
+    assert val.volume is not None
+    return mip_figure(val.volume.image, val.volume.label, pred, axis=val.axis,
+                      title=f"validation volume at step {step}")
 
 
 def validation_figure(module: StegoModule, vessel: torch.Tensor, val: ValidationData, n: int = 8) -> Any:
@@ -172,7 +201,11 @@ def run_train(cfg: TrainConfig, *, report: Callable[[int, dict[str, float]], Non
               ) -> TrainResult:
     """Train STEGO as one MLflow run; returns the run id, the logged model's URI and the final val metrics."""
     device = _device(cfg.train.accelerator)
+    description = (f"STEGO training: {cfg.model.backbone} backbone, {cfg.model.n_clusters} clusters, "
+                   f"{cfg.train.max_steps} steps on {Path(cfg.data.root).name}; curves val/*, stepped images "
+                   f"val/crops and val/volume_mip, checkpoints/, model `model`.")
     with tracking.start_run(cfg.experiment, run_name=run_name or f"stego-{cfg.model.backbone}", nested=nested,
+                            description=description, log_system_metrics=cfg.train.system_metrics,
                             output_root=cfg.output, tags={"method": "stego", "step": "train",
                                                           "backbone": cfg.model.backbone, **(tags or {})}) as run:
         tracking.log_params(flatten(cfg))
@@ -216,17 +249,23 @@ def run_train(cfg: TrainConfig, *, report: Callable[[int, dict[str, float]], Non
 
         validation = VolumeValidation(make_model, data.val, every_n_steps=cfg.train.val_every_n_steps,
                                       max_steps=cfg.train.max_steps, report=report)
+        # The best checkpoints by validation clDice (the callback exposes val/* to Lightning) plus last.ckpt.
         checkpoints = L.pytorch.callbacks.ModelCheckpoint(dirpath=run.output_dir / "checkpoints", save_last=True,
                                                           every_n_train_steps=cfg.train.val_every_n_steps,
-                                                          save_top_k=0)
+                                                          monitor="val/cldice", mode="max",
+                                                          save_top_k=cfg.train.save_top_k,
+                                                          filename="best-step{step:06d}",
+                                                          auto_insert_metric_name=False)
         # SIGTERM / SIGINT (faults.Interrupted) save checkpoints/interrupted.ckpt: train.resume_from=<this run id>
         on_interrupt = L.pytorch.callbacks.OnExceptionCheckpoint(run.output_dir / "checkpoints", "interrupted")
         trainer = L.Trainer(max_steps=cfg.train.max_steps, max_epochs=-1,
                             accelerator="gpu" if device == "cuda" else "cpu", devices=1,
                             precision=cfg.train.precision, logger=tracking.lightning_logger(run.run_id,
                                                                                              cfg.experiment),
-                            callbacks=[validation, checkpoints, on_interrupt], log_every_n_steps=cfg.train.log_every_n_steps,
-                            enable_progress_bar=cfg.train.progress, enable_model_summary=False,
+                            callbacks=[validation, checkpoints, on_interrupt],
+                            log_every_n_steps=cfg.train.log_every_n_steps,
+                            enable_progress_bar=cfg.train.progress and sys.stderr.isatty(),
+                            enable_model_summary=False,
                             num_sanity_val_steps=0, deterministic=device == "cpu", default_root_dir=run.output_dir)
         resume = resume_checkpoint(cfg.train.resume_from, run.output_dir / "resume")
         if resume is not None:
@@ -244,7 +283,12 @@ def run_train(cfg: TrainConfig, *, report: Callable[[int, dict[str, float]], Non
         final, model = validation.last, validation.last_model.cpu()
         tracking.set_tags({"cluster_mapping_rule": model.mapping_rule,
                            "vessel_clusters": ",".join(str(i) for i in np.flatnonzero(model.vessel_clusters))})
-        tracking.log_metrics({k.replace("val/", "final/"): v for k, v in final.items()})
+        # Summary values named to sort after the curves (train/*, val/*) in the run's charts and columns.
+        tracking.log_metrics({k.replace("val/", "val_final/"): v for k, v in final.items()})
+        best = {Path(k).name: float(v) for k, v in checkpoints.best_k_models.items()}
+        (run.output_dir / "checkpoints" / "best_k.json").write_text(json.dumps(
+            {"monitor": "val/cldice", "best_k": best, "best": Path(checkpoints.best_model_path).name or None},
+            indent=2))
         tracking.log_artifact(run.output_dir / "checkpoints", "checkpoints")
         model_uri = None
         if cfg.log_model:
@@ -253,6 +297,12 @@ def run_train(cfg: TrainConfig, *, report: Callable[[int, dict[str, float]], Non
                 "patch_size": cfg.slicing.patch_size, "axis": cfg.slicing.axis, "backbone": cfg.model.backbone,
                 "weights_id": backbone.weights_id, "mapping_rule": model.mapping_rule,
                 "skull_strip": cfg.data.skull_strip, "standardize": cfg.data.standardize})
+            if cfg.register:
+                model_uri = tracking.register_model(
+                    model_uri, cfg.model_name, tags={**{k.replace("val/", ""): f"{v:.4f}" for k, v in final.items()},
+                                                     "backbone": cfg.model.backbone, "train_run_id": run.run_id},
+                    description=f"STEGO {cfg.model.backbone}, {cfg.train.max_steps} steps, training run {run.run_id}")
+                tracking.set_tags({"registered_model": model_uri})
         return TrainResult(run_id=run.run_id, model_uri=model_uri, metrics=final, mapping_rule=model.mapping_rule,
                            output_dir=run.output_dir)
 
