@@ -436,8 +436,8 @@ class BaselineConfig(EvaluateConfig):
 @dataclass(frozen=True)
 class ReconstructConfig(EvaluateConfig):
     """The ``reconstruct`` entry point: a trained STEGO model (a training run id, ``runs:/<id>/model``,
-    ``models:/...`` or a local MLflow model folder) evaluated on held-out volumes. ``engine.patch_size: null`` means the model's own
-    training crop size."""
+    ``models:/...`` or a local MLflow model folder) evaluated on held-out volumes. ``engine.patch_size: null``
+    means the model's own training crop size."""
 
     model_uri: str = ""
     device: str = "auto"

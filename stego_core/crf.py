@@ -7,11 +7,10 @@ compat 4). :class:`CRFRefiner` wraps any segmenter, so the engine, the baselines
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import numpy as np
 
-from stego_core._checks import check_ndim, check_range, check_same_shape
+from stego_core._checks import check_ndim, check_same_shape
 from stego_core.config import CRFSettings
 from stego_core.segmenter import Segmenter
 

@@ -7,12 +7,9 @@
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +17,7 @@ import nibabel as nib
 import numpy as np
 
 from stego_core.config import DataConfig, SlicingConfig, to_dict
+from stego_core.faults import file_lock
 from stego_core.io import Case, discover_cases, load_case
 from stego_core.slicing import crop_index, take_crops
 
@@ -81,21 +79,9 @@ def ensure_cases(data: DataConfig, *, require_labels: bool = False) -> list[Case
     """
     root = Path(data.root)
     if data.source == "phantom":
-        with _file_lock(root.parent / f".{root.name}.lock"):  # concurrent runs generate the phantoms once
+        with file_lock(root.parent / f".{root.name}.lock"):  # concurrent runs generate the phantoms once
             _ensure_phantoms(root, data)
     return discover_cases(root, require_labels=require_labels)
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock on ``path`` (held by one process of this machine at a time)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _ensure_phantoms(root: Path, data: DataConfig) -> None:

@@ -19,14 +19,10 @@ Training step, in outline (the caller owns optimisers; cached features come as f
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from stego_core.config import LossConfig

@@ -670,7 +670,8 @@ def run_sweep(cfg: SweepConfig, *, worker: bool = False, train_fn: Callable[...,
             objective = Objective(cfg, experiment=experiment, train_fn=train_fn,
                                   baseline_fn=baseline_fn,
                                   tags={**tags, "worker": worker_name, "sampler_seed_effective": seed})
-            study.optimize(faults.fail_trial_on_interrupt(objective), n_trials=remaining, timeout=cfg.timeout_s, catch=(Exception,),
+            study.optimize(faults.fail_trial_on_interrupt(objective), n_trials=remaining, timeout=cfg.timeout_s,
+                           catch=(Exception,),
                            callbacks=[StopAtBudget(cfg.n_trials), log_progress], gc_after_trial=True)
         return summarize(study, cfg, parent.run_id, storage_text=storage_text)
 

@@ -4,9 +4,10 @@
         [--config sweeps/configs/sweep.yaml] [key=value ...]
 
 ``--storage`` defaults to the environment variable ``STEGO_OPTUNA_STORAGE``, the only place a password is
-accepted (a ``--storage`` with one is refused: it would show in the process list). Workers share the study through the database: Optuna hands each a different trial, heartbeats
-let the others fail the trial of a worker that died, and every trial nests under the sweep's one MLflow parent
-run (point all workers at the same tracking server with ``MLFLOW_TRACKING_URI``). A worker stops when the study
+accepted (a ``--storage`` with one is refused: it would show in the process list). Workers share the study
+through the database: Optuna hands each a different trial, heartbeats let the others fail the trial of a
+worker that died, and every trial nests under the sweep's one MLflow parent run (point all workers at the same
+tracking server with ``MLFLOW_TRACKING_URI``). A worker stops when the study
 holds ``n_trials`` trials. Its sampler seed is drawn fresh, so workers never propose the same points.
 """
 
