@@ -437,11 +437,13 @@ class BaselineConfig(EvaluateConfig):
 class ReconstructConfig(EvaluateConfig):
     """The ``reconstruct`` entry point: a trained STEGO model (a training run id, ``runs:/<id>/model``,
     ``models:/...`` or a local MLflow model folder) evaluated on held-out volumes. ``engine.patch_size: null``
-    means the model's own training crop size."""
+    means the model's own training crop size. ``amp``: bf16 autocast on a GPU; ``compile``: ``torch.compile``
+    the model first (about a minute of compilation; pays off on whole volumes)."""
 
     model_uri: str = ""
     device: str = "auto"
     amp: bool = False
+    compile: bool = False
     output: str = "outputs/reconstruct"
 
     def __post_init__(self) -> None:

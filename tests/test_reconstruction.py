@@ -140,3 +140,23 @@ def test_binarize():
     np.testing.assert_array_equal(binarize(prob, 0.1), [[[True, True, True, True]]])
     with pytest.raises(ValueError, match="threshold"):
         binarize(prob, 1.5)
+
+
+def test_compiled_segmenter_equals_the_plain_one():
+    """The fast path (torch.compile + inference mode) predicts what the plain module predicts."""
+    import torch
+
+    from stego_core.backbones import build_backbone
+    from stego_core.inference import StegoSegmenterModel, TorchSegmenter
+    from stego_core.stego import ClusterProbe, StegoHead
+
+    torch.manual_seed(0)
+    backbone = build_backbone("classical", res=4)
+    model = StegoSegmenterModel(backbone, StegoHead(backbone.feature_dim, 8), ClusterProbe(8, 3),
+                                torch.tensor([False, True, False]), patch_size=8)
+    crops = np.random.default_rng(0).random((5, 8, 8)).astype(np.float32)
+    plain = TorchSegmenter(model).predict_slices(crops)
+    fast = TorchSegmenter(model, compile=True).predict_slices(crops)
+    print(f"max |compiled - plain| = {np.abs(fast - plain).max():.1e}")
+    assert fast.shape == plain.shape == crops.shape
+    assert np.abs(fast - plain).max() < 1e-5

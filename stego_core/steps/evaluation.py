@@ -147,7 +147,7 @@ def resolve_model_uri(model_uri: str) -> str:
     return f"runs:/{model_uri}/model" if re.fullmatch(r"[0-9a-f]{32}", model_uri) else model_uri
 
 
-def load_segmenter(model_uri: str, *, device: str = "auto", amp: bool = False) -> Any:
+def load_segmenter(model_uri: str, *, device: str = "auto", amp: bool = False, compile: bool = False) -> Any:
     """Load a logged STEGO model as an engine segmenter (:class:`~stego_core.inference.TorchSegmenter`)."""
     import torch
 
@@ -160,12 +160,12 @@ def load_segmenter(model_uri: str, *, device: str = "auto", amp: bool = False) -
         model = tracking.load_pytorch_model(model_uri, map_location=device)
     except Exception as exc:
         raise ValueError(f"cannot load model_uri={model_uri!r}: {exc}") from exc
-    return TorchSegmenter(model, device=device, amp=amp)
+    return TorchSegmenter(model, device=device, amp=amp, compile=compile)
 
 
 def run_reconstruct(cfg: ReconstructConfig, *, nested: bool = False) -> EvaluationResult:
     """Evaluate a trained model with the same engine and metric keys as the baselines, linked to its training run."""
-    segmenter = load_segmenter(cfg.model_uri, device=cfg.device, amp=cfg.amp)
+    segmenter = load_segmenter(cfg.model_uri, device=cfg.device, amp=cfg.amp, compile=cfg.compile)
     model = segmenter.model
     if cfg.engine.patch_size is None:
         cfg = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, patch_size=model.patch_size))
