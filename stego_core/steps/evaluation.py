@@ -17,11 +17,11 @@ from tqdm.auto import tqdm
 
 from stego_core import tracking
 from stego_core.config import BaselineConfig, EvaluateConfig, ReconstructConfig, flatten, save_config
-from stego_core.crf import CRFRefiner
 from stego_core.data import ensure_cases, preprocess_case, split_cases
 from stego_core.io import Case, save_volume
 from stego_core.metrics import evaluate_segmentation, summarize, write_results
-from stego_core.reconstruction import segment_volume
+from stego_core.postprocess import apply_postprocessing, steps_tag
+from stego_core.reconstruction import predict_volume
 from stego_core.segmenter import Segmenter
 
 
@@ -31,6 +31,14 @@ class EvaluationResult:
     rows: list[dict[str, Any]]
     summary: dict[str, float]
     output_dir: Path
+
+
+def _spacing(prepared: Any) -> tuple[float, float, float] | None:
+    """The voxel size in mm from the case's header, or None when the header has none."""
+    if prepared.header is None:
+        return None
+    zooms = tuple(float(z) for z in prepared.header.get_zooms()[:3])
+    return zooms if len(zooms) == 3 and all(z > 0 for z in zooms) else None
 
 
 def select_cases(cfg: EvaluateConfig) -> list[Case]:
@@ -46,11 +54,17 @@ def evaluate_cases(segmenter: Segmenter, cases: list[Case], cfg: EvaluateConfig,
     """Reconstruct every case, write predictions under ``out_dir``, and return one metrics row per case."""
     from stego_core.visualize import mip_figure
 
+    steps = cfg.postprocess_steps()
     rows = []
     for case in tqdm(cases, desc=f"evaluate {segmenter.name}", unit="vol", disable=not cfg.progress):
         prepared = preprocess_case(case, cfg.data)
-        prob, pred = segment_volume(segmenter, prepared.image, prepared.brain_mask, cfg.engine,
-                                    progress=cfg.progress)
+        spacing = _spacing(prepared)
+        prob = predict_volume(segmenter, prepared.image, prepared.brain_mask, cfg.engine, progress=cfg.progress,
+                              spacing=spacing)
+        post = apply_postprocessing(prob, prepared.image, steps, spacing, threshold=float(segmenter.threshold),
+                                    brain_mask=prepared.brain_mask, slice_axis=cfg.engine.axis,
+                                    crf_settings=cfg.crf_settings)
+        prob, pred = post.prob, post.mask
         pred_path = save_volume(out_dir / "predictions" / f"{case.case_id}_pred.nii.gz", pred.astype(np.uint8),
                                 prepared.affine, prepared.header)
         if log_to_mlflow:
@@ -61,6 +75,9 @@ def evaluate_cases(segmenter: Segmenter, cases: list[Case], cfg: EvaluateConfig,
             if log_to_mlflow:
                 tracking.log_artifact(prob_path, "predictions")
         row: dict[str, Any] = {"case_id": case.case_id, "predicted_fraction": float(pred.mean())}
+        if steps:  # what the post-processing did to the topology (26-connected components)
+            row["n_components_before_postprocess"] = float(post.n_components_before)
+            row["n_components_after_postprocess"] = float(post.n_components_after)
         if prepared.label is not None:
             row.update(evaluate_segmentation(pred, prepared.label))
             row["label_retention"] = prepared.label_retention
@@ -83,9 +100,8 @@ def run_evaluation(segmenter: Segmenter, cfg: EvaluateConfig, *, method: str, ru
     """
     config = config if config is not None else cfg
     run_name = run_name or method
-    if cfg.crf:
-        segmenter = CRFRefiner(segmenter, cfg.crf_settings)
-        method, run_name = f"{method}+crf", f"{run_name}+crf"
+    suffix = steps_tag(cfg.postprocess_steps())  # e.g. "+crf", "+smooth+largest"
+    method, run_name = f"{method}{suffix}", f"{run_name}{suffix}"
     with tracking.start_run(cfg.experiment, run_name=run_name, output_root=cfg.output, nested=nested,
                             tags={"method": method, "step": "evaluate", **(tags or {})}) as run:
         tracking.log_params({**flatten(config), **(params or {})})
@@ -112,7 +128,9 @@ def run_baseline(cfg: BaselineConfig, *, nested: bool = False, tags: dict[str, s
 
     settings = dict(cfg.settings)
     if cfg.method in SEGMENTERS and "slice_axis" in {f.name for f in dataclasses.fields(SEGMENTERS[cfg.method])}:
-        if settings.setdefault("slice_axis", cfg.engine.axis) != cfg.engine.axis:
+        if cfg.engine.axes is not None:  # tri-planar: thresholds fitted on slices along the first axis
+            settings.setdefault("slice_axis", cfg.engine.axes[0])
+        elif settings.setdefault("slice_axis", cfg.engine.axis) != cfg.engine.axis:
             raise ValueError(f"settings.slice_axis={settings['slice_axis']} differs from engine.axis="
                              f"{cfg.engine.axis}; the filter must run on the slices the engine feeds it")
     segmenter = build_segmenter(cfg.method, **settings)
