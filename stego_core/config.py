@@ -527,6 +527,87 @@ class ReconstructConfig(EvaluateConfig):
 
 
 @dataclass(frozen=True)
+class AblationMethod:
+    """One row family of the ablation: a baseline by name with its settings, the skull-strip modes to run it
+    with, and optionally tri-planar fusion (``axes``, ``fusion``; slice-based methods only)."""
+
+    name: str = "gmm"
+    settings: dict = field(default_factory=dict)
+    skull_strip: tuple[str, ...] = ("auto",)
+    axes: tuple[int, ...] | None = None
+    fusion: str = "mean"
+
+    def __post_init__(self) -> None:
+        for mode in self.skull_strip:
+            check_choice(mode, "ablation.methods.skull_strip", SKULL_STRIP_MODES)
+        check_choice(self.fusion, "ablation.methods.fusion", FUSION_MODES)
+
+    @property
+    def label(self) -> str:
+        """``name``, its settings and the fusion, e.g. ``gmm{n_components=4}`` or ``frangi@012mean``."""
+        out = self.name
+        if self.settings:
+            out += "{" + ",".join(f"{k}={v}" for k, v in sorted(self.settings.items())) + "}"
+        if self.axes is not None:
+            out += "@" + "".join(str(a) for a in self.axes) + self.fusion
+        return out.replace(" ", "")
+
+
+@dataclass(frozen=True)
+class AblationVariant:
+    """A named post-processing list applied to every method of the ablation (``none``: no step)."""
+
+    name: str = "none"
+    postprocess: tuple[PostprocessStep, ...] = ()
+
+
+def _default_ablation_methods() -> tuple[AblationMethod, ...]:
+    both = ("auto", "head")
+    return (AblationMethod("percentile", skull_strip=both), AblationMethod("otsu"), AblationMethod("multiotsu"),
+            AblationMethod("kmeans"), AblationMethod("gmm", skull_strip=both),
+            AblationMethod("gmm", {"n_components": 4}, skull_strip=both), AblationMethod("frangi"),
+            AblationMethod("sato"), AblationMethod("frangi3d", skull_strip=both))
+
+
+def _default_ablation_variants() -> tuple[AblationVariant, ...]:
+    return (AblationVariant("none"), AblationVariant("cc", (PostprocessStep("cc", min_size_vox=10),)),
+            AblationVariant("largest", (PostprocessStep("largest", min_fraction=0.05),)),
+            AblationVariant("fill_holes", (PostprocessStep("fill_holes", max_size_vox=64),)),
+            AblationVariant("smooth+largest", (PostprocessStep("smooth", sigma_vox=0.5),
+                                               PostprocessStep("largest", min_fraction=0.05))))
+
+
+@dataclass(frozen=True)
+class AblationConfig(RunSettings):
+    """The ``ablation`` step: every method x skull-strip mode x post-processing variant on every case of every
+    data set, one MLflow parent run with one nested run per (method, skull strip, variant).
+
+    Each method's probabilities are computed once per case and mode (and kept in ``cache`` when set, keyed by
+    case, mode and method label, so reruns and new variants are cheap); the variants then post-process them.
+    ``datasets`` are :class:`DataConfig` sections (phantoms, folders of real cases); ``split: test`` keeps only
+    the held-out cases of each.
+    """
+
+    datasets: tuple[DataConfig, ...] = (DataConfig(),)
+    split: str = "all"
+    engine: EngineConfig = field(default_factory=lambda: EngineConfig(patch_size=None, batch_size=16,
+                                                                       blend="constant"))
+    methods: tuple[AblationMethod, ...] = field(default_factory=_default_ablation_methods)
+    variants: tuple[AblationVariant, ...] = field(default_factory=_default_ablation_variants)
+    crf_settings: CRFSettings = field(default_factory=CRFSettings)
+    cache: str = ""
+    progress: bool = True
+    output: str = "outputs/ablation"
+    experiment: str = "stego-vessels-ablation"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice(self.split, "split", ("test", "all"))
+        if not self.datasets or not self.methods or not self.variants:
+            raise ValueError("ablation needs at least one dataset, method and variant")
+
+
+@dataclass(frozen=True)
 class MainConfig(RunSettings):
     """What the demo (``make demo``, ``mlflow run . -e main``) runs, read top to bottom: the data and crops
     every step shares, the classical baselines, then STEGO's model / loss / training sections (as in

@@ -83,6 +83,8 @@ def _predict_axis(segmenter: Segmenter, image: np.ndarray, brain_mask: np.ndarra
     """One sliding-window pass along ``axis`` (the segmenter is fitted on the volume first)."""
     view = dataclasses.replace(engine, axis=axis, axes=None)
     patch, stride = window(image.shape, view)
+    if hasattr(segmenter, "slice_axis"):  # 2D filters fit their thresholds on slices along the axis fed to them
+        segmenter.slice_axis = axis
     segmenter.fit_volume(image, brain_mask)
     index = crop_index(image.shape, axis=axis, patch_size=patch, stride=stride, brain_mask=brain_mask,
                        min_brain_fraction=0.0)
