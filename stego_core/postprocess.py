@@ -87,6 +87,17 @@ def _size_in_voxels(size_vox: float | None, size_mm3: float | None, spacing: Seq
     return float(size_mm3) / _voxel_volume(spacing, ndim)
 
 
+def _bbox(mask: np.ndarray, pad: int = 0) -> tuple[slice, ...] | None:
+    """The bounding box of the foreground, grown by ``pad`` voxels (None when empty)."""
+    box = []
+    for axis in range(mask.ndim):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if hit.size == 0:
+            return None
+        box.append(slice(max(0, int(hit[0]) - pad), int(hit[-1]) + 1 + pad))
+    return tuple(box)
+
+
 def component_sizes(mask: np.ndarray, *, connectivity: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Label connected components and count their voxels.
 
@@ -103,8 +114,13 @@ def component_sizes(mask: np.ndarray, *, connectivity: int | None = None) -> tup
         Voxels per label; ``sizes[0] = 0``.
     """
     mask = _as_mask(mask)
-    labels, n = ndi.label(mask, structure=_structure(mask.ndim, connectivity))
-    sizes = np.bincount(labels.ravel(), minlength=n + 1).astype(np.int64)
+    structure = _structure(mask.ndim, connectivity)
+    labels = np.zeros(mask.shape, dtype=np.int32)
+    box = _bbox(mask)
+    n = 0
+    if box is not None:  # label inside the foreground's bounding box only (vessels fill a sliver of the volume)
+        labels[box], n = ndi.label(mask[box], structure=structure)
+    sizes = np.bincount(labels[box].ravel() if box is not None else [], minlength=n + 1).astype(np.int64)
     sizes[0] = 0
     return labels, sizes
 
@@ -185,7 +201,11 @@ def fill_small_holes(mask: np.ndarray, *, max_size_vox: float | None = None, max
     """
     mask = _as_mask(mask)
     max_vox = _size_in_voxels(max_size_vox, max_size_mm3, spacing, mask.ndim, "max_size")
-    holes = ndi.binary_fill_holes(mask) & ~mask
+    box = _bbox(mask, pad=1)  # enclosed cavities lie inside the foreground's bounding box
+    if box is None:
+        return mask.copy()
+    holes = np.zeros(mask.shape, dtype=bool)
+    holes[box] = ndi.binary_fill_holes(mask[box]) & ~mask[box]
     if not holes.any():
         return mask.copy()
     labels, sizes = component_sizes(holes, connectivity=6 if mask.ndim == 3 else 4)
