@@ -326,6 +326,10 @@ class GMMSegmenter(_IntensitySegmenter):
         EM iterations at most.
     tol : float > 0
         Stop when the mean log-likelihood improves by less than this.
+    min_std : float in [0, 0.5] or None
+        Smallest standard deviation of a component, in intensity units of [0, 1] (default: one histogram bin).
+        8-bit TOF images clip the vessel lumen at the maximum, a spike that a free component fits with a
+        near-zero width; a floor of a few grey levels keeps such a spike inside a real vessel class.
     """
 
     name: ClassVar[str] = "gmm"
@@ -333,6 +337,7 @@ class GMMSegmenter(_IntensitySegmenter):
     nbins: int = 1024
     max_iter: int = 500
     tol: float = 1e-7
+    min_std: float | None = None
     means_: np.ndarray | None = field(default=None, init=False, repr=False)
     stds_: np.ndarray | None = field(default=None, init=False, repr=False)
     weights_: np.ndarray | None = field(default=None, init=False, repr=False)
@@ -344,6 +349,8 @@ class GMMSegmenter(_IntensitySegmenter):
         check_range(self.nbins, "nbins", 64)
         check_range(self.max_iter, "max_iter", 1)
         check_range(self.tol, "tol", 0.0, low_inclusive=False)
+        if self.min_std is not None:
+            check_range(self.min_std, "min_std", 0.0, 0.5)
 
     def _fit_threshold(self, values: np.ndarray) -> float:
         n = self.n_components
@@ -358,6 +365,8 @@ class GMMSegmenter(_IntensitySegmenter):
         keep = counts > 0
         x, w = centres[keep], counts[keep] / counts.sum()
         var_floor = (edges[1] - edges[0]) ** 2  # the histogram cannot resolve narrower components
+        if self.min_std is not None:  # no component narrower than this: a saturation spike is not a class
+            var_floor = max(var_floor, float(self.min_std) ** 2)
         cls = np.digitize(x, cuts)
         nk = np.bincount(cls, w, minlength=n)
         means = np.bincount(cls, w * x, minlength=n) / np.maximum(nk, 1e-12)

@@ -145,7 +145,7 @@ def test_mlproject_commands_resolve_to_valid_configs(project):
     assert defaults["ablation"].variants[0].name == "none"
     preset = _resolve(project, "baseline", {"config": "experiments/configs/best_mra.yaml", "source": "folder",
                                             "data_root": "cases", "split": "all"})
-    assert preset.method == "gmm" and preset.settings == {"n_components": 4} and preset.postprocess
+    assert preset.method == "gmm" and preset.settings == {"n_components": 4, "min_std": 0.02} and preset.postprocess
 
     prepare = _resolve(project, "prepare", {"source": "phantom", "n_volumes": "2", "patch_size": "16",
                                             "extra": "data.phantom.shape=[32,32,24] slicing.stride=4"})
