@@ -18,6 +18,14 @@ Vesselness methods (``frangi``, ``sato``)
     (``fill_background``), so the brain edge does not respond as a ridge. Scores near crop borders differ
     from whole-slice scores (filter support); whole slices are preferred.
 
+3D vesselness methods (``frangi3d``, ``sato3d``)
+    Volume-level segmenters (``volume_level = True``): the engine calls their ``predict_volume(image,
+    brain_mask)`` once on the whole preprocessed volume instead of sliding a window. Multi-scale 3D Hessian
+    eigenvalues (Gaussian derivatives, scales in mm when the spacing is known, else in voxels), Frangi's
+    vesselness or Sato's tubeness of bright tubes, a response rule fixed a priori (``frangi3d``: the
+    dimensionless response above 0.2; ``sato3d``: Otsu's threshold of brain responses) and a brightness rule
+    (intensity at or above the 99th percentile of the brain, the same prior as ``percentile``).
+
 Scores are in [0, 1] with ``threshold = 0.5``: a score above 0.5 means exactly "passes the method's rule"; it
 grows monotonically with intensity or response so that blending overlapping crops is meaningful. ``gmm``
 returns the posterior probability of its brightest component.
@@ -42,6 +50,8 @@ from typing import ClassVar
 
 import numpy as np
 from scipy.cluster.vq import kmeans2
+from scipy import ndimage as ndi
+from skimage.feature import hessian_matrix_eigvals
 from skimage.filters import threshold_multiotsu, threshold_otsu
 
 from stego_core._checks import as_binary, check_finite, check_ndim, check_range, check_same_shape
@@ -50,15 +60,20 @@ from stego_core.vesselness import frangi_slices, hessian_slices, sato_slices
 
 __all__ = [
     "SEGMENTERS",
+    "Frangi3DSegmenter",
     "FrangiSegmenter",
     "GMMSegmenter",
     "KMeansSegmenter",
     "MultiOtsuSegmenter",
     "OtsuSegmenter",
     "PercentileSegmenter",
+    "Sato3DSegmenter",
     "SatoSegmenter",
     "available_segmenters",
     "build_segmenter",
+    "frangi_response",
+    "hessian_eigenvalues",
+    "sato_response",
 ]
 
 
@@ -312,6 +327,10 @@ class GMMSegmenter(_IntensitySegmenter):
         EM iterations at most.
     tol : float > 0
         Stop when the mean log-likelihood improves by less than this.
+    min_std : float in [0, 0.5] or None
+        Smallest standard deviation of a component, in intensity units of [0, 1] (default: one histogram bin).
+        8-bit TOF images clip the vessel lumen at the maximum, a spike that a free component fits with a
+        near-zero width; a floor of a few grey levels keeps such a spike inside a real vessel class.
     """
 
     name: ClassVar[str] = "gmm"
@@ -319,6 +338,7 @@ class GMMSegmenter(_IntensitySegmenter):
     nbins: int = 1024
     max_iter: int = 500
     tol: float = 1e-7
+    min_std: float | None = None
     means_: np.ndarray | None = field(default=None, init=False, repr=False)
     stds_: np.ndarray | None = field(default=None, init=False, repr=False)
     weights_: np.ndarray | None = field(default=None, init=False, repr=False)
@@ -330,6 +350,8 @@ class GMMSegmenter(_IntensitySegmenter):
         check_range(self.nbins, "nbins", 64)
         check_range(self.max_iter, "max_iter", 1)
         check_range(self.tol, "tol", 0.0, low_inclusive=False)
+        if self.min_std is not None:
+            check_range(self.min_std, "min_std", 0.0, 0.5)
 
     def _fit_threshold(self, values: np.ndarray) -> float:
         n = self.n_components
@@ -344,6 +366,8 @@ class GMMSegmenter(_IntensitySegmenter):
         keep = counts > 0
         x, w = centres[keep], counts[keep] / counts.sum()
         var_floor = (edges[1] - edges[0]) ** 2  # the histogram cannot resolve narrower components
+        if self.min_std is not None:  # no component narrower than this: a saturation spike is not a class
+            var_floor = max(var_floor, float(self.min_std) ** 2)
         cls = np.digitize(x, cuts)
         nk = np.bincount(cls, w, minlength=n)
         means = np.bincount(cls, w * x, minlength=n) / np.maximum(nk, 1e-12)
@@ -555,6 +579,266 @@ class SatoSegmenter(_VesselnessSegmenter):
         return sato_slices(slices, self.sigmas_vox)
 
 
+# ------------------------------------------------------------------------------ 3D vesselness methods
+
+
+def hessian_eigenvalues(image: np.ndarray, sigma_mm: float, spacing: Sequence[float] | None = None, *,
+                        truncate: float = 4.0, chunk: int = 32) -> np.ndarray:
+    """Eigenvalues of the scale-normalised Hessian of a 3D image, in decreasing order.
+
+    Second derivatives of a Gaussian of standard deviation ``sigma_mm`` (per axis ``sigma_mm / spacing``
+    voxels; with ``spacing=None`` millimetres are voxels), in units of mm^-2, multiplied by ``sigma_mm**2``
+    (Lindeberg's normalisation, so that scales compare). Eigenvalues come from
+    ``skimage.feature.hessian_matrix_eigvals``, computed slab by slab to bound memory.
+
+    Parameters
+    ----------
+    image : (I, J, K) float ndarray
+    sigma_mm : float > 0
+    spacing : (3,) sequence of float, optional
+        Voxel size in mm.
+    truncate : float
+        Gaussian kernel radius in standard deviations.
+    chunk : int
+        Planes along axis 0 per eigenvalue slab.
+
+    Returns
+    -------
+    (3, I, J, K) float32 ndarray
+        ``[l0 >= l1 >= l2]`` per voxel. A bright tube has ``l1, l2 << 0`` and ``l0 ~ 0``.
+    """
+    image = np.asarray(image, dtype=np.float32)
+    check_ndim(image, 3, "image")
+    check_range(sigma_mm, "sigma_mm", 0.0, low_inclusive=False)
+    sp = np.ones(3) if spacing is None else np.asarray(spacing, dtype=np.float64)
+    if sp.shape != (3,) or (sp <= 0).any():
+        raise ValueError(f"spacing={spacing!r} must be 3 positive numbers (mm)")
+    sigma_vox = tuple(float(sigma_mm / s) for s in sp)
+    elems = []
+    for a in range(3):
+        for b in range(a, 3):
+            order = [0, 0, 0]
+            order[a] += 1
+            order[b] += 1
+            d = ndi.gaussian_filter(image, sigma_vox, order=order, mode="reflect", truncate=truncate)
+            d *= np.float32(sigma_mm**2 / (sp[a] * sp[b]))
+            elems.append(d)
+    out = np.empty((3, *image.shape), dtype=np.float32)
+    for start in range(0, image.shape[0], chunk):
+        sl = slice(start, start + chunk)
+        out[:, sl] = hessian_matrix_eigvals([e[sl] for e in elems])
+    return out
+
+
+def frangi_response(eigenvalues: np.ndarray, *, alpha: float = 0.5, beta: float = 0.5, gamma: float = 1.0
+                    ) -> np.ndarray:
+    """Frangi's 3D vesselness of bright tubes from Hessian eigenvalues (as ``skimage.filters.frangi``).
+
+    Parameters
+    ----------
+    eigenvalues : (3, ...) ndarray
+        From :func:`hessian_eigenvalues` (any order).
+    alpha, beta : float
+        Plate and blob sensitivities.
+    gamma : float
+        Structureness scale.
+
+    Returns
+    -------
+    (...) float32 ndarray in [0, 1)
+    """
+    e = -np.asarray(eigenvalues, dtype=np.float32)  # bright tubes -> skimage's dark-ridge convention
+    e = np.take_along_axis(e, np.abs(e).argsort(0), 0)
+    l1 = e[0]
+    l2, l3 = np.maximum(e[1], 1e-10), np.maximum(e[2], 1e-10)
+    r_a = l2 / l3
+    r_b = np.abs(l1) / np.sqrt(l2 * l3)
+    s2 = (e**2).sum(0)
+    v = 1.0 - np.exp(-(r_a**2) / (2 * alpha**2))
+    v *= np.exp(-(r_b**2) / (2 * beta**2))
+    v *= 1.0 - np.exp(-s2 / (2 * gamma**2))
+    return v.astype(np.float32)
+
+
+def sato_response(eigenvalues: np.ndarray) -> np.ndarray:
+    """Sato's 3D tubeness of bright tubes: ``sqrt(max(-l1, 0) * max(-l2, 0))`` of the two most negative
+    eigenvalues (as ``skimage.filters.sato``; the eigenvalues are already scale-normalised)."""
+    e = np.sort(np.asarray(eigenvalues, dtype=np.float32), axis=0)  # ascending: most negative first
+    return np.sqrt(np.maximum(-e[0], 0) * np.maximum(-e[1], 0)).astype(np.float32)
+
+
+_RULES_3D = ("fixed", "otsu")
+
+
+@dataclass
+class _Vesselness3DSegmenter(_Baseline):
+    """A volume-level segmenter: multi-scale 3D Hessian response on the whole volume, and a brightness rule.
+
+    The engine calls :meth:`predict_volume` once instead of sliding a window (``volume_level = True``).
+    """
+
+    volume_level: ClassVar[bool] = True
+
+    sigmas_vox: Sequence[float] = (1.0, 2.0, 3.0)
+    sigmas_mm: Sequence[float] | None = None
+    rule: str = "fixed"
+    response_threshold: float = 0.2
+    require_bright: bool = True
+    bright_percentile: float = 99.0
+    spacing_mm: Sequence[float] | None = None
+    response_threshold_: float | None = field(default=None, init=False, repr=False)
+    intensity_threshold_: float | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.sigmas_vox = _positive_tuple(self.sigmas_vox, "sigmas_vox")
+        if self.sigmas_mm is not None:
+            self.sigmas_mm = _positive_tuple(self.sigmas_mm, "sigmas_mm")
+        if self.spacing_mm is not None:
+            self.spacing_mm = _positive_tuple(self.spacing_mm, "spacing_mm")
+            if len(self.spacing_mm) != 3:
+                raise ValueError(f"spacing_mm must be 3 numbers; got {self.spacing_mm!r}")
+        if self.rule not in _RULES_3D:
+            raise ValueError(f"rule={self.rule!r} is not valid; expected one of {list(_RULES_3D)}")
+        check_range(self.response_threshold, "response_threshold", 0.0)
+        check_range(self.bright_percentile, "bright_percentile", 0.0, 100.0, high_inclusive=False)
+        self.require_bright = bool(self.require_bright)
+
+    def scales(self, spacing: Sequence[float] | None = None) -> tuple[tuple[float, ...], tuple[float, ...] | None]:
+        """(sigmas, spacing): ``sigmas_mm`` with the spacing (``spacing_mm``, else the volume's) when both are
+        known, else ``sigmas_vox`` in voxels (spacing None)."""
+        spacing = self.spacing_mm if self.spacing_mm is not None else spacing
+        if self.sigmas_mm is not None and spacing is not None:
+            return tuple(self.sigmas_mm), tuple(float(s) for s in spacing)
+        return tuple(self.sigmas_vox), None
+
+    def _response(self, image: np.ndarray, mask: np.ndarray, spacing: Sequence[float] | None) -> np.ndarray:
+        raise NotImplementedError
+
+    def fit_volume(self, image: np.ndarray, brain_mask: np.ndarray | None) -> None:
+        """Fix the brightness threshold (a percentile of the brain intensities, >= kept)."""
+        _, values = _brain_values(image, brain_mask)
+        t = float(np.percentile(values, self.bright_percentile))
+        self.intensity_threshold_ = float(np.nextafter(t, -np.inf))  # score > it  <=>  intensity >= t
+
+    def predict_volume(self, image: np.ndarray, brain_mask: np.ndarray | None, *,
+                       spacing: Sequence[float] | None = None) -> np.ndarray:
+        """Score the whole volume.
+
+        Parameters
+        ----------
+        image : (I, J, K) float ndarray in [0, 1]
+            The preprocessed volume.
+        brain_mask : (I, J, K) bool ndarray or None
+        spacing : (3,) sequence of float, optional
+            Voxel size in mm (used with ``sigmas_mm``).
+
+        Returns
+        -------
+        (I, J, K) float32 ndarray in [0, 1]
+            > 0.5 where the response rule (and, with ``require_bright``, the brightness rule) holds; 0 outside
+            the brain mask.
+        """
+        self.fit_volume(image, brain_mask)
+        mask, _ = _brain_values(image, brain_mask)
+        img = np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0)
+        response = self._response(img, mask, spacing)
+        if self.rule == "fixed":
+            t = float(self.response_threshold)
+        else:
+            r = response[mask]
+            t = float(threshold_otsu(r)) if r.min() < r.max() else float(r.max())
+        self.response_threshold_ = t
+        score = _score_ratio(response, t)
+        if self.require_bright:
+            np.minimum(score, _score_linear(img, self.intensity_threshold_), out=score)
+        score[~mask] = 0.0
+        return score
+
+    def predict_slices(self, slices: np.ndarray) -> np.ndarray:
+        raise TypeError(f"{self.name} is a volume-level segmenter: the engine calls predict_volume(image, "
+                        "brain_mask) on the whole volume, not predict_slices on crops")
+
+
+@dataclass
+class Frangi3DSegmenter(_Vesselness3DSegmenter):
+    """Frangi vesselness (Frangi et al. 1998) of bright tubes on the whole 3D volume.
+
+    The response is the maximum over scales of :func:`frangi_response` of :func:`hessian_eigenvalues`; per
+    scale, ``gamma`` is half the largest Hessian norm over brain voxels (Frangi's rule, skimage's default,
+    taken on the brain). The response is dimensionless in [0, 1), so a fixed threshold carries across scanners.
+
+    Parameters
+    ----------
+    sigmas_vox : sequence of float > 0
+        Scales in voxels (used when the spacing or ``sigmas_mm`` is unknown). A tube of radius r responds
+        most near sigma = r / sqrt(3).
+    sigmas_mm : sequence of float > 0, optional
+        Scales in mm, used with ``spacing_mm`` (per-axis Gaussians on anisotropic grids).
+    rule : {"fixed", "otsu"}
+        Response threshold: ``response_threshold`` (default 0.2), or Otsu's threshold of brain responses.
+    response_threshold : float >= 0
+    require_bright : bool
+        Also require intensity >= the ``bright_percentile``-th percentile of brain intensities.
+    bright_percentile : float in [0, 100)
+        99 encodes the prior that about 1 % of the brain voxels are bright vessel.
+    spacing_mm : (3,) sequence of float, optional
+        Voxel size (the evaluation fills it from the NIfTI header when known).
+    alpha, beta : float > 0
+        Plate and blob sensitivities.
+    """
+
+    name: ClassVar[str] = "frangi3d"
+    alpha: float = 0.5
+    beta: float = 0.5
+
+    def _response(self, image: np.ndarray, mask: np.ndarray, spacing: Sequence[float] | None) -> np.ndarray:
+        sigmas, spacing = self.scales(spacing)
+        out = np.zeros(image.shape, dtype=np.float32)
+        for s in sigmas:
+            ev = hessian_eigenvalues(image, s, spacing)
+            norm = np.sqrt((ev[:, mask] ** 2).sum(0))
+            gamma = float(norm.max()) / 2 if norm.size and norm.max() > 0 else 1.0
+            np.maximum(out, frangi_response(ev, alpha=self.alpha, beta=self.beta, gamma=gamma), out=out)
+        return out
+
+
+@dataclass
+class Sato3DSegmenter(_Vesselness3DSegmenter):
+    """Sato tubeness (Sato et al. 1998) of bright tubes on the whole 3D volume.
+
+    The response is the maximum over scales of :func:`sato_response`; it is in units of image contrast, so
+    the default rule is Otsu's threshold of the brain responses (``rule="otsu"``).
+
+    Parameters
+    ----------
+    sigmas_vox, sigmas_mm, rule, response_threshold, require_bright, bright_percentile, spacing_mm
+        As for :class:`Frangi3DSegmenter`.
+    """
+
+    name: ClassVar[str] = "sato3d"
+    rule: str = "otsu"
+
+    def _response(self, image: np.ndarray, mask: np.ndarray, spacing: Sequence[float] | None) -> np.ndarray:
+        sigmas, spacing = self.scales(spacing)
+        out = np.zeros(image.shape, dtype=np.float32)
+        for s in sigmas:
+            np.maximum(out, sato_response(hessian_eigenvalues(image, s, spacing)), out=out)
+        return out
+
+
+def _positive_tuple(values: object, name: str) -> tuple[float, ...]:
+    """A non-empty tuple of positive floats from a number or a sequence, or a ValueError naming ``name``."""
+    if isinstance(values, (int, float)):
+        values = (values,)
+    try:
+        out = tuple(float(s) for s in values)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a sequence of positive numbers; got {values!r}") from None
+    if not out or min(out) <= 0:
+        raise ValueError(f"{name} must be a non-empty sequence of positive numbers; got {values!r}")
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- registry
 
 
@@ -562,7 +846,7 @@ class SatoSegmenter(_VesselnessSegmenter):
 SEGMENTERS: Mapping[str, type[_Baseline]] = MappingProxyType({
     cls.name: cls
     for cls in (PercentileSegmenter, OtsuSegmenter, MultiOtsuSegmenter, KMeansSegmenter, GMMSegmenter,
-                FrangiSegmenter, SatoSegmenter)
+                FrangiSegmenter, SatoSegmenter, Frangi3DSegmenter, Sato3DSegmenter)
 })
 
 

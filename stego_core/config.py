@@ -35,6 +35,8 @@ T = TypeVar("T")
 SKULL_STRIP_MODES = ("auto", "given", "head", "none")
 STANDARDIZE_METHODS = ("zscore_minmax", "percentile")
 BLEND_MODES = ("constant", "gaussian")
+FUSION_MODES = ("mean", "max")
+POSTPROCESS_STEPS = ("smooth", "crf", "cc", "largest", "fill_holes")
 CLUSTER_RULES = ("auto", "hungarian", "majority", "brightness")
 
 
@@ -366,6 +368,12 @@ class EngineConfig:
 
     ``patch_size: null`` feeds whole slices (what the classical baselines want); ``stride`` defaults to half a
     patch. ``blend`` weights overlapping crops (``constant`` or ``gaussian``).
+
+    Tri-planar fusion: ``axes: [0, 1, 2]`` runs the same sliding window along each listed axis (``axis`` is then
+    ignored) and fuses the probabilities voxel by voxel, ``fusion: mean`` (the average: a voxel needs support
+    from the views on average, which suppresses one-view streaks) or ``max`` (any one view suffices: more
+    recall, more false positives). ``axes: null`` (default) slices along ``axis`` only. Volume-level
+    segmenters (``frangi3d``, ``sato3d``) ignore the axes.
     """
 
     axis: int = 2
@@ -373,9 +381,17 @@ class EngineConfig:
     stride: int | None = None
     batch_size: int = 64
     blend: str = "gaussian"
+    axes: tuple[int, ...] | None = None
+    fusion: str = "mean"
 
     def __post_init__(self) -> None:
         check_choice(self.axis, "engine.axis", (0, 1, 2))
+        check_choice(self.fusion, "engine.fusion", FUSION_MODES)
+        if self.axes is not None:
+            if not self.axes or len(set(self.axes)) != len(self.axes):
+                raise ValueError(f"engine.axes={self.axes!r} must list distinct axes among 0, 1, 2")
+            for a in self.axes:
+                check_choice(a, "engine.axes", (0, 1, 2))
         check_choice(self.blend, "engine.blend", BLEND_MODES)
         check_range(self.batch_size, "engine.batch_size", 1)
         if self.patch_size is not None:
@@ -402,6 +418,57 @@ class CRFSettings:
 
 
 @dataclass(frozen=True)
+class PostprocessStep:
+    """One label-free post-processing step (:mod:`stego_core.postprocess`), parameters fixed a priori.
+
+    ``step`` is one of
+
+    - ``smooth``: Gaussian smoothing of the probability, ``sigma_vox`` or ``sigma_mm``;
+    - ``crf``: the dense CRF on every slice along ``engine.axis`` (``crf_settings``);
+    - ``cc``: drop connected components (26-connectivity unless ``connectivity``) smaller than
+      ``min_size_vox`` voxels or ``min_size_mm3`` mm^3;
+    - ``largest``: keep components of at least ``min_fraction`` times the largest one's size;
+    - ``fill_holes``: fill enclosed cavities of at most ``max_size_vox`` voxels or ``max_size_mm3`` mm^3.
+
+    Probability steps (``smooth``, ``crf``) must come before mask steps. In YAML:
+    ``postprocess: [{step: cc, min_size_mm3: 10}, {step: fill_holes, max_size_vox: 8}]``.
+    """
+
+    step: str = "cc"
+    min_size_vox: int | None = None
+    min_size_mm3: float | None = None
+    min_fraction: float | None = None
+    max_size_vox: int | None = None
+    max_size_mm3: float | None = None
+    sigma_vox: float | None = None
+    sigma_mm: float | None = None
+    connectivity: int | None = None
+
+    def __post_init__(self) -> None:
+        check_choice(self.step, "postprocess.step", POSTPROCESS_STEPS)
+        given = {f.name for f in dataclasses.fields(self) if f.name != "step" and getattr(self, f.name) is not None}
+        allowed = {"smooth": {"sigma_vox", "sigma_mm"}, "crf": set(),
+                   "cc": {"min_size_vox", "min_size_mm3", "connectivity"},
+                   "largest": {"min_fraction", "connectivity"},
+                   "fill_holes": {"max_size_vox", "max_size_mm3"}}[self.step]
+        extra = given - allowed
+        if extra:
+            raise ValueError(f"postprocess step {self.step!r} takes {sorted(allowed) or 'no parameters'}; "
+                             f"got {sorted(extra)}")
+        pairs = {"smooth": ("sigma_vox", "sigma_mm"), "cc": ("min_size_vox", "min_size_mm3"),
+                 "fill_holes": ("max_size_vox", "max_size_mm3")}
+        if self.step in pairs and len(given & set(pairs[self.step])) != 1:
+            raise ValueError(f"postprocess step {self.step!r} needs exactly one of {list(pairs[self.step])}")
+        if self.connectivity is not None:
+            check_choice(self.connectivity, "postprocess.connectivity", (6, 18, 26))
+        if self.min_fraction is not None:
+            check_range(self.min_fraction, "postprocess.min_fraction", 0.0, 1.0, low_inclusive=False)
+        for name in ("min_size_vox", "min_size_mm3", "max_size_vox", "max_size_mm3", "sigma_vox", "sigma_mm"):
+            if getattr(self, name) is not None:
+                check_range(getattr(self, name), f"postprocess.{name}", 0.0)
+
+
+@dataclass(frozen=True)
 class EvaluateConfig(RunSettings):
     """Which volumes to evaluate and how to reconstruct them.
 
@@ -418,10 +485,23 @@ class EvaluateConfig(RunSettings):
     progress: bool = True
     crf: bool = False
     crf_settings: CRFSettings = field(default_factory=CRFSettings)
+    postprocess: tuple[PostprocessStep, ...] = ()
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice(self.split, "split", ("test", "all"))
+        seen_mask = False
+        for st in self.postprocess:
+            if st.step in ("cc", "largest", "fill_holes"):
+                seen_mask = True
+            elif seen_mask:
+                raise ValueError(f"postprocess: probability step {st.step!r} after a mask step; list smooth/crf "
+                                 "first")
+
+    def postprocess_steps(self) -> tuple[PostprocessStep, ...]:
+        """The steps run after the segmenter: ``crf: true`` is a ``crf`` step in front of ``postprocess``."""
+        crf = () if not self.crf or any(s.step == "crf" for s in self.postprocess) else (PostprocessStep("crf"),)
+        return crf + tuple(self.postprocess)
 
 
 @dataclass(frozen=True)
@@ -453,6 +533,87 @@ class ReconstructConfig(EvaluateConfig):
         check_choice(self.device, "device", ("auto", "cpu", "cuda"))
 
 # ----------------------------------------------------------------------------------- the whole pipeline
+
+
+@dataclass(frozen=True)
+class AblationMethod:
+    """One row family of the ablation: a baseline by name with its settings, the skull-strip modes to run it
+    with, and optionally tri-planar fusion (``axes``, ``fusion``; slice-based methods only)."""
+
+    name: str = "gmm"
+    settings: dict = field(default_factory=dict)
+    skull_strip: tuple[str, ...] = ("auto",)
+    axes: tuple[int, ...] | None = None
+    fusion: str = "mean"
+
+    def __post_init__(self) -> None:
+        for mode in self.skull_strip:
+            check_choice(mode, "ablation.methods.skull_strip", SKULL_STRIP_MODES)
+        check_choice(self.fusion, "ablation.methods.fusion", FUSION_MODES)
+
+    @property
+    def label(self) -> str:
+        """``name``, its settings and the fusion, e.g. ``gmm{n_components=4}`` or ``frangi@012mean``."""
+        out = self.name
+        if self.settings:
+            out += "{" + ",".join(f"{k}={v}" for k, v in sorted(self.settings.items())) + "}"
+        if self.axes is not None:
+            out += "@" + "".join(str(a) for a in self.axes) + self.fusion
+        return out.replace(" ", "")
+
+
+@dataclass(frozen=True)
+class AblationVariant:
+    """A named post-processing list applied to every method of the ablation (``none``: no step)."""
+
+    name: str = "none"
+    postprocess: tuple[PostprocessStep, ...] = ()
+
+
+def _default_ablation_methods() -> tuple[AblationMethod, ...]:
+    both = ("auto", "head")
+    return (AblationMethod("percentile", skull_strip=both), AblationMethod("otsu"), AblationMethod("multiotsu"),
+            AblationMethod("kmeans"), AblationMethod("gmm", skull_strip=both),
+            AblationMethod("gmm", {"n_components": 4}, skull_strip=both), AblationMethod("frangi"),
+            AblationMethod("sato"), AblationMethod("frangi3d", skull_strip=both))
+
+
+def _default_ablation_variants() -> tuple[AblationVariant, ...]:
+    return (AblationVariant("none"), AblationVariant("cc", (PostprocessStep("cc", min_size_vox=10),)),
+            AblationVariant("largest", (PostprocessStep("largest", min_fraction=0.05),)),
+            AblationVariant("fill_holes", (PostprocessStep("fill_holes", max_size_vox=64),)),
+            AblationVariant("smooth+largest", (PostprocessStep("smooth", sigma_vox=0.5),
+                                               PostprocessStep("largest", min_fraction=0.05))))
+
+
+@dataclass(frozen=True)
+class AblationConfig(RunSettings):
+    """The ``ablation`` step: every method x skull-strip mode x post-processing variant on every case of every
+    data set, one MLflow parent run with one nested run per (method, skull strip, variant).
+
+    Each method's probabilities are computed once per case and mode (and kept in ``cache`` when set, keyed by
+    case, mode and method label, so reruns and new variants are cheap); the variants then post-process them.
+    ``datasets`` are :class:`DataConfig` sections (phantoms, folders of real cases); ``split: test`` keeps only
+    the held-out cases of each.
+    """
+
+    datasets: tuple[DataConfig, ...] = (DataConfig(),)
+    split: str = "all"
+    engine: EngineConfig = field(default_factory=lambda: EngineConfig(patch_size=None, batch_size=16,
+                                                                       blend="constant"))
+    methods: tuple[AblationMethod, ...] = field(default_factory=_default_ablation_methods)
+    variants: tuple[AblationVariant, ...] = field(default_factory=_default_ablation_variants)
+    crf_settings: CRFSettings = field(default_factory=CRFSettings)
+    cache: str = ""
+    progress: bool = True
+    output: str = "outputs/ablation"
+    experiment: str = "stego-vessels-ablation"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice(self.split, "split", ("test", "all"))
+        if not self.datasets or not self.methods or not self.variants:
+            raise ValueError("ablation needs at least one dataset, method and variant")
 
 
 @dataclass(frozen=True)
@@ -555,6 +716,10 @@ def flatten(config: Any) -> dict[str, Any]:
         for k, v in d.items():
             if isinstance(v, dict):
                 walk(v, f"{prefix}{k}.")
+            elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+                out[f"{prefix}{k}"] = len(v)  # a list of sections (post-processing steps): one key per field
+                for i, item in enumerate(v):
+                    walk({key: x for key, x in item.items() if x is not None}, f"{prefix}{k}.{i}.")
             else:
                 out[f"{prefix}{k}"] = v
 

@@ -1,18 +1,22 @@
 """The reconstruction engine: any segmenter, a sliding window over every slice, one 3D vessel volume.
 
 ``preprocessed volume -> crops (batched) -> segmenter -> blended probabilities -> threshold -> brain mask``.
+With ``engine.axes`` the same window runs along several axes and the probabilities are fused (tri-planar
+fusion); volume-level segmenters (3D vesselness) score the whole volume in one call instead.
 Only the image enters the segmenter; labels are used by :mod:`stego_core.metrics`, never here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from stego_core._checks import check_ndim, check_range, check_same_shape
-from stego_core.config import EngineConfig
+from stego_core._checks import check_choice
+from stego_core.config import FUSION_MODES, EngineConfig
 from stego_core.segmenter import Segmenter
 from stego_core.slicing import CropBlender, crop_index, take_crops
 
@@ -68,18 +72,81 @@ def sliding_window(volume_shape: tuple[int, int, int], index: np.ndarray,
     return np.clip(prob, 0.0, 1.0)
 
 
+def is_volume_level(segmenter: Segmenter) -> bool:
+    """True for segmenters that score the whole volume at once (``volume_level = True``, e.g. ``frangi3d``):
+    the engine calls their ``predict_volume(image, brain_mask, spacing)`` instead of sliding a window."""
+    return bool(getattr(segmenter, "volume_level", False))
+
+
+def _predict_axis(segmenter: Segmenter, image: np.ndarray, brain_mask: np.ndarray, engine: EngineConfig,
+                  axis: int, progress: bool) -> np.ndarray:
+    """One sliding-window pass along ``axis`` (the segmenter is fitted on the volume first)."""
+    view = dataclasses.replace(engine, axis=axis, axes=None)
+    patch, stride = window(image.shape, view)
+    if hasattr(segmenter, "slice_axis"):  # 2D filters fit their thresholds on slices along the axis fed to them
+        segmenter.slice_axis = axis
+    segmenter.fit_volume(image, brain_mask)
+    index = crop_index(image.shape, axis=axis, patch_size=patch, stride=stride, brain_mask=brain_mask,
+                       min_brain_fraction=0.0)
+
+    def predict(batch: slice) -> np.ndarray:
+        crops = take_crops(image, index[batch], axis=axis, patch_size=patch, pad_value=0.0)
+        return segmenter.predict_slices(crops)
+
+    return sliding_window(image.shape, index, predict, axis=axis, patch_size=patch, blend=engine.blend,
+                          batch_size=engine.batch_size, brain_mask=brain_mask, progress=progress,
+                          desc=f"predict {segmenter.name} (axis {axis})")
+
+
+def fuse_probabilities(probs: Sequence[np.ndarray], fusion: str = "mean") -> np.ndarray:
+    """Fuse per-axis probability volumes voxel by voxel.
+
+    Parameters
+    ----------
+    probs : sequence of (I, J, K) float ndarray in [0, 1]
+        One volume per slicing axis.
+    fusion : {"mean", "max"}
+        ``mean`` averages the views; ``max`` takes the most confident view.
+
+    Returns
+    -------
+    (I, J, K) float32 ndarray in [0, 1]
+    """
+    check_choice(fusion, "fusion", FUSION_MODES)
+    if len(probs) == 0:
+        raise ValueError("fuse_probabilities needs at least one probability volume")
+    for p in probs[1:]:
+        check_same_shape(probs[0], p, "probs[0]", "probs[i]")
+    out = np.array(probs[0], dtype=np.float32, copy=True)
+    for p in probs[1:]:
+        if fusion == "mean":
+            out += p
+        else:
+            np.maximum(out, p, out=out)
+    if fusion == "mean":
+        out /= len(probs)
+    return out
+
+
 def predict_volume(segmenter: Segmenter, image: np.ndarray, brain_mask: np.ndarray, engine: EngineConfig, *,
-                   progress: bool = True) -> np.ndarray:
+                   progress: bool = True, spacing: Sequence[float] | None = None) -> np.ndarray:
     """Vessel probabilities of a preprocessed volume.
+
+    Slice-based segmenters: ``fit_volume(image, brain_mask)`` is called once per slicing axis (image
+    statistics only), then ``predict_slices`` on batches of ``engine.batch_size`` crops through
+    :func:`sliding_window`; with ``engine.axes`` the pass runs along every listed axis and the probabilities are
+    fused (:func:`fuse_probabilities`, ``engine.fusion``). Volume-level segmenters (:func:`is_volume_level`)
+    are called once on the whole volume.
 
     Parameters
     ----------
     segmenter : Segmenter
-        ``fit_volume(image, brain_mask)`` is called once (image statistics only), then ``predict_slices`` on
-        batches of ``engine.batch_size`` crops.
     image : (I, J, K) float32 ndarray in [0, 1]
     brain_mask : (I, J, K) bool ndarray
         Crops without brain are not predicted; voxels outside the mask get probability 0.
+    engine : EngineConfig
+    spacing : (3,) sequence of float, optional
+        Voxel size in mm, passed to volume-level segmenters (scales in mm).
 
     Returns
     -------
@@ -87,18 +154,14 @@ def predict_volume(segmenter: Segmenter, image: np.ndarray, brain_mask: np.ndarr
     """
     check_ndim(image, 3, "image")
     check_same_shape(image, brain_mask, "image", "brain_mask")
-    patch, stride = window(image.shape, engine)
-    segmenter.fit_volume(image, brain_mask)
-    index = crop_index(image.shape, axis=engine.axis, patch_size=patch, stride=stride, brain_mask=brain_mask,
-                       min_brain_fraction=0.0)
-
-    def predict(batch: slice) -> np.ndarray:
-        crops = take_crops(image, index[batch], axis=engine.axis, patch_size=patch, pad_value=0.0)
-        return segmenter.predict_slices(crops)
-
-    return sliding_window(image.shape, index, predict, axis=engine.axis, patch_size=patch, blend=engine.blend,
-                          batch_size=engine.batch_size, brain_mask=brain_mask, progress=progress,
-                          desc=f"predict {segmenter.name}")
+    if is_volume_level(segmenter):
+        prob = np.asarray(segmenter.predict_volume(image, brain_mask, spacing=spacing), dtype=np.float32)
+        check_same_shape(image, prob, "image", f"{segmenter.name} prediction")
+        prob = np.where(brain_mask, prob, 0.0).astype(np.float32)
+        return np.clip(prob, 0.0, 1.0)
+    axes = engine.axes if engine.axes is not None else (engine.axis,)
+    probs = [_predict_axis(segmenter, image, brain_mask, engine, axis, progress) for axis in axes]
+    return fuse_probabilities(probs, engine.fusion) if len(probs) > 1 else probs[0]
 
 
 def binarize(prob: np.ndarray, threshold: float, brain_mask: np.ndarray | None = None) -> np.ndarray:
@@ -111,7 +174,8 @@ def binarize(prob: np.ndarray, threshold: float, brain_mask: np.ndarray | None =
 
 
 def segment_volume(segmenter: Segmenter, image: np.ndarray, brain_mask: np.ndarray, engine: EngineConfig, *,
-                   progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                   progress: bool = True, spacing: Sequence[float] | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
     """Probabilities and the binary 3D segmentation (thresholded at the segmenter's own a-priori threshold)."""
-    prob = predict_volume(segmenter, image, brain_mask, engine, progress=progress)
+    prob = predict_volume(segmenter, image, brain_mask, engine, progress=progress, spacing=spacing)
     return prob, binarize(prob, float(segmenter.threshold), brain_mask)

@@ -22,7 +22,7 @@ def segment_volume(segmenter, image, brain_mask):
 
 SHAPE = (48, 48, 24)
 # phantom design (not read from its label): about 3 % of brain voxels are vessel, so percentile uses q = 97
-SETTINGS = {"percentile": {"q": 97.0}}
+SETTINGS = {"percentile": {"q": 97.0}, "frangi3d": {"bright_percentile": 97.0}, "sato3d": {"bright_percentile": 97.0}}
 
 
 def _capsule_cover(shape, p0, p1, radius) -> np.ndarray:
@@ -84,6 +84,11 @@ def test_interface_takes_images_only(name):
     assert segmenter.name == name and segmenter.threshold == 0.5
     assert list(inspect.signature(segmenter.fit_volume).parameters) == ["image", "brain_mask"]
     assert list(inspect.signature(segmenter.predict_slices).parameters) == ["slices"]
+    if getattr(segmenter, "volume_level", False):  # 3D filters: the engine calls predict_volume instead
+        assert list(inspect.signature(segmenter.predict_volume).parameters) == ["image", "brain_mask", "spacing"]
+        with pytest.raises(TypeError, match="volume-level"):
+            segmenter.predict_slices(np.zeros((1, 8, 8), np.float32))
+        return
     with pytest.raises(RuntimeError, match="call fit_volume"):
         segmenter.predict_slices(np.zeros((1, 8, 8), np.float32))
 
@@ -191,14 +196,15 @@ def test_vesselness_rules_and_brightness_gate(phantom):
 
 
 def test_registry_lists_methods():
-    assert available_segmenters() == ("percentile", "otsu", "multiotsu", "kmeans", "gmm", "frangi", "sato")
+    assert available_segmenters() == ("percentile", "otsu", "multiotsu", "kmeans", "gmm", "frangi", "sato",
+                                      "frangi3d", "sato3d")
     with pytest.raises(TypeError):
         SEGMENTERS["mine"] = object  # read-only table
 
 
 def test_unknown_name_lists_choices_and_close_matches():
-    with pytest.raises(ValueError, match=r"unknown segmenter 'fangi' \(did you mean 'frangi'\?\); valid names: "
-                                         r"percentile, otsu"):
+    with pytest.raises(ValueError, match=r"unknown segmenter 'fangi' \(did you mean 'frangi'( or 'frangi3d')?\?\); "
+                                         r"valid names: percentile, otsu"):
         build_segmenter("fangi")
     with pytest.raises(ValueError, match=r"unknown segmenter 'unet'; valid names"):
         build_segmenter("unet")

@@ -16,7 +16,7 @@ from experiments import prepare as prepare_entry
 from experiments import CONFIG_DIR
 from stego_core.cli import parse
 from stego_core import tracking
-from stego_core.config import PrepareConfig, load_config
+from stego_core.config import AblationConfig, PrepareConfig, load_config
 from stego_core.steps.evaluation import BaselineConfig, ReconstructConfig
 from stego_core.steps.pipeline import MainConfig
 from stego_core.steps.prepare import load_crop_set
@@ -90,7 +90,7 @@ def test_baseline_main_unknown_method_exit_2(tmp_path, capsys):
 # --------------------------------------------------------------------------------------------- MLproject
 
 ENTRY_POINTS = {"main": MainConfig, "prepare": PrepareConfig, "baseline": BaselineConfig, "train": TrainConfig,
-                "reconstruct": ReconstructConfig}
+                "reconstruct": ReconstructConfig, "ablation": AblationConfig}
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +101,8 @@ def project():
 
 
 def test_mlproject_entry_points_and_parameters(project):
-    assert set(project._entry_points) == {"main", "prepare", "train", "reconstruct", "baseline", "sweep", "doctor"}
+    assert set(project._entry_points) == {"main", "prepare", "train", "reconstruct", "baseline", "sweep", "doctor",
+                                          "ablation"}
     expected = {  # the -P keys the README shows, plus the shared ones
         "main": {"config", "extra"},
         "prepare": {"config", "source", "data_root", "output", "n_volumes", "seed", "patch_size", "stride",
@@ -111,6 +112,7 @@ def test_mlproject_entry_points_and_parameters(project):
                   "max_steps", "seed", "register", "extra"},
         "reconstruct": {"config", "model_uri", "source", "data_root", "split", "extra"},
         "sweep": {"config", "study_name", "n_trials", "timeout_s", "objective", "extra"},
+        "ablation": {"config", "extra"},
     }
     for name, params in expected.items():
         entry = project.get_entry_point(name)
@@ -141,6 +143,10 @@ def test_mlproject_commands_resolve_to_valid_configs(project):
     assert defaults["baseline"].method == "frangi" and defaults["baseline"].settings == {}
     assert defaults["reconstruct"].model_uri == "runs:/0123abcd/model"
     assert defaults["main"].baselines[0] == "percentile"
+    assert defaults["ablation"].variants[0].name == "none"
+    preset = _resolve(project, "baseline", {"config": "experiments/configs/best_mra.yaml", "source": "folder",
+                                            "data_root": "cases", "split": "all"})
+    assert preset.method == "gmm" and preset.settings == {"n_components": 4, "min_std": 0.02} and preset.postprocess
 
     prepare = _resolve(project, "prepare", {"source": "phantom", "n_volumes": "2", "patch_size": "16",
                                             "extra": "data.phantom.shape=[32,32,24] slicing.stride=4"})

@@ -18,11 +18,11 @@ from tqdm.auto import tqdm
 
 from stego_core import tracking
 from stego_core.config import BaselineConfig, EvaluateConfig, ReconstructConfig, flatten, save_config
-from stego_core.crf import CRFRefiner
 from stego_core.data import ensure_cases, preprocess_case, split_cases
 from stego_core.io import Case, save_volume
 from stego_core.metrics import evaluate_segmentation, summarize, write_results
-from stego_core.reconstruction import segment_volume
+from stego_core.postprocess import apply_postprocessing, steps_tag
+from stego_core.reconstruction import predict_volume
 from stego_core.segmenter import Segmenter
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,14 @@ class EvaluationResult:
     rows: list[dict[str, Any]]
     summary: dict[str, float]
     output_dir: Path
+
+
+def _spacing(prepared: Any) -> tuple[float, float, float] | None:
+    """The voxel size in mm from the case's header, or None when the header has none."""
+    if prepared.header is None:
+        return None
+    zooms = tuple(float(z) for z in prepared.header.get_zooms()[:3])
+    return zooms if len(zooms) == 3 and all(z > 0 for z in zooms) else None
 
 
 def select_cases(cfg: EvaluateConfig) -> list[Case]:
@@ -49,6 +57,7 @@ def evaluate_cases(segmenter: Segmenter, cases: list[Case], cfg: EvaluateConfig,
     """Reconstruct every case, write predictions under ``out_dir``, and return one metrics row per case."""
     from stego_core.visualize import mip_figure
 
+    steps = cfg.postprocess_steps()
     rows = []
     for case in tqdm(cases, desc=f"evaluate {segmenter.name}", unit="vol", disable=None if cfg.progress else True):
         prepared = preprocess_case(case, cfg.data)
@@ -60,8 +69,13 @@ def evaluate_cases(segmenter: Segmenter, cases: list[Case], cfg: EvaluateConfig,
                         "meaningless", case.case_id, case.label)
             if log_to_mlflow:
                 tracking.set_tags({"label_empty": "true", f"label_empty/{case.case_id}": "true"})
-        prob, pred = segment_volume(segmenter, prepared.image, prepared.brain_mask, cfg.engine,
-                                    progress=cfg.progress)
+        spacing = _spacing(prepared)
+        prob = predict_volume(segmenter, prepared.image, prepared.brain_mask, cfg.engine, progress=cfg.progress,
+                              spacing=spacing)
+        post = apply_postprocessing(prob, prepared.image, steps, spacing, threshold=float(segmenter.threshold),
+                                    brain_mask=prepared.brain_mask, slice_axis=cfg.engine.axis,
+                                    crf_settings=cfg.crf_settings)
+        prob, pred = post.prob, post.mask
         pred_path = save_volume(out_dir / "predictions" / f"{case.case_id}_pred.nii.gz", pred.astype(np.uint8),
                                 prepared.affine, prepared.header)
         if log_to_mlflow:
@@ -72,6 +86,9 @@ def evaluate_cases(segmenter: Segmenter, cases: list[Case], cfg: EvaluateConfig,
             if log_to_mlflow:
                 tracking.log_artifact(prob_path, "predictions")
         row: dict[str, Any] = {"case_id": case.case_id, "predicted_fraction": float(pred.mean())}
+        if steps:  # what the post-processing did to the topology (26-connected components)
+            row["n_components_before_postprocess"] = float(post.n_components_before)
+            row["n_components_after_postprocess"] = float(post.n_components_after)
         if prepared.label is not None:
             row.update(evaluate_segmentation(pred, prepared.label))
             row["label_retention"] = prepared.label_retention
@@ -94,9 +111,8 @@ def run_evaluation(segmenter: Segmenter, cfg: EvaluateConfig, *, method: str, ru
     """
     config = config if config is not None else cfg
     run_name = run_name or method
-    if cfg.crf:
-        segmenter = CRFRefiner(segmenter, cfg.crf_settings)
-        method, run_name = f"{method}+crf", f"{run_name}+crf"
+    suffix = steps_tag(cfg.postprocess_steps())  # e.g. "+crf", "+smooth+largest"
+    method, run_name = f"{method}{suffix}", f"{run_name}{suffix}"
     description = (f"Evaluation of {method} on the {cfg.split} volumes of {Path(cfg.data.root).name}: "
                    f"dice_mean / cldice_mean, per volume <key>/<case>, MIP and error overlays in figures/.")
     with tracking.start_run(cfg.experiment, run_name=run_name, output_root=cfg.output, nested=nested,
@@ -126,7 +142,9 @@ def run_baseline(cfg: BaselineConfig, *, nested: bool = False, tags: dict[str, s
 
     settings = dict(cfg.settings)
     if cfg.method in SEGMENTERS and "slice_axis" in {f.name for f in dataclasses.fields(SEGMENTERS[cfg.method])}:
-        if settings.setdefault("slice_axis", cfg.engine.axis) != cfg.engine.axis:
+        if cfg.engine.axes is not None:  # tri-planar: thresholds fitted on slices along the first axis
+            settings.setdefault("slice_axis", cfg.engine.axes[0])
+        elif settings.setdefault("slice_axis", cfg.engine.axis) != cfg.engine.axis:
             raise ValueError(f"settings.slice_axis={settings['slice_axis']} differs from engine.axis="
                              f"{cfg.engine.axis}; the filter must run on the slices the engine feeds it")
     segmenter = build_segmenter(cfg.method, **settings)
