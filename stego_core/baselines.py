@@ -50,13 +50,12 @@ from typing import ClassVar
 
 import numpy as np
 from scipy.cluster.vq import kmeans2
-from scipy import ndimage as ndi
-from skimage.feature import hessian_matrix_eigvals
 from skimage.filters import threshold_multiotsu, threshold_otsu
 
 from stego_core._checks import as_binary, check_finite, check_ndim, check_range, check_same_shape
 from stego_core.segmenter import Segmenter
-from stego_core.vesselness import frangi_slices, hessian_slices, sato_slices
+from stego_core.vesselness import (frangi_response, frangi_slices, hessian_eigenvalues, hessian_slices,
+                                   sato_response, sato_slices)
 
 __all__ = [
     "SEGMENTERS",
@@ -71,9 +70,6 @@ __all__ = [
     "SatoSegmenter",
     "available_segmenters",
     "build_segmenter",
-    "frangi_response",
-    "hessian_eigenvalues",
-    "sato_response",
 ]
 
 
@@ -580,91 +576,6 @@ class SatoSegmenter(_VesselnessSegmenter):
 
 
 # ------------------------------------------------------------------------------ 3D vesselness methods
-
-
-def hessian_eigenvalues(image: np.ndarray, sigma_mm: float, spacing: Sequence[float] | None = None, *,
-                        truncate: float = 4.0, chunk: int = 32) -> np.ndarray:
-    """Eigenvalues of the scale-normalised Hessian of a 3D image, in decreasing order.
-
-    Second derivatives of a Gaussian of standard deviation ``sigma_mm`` (per axis ``sigma_mm / spacing``
-    voxels; with ``spacing=None`` millimetres are voxels), in units of mm^-2, multiplied by ``sigma_mm**2``
-    (Lindeberg's normalisation, so that scales compare). Eigenvalues come from
-    ``skimage.feature.hessian_matrix_eigvals``, computed slab by slab to bound memory.
-
-    Parameters
-    ----------
-    image : (I, J, K) float ndarray
-    sigma_mm : float > 0
-    spacing : (3,) sequence of float, optional
-        Voxel size in mm.
-    truncate : float
-        Gaussian kernel radius in standard deviations.
-    chunk : int
-        Planes along axis 0 per eigenvalue slab.
-
-    Returns
-    -------
-    (3, I, J, K) float32 ndarray
-        ``[l0 >= l1 >= l2]`` per voxel. A bright tube has ``l1, l2 << 0`` and ``l0 ~ 0``.
-    """
-    image = np.asarray(image, dtype=np.float32)
-    check_ndim(image, 3, "image")
-    check_range(sigma_mm, "sigma_mm", 0.0, low_inclusive=False)
-    sp = np.ones(3) if spacing is None else np.asarray(spacing, dtype=np.float64)
-    if sp.shape != (3,) or (sp <= 0).any():
-        raise ValueError(f"spacing={spacing!r} must be 3 positive numbers (mm)")
-    sigma_vox = tuple(float(sigma_mm / s) for s in sp)
-    elems = []
-    for a in range(3):
-        for b in range(a, 3):
-            order = [0, 0, 0]
-            order[a] += 1
-            order[b] += 1
-            d = ndi.gaussian_filter(image, sigma_vox, order=order, mode="reflect", truncate=truncate)
-            d *= np.float32(sigma_mm**2 / (sp[a] * sp[b]))
-            elems.append(d)
-    out = np.empty((3, *image.shape), dtype=np.float32)
-    for start in range(0, image.shape[0], chunk):
-        sl = slice(start, start + chunk)
-        out[:, sl] = hessian_matrix_eigvals([e[sl] for e in elems])
-    return out
-
-
-def frangi_response(eigenvalues: np.ndarray, *, alpha: float = 0.5, beta: float = 0.5, gamma: float = 1.0
-                    ) -> np.ndarray:
-    """Frangi's 3D vesselness of bright tubes from Hessian eigenvalues (as ``skimage.filters.frangi``).
-
-    Parameters
-    ----------
-    eigenvalues : (3, ...) ndarray
-        From :func:`hessian_eigenvalues` (any order).
-    alpha, beta : float
-        Plate and blob sensitivities.
-    gamma : float
-        Structureness scale.
-
-    Returns
-    -------
-    (...) float32 ndarray in [0, 1)
-    """
-    e = -np.asarray(eigenvalues, dtype=np.float32)  # bright tubes -> skimage's dark-ridge convention
-    e = np.take_along_axis(e, np.abs(e).argsort(0), 0)
-    l1 = e[0]
-    l2, l3 = np.maximum(e[1], 1e-10), np.maximum(e[2], 1e-10)
-    r_a = l2 / l3
-    r_b = np.abs(l1) / np.sqrt(l2 * l3)
-    s2 = (e**2).sum(0)
-    v = 1.0 - np.exp(-(r_a**2) / (2 * alpha**2))
-    v *= np.exp(-(r_b**2) / (2 * beta**2))
-    v *= 1.0 - np.exp(-s2 / (2 * gamma**2))
-    return v.astype(np.float32)
-
-
-def sato_response(eigenvalues: np.ndarray) -> np.ndarray:
-    """Sato's 3D tubeness of bright tubes: ``sqrt(max(-l1, 0) * max(-l2, 0))`` of the two most negative
-    eigenvalues (as ``skimage.filters.sato``; the eigenvalues are already scale-normalised)."""
-    e = np.sort(np.asarray(eigenvalues, dtype=np.float32), axis=0)  # ascending: most negative first
-    return np.sqrt(np.maximum(-e[0], 0) * np.maximum(-e[1], 0)).astype(np.float32)
 
 
 _RULES_3D = ("fixed", "otsu")

@@ -1,8 +1,9 @@
-"""Frangi vesselness and Sato tubeness of many 2D slices at once (the 2D vesselness baselines' filters).
+"""Hessian vesselness filters: Frangi and Sato on many 2D slices at once, and on whole 3D volumes.
 
-Same filters as ``skimage.filters.frangi`` / ``sato(image, sigmas, black_ridges=False)`` on each slice: Hessian by two
-successive first-order Gaussian-derivative filters of scale ``sigma / sqrt(2)`` (as
-``skimage.feature.hessian_matrix(..., use_gaussian_derivatives=True)``), eigenvalues sorted by magnitude,
+2D (the per-slice baselines): the same filters as ``skimage.filters.frangi`` / ``sato(image, sigmas,
+black_ridges=False)`` on each slice: Hessian by two successive first-order Gaussian-derivative filters of
+scale ``sigma / sqrt(2)`` (as ``skimage.feature.hessian_matrix(..., use_gaussian_derivatives=True)``),
+eigenvalues sorted by magnitude,
 Frangi et al.'s blobness and structureness terms (or Sato's ``sigma**2 * max(lambda_max, 0)``), maximum over
 scales. Two differences, both for speed:
 
@@ -14,6 +15,9 @@ scales. Two differences, both for speed:
 
 Sato, Y., et al. (1998). Three-dimensional multi-scale line filter for segmentation and visualization of
 curvilinear structures in medical images. Medical Image Analysis 2(2), 143-168.
+3D (the volume-level baselines): :func:`hessian_eigenvalues` with scales in mm (anisotropic spacing), then
+:func:`frangi_response` or :func:`sato_response` of the eigenvalues.
+
 Frangi, A. F., Niessen, W. J., Vincken, K. L., & Viergever, M. A. (1998). Multiscale vessel enhancement
 filtering. MICCAI, 130-137. :DOI:`10.1007/BFb0056195`
 """
@@ -25,10 +29,12 @@ from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage as ndi
+from skimage.feature import hessian_matrix_eigvals
 
-from stego_core._checks import check_ndim
+from stego_core._checks import check_ndim, check_range
 
-__all__ = ["frangi_slices", "hessian_slices", "sato_slices"]
+__all__ = ["frangi_response", "frangi_slices", "hessian_eigenvalues", "hessian_slices", "sato_response",
+           "sato_slices"]
 
 #: Gaussian kernels are cut at this many standard deviations.
 TRUNCATE = 8.0
@@ -122,3 +128,91 @@ def sato_slices(slices: np.ndarray, sigmas: Sequence[float], *, mode: str = "ref
         e_hi = (hrr + hcc) / 2 + np.sqrt(hrc**2 + ((hrr - hcc) / 2) ** 2)
         np.maximum(out, sigma**2 * np.maximum(e_hi, 0), out=out)
     return out
+
+
+# -------------------------------------------------------------------------------------------------- 3D
+
+
+def hessian_eigenvalues(image: np.ndarray, sigma_mm: float, spacing: Sequence[float] | None = None, *,
+                        truncate: float = 4.0, chunk: int = 32) -> np.ndarray:
+    """Eigenvalues of the scale-normalised Hessian of a 3D image, in decreasing order.
+
+    Second derivatives of a Gaussian of standard deviation ``sigma_mm`` (per axis ``sigma_mm / spacing``
+    voxels; with ``spacing=None`` millimetres are voxels), in units of mm^-2, multiplied by ``sigma_mm**2``
+    (Lindeberg's normalisation, so that scales compare). Eigenvalues come from
+    ``skimage.feature.hessian_matrix_eigvals``, computed slab by slab to bound memory.
+
+    Parameters
+    ----------
+    image : (I, J, K) float ndarray
+    sigma_mm : float > 0
+    spacing : (3,) sequence of float, optional
+        Voxel size in mm.
+    truncate : float
+        Gaussian kernel radius in standard deviations.
+    chunk : int
+        Planes along axis 0 per eigenvalue slab.
+
+    Returns
+    -------
+    (3, I, J, K) float32 ndarray
+        ``[l0 >= l1 >= l2]`` per voxel. A bright tube has ``l1, l2 << 0`` and ``l0 ~ 0``.
+    """
+    image = np.asarray(image, dtype=np.float32)
+    check_ndim(image, 3, "image")
+    check_range(sigma_mm, "sigma_mm", 0.0, low_inclusive=False)
+    sp = np.ones(3) if spacing is None else np.asarray(spacing, dtype=np.float64)
+    if sp.shape != (3,) or (sp <= 0).any():
+        raise ValueError(f"spacing={spacing!r} must be 3 positive numbers (mm)")
+    sigma_vox = tuple(float(sigma_mm / s) for s in sp)
+    elems = []
+    for a in range(3):
+        for b in range(a, 3):
+            order = [0, 0, 0]
+            order[a] += 1
+            order[b] += 1
+            d = ndi.gaussian_filter(image, sigma_vox, order=order, mode="reflect", truncate=truncate)
+            d *= np.float32(sigma_mm**2 / (sp[a] * sp[b]))
+            elems.append(d)
+    out = np.empty((3, *image.shape), dtype=np.float32)
+    for start in range(0, image.shape[0], chunk):
+        sl = slice(start, start + chunk)
+        out[:, sl] = hessian_matrix_eigvals([e[sl] for e in elems])
+    return out
+
+
+def frangi_response(eigenvalues: np.ndarray, *, alpha: float = 0.5, beta: float = 0.5, gamma: float = 1.0
+                    ) -> np.ndarray:
+    """Frangi's 3D vesselness of bright tubes from Hessian eigenvalues (as ``skimage.filters.frangi``).
+
+    Parameters
+    ----------
+    eigenvalues : (3, ...) ndarray
+        From :func:`hessian_eigenvalues` (any order).
+    alpha, beta : float
+        Plate and blob sensitivities.
+    gamma : float
+        Structureness scale.
+
+    Returns
+    -------
+    (...) float32 ndarray in [0, 1)
+    """
+    e = -np.asarray(eigenvalues, dtype=np.float32)  # bright tubes -> skimage's dark-ridge convention
+    e = np.take_along_axis(e, np.abs(e).argsort(0), 0)
+    l1 = e[0]
+    l2, l3 = np.maximum(e[1], 1e-10), np.maximum(e[2], 1e-10)
+    r_a = l2 / l3
+    r_b = np.abs(l1) / np.sqrt(l2 * l3)
+    s2 = (e**2).sum(0)
+    v = 1.0 - np.exp(-(r_a**2) / (2 * alpha**2))
+    v *= np.exp(-(r_b**2) / (2 * beta**2))
+    v *= 1.0 - np.exp(-s2 / (2 * gamma**2))
+    return v.astype(np.float32)
+
+
+def sato_response(eigenvalues: np.ndarray) -> np.ndarray:
+    """Sato's 3D tubeness of bright tubes: ``sqrt(max(-l1, 0) * max(-l2, 0))`` of the two most negative
+    eigenvalues (as ``skimage.filters.sato``; the eigenvalues are already scale-normalised)."""
+    e = np.sort(np.asarray(eigenvalues, dtype=np.float32), axis=0)  # ascending: most negative first
+    return np.sqrt(np.maximum(-e[0], 0) * np.maximum(-e[1], 0)).astype(np.float32)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stego_core.baselines import build_segmenter, frangi_response, hessian_eigenvalues
+from stego_core.baselines import build_segmenter
+from stego_core.vesselness import frangi_response, hessian_eigenvalues
 from stego_core.config import EngineConfig, PostprocessStep
 from stego_core.postprocess import (apply_postprocessing, component_sizes, fill_small_holes, keep_largest_trees,
                                     remove_small_components, smooth_probability, steps_tag)
