@@ -276,6 +276,8 @@ def run_train(cfg: TrainConfig, *, report: Callable[[int, dict[str, float]], Non
             tracking.log_artifact(run.output_dir / "checkpoints", "checkpoints")
             tracking.set_tags({"resume_with": f"train.resume_from={run.run_id}"})
             raise
+        # last.ckpt is the final state, whatever step the last periodic checkpoint fell on
+        trainer.save_checkpoint(run.output_dir / "checkpoints" / "last.ckpt")
 
         module.eval()
         if validation.last_model is None:  # the callback validates at max_steps; this only guards odd stops
