@@ -171,6 +171,15 @@ def log_figure(figure: Any, artifact_file: str) -> None:
     plt.close(figure)
 
 
+def log_figure_image(figure: Any, *, key: str, step: int) -> None:
+    """Log a matplotlib figure as an MLflow image with a step (the UI's image slider); leaves it open."""
+    import numpy as np
+
+    figure.canvas.draw()
+    image = np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
+    mlflow.log_image(image, key=key, step=step)
+
+
 def log_text(text: str, artifact_file: str) -> None:
     mlflow.log_text(text, artifact_file)
 
