@@ -575,7 +575,9 @@ class MainConfig(RunSettings):
     """What the demo (``make demo``, ``mlflow run . -e main``) runs, read top to bottom: the data and crops
     every step shares, the classical baselines, then STEGO's model / loss / training sections (as in
     :class:`TrainConfig`). ``stego_crf`` also evaluates the STEGO model with dense-CRF refinement (when
-    pydensecrf2 is installed)."""
+    pydensecrf2 is installed). ``pretrain`` (a :class:`PretrainConfig` mapping; its ``data``, ``slicing``,
+    ``experiment`` and ``output`` are taken from this config) first pretrains ``pretrain.backbone`` with DINO on
+    the same volumes without labels, and STEGO then trains on that backbone (``model.weights=runs:/<id>``)."""
 
     data: DataConfig = field(default_factory=DataConfig)
     slicing: SlicingConfig = field(default_factory=SlicingConfig)
@@ -583,6 +585,8 @@ class MainConfig(RunSettings):
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainSettings = field(default_factory=TrainSettings)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    pretrain: PretrainConfig | None = None
     stego_crf: bool = True
     output: str = "outputs"
 
