@@ -285,7 +285,7 @@ def run_pretrain(cfg: PretrainConfig, *, nested: bool = False, run_name: str | N
 
         bar = tqdm(total=cfg.max_steps, initial=start, disable=not (cfg.progress and sys.stderr.isatty()),
                    desc="pretrain")
-        t0, done, last = time.time(), 0, {}
+        t0, done, last, logged = time.time(), 0, {}, True
         step = start
         model.train()
         while step < cfg.max_steps:
@@ -320,19 +320,21 @@ def run_pretrain(cfg: PretrainConfig, *, nested: bool = False, run_name: str | N
             step += 1
             done += 1
             bar.update(1)
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
-                last = {"pretrain/loss": float(loss.detach()), "pretrain/teacher_entropy": entropy,
-                        "pretrain/center_norm": float(criterion.center.norm()), "pretrain/lr": lr,
-                        "pretrain/momentum": momentum, "pretrain/teacher_temp": t_temp,
-                        "pretrain/weight_decay": wd,
-                        "pretrain/crops_per_s": done * cfg.batch_size / max(time.time() - t0, 1e-9)}
+            last = {"pretrain/loss": float(loss.detach()), "pretrain/teacher_entropy": entropy,
+                    "pretrain/center_norm": float(criterion.center.norm()), "pretrain/lr": lr,
+                    "pretrain/momentum": momentum, "pretrain/teacher_temp": t_temp, "pretrain/weight_decay": wd,
+                    "pretrain/crops_per_s": done * cfg.batch_size / max(time.time() - t0, 1e-9)}
+            logged = step % cfg.log_every == 0 or step == cfg.max_steps
+            if logged:
                 tracking.log_metrics(last, step=step)
-                bar.set_postfix(loss=f"{float(loss):.3f}", H=f"{entropy:.2f}")
+                bar.set_postfix(loss=f"{last['pretrain/loss']:.3f}", H=f"{entropy:.2f}")
             if step % cfg.checkpoint_every == 0:
                 save_checkpoint(step)
             if cfg.figure_every > 0 and step % cfg.figure_every == 0:
                 log_figure(step)
         bar.close()
+        if last and not logged:  # stopped by the time budget between two logging steps
+            tracking.log_metrics(last, step=step)
         save_checkpoint(step)
         if cfg.figure_every > 0 and step % cfg.figure_every != 0:
             log_figure(step)
