@@ -36,7 +36,11 @@ def crops():
 
 def test_spec_table():
     assert list_backbones() == sorted(["vit_small_patch8_dino", "vit_small_patch16_dino", "vit_base_patch8_dino",
-                                       "vit_base_patch16_dino", "vit_small_patch14_dinov2", "classical"])
+                                       "vit_base_patch16_dino", "vit_small_patch14_dinov2", "classical",
+                                       "mra_vit_t4_p2", "mra_vit_t4_p4", "mra_vit_t12_p4", "mra_vit_s12_p8"])
+    mra = BACKBONES["mra_vit_t4_p2"]
+    assert (mra.patch_size, mra.embed_dim, mra.res, mra.grid, mra.trainable) == (2, 192, 32, 16, True)
+    assert not BACKBONES["vit_small_patch8_dino"].trainable
     spec = BACKBONES["vit_small_patch8_dino"]
     assert (spec.timm_name, spec.patch_size, spec.embed_dim, spec.res, spec.grid) == (
         "vit_small_patch8_224.dino", 8, 384, 224, 28)
@@ -226,3 +230,8 @@ def test_classical_vesselness_peaks_on_bright_tube(standardize, vertical):
         assert profile[8] > profile[2] + 1.0 and profile[8] > profile[13] + 1.0, name
     flat = bb(torch.full((1, 1, 32, 32), 0.4))[0, bb.channel_names.index("vesselness_s1")]
     assert flat.abs().max().item() < 1e-3
+
+
+def test_in_domain_vit_builds_at_the_crop_scale():
+    bb = build_backbone("mra_vit_t4_p2", weights="random")
+    assert bb(torch.rand(2, 1, 32, 32)).shape == (2, 192, 16, 16)
