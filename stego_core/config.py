@@ -232,7 +232,8 @@ class SamplingConfig:
     above the ``quantile``-th percentile of their volume's brain intensities, plus ``floor`` times the mean.
 
     ``method: none`` draws uniformly. ``max_crops`` (STEGO training) keeps that many crops, drawn by weight
-    without replacement, before features are computed (0 = all; the loader then draws batches by weight).
+    without replacement, before features are computed; when every crop is kept (0, or no more crops than
+    ``max_crops``) the loader draws batches by weight instead.
     """
 
     method: str = "bright"

@@ -116,11 +116,11 @@ class StegoDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Batches drawn by the sampling weights (with replacement) when ``sampling.method`` weights crops and
-        every crop was kept; uniformly shuffled otherwise (a ``sampling.max_crops`` subset was already drawn by
-        weight)."""
+        every crop was kept (no ``sampling.max_crops``, or no more crops than it); uniformly shuffled otherwise
+        (the ``sampling.max_crops`` subset was already drawn by weight)."""
         cfg = self.cfg.train
         generator = torch.Generator().manual_seed(cfg.seed)
-        if self.cfg.sampling.method != "none" and not self.cfg.sampling.max_crops:
+        if self.cfg.sampling.method != "none" and len(self.train_set) == self.n_candidate_crops:
             sampler = WeightedRandomSampler(torch.from_numpy(self.sample_weights), num_samples=len(self.dataset),
                                             replacement=True, generator=generator)
             return DataLoader(self.dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,

@@ -198,7 +198,8 @@ class DinoModel(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, embed_dim: int, *, out_dim: int = 4096, hidden_dim: int = 2048,
-                 bottleneck_dim: int = 256, freeze_last_layer_steps: int = 0, to_input: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+                 bottleneck_dim: int = 256, freeze_last_layer_steps: int = 0,
+                 to_input: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         super().__init__()
         from lightly.models.modules import DINOProjectionHead
 
