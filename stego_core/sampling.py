@@ -28,7 +28,8 @@ SAMPLING_METHODS = ("none", "bright")
 
 
 def bright_threshold(image: np.ndarray, brain_mask: np.ndarray | None, q: float = 99.0) -> float:
-    """The ``q``-th percentile of the brain intensities of one preprocessed volume.
+    """The ``q``-th percentile of the brain intensities of one preprocessed volume (the next lower intensity
+    when nothing exceeds it, as for saturated images).
 
     Parameters
     ----------
@@ -42,7 +43,13 @@ def bright_threshold(image: np.ndarray, brain_mask: np.ndarray | None, q: float 
     values = image[brain_mask] if brain_mask is not None else image.ravel()
     if values.size == 0:
         raise ValueError("the brain mask is empty: no intensities to take a percentile of")
-    return float(np.percentile(values, q))
+    t = float(np.percentile(values, q))
+    if not (values > t).any():
+        # Saturated images (vessel lumen clipped at the maximum) put the percentile on the maximum, which nothing
+        # exceeds: step down to the next intensity below so that the saturated voxels count as bright.
+        lower = values[values < t]
+        t = float(lower.max()) if lower.size else t
+    return t
 
 
 def crop_weights(crops: np.ndarray, thresholds: np.ndarray | float, *, method: str = "bright",

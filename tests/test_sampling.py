@@ -28,6 +28,9 @@ def test_bright_threshold_is_a_brain_percentile():
     mask = np.zeros_like(img, bool)
     mask[:5] = True
     assert bright_threshold(img, mask, 50.0) == pytest.approx(np.percentile(np.arange(50), 50))
+    saturated = np.concatenate([np.linspace(0, 0.5, 90), np.ones(10)]).astype(np.float32).reshape(10, 10, 1)
+    t = bright_threshold(saturated, None, 99.0)
+    assert t == pytest.approx(0.5) and (saturated > t).sum() == 10  # the saturated voxels count as bright
     with pytest.raises(ValueError, match="empty"):
         bright_threshold(img, np.zeros_like(mask), 99.0)
 
