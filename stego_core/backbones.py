@@ -55,9 +55,11 @@ __all__ = [
     "ClassicalFeaturizer",
     "ViTBackbone",
     "build_backbone",
+    "create_vit",
     "get_spec",
     "list_backbones",
     "load_weights_file",
+    "normalize_input",
     "to_model_input",
 ]
 
@@ -95,6 +97,9 @@ class BackboneSpec:
         Family, selecting the input transform and the model class.
     weights_url : str or None
         Where the original release weights can be downloaded by hand (shown in error messages).
+    timm_kwargs : tuple of (str, int)
+        Architecture overrides passed to ``timm.create_model`` (patch size, depth, width, heads) for the
+        in-domain ViTs; empty for the published backbones.
     """
 
     name: str
@@ -106,6 +111,12 @@ class BackboneSpec:
     std: tuple[float, ...] = IMAGENET_STD
     kind: str = "vit"
     weights_url: str | None = None
+    timm_kwargs: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def trainable(self) -> bool:
+        """True for the in-domain ViTs built at the crop's scale, meant for :mod:`stego_core.steps.pretrain`."""
+        return bool(self.timm_kwargs)
 
     @property
     def grid(self) -> int:
@@ -116,6 +127,15 @@ class BackboneSpec:
 def _vit(name: str, timm_name: str, patch_size: int, embed_dim: int, url: str) -> BackboneSpec:
     return BackboneSpec(name=name, timm_name=timm_name, patch_size=patch_size, embed_dim=embed_dim,
                         weights_url=url)
+
+
+def _mra_vit(name: str, patch_size: int, depth: int, embed_dim: int, heads: int, res: int = 32) -> BackboneSpec:
+    """An in-domain ViT at the crop's own scale, to pretrain with DINO (``pretrain``); grey [0, 1] input is
+    normalised with mean 0.5 / std 0.25 instead of ImageNet statistics."""
+    return BackboneSpec(name=name, timm_name="vit_tiny_patch16_224", patch_size=patch_size, embed_dim=embed_dim,
+                        res=res, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
+                        timm_kwargs=(("patch_size", patch_size), ("depth", depth), ("embed_dim", embed_dim),
+                                     ("num_heads", heads)))
 
 
 _DINO = "https://dl.fbaipublicfiles.com/dino"
@@ -132,6 +152,11 @@ BACKBONES: Mapping[str, BackboneSpec] = MappingProxyType({
              f"{_DINO}/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth"),
         _vit("vit_small_patch14_dinov2", "vit_small_patch14_dinov2.lvd142m", 14, 384,
              "https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/dinov2_vits14_pretrain.pth"),
+        # In-domain ViTs (no published weights: pretrain them with `pretrain`, or weights="random").
+        _mra_vit("mra_vit_t4_p2", 2, 4, 192, 3),
+        _mra_vit("mra_vit_t4_p4", 4, 4, 192, 3),
+        _mra_vit("mra_vit_t12_p4", 4, 12, 192, 3),
+        _mra_vit("mra_vit_s12_p8", 8, 12, 384, 6, res=64),
         BackboneSpec(name="classical", timm_name=None, patch_size=1,
                      embed_dim=1 + 5 * len(CLASSICAL_SIGMAS_VOX), res=16, mean=(0.0,), std=(1.0,),
                      kind="classical"),
@@ -190,7 +215,16 @@ def to_model_input(crops: torch.Tensor, spec: BackboneSpec) -> torch.Tensor:
         return x
     if tuple(x.shape[-2:]) != (spec.res, spec.res):
         x = F.interpolate(x, size=(spec.res, spec.res), mode="bilinear", align_corners=False, antialias=True)
-    x = x.expand(-1, 3, -1, -1)
+    return normalize_input(x, spec)
+
+
+def normalize_input(x: torch.Tensor, spec: BackboneSpec) -> torch.Tensor:
+    """Grey ``(B, 1, S, S)`` -> ``(B, 3, S, S)`` normalised with ``spec``'s mean and std, without resizing.
+
+    The second half of :func:`to_model_input`; DINO pretraining feeds its (smaller) local views through it so
+    that pretraining and feature extraction see the same intensity transform.
+    """
+    x = x.float().expand(-1, 3, -1, -1)
     mean = torch.tensor(spec.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     std = torch.tensor(spec.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     return (x - mean) / std
@@ -468,6 +502,22 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     return _unwrap_state_dict(obj, path)
 
 
+def _check_safetensors_spec(path: Path, model: nn.Module, backbone_name: str) -> None:
+    """Refuse a ``.safetensors`` file whose recorded spec (written by ``pretrain``) names another patch/width."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata() or {}
+    if "patch_size" not in meta:
+        return
+    patch = model.patch_embed.proj.kernel_size[0]
+    dim = model.patch_embed.proj.out_channels
+    if int(meta["patch_size"]) != patch or int(meta.get("embed_dim", dim)) != dim:
+        raise ValueError(f"weights file {path} holds backbone {meta.get('backbone', '?')!r} (patch "
+                         f"{meta['patch_size']}, dim {meta.get('embed_dim')}) but backbone {backbone_name!r} has "
+                         f"patch {patch}, dim {dim}; use model.backbone={meta.get('backbone', '?')}")
+
+
 def load_weights_file(model: nn.Module, path: str | Path, *, backbone_name: str = "?") -> None:
     """Load a local weights file into a timm ViT, checking that it fits.
 
@@ -492,6 +542,7 @@ def load_weights_file(model: nn.Module, path: str | Path, *, backbone_name: str 
         raise FileNotFoundError(f"weights file {path} for backbone {backbone_name!r} does not exist")
     sd = _read_tensors(path)
     if path.suffix == ".safetensors":
+        _check_safetensors_spec(path, model, backbone_name)
         sd = _unwrap_state_dict(sd, path)
     sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
     model_sd = model.state_dict()
@@ -584,6 +635,22 @@ def _resolve_hub_file(spec: BackboneSpec, hf_hub_id: str) -> Path:
                            f"({type(exc).__name__}: {exc}). {how}") from exc
 
 
+def create_vit(spec: BackboneSpec, *, seed: int = 0, dynamic_img_size: bool = False) -> nn.Module:
+    """The bare timm ViT of ``spec`` (random init with ``seed``; the global RNG is left untouched).
+
+    ``dynamic_img_size=True`` lets inputs of other sizes through (DINO's local views); the state dict is the
+    same either way.
+    """
+    import timm
+
+    if spec.kind != "vit" or spec.timm_name is None:
+        raise ValueError(f"backbone {spec.name!r} is not a ViT")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return timm.create_model(spec.timm_name, pretrained=False, img_size=spec.res, num_classes=0,
+                                 dynamic_img_size=dynamic_img_size, **dict(spec.timm_kwargs))
+
+
 def build_backbone(name: str = DEFAULT_BACKBONE, *, weights: str | Path = "hub", res: int | None = None,
                    seed: int = 0, standardize: str = "crop") -> Backbone:
     """Build a frozen backbone by name; the single door to backbones and their weights.
@@ -625,12 +692,12 @@ def build_backbone(name: str = DEFAULT_BACKBONE, *, weights: str | Path = "hub",
             logger.info("backbone classical has no weights; weights=%r ignored", str(weights))
         return ClassicalFeaturizer(spec, standardize=standardize)
 
-    import timm
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = timm.create_model(spec.timm_name, pretrained=False, img_size=spec.res, num_classes=0,
-                                  dynamic_img_size=False)
+    model = create_vit(spec, seed=seed)
+    if isinstance(weights, str) and weights == "hub" and spec.trainable:
+        raise RuntimeError(f"backbone {spec.name!r} is an in-domain ViT without published weights: pretrain it "
+                           f"(`mlflow run . -e pretrain -P backbone={spec.name}`) and pass "
+                           f"model.weights=runs:/<pretrain run id> or model.weights=/path/to/teacher_backbone."
+                           f"safetensors (weights='random' for the untrained control)")
     if isinstance(weights, str) and weights == "random":
         logger.warning("backbone %s: RANDOM weights (seed %d), as explicitly requested", spec.name, seed)
         weights_id = f"random:seed={seed}"

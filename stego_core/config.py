@@ -29,6 +29,7 @@ import numpy as np
 import yaml
 
 from stego_core._checks import check_choice, check_range
+from stego_core.sampling import SAMPLING_METHODS
 
 T = TypeVar("T")
 
@@ -225,6 +226,31 @@ class PrepareConfig(RunSettings):
     dataset_name: str = "mra"
 
 
+# ------------------------------------------------------------------------------------ crop sampling
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Label-free crop sampling (:mod:`stego_core.sampling`): crops are weighted by the fraction of their pixels
+    above the ``quantile``-th percentile of their volume's brain intensities, plus ``floor`` times the mean.
+
+    ``method: none`` draws uniformly. ``max_crops`` (STEGO training) keeps that many crops, drawn by weight
+    without replacement, before features are computed; when every crop is kept (0, or no more crops than
+    ``max_crops``) the loader draws batches by weight instead.
+    """
+
+    method: str = "bright"
+    quantile: float = 99.0
+    floor: float = 0.05
+    max_crops: int = 0
+
+    def __post_init__(self) -> None:
+        check_choice(self.method, "sampling.method", SAMPLING_METHODS)
+        check_range(self.quantile, "sampling.quantile", 0.0, 100.0, low_inclusive=False, high_inclusive=False)
+        check_range(self.floor, "sampling.floor", 0.0)
+        check_range(self.max_crops, "sampling.max_crops", 0)
+
+
+
 # ----------------------------------------------------------------------------------- model and training
 
 
@@ -353,6 +379,7 @@ class TrainConfig(RunSettings):
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainSettings = field(default_factory=TrainSettings)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
     val_stride: int | None = None
     output: str = "outputs/train"
     log_model: bool = True
@@ -532,6 +559,104 @@ class ReconstructConfig(EvaluateConfig):
             raise ValueError("model_uri is required, e.g. model_uri=runs:/<train_run_id>/model")
         check_choice(self.device, "device", ("auto", "cpu", "cuda"))
 
+# ------------------------------------------------------------------------------- DINO pretraining
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """DINO multi-crop views of grey crops (:class:`stego_core.dino.AugmentSettings`); no colour operations."""
+
+    n_global: int = 2
+    n_local: int = 6
+    global_size: int = 32
+    local_size: int = 16
+    global_scale: tuple[float, float] = (0.4, 1.0)
+    local_scale: tuple[float, float] = (0.1, 0.4)
+    flip_p: float = 0.5
+    rotate: bool = True
+    intensity_scale: tuple[float, float] = (0.8, 1.2)
+    intensity_shift: tuple[float, float] = (-0.1, 0.1)
+    gamma: tuple[float, float] = (0.7, 1.5)
+    blur_p: float = 0.3
+    blur_sigma: tuple[float, float] = (0.1, 1.0)
+    noise_std: tuple[float, float] = (0.0, 0.03)
+
+    def __post_init__(self) -> None:
+        check_range(self.n_global, "augment.n_global", 2)
+        check_range(self.n_local, "augment.n_local", 0)
+        check_range(self.global_size, "augment.global_size", 4)
+        check_range(self.local_size, "augment.local_size", 2)
+        for name in ("global_scale", "local_scale"):
+            lo, hi = getattr(self, name)
+            if not 0.0 < lo <= hi <= 1.0:
+                raise ValueError(f"augment.{name}={getattr(self, name)!r} must satisfy 0 < low <= high <= 1")
+
+
+@dataclass(frozen=True)
+class PretrainConfig(RunSettings):
+    """The ``pretrain`` entry point: DINO (Caron et al., ICCV 2021) of an in-domain ViT on unlabelled crops.
+
+    Defaults follow DESIGN.md section 9 (teacher temperature 0.04 -> 0.07, student 0.1, centre momentum 0.9,
+    EMA 0.996 -> 1 by a cosine, AdamW ``lr * batch / 256`` with warm-up and cosine decay, weight decay
+    0.04 -> 0.4, clipping 3.0, last layer frozen at first) with a smaller prototype count for CPUs.
+    ``max_minutes > 0`` stops earlier (schedules still span ``max_steps``; tagged ``stopped_early``).
+    ``resume=<run id>`` continues that pretraining run from its last checkpoint. ``precision: auto`` uses bf16
+    autocast on a GPU, float32 on CPU.
+    """
+
+    data: DataConfig = field(default_factory=DataConfig)
+    slicing: SlicingConfig = field(default_factory=SlicingConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    backbone: str = "mra_vit_t4_p2"
+    seed: int = 0
+    max_steps: int = 2000
+    max_minutes: float = 0.0
+    batch_size: int = 64
+    lr: float = 5e-4
+    min_lr: float = 1e-6
+    warmup_steps: int = 100
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    clip_grad: float = 3.0
+    freeze_last_layer_steps: int = 100
+    out_dim: int = 4096
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    teacher_temp_start: float = 0.04
+    teacher_temp: float = 0.07
+    teacher_temp_warmup_steps: int = 300
+    student_temp: float = 0.1
+    center_momentum: float = 0.9
+    momentum: float = 0.996
+    log_every: int = 10
+    figure_every: int = 500
+    n_figure_crops: int = 8
+    checkpoint_every: int = 200
+    accelerator: str = "auto"
+    precision: str = "auto"
+    progress: bool = True
+    resume: str = ""
+    output: str = "outputs/pretrain"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("max_steps", "batch_size", "out_dim", "hidden_dim", "bottleneck_dim", "log_every",
+                     "checkpoint_every", "n_figure_crops"):
+            check_range(getattr(self, name), f"{name}", 1)
+        for name in ("warmup_steps", "freeze_last_layer_steps", "teacher_temp_warmup_steps", "figure_every"):
+            check_range(getattr(self, name), f"{name}", 0)
+        for name in ("lr", "teacher_temp_start", "teacher_temp", "student_temp"):
+            check_range(getattr(self, name), f"{name}", 0.0, low_inclusive=False)
+        check_range(self.min_lr, "min_lr", 0.0)
+        check_range(self.max_minutes, "max_minutes", 0.0)
+        check_range(self.clip_grad, "clip_grad", 0.0)
+        check_range(self.center_momentum, "center_momentum", 0.0, 1.0)
+        check_range(self.momentum, "momentum", 0.0, 1.0)
+        check_choice(self.accelerator, "accelerator", ("auto", "cpu", "cuda", "gpu"))
+        check_choice(self.precision, "precision", ("auto", "bf16", "32"))
+
+
 # ----------------------------------------------------------------------------------- the whole pipeline
 
 
@@ -621,7 +746,9 @@ class MainConfig(RunSettings):
     """What the demo (``make demo``, ``mlflow run . -e main``) runs, read top to bottom: the data and crops
     every step shares, the classical baselines, then STEGO's model / loss / training sections (as in
     :class:`TrainConfig`). ``stego_crf`` also evaluates the STEGO model with dense-CRF refinement (when
-    pydensecrf2 is installed)."""
+    pydensecrf2 is installed). ``pretrain`` (a :class:`PretrainConfig` mapping; its ``data``, ``slicing``,
+    ``experiment`` and ``output`` are taken from this config) first pretrains ``pretrain.backbone`` with DINO on
+    the same volumes without labels, and STEGO then trains on that backbone (``model.weights=runs:/<id>``)."""
 
     data: DataConfig = field(default_factory=DataConfig)
     slicing: SlicingConfig = field(default_factory=SlicingConfig)
@@ -629,6 +756,8 @@ class MainConfig(RunSettings):
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainSettings = field(default_factory=TrainSettings)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    pretrain: PretrainConfig | None = None
     stego_crf: bool = True
     output: str = "outputs"
     register: bool = False  # register the trained model in the model registry (as TrainConfig.register)

@@ -187,6 +187,14 @@ def make_crop_set(cases: list[PreparedCase], slicing: SlicingConfig) -> CropSet:
                    index=np.concatenate(index), case_ids=np.concatenate(ids))
 
 
+def subset_crop_set(crop_set: CropSet, pick: np.ndarray) -> CropSet:
+    """The crops ``pick`` (indices) of ``crop_set``, with their labels, index rows and case ids."""
+    pick = np.asarray(pick, dtype=np.int64)
+    return CropSet(crops=crop_set.crops[pick],
+                   labels=crop_set.labels[pick] if crop_set.labels is not None else None,
+                   index=crop_set.index[pick], case_ids=crop_set.case_ids[pick])
+
+
 def split_cases(cases: list[Case], test_fraction: float, *, seed: int = 0) -> tuple[list[Case], list[Case]]:
     """Split cases into (train, test) by a seeded shuffle; at least one case each.
 

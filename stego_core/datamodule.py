@@ -14,14 +14,16 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from stego_core.backbones import Backbone
 from stego_core.config import TrainConfig
-from stego_core.data import CropSet, PreparedCase, ensure_cases, make_crop_set, preprocess_case, split_cases
+from stego_core.data import (CropSet, PreparedCase, ensure_cases, make_crop_set, preprocess_case, split_cases,
+                             subset_crop_set)
 from stego_core.features import crops_digest, knn_table, load_or_compute_features
 from stego_core.io import Case
 from stego_core.module import CropFeatureDataset
+from stego_core.sampling import select_crops
 from stego_core.slicing import crop_index, take_crops
 
 
@@ -93,7 +95,13 @@ class StegoDataModule(L.LightningDataModule):
         self.cases = ensure_cases(cfg.data)
         self.train_cases, self.test_cases = split_cases(self.cases, cfg.test_fraction, seed=cfg.split_seed)
         prepared = {c.case_id: preprocess_case(c, cfg.data) for c in self.cases}
-        self.train_set: CropSet = make_crop_set([prepared[c.case_id] for c in self.train_cases], cfg.slicing)
+        train_set = make_crop_set([prepared[c.case_id] for c in self.train_cases], cfg.slicing)
+        # Label-free sampling: weights from the training images only (never the labels).
+        volumes = {c.case_id: (prepared[c.case_id].image, prepared[c.case_id].brain_mask) for c in self.train_cases}
+        self.sample_weights, pick = select_crops(train_set.crops, train_set.case_ids, volumes, cfg.sampling,
+                                                 seed=cfg.train.seed)
+        self.n_candidate_crops = len(train_set)
+        self.train_set: CropSet = subset_crop_set(train_set, pick) if len(pick) < len(train_set) else train_set
         self.features = self.features_for(self.train_set.crops)
         self.knn = knn_table(self.features, k=cfg.loss.knn_k)
         self.overlap = bool({c.case_id for c in self.train_cases} & {c.case_id for c in self.test_cases})
@@ -107,9 +115,18 @@ class StegoDataModule(L.LightningDataModule):
         self.val = self._validation([prepared[c.case_id] for c in self.test_cases])
 
     def train_dataloader(self) -> DataLoader:
+        """Batches drawn by the sampling weights (with replacement) when ``sampling.method`` weights crops and
+        every crop was kept (no ``sampling.max_crops``, or no more crops than it); uniformly shuffled otherwise
+        (the ``sampling.max_crops`` subset was already drawn by weight)."""
         cfg = self.cfg.train
+        generator = torch.Generator().manual_seed(cfg.seed)
+        if self.cfg.sampling.method != "none" and len(self.train_set) == self.n_candidate_crops:
+            sampler = WeightedRandomSampler(torch.from_numpy(self.sample_weights), num_samples=len(self.dataset),
+                                            replacement=True, generator=generator)
+            return DataLoader(self.dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
+                              num_workers=0)
         return DataLoader(self.dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
-                          generator=torch.Generator().manual_seed(cfg.seed), num_workers=0)
+                          generator=generator, num_workers=0)
 
     def mapping_data(self, with_labels: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Features, crops and (when ``with_labels`` and allowed) labels of the crops clusters are mapped on."""

@@ -36,7 +36,11 @@ def crops():
 
 def test_spec_table():
     assert list_backbones() == sorted(["vit_small_patch8_dino", "vit_small_patch16_dino", "vit_base_patch8_dino",
-                                       "vit_base_patch16_dino", "vit_small_patch14_dinov2", "classical"])
+                                       "vit_base_patch16_dino", "vit_small_patch14_dinov2", "classical",
+                                       "mra_vit_t4_p2", "mra_vit_t4_p4", "mra_vit_t12_p4", "mra_vit_s12_p8"])
+    mra = BACKBONES["mra_vit_t4_p2"]
+    assert (mra.patch_size, mra.embed_dim, mra.res, mra.grid, mra.trainable) == (2, 192, 32, 16, True)
+    assert not BACKBONES["vit_small_patch8_dino"].trainable
     spec = BACKBONES["vit_small_patch8_dino"]
     assert (spec.timm_name, spec.patch_size, spec.embed_dim, spec.res, spec.grid) == (
         "vit_small_patch8_224.dino", 8, 384, 224, 28)
@@ -246,3 +250,8 @@ def test_classical_derivatives_equal_one_convolution_per_derivative():
         plain = (sep(x, g, g), sep(x, g, d1), sep(x, d1, g), sep(x, g, d2), sep(x, d2, g), sep(x, d1, d1))
         for fast, ref in zip(featurizer._derivatives(x, i), plain):
             assert torch.allclose(fast, ref, atol=1e-6)
+
+
+def test_in_domain_vit_builds_at_the_crop_scale():
+    bb = build_backbone("mra_vit_t4_p2", weights="random")
+    assert bb(torch.rand(2, 1, 32, 32)).shape == (2, 192, 16, 16)

@@ -101,15 +101,17 @@ def project():
 
 
 def test_mlproject_entry_points_and_parameters(project):
-    assert set(project._entry_points) == {"main", "prepare", "train", "reconstruct", "baseline", "sweep", "doctor",
-                                          "ablation"}
+    assert set(project._entry_points) == {"main", "prepare", "pretrain", "train", "reconstruct", "baseline", "sweep",
+                                          "doctor", "ablation"}
     expected = {  # the -P keys the README shows, plus the shared ones
         "main": {"config", "extra"},
         "prepare": {"config", "source", "data_root", "output", "n_volumes", "seed", "patch_size", "stride",
                     "axis", "skull_strip", "extra"},
         "baseline": {"config", "method", "settings", "source", "data_root", "skull_strip", "split", "extra"},
-        "train": {"config", "source", "data_root", "backbone", "weights", "n_clusters", "patch_size",
+        "train": {"config", "source", "data_root", "backbone", "weights", "sampling", "n_clusters", "patch_size",
                   "max_steps", "seed", "register", "extra"},
+        "pretrain": {"config", "source", "data_root", "backbone", "max_steps", "max_minutes", "batch_size", "lr",
+                     "sampling", "seed", "resume", "extra"},
         "reconstruct": {"config", "model_uri", "source", "data_root", "split", "extra"},
         "sweep": {"config", "study_name", "n_trials", "timeout_s", "objective", "extra"},
         "ablation": {"config", "extra"},

@@ -7,6 +7,7 @@ bar chart.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from stego_core import tracking
@@ -14,6 +15,7 @@ from stego_core.config import (BaselineConfig, EngineConfig, MainConfig, Prepare
                                TrainConfig, flatten)
 from stego_core.metrics import SCORE_KEYS
 from stego_core.steps.evaluation import run_baseline, run_reconstruct
+from stego_core.steps.pretrain import run_pretrain
 from stego_core.steps.training import run_train
 
 log = logging.getLogger(__name__)
@@ -87,9 +89,16 @@ def run_main(cfg: MainConfig) -> str:
                                                  output=f"{cfg.output}/baseline", **common), nested=True)
             table[method], runs[method] = result.summary, result.run_id
 
-        train_cfg = TrainConfig(data=cfg.data, slicing=cfg.slicing, model=cfg.model, loss=cfg.loss,
-                                train=cfg.train, output=f"{cfg.output}/train", register=cfg.register,
-                                model_name=cfg.model_name, **common)
+        model = cfg.model
+        if cfg.pretrain is not None:
+            pre = dataclasses.replace(cfg.pretrain, data=cfg.data, slicing=cfg.slicing, experiment=cfg.experiment,
+                                      output=f"{cfg.output}/pretrain")
+            pretrained = run_pretrain(pre, nested=True)
+            runs["pretrain"] = pretrained.run_id
+            model = dataclasses.replace(cfg.model, backbone=pre.backbone, weights=pretrained.weights_uri)
+        train_cfg = TrainConfig(data=cfg.data, slicing=cfg.slicing, model=model, loss=cfg.loss,
+                                train=cfg.train, sampling=cfg.sampling, output=f"{cfg.output}/train",
+                                register=cfg.register, model_name=cfg.model_name, **common)
         trained = run_train(train_cfg, nested=True)
         stego = run_reconstruct(ReconstructConfig(
             data=cfg.data, engine=EngineConfig(axis=cfg.slicing.axis, patch_size=None),
@@ -102,7 +111,7 @@ def run_main(cfg: MainConfig) -> str:
             table["stego+crf"], runs["stego+crf"] = refined.summary, refined.run_id
 
         text = format_table(table)
-        key = {m: m.replace("+", "_") for m in table}  # MLflow keys allow no '+'
+        key = {m: m.replace("+", "_") for m in {**table, **runs}}  # MLflow keys allow no '+'
         tracking.set_tags({"training_run_id": trained.run_id, **{f"run.{key[m]}": r for m, r in runs.items()}})
         tracking.log_text(text + "\n", "comparison.txt")
         means = {m: {k: s.get(f"{k}_mean", float("nan")) for k in SCORE_KEYS} for m, s in table.items()}

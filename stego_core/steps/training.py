@@ -39,6 +39,7 @@ from stego_core.metrics import evaluate_segmentation
 from stego_core.module import StegoModule
 from stego_core.reconstruction import sliding_window
 from stego_core.stego import ClusterProbe, LinearProbe, StegoHead
+from stego_core.steps.pretrain import resolve_weights
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +214,10 @@ def run_train(cfg: TrainConfig, *, report: Callable[[int, dict[str, float]], Non
         tracking.log_artifact(run.output_dir / "config.yaml")
         L.seed_everything(cfg.train.seed, workers=True, verbose=False)
         # The backbone first: missing weights fail within seconds, before any data is touched.
-        backbone = build_backbone(cfg.model.backbone, weights=cfg.model.weights, res=cfg.model.res,
+        weights = resolve_weights(cfg.model.weights, cfg.model.backbone)  # runs:/<pretrain run> -> file
+        if weights != cfg.model.weights:
+            tracking.set_tags({"pretrain_run_id": cfg.model.weights[len("runs:/"):].split("/")[0]})
+        backbone = build_backbone(cfg.model.backbone, weights=weights, res=cfg.model.res,
                                   standardize=cfg.model.classical_standardize)
 
         data = StegoDataModule(cfg, backbone, device=device)
@@ -222,7 +226,9 @@ def run_train(cfg: TrainConfig, *, report: Callable[[int, dict[str, float]], Non
                              source=cfg.data.root)
         tracking.log_dataset(data.test_cases, name=Path(cfg.data.root).name + "-val", context="validation",
                              source=cfg.data.root)
-        tracking.set_tags({"weights_id": backbone.weights_id, "device": device})
+        tracking.set_tags({"weights_id": backbone.weights_id, "device": device,
+                           "sampling": cfg.sampling.method,
+                           "n_train_crops": f"{len(data.train_set)} of {data.n_candidate_crops}"})
         rule = choose_mapping_rule(cfg.model.cluster_rule, labels_available=data.train_set.labels is not None,
                                    overlaps_evaluation=data.overlap)
 

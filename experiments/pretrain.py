@@ -1,0 +1,16 @@
+"""``mlflow run . -e pretrain``: DINO self-supervised pretraining of an in-domain ViT on unlabelled 2D crops."""
+
+import sys
+
+from experiments import CONFIG_DIR
+from stego_core.cli import run
+from stego_core.config import PretrainConfig
+from stego_core.steps.pretrain import run_pretrain
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(PretrainConfig, run_pretrain, argv, description=__doc__, default_config=CONFIG_DIR / "pretrain.yaml")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
