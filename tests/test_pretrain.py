@@ -77,7 +77,8 @@ def test_pretrain_logs_curves_figures_and_the_teacher_backbone(pretrained):
     assert run.data.params["backbone"] == "mra_vit_t4_p4" and run.data.params["sampling.method"] == "bright"
     arts = {a.path for a in client.list_artifacts(pretrained.run_id, "backbone")}
     assert {WEIGHTS_ARTIFACT, "backbone/spec.json"} <= arts
-    assert any(a.path.endswith(".png") for a in client.list_artifacts(pretrained.run_id, "figures"))
+    images = [a.path for a in client.list_artifacts(pretrained.run_id, "images")]  # stepped image (UI slider)
+    assert any("teacher_features" in p and p.endswith(".png") for p in images), images
     assert pretrained.weights_path.suffix == ".safetensors"
 
 
