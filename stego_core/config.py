@@ -564,7 +564,9 @@ class ReconstructConfig(EvaluateConfig):
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """DINO multi-crop views of grey crops (:class:`stego_core.dino.AugmentSettings`); no colour operations."""
+    """DINO multi-crop views of grey crops (:func:`stego_core.dino.multi_crop`); no colour operations.
+
+    Scales are fractions of the crop's area; sizes are the side of each view in pixels."""
 
     n_global: int = 2
     n_local: int = 6

@@ -19,37 +19,15 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["AugmentSettings", "DinoModel", "augment_view", "cosine_value", "lr_at", "multi_crop",
+from stego_core.config import AugmentConfig
+
+__all__ = ["DinoModel", "augment_view", "cosine_value", "lr_at", "multi_crop",
            "teacher_entropy", "teacher_temperature"]
-
-
-@dataclass(frozen=True)
-class AugmentSettings:
-    """Multi-crop augmentation of grey crops (no colour operations).
-
-    Scales are fractions of the crop's area; sizes are the side of each view in pixels.
-    """
-
-    n_global: int = 2
-    n_local: int = 6
-    global_size: int = 32
-    local_size: int = 16
-    global_scale: tuple[float, float] = (0.4, 1.0)
-    local_scale: tuple[float, float] = (0.1, 0.4)
-    flip_p: float = 0.5
-    rotate: bool = True
-    intensity_scale: tuple[float, float] = (0.8, 1.2)
-    intensity_shift: tuple[float, float] = (-0.1, 0.1)
-    gamma: tuple[float, float] = (0.7, 1.5)
-    blur_p: float = 0.3
-    blur_sigma: tuple[float, float] = (0.1, 1.0)
-    noise_std: tuple[float, float] = (0.0, 0.03)
 
 
 def _uniform(n: int, lo: float, hi: float, g: torch.Generator | None, device: torch.device) -> torch.Tensor:
@@ -82,7 +60,7 @@ def _blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return xp.transpose(0, 1)
 
 
-def augment_view(crops: torch.Tensor, size: int, scale: tuple[float, float], s: AugmentSettings,
+def augment_view(crops: torch.Tensor, size: int, scale: tuple[float, float], s: AugmentConfig,
                  generator: torch.Generator | None = None) -> torch.Tensor:
     """One augmented view of every crop.
 
@@ -126,7 +104,7 @@ def augment_view(crops: torch.Tensor, size: int, scale: tuple[float, float], s: 
     return x + std * noise
 
 
-def multi_crop(crops: torch.Tensor, settings: AugmentSettings, generator: torch.Generator | None = None
+def multi_crop(crops: torch.Tensor, settings: AugmentConfig, generator: torch.Generator | None = None
                ) -> list[torch.Tensor]:
     """DINO multi-crop views: ``n_global`` views of ``global_size`` then ``n_local`` of ``local_size``.
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from stego_core.backbones import create_vit, get_spec, normalize_input
-from stego_core.dino import (AugmentSettings, DinoModel, cosine_value, lr_at, multi_crop, teacher_entropy,
+from stego_core.config import AugmentConfig
+from stego_core.dino import (DinoModel, cosine_value, lr_at, multi_crop, teacher_entropy,
                              teacher_temperature)
 
 
@@ -92,7 +93,7 @@ def test_teacher_starts_as_a_copy_and_heads_score_any_view_size():
 
 def test_multi_crop_shapes_and_views_differ():
     crops = torch.rand(3, 1, 32, 32, generator=torch.Generator().manual_seed(0))
-    s = AugmentSettings(n_global=2, n_local=3, global_size=32, local_size=16)
+    s = AugmentConfig(n_global=2, n_local=3, global_size=32, local_size=16)
     views = multi_crop(crops, s, torch.Generator().manual_seed(1))
     assert [tuple(v.shape) for v in views] == [(3, 1, 32, 32)] * 2 + [(3, 1, 16, 16)] * 3
     assert not torch.allclose(views[0], views[1])
@@ -104,4 +105,4 @@ def test_multi_crop_shapes_and_views_differ():
 
 def test_multi_crop_rejects_colour_input():
     with pytest.raises(ValueError, match=r"\(B, 1, P, P\)"):
-        multi_crop(torch.rand(2, 3, 8, 8), AugmentSettings())
+        multi_crop(torch.rand(2, 3, 8, 8), AugmentConfig())

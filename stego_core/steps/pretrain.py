@@ -34,7 +34,6 @@ from stego_core.backbones import create_vit, get_spec, normalize_input
 from stego_core.config import PretrainConfig, flatten, save_config, to_dict
 from stego_core.data import ensure_cases, make_crop_set, preprocess_case
 from stego_core.dino import (
-    AugmentSettings,
     DinoModel,
     cosine_value,
     lr_at,
@@ -262,7 +261,7 @@ def run_pretrain(cfg: PretrainConfig, *, nested: bool = False, run_name: str | N
             tracking.set_tags({"resumed_at_step": str(start)})
             log.info("pretrain: resuming run %s at step %d", resume, start)
 
-        augment = AugmentSettings(**to_dict(cfg.augment))
+        augment = cfg.augment
         fixed = crops[torch.argsort(weights, descending=True)[: cfg.n_figure_crops]].to(device)
         use_bf16 = device == "cuda" and cfg.precision in ("auto", "bf16")
         ckpt_path = _checkpoint_path(run.output_dir)
