@@ -157,12 +157,10 @@ def start_run(experiment: str, *, run_name: str | None = None, tags: Mapping[str
     redirected_from = None
     if run_id is None:
         adopted, redirected_from = _project_run_to_adopt(experiment)
-        if adopted is not None:
-            pass
-        elif nested and mlflow.active_run() is not None:
+        if adopted is None and nested and mlflow.active_run() is not None:
             # A nested run lives in its parent's experiment, whatever that is.
             mlflow.set_experiment(experiment_id=mlflow.active_run().info.experiment_id)
-        else:
+        elif adopted is None:
             _mark_model_training(mlflow.set_experiment(experiment))
     if not nested and run_id is None:
         from stego_core.doctor import reap_dead_runs  # runs left RUNNING by killed processes end KILLED
