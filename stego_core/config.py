@@ -259,7 +259,9 @@ class ModelConfig:
     """Backbone and head. ``weights``: ``hub``, ``random`` (tests only) or a local weights file.
 
     ``classical_standardize`` (``crop`` or ``fixed``) is the per-channel normalisation of the ``classical``
-    featurizer (ignored by the ViTs).
+    featurizer (ignored by the ViTs). ``cluster_fit``: the centroids that map codes to clusters, either STEGO's
+    cluster probe trained alongside the head (``probe``, the paper's) or spherical k-means of the head's codes
+    on the mapping crops, re-fitted at every mapping (``kmeans``).
     """
 
     backbone: str = "vit_small_patch8_dino"
@@ -270,6 +272,7 @@ class ModelConfig:
     dropout: float = 0.1
     n_clusters: int = 2
     cluster_rule: str = "auto"
+    cluster_fit: str = "probe"
     threshold: float = 0.5
 
     def __post_init__(self) -> None:
@@ -277,6 +280,7 @@ class ModelConfig:
         check_range(self.dropout, "model.dropout", 0.0, 1.0, high_inclusive=False)
         check_range(self.n_clusters, "model.n_clusters", 2)
         check_choice(self.cluster_rule, "model.cluster_rule", CLUSTER_RULES)
+        check_choice(self.cluster_fit, "model.cluster_fit", ("probe", "kmeans"))
         check_choice(self.classical_standardize, "model.classical_standardize", ("crop", "fixed"))
         check_range(self.threshold, "model.threshold", 0.0, 1.0)
 

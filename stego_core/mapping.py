@@ -18,6 +18,8 @@ from scipy.optimize import linear_sum_assignment
 
 from stego_core.config import CLUSTER_RULES
 
+from stego_core.stego import ClusterProbe
+
 if TYPE_CHECKING:
     from stego_core.module import StegoModule
 
@@ -27,6 +29,7 @@ __all__ = [
     "cluster_maps",
     "cluster_vessel_probability",
     "fit_vessel_mapping",
+    "refit_centroids",
     "map_clusters_hungarian",
     "map_clusters_majority",
     "map_clusters_unsupervised",
@@ -247,16 +250,19 @@ def cluster_vessel_probability(cluster_probs: torch.Tensor, vessel_mask: np.ndar
 
 
 @torch.no_grad()
-def cluster_maps(module: StegoModule, features: np.ndarray, out_size: int, *, batch_size: int = 256
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """Cluster ids (N, P, P) and linear-probe vessel predictions (N, P, P) of cached features (eval mode)."""
+def cluster_maps(module: StegoModule, features: np.ndarray, out_size: int, *, batch_size: int = 256,
+                 probe: ClusterProbe | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Cluster ids (N, P, P) and linear-probe vessel predictions (N, P, P) of cached features (eval mode).
+
+    ``probe`` replaces ``module.cluster_probe`` (e.g. centroids refitted by :func:`refit_centroids`)."""
+    probe = module.cluster_probe if probe is None else probe
     was_training = module.training
     module.eval()
     ids, linear = [], []
     for start in range(0, len(features), batch_size):
         f = torch.from_numpy(np.asarray(features[start:start + batch_size], dtype=np.float32)).to(module.device)
         codes = module.head(f)
-        probs = module.cluster_probe.probabilities(codes)
+        probs = probe.probabilities(codes.to(probe.clusters.device))
         probs = F.interpolate(probs, size=(out_size, out_size), mode="bilinear", align_corners=False)
         logits = F.interpolate(module.linear_probe(codes), size=(out_size, out_size), mode="bilinear",
                                align_corners=False)
@@ -289,11 +295,38 @@ def choose_mapping_rule(requested: str, *, labels_available: bool, overlaps_eval
     return requested
 
 
+@torch.no_grad()
+def refit_centroids(module: StegoModule, features: np.ndarray, n_clusters: int, *, seed: int = 0,
+                    batch_size: int = 256) -> ClusterProbe:
+    """A cluster probe whose centroids are spherical k-means (faiss, 25 iterations) of the head's codes of
+    ``features`` (every token of every crop), instead of the probe trained by gradient steps.
+
+    The trained probe tends to leave few centroids on the rare bright tokens; k-means over the codes of the
+    mapping crops spreads them (on the demo phantom, K = 32: Dice 0.39 against 0.13 with the trained probe).
+    """
+    import faiss
+
+    was_training = module.training
+    module.eval()
+    tokens = []
+    for start in range(0, len(features), batch_size):
+        f = torch.from_numpy(np.asarray(features[start:start + batch_size], dtype=np.float32)).to(module.device)
+        codes = F.normalize(module.head(f), dim=1)
+        tokens.append(codes.permute(0, 2, 3, 1).reshape(-1, codes.shape[1]).float().cpu().numpy())
+    module.train(was_training)
+    x = np.ascontiguousarray(np.concatenate(tokens), dtype=np.float32)
+    kmeans = faiss.Kmeans(x.shape[1], n_clusters, niter=25, seed=seed, spherical=True)
+    kmeans.train(x)
+    probe = ClusterProbe(x.shape[1], n_clusters)
+    probe.clusters.data = torch.from_numpy(np.ascontiguousarray(kmeans.centroids))
+    return probe.to(module.device)
+
+
 def fit_vessel_mapping(module: StegoModule, features: np.ndarray, crops: np.ndarray, labels: np.ndarray | None,
-                       rule: str, n_clusters: int) -> tuple[torch.Tensor, str]:
+                       rule: str, n_clusters: int, *, probe: ClusterProbe | None = None) -> tuple[torch.Tensor, str]:
     """Which clusters are vessel, decided on training crops by ``rule`` (``label`` = Hungarian for K = 2, else
-    majority; ``hungarian``; ``majority``; or ``brightness``)."""
-    ids, _ = cluster_maps(module, features, crops.shape[-1])
+    majority; ``hungarian``; ``majority``; or ``brightness``); ``probe`` replaces the module's cluster probe."""
+    ids, _ = cluster_maps(module, features, crops.shape[-1], probe=probe)
     if rule != "brightness":
         # balanced majority: vessels are a tiny minority, so a plain majority vote would mark no cluster
         mask, name = vessel_clusters("auto" if rule == "label" else rule, cluster_ids=ids, n_clusters=n_clusters,

@@ -287,3 +287,29 @@ def test_vit_trains_from_a_local_weights_file(data1, tmp_path):
     assert run.data.params["model.weights"] == str(weights)
     assert [m.step for m in tracking.client().get_metric_history(result.run_id, "val/dice")] == [4]
     assert np.isfinite(result.metrics["val/dice"])
+
+
+def test_kmeans_cluster_fit_maps_with_refitted_centroids(data3, tmp_path):
+    """model.cluster_fit=kmeans: the segmenter's centroids are k-means of the codes, not the trained probe."""
+    from stego_core.mapping import refit_centroids
+
+    result = run_train(_train_config(data3, tmp_path, **{"model.cluster_fit": "kmeans", "model.n_clusters": 5,
+                                                         "train.max_steps": 4, "train.val_every_n_steps": 4}))
+    assert result.mapping_rule in ("hungarian", "majority", "brightness")
+    assert "val/dice" in result.metrics and 0.0 <= result.metrics["val/dice"] <= 1.0
+    codes_probe = refit_centroids(_TinyModule(), np.random.default_rng(0).random((6, 4, 3, 3)).astype(np.float32),
+                                  3, seed=0)
+    assert codes_probe.clusters.shape == (3, 4) and torch.allclose(codes_probe.clusters.norm(dim=1),
+                                                                    torch.ones(3), atol=1e-4)
+
+
+class _TinyModule(torch.nn.Module):
+    """A module with an identity head: refit_centroids clusters the features themselves."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = torch.nn.Identity()
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")

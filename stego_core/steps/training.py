@@ -34,7 +34,8 @@ from stego_core.backbones import build_backbone
 from stego_core.config import TrainConfig, flatten, save_config
 from stego_core.datamodule import StegoDataModule, ValidationData
 from stego_core.inference import StegoSegmenterModel
-from stego_core.mapping import binary_iou_accuracy, choose_mapping_rule, cluster_maps, fit_vessel_mapping
+from stego_core.mapping import (binary_iou_accuracy, choose_mapping_rule, cluster_maps, fit_vessel_mapping,
+                                refit_centroids)
 from stego_core.metrics import evaluate_segmentation
 from stego_core.module import StegoModule
 from stego_core.reconstruction import sliding_window
@@ -83,7 +84,7 @@ class VolumeValidation(L.Callback):
         # Exposed to Lightning, so ModelCheckpoint(monitor="val/cldice") keeps the best checkpoints.
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
         if self.val.features is not None and len(self.val.features):
-            tracking.log_image(validation_figure(pl_module, model.vessel_clusters, self.val), "val/crops",
+            tracking.log_image(validation_figure(pl_module, model, self.val), "val/crops",
                                step=step)
         if prob is not None and self.val.volume is not None:
             tracking.log_image(validation_mip_figure(prob > model.threshold, self.val, step), "val/volume_mip",
@@ -127,7 +128,7 @@ def validation_metrics(module: StegoModule, model: StegoSegmenterModel, val: Val
     prob = None
     vessel = model.vessel_clusters
     if val.features is not None and val.labels is not None and len(val.features):
-        ids, linear = cluster_maps(module, val.features, val.patch_size)
+        ids, linear = cluster_maps(module, val.features, val.patch_size, probe=model.cluster_probe)
         pred = vessel.cpu().numpy()[ids]
         for k, v in binary_iou_accuracy(pred, val.labels).items():
             metrics[f"val/cluster_{k}"] = v
@@ -152,13 +153,13 @@ def validation_mip_figure(pred: np.ndarray, val: ValidationData, step: int) -> A
                       title=f"validation volume at step {step}")
 
 
-def validation_figure(module: StegoModule, vessel: torch.Tensor, val: ValidationData, n: int = 8) -> Any:
+def validation_figure(module: StegoModule, model: StegoSegmenterModel, val: ValidationData, n: int = 8) -> Any:
     from stego_core.visualize import slice_panel_figure
 
     assert val.features is not None and val.crops is not None
     pick = pick_informative(val.labels, val.crops, n)
-    ids, _ = cluster_maps(module, val.features[pick], val.patch_size)
-    pred = vessel.cpu().numpy()[ids]
+    ids, _ = cluster_maps(module, val.features[pick], val.patch_size, probe=model.cluster_probe)
+    pred = model.vessel_clusters.cpu().numpy()[ids]
     labels = val.labels[pick] if val.labels is not None else None
     return slice_panel_figure(val.crops[pick], labels, ids, pred, n=n)
 
@@ -247,9 +248,12 @@ def run_train(cfg: TrainConfig, *, report: Callable[[int, dict[str, float]], Non
                          "axis": cfg.slicing.axis}
 
         def make_model() -> StegoSegmenterModel:
+            probe = module.cluster_probe
+            if cfg.model.cluster_fit == "kmeans":  # centroids re-fitted to the current codes at every mapping
+                probe = refit_centroids(module, map_features, cfg.model.n_clusters, seed=cfg.train.seed)
             vessel, name = fit_vessel_mapping(module, map_features, map_crops, map_labels, rule,
-                                              cfg.model.n_clusters)
-            return StegoSegmenterModel(backbone, module.head, module.cluster_probe, vessel,
+                                              cfg.model.n_clusters, probe=probe)
+            return StegoSegmenterModel(backbone, module.head, probe, vessel,
                                        patch_size=cfg.slicing.patch_size, threshold=cfg.model.threshold,
                                        mapping_rule=name, preprocessing=preprocessing)
 
