@@ -2,7 +2,8 @@
 
 A fully connected CRF (Krähenbühl & Koltun 2011, via ``pydensecrf2``) with the seed's settings: 10 mean-field
 iterations, a Gaussian kernel (sxy 1, compat 3) and a bilateral kernel on the 8-bit image (sxy 67, srgb 3,
-compat 4). :class:`CRFRefiner` wraps any segmenter, so the engine, the baselines and STEGO all take it.
+compat 4). :func:`stego_core.postprocess.crf_refine` applies it slice by slice as the ``crf`` post-processing step of any
+method (``crf=true`` or ``postprocess: [{step: crf}]``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import numpy as np
 
 from stego_core._checks import check_ndim, check_same_shape
 from stego_core.config import CRFSettings
-from stego_core.segmenter import Segmenter
 
 
 def _densecrf():
@@ -54,21 +54,3 @@ def refine_slice(image: np.ndarray, prob: np.ndarray, settings: CRFSettings = CR
                              compat=settings.bilateral_compat)
     q = np.asarray(crf.inference(settings.n_iterations), dtype=np.float32)
     return q[1].reshape(h, w)
-
-
-class CRFRefiner:
-    """A segmenter whose per-slice (or per-crop) probabilities are refined by a dense CRF on the same image."""
-
-    def __init__(self, base: Segmenter, settings: CRFSettings = CRFSettings()) -> None:
-        _densecrf()  # fail at construction, not in the middle of a volume
-        self.base = base
-        self.settings = settings
-        self.name = f"{base.name}+crf"
-        self.threshold = float(base.threshold)
-
-    def fit_volume(self, image: np.ndarray, brain_mask: np.ndarray | None) -> None:
-        self.base.fit_volume(image, brain_mask)
-
-    def predict_slices(self, slices: np.ndarray) -> np.ndarray:
-        prob = np.asarray(self.base.predict_slices(slices), dtype=np.float32)
-        return np.stack([refine_slice(s, p, self.settings) for s, p in zip(slices, prob)])

@@ -7,7 +7,7 @@ import pytest
 
 pytest.importorskip("pydensecrf", reason="pydensecrf2 is an optional extra (pip install '.[crf]')")
 
-from stego_core.crf import CRFRefiner, CRFSettings, refine_slice  # noqa: E402
+from stego_core.crf import CRFSettings, refine_slice  # noqa: E402
 from stego_core.metrics import dice  # noqa: E402
 
 
@@ -30,26 +30,16 @@ def test_refine_slice_removes_speckle_and_follows_the_image():
     assert after > 0.9
 
 
-def test_refiner_wraps_a_segmenter_and_keeps_its_threshold():
+def test_crf_step_refines_every_slice_along_the_axis():
+    """The ``crf`` post-processing step (any method's probabilities) refines each slice like refine_slice."""
+    from stego_core.postprocess import crf_refine
+
     image, noisy, truth = _bar_slice(1)
-
-    class Fixed:
-        name, threshold = "fixed", 0.5
-        fitted = False
-
-        def fit_volume(self, image, brain_mask):
-            self.fitted = True
-
-        def predict_slices(self, slices):
-            return np.stack([noisy] * len(slices))
-
-    base = Fixed()
-    refiner = CRFRefiner(base, CRFSettings(n_iterations=5))
-    refiner.fit_volume(image[..., None], None)
-    out = refiner.predict_slices(image[None])
-    assert base.fitted and refiner.name == "fixed+crf" and refiner.threshold == 0.5
-    assert out.shape == (1, 40, 40)
-    assert dice(out[0] > 0.5, truth) > dice(noisy > 0.5, truth)
+    volume, prob = np.stack([image, image], axis=2), np.stack([noisy, noisy], axis=2)
+    out = crf_refine(prob, volume, axis=2, settings=CRFSettings(n_iterations=5))
+    assert out.shape == prob.shape
+    np.testing.assert_allclose(out[..., 0], refine_slice(image, noisy, CRFSettings(n_iterations=5)))
+    assert dice(out[..., 1] > 0.5, truth) > dice(noisy > 0.5, truth)
 
 
 def test_bad_settings_name_the_parameter():
