@@ -2,8 +2,8 @@
 
 A fully connected CRF (Krähenbühl & Koltun 2011, via ``pydensecrf2``) with the seed's settings: 10 mean-field
 iterations, a Gaussian kernel (sxy 1, compat 3) and a bilateral kernel on the 8-bit image (sxy 67, srgb 3,
-compat 4). :func:`stego_core.postprocess.crf_refine` applies it slice by slice as the ``crf`` post-processing step of any
-method (``crf=true`` or ``postprocess: [{step: crf}]``).
+compat 4). :func:`stego_core.postprocess.crf_refine` applies it slice by slice as the ``crf`` post-processing
+step of any method (``crf=true`` or ``postprocess: [{step: crf}]``).
 """
 
 from __future__ import annotations

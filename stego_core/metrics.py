@@ -40,8 +40,10 @@ __all__ = [
     "OBJECTIVE_KEYS",
     "SCORE_KEYS",
     "cldice",
+    "connectivity_structure",
     "dice",
     "evaluate_segmentation",
+    "foreground_bbox",
     "n_components",
     "precision",
     "recall",
@@ -195,15 +197,16 @@ def _precision_recall(pred: np.ndarray, target: np.ndarray, empty_score: float) 
 # ------------------------------------------------------------------------------------------------ skeletons
 
 
-def _bbox(mask: np.ndarray) -> tuple[slice, ...] | None:
-    """Bounding box of the foreground (``None`` if empty), one projection per axis (no full-volume argwhere)."""
+def foreground_bbox(mask: np.ndarray, *, pad: int = 0) -> tuple[slice, ...] | None:
+    """Bounding box of the foreground grown by ``pad`` voxels (``None`` if empty), one projection per axis (no
+    full-volume argwhere)."""
     box = []
     for axis in range(mask.ndim):
         other = tuple(a for a in range(mask.ndim) if a != axis)
         hits = np.flatnonzero(mask.any(axis=other))
         if hits.size == 0:
             return None
-        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
+        box.append(slice(max(0, int(hits[0]) - pad), int(hits[-1]) + 1 + pad))
     return tuple(box)
 
 
@@ -234,7 +237,7 @@ def skeleton(mask: np.ndarray) -> np.ndarray:
 
 def _skeleton(mask: np.ndarray) -> np.ndarray:
     out = np.zeros(mask.shape, dtype=bool)
-    box = _bbox(mask)
+    box = foreground_bbox(mask)
     if box is None:
         return out
     crop = mask[box]
@@ -338,7 +341,8 @@ def n_components(mask: np.ndarray, *, connectivity: int | None = None) -> int:
     return _n_components(mask, connectivity)
 
 
-def _structure(ndim: int, connectivity: int | None) -> np.ndarray:
+def connectivity_structure(ndim: int, connectivity: int | None) -> np.ndarray:
+    """The ``scipy.ndimage`` structuring element of ``connectivity`` (None = full: 26 in 3D, 8 in 2D)."""
     ranks = _CONNECTIVITY_RANK[ndim]
     if connectivity is None:
         connectivity = max(ranks)
@@ -350,8 +354,8 @@ def _structure(ndim: int, connectivity: int | None) -> np.ndarray:
 
 
 def _n_components(mask: np.ndarray, connectivity: int | None) -> int:
-    structure = _structure(mask.ndim, connectivity)
-    box = _bbox(mask)
+    structure = connectivity_structure(mask.ndim, connectivity)
+    box = foreground_bbox(mask)
     if box is None:
         return 0
     return int(ndimage.label(mask[box], structure=structure)[1])
@@ -381,7 +385,7 @@ def evaluate_segmentation(
     """
     _check_empty_score(empty_score)
     pred, target = _pair(pred, target)
-    _structure(pred.ndim, connectivity)  # validate before the expensive part
+    connectivity_structure(pred.ndim, connectivity)  # validate before the expensive part
     tprec, tsens = _tprec_tsens(pred, target, empty_score)
     prec, rec = _precision_recall(pred, target, empty_score)
     values = {

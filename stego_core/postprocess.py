@@ -31,6 +31,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from stego_core._checks import check_ndim, check_range, check_same_shape
+from stego_core.metrics import connectivity_structure, foreground_bbox
 
 __all__ = [
     "MASK_STEPS",
@@ -58,15 +59,6 @@ def _as_mask(mask: np.ndarray, name: str = "mask") -> np.ndarray:
     return mask if mask.dtype == bool else mask > 0
 
 
-def _structure(ndim: int, connectivity: int | None) -> np.ndarray:
-    full = {2: 8, 3: 26}[ndim]
-    ranks = {2: {4: 1, 8: 2}, 3: {6: 1, 18: 2, 26: 3}}[ndim]
-    connectivity = full if connectivity is None else connectivity
-    if connectivity not in ranks:
-        raise ValueError(f"connectivity={connectivity!r} is not valid in {ndim}D; expected one of {sorted(ranks)}")
-    return ndi.generate_binary_structure(ndim, ranks[connectivity])
-
-
 def _voxel_volume(spacing: Sequence[float] | None, ndim: int) -> float:
     if spacing is None:
         raise ValueError("a size in mm^3 needs the voxel spacing (spacing=None); give the size in voxels instead")
@@ -87,17 +79,6 @@ def _size_in_voxels(size_vox: float | None, size_mm3: float | None, spacing: Seq
     return float(size_mm3) / _voxel_volume(spacing, ndim)
 
 
-def _bbox(mask: np.ndarray, pad: int = 0) -> tuple[slice, ...] | None:
-    """The bounding box of the foreground, grown by ``pad`` voxels (None when empty)."""
-    box = []
-    for axis in range(mask.ndim):
-        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        if hit.size == 0:
-            return None
-        box.append(slice(max(0, int(hit[0]) - pad), int(hit[-1]) + 1 + pad))
-    return tuple(box)
-
-
 def component_sizes(mask: np.ndarray, *, connectivity: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Label connected components and count their voxels.
 
@@ -114,9 +95,9 @@ def component_sizes(mask: np.ndarray, *, connectivity: int | None = None) -> tup
         Voxels per label; ``sizes[0] = 0``.
     """
     mask = _as_mask(mask)
-    structure = _structure(mask.ndim, connectivity)
+    structure = connectivity_structure(mask.ndim, connectivity)
     labels = np.zeros(mask.shape, dtype=np.int32)
-    box = _bbox(mask)
+    box = foreground_bbox(mask)
     n = 0
     if box is not None:  # label inside the foreground's bounding box only (vessels fill a sliver of the volume)
         labels[box], n = ndi.label(mask[box], structure=structure)
@@ -201,7 +182,7 @@ def fill_small_holes(mask: np.ndarray, *, max_size_vox: float | None = None, max
     """
     mask = _as_mask(mask)
     max_vox = _size_in_voxels(max_size_vox, max_size_mm3, spacing, mask.ndim, "max_size")
-    box = _bbox(mask, pad=1)  # enclosed cavities lie inside the foreground's bounding box
+    box = foreground_bbox(mask, pad=1)  # enclosed cavities lie inside the foreground's bounding box
     if box is None:
         return mask.copy()
     holes = np.zeros(mask.shape, dtype=bool)
