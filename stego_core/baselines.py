@@ -53,6 +53,7 @@ from scipy.cluster.vq import kmeans2
 from skimage.filters import threshold_multiotsu, threshold_otsu
 
 from stego_core._checks import as_binary, check_finite, check_ndim, check_range, check_same_shape
+from stego_core.preprocess import bright_percentile
 from stego_core.segmenter import Segmenter
 from stego_core.vesselness import (frangi_response, frangi_slices, hessian_eigenvalues, hessian_slices,
                                    sato_response, sato_slices)
@@ -195,13 +196,7 @@ class PercentileSegmenter(_IntensitySegmenter):
         check_range(self.q, "q", 0.0, 100.0, low_inclusive=False, high_inclusive=False)
 
     def _fit_threshold(self, values: np.ndarray) -> float:
-        t = float(np.percentile(values, self.q))
-        if not (values > t).any():
-            # Saturated images (8-bit MRA clips vessel lumen at 255) put the percentile on the maximum, which
-            # nothing exceeds: step down to the next intensity below so the saturated voxels count as vessel.
-            lower = values[values < t]
-            t = float(lower.max()) if lower.size else t
-        return t
+        return bright_percentile(values, self.q)  # saturated images: the saturated voxels count as vessel
 
 
 @dataclass

@@ -24,7 +24,7 @@ from skimage.filters import threshold_otsu
 from stego_core._checks import as_binary, check_finite, check_ndim, check_range, check_same_shape
 
 __all__ = ["BRAIN_MASK_MODES", "STANDARDIZE_METHODS", "apply_brain_mask", "head_mask", "skull_strip",
-           "brain_mask_for", "standardize", "label_retention"]
+           "brain_mask_for", "standardize", "label_retention", "bright_percentile"]
 
 BRAIN_MASK_MODES = ("none", "given", "head", "auto")
 STANDARDIZE_METHODS = ("zscore_minmax", "percentile")
@@ -420,3 +420,20 @@ def label_retention(mask: np.ndarray, label: np.ndarray, *, empty: float = 1.0) 
     if total == 0:
         return float(empty)
     return int((keep & lab).sum()) / total
+
+
+def bright_percentile(values: np.ndarray, q: float) -> float:
+    """The ``q``-th percentile of ``values`` (brain intensities), stepped down to the next lower value when
+    nothing exceeds it.
+
+    Saturated images (8-bit MRA clips the vessel lumen at its maximum) put a high percentile on the maximum,
+    which no voxel exceeds; the step down makes the saturated voxels count as brighter than the threshold.
+
+    >>> bright_percentile(np.array([0.1, 0.2, 1.0, 1.0, 1.0]), 50.0)
+    0.2
+    """
+    t = float(np.percentile(values, q))
+    if not (values > t).any():
+        lower = values[values < t]
+        t = float(lower.max()) if lower.size else t
+    return t

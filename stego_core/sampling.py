@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from stego_core.preprocess import bright_percentile
+
 if TYPE_CHECKING:
     from stego_core.config import SamplingConfig
 
@@ -43,13 +45,7 @@ def bright_threshold(image: np.ndarray, brain_mask: np.ndarray | None, q: float 
     values = image[brain_mask] if brain_mask is not None else image.ravel()
     if values.size == 0:
         raise ValueError("the brain mask is empty: no intensities to take a percentile of")
-    t = float(np.percentile(values, q))
-    if not (values > t).any():
-        # Saturated images (vessel lumen clipped at the maximum) put the percentile on the maximum, which nothing
-        # exceeds: step down to the next intensity below so that the saturated voxels count as bright.
-        lower = values[values < t]
-        t = float(lower.max()) if lower.size else t
-    return t
+    return bright_percentile(values, q)
 
 
 def crop_weights(crops: np.ndarray, thresholds: np.ndarray | float, *, method: str = "bright",
