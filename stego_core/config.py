@@ -46,11 +46,13 @@ CLUSTER_RULES = ("auto", "hungarian", "majority", "brightness")
 
 @dataclass(frozen=True)
 class RunSettings:
-    """What every entry point shares: the seeded train/test split of the cases, where outputs go (one folder
-    per run id below ``output``) and the MLflow experiment."""
+    """What every entry point shares: the train/test split of the cases (seeded by ``split_seed``, or named by
+    ``test_cases``: held-out case ids, e.g. ``test_cases=mra_mni_0640`` for one fold of a leave-one-out
+    rotation), where outputs go (one folder per run id below ``output``) and the MLflow experiment."""
 
     test_fraction: float = 0.34
     split_seed: int = 0
+    test_cases: tuple[str, ...] = ()
     output: str = "outputs"
     experiment: str = "stego-vessels"
 
@@ -357,6 +359,9 @@ class TrainSettings:
     max_val_crops: int = 512
     max_mapping_crops: int = 4096
     cache_dir: str = "outputs/feature_cache"
+    #: disk budget of the training crops' feature cache in GB (0: none); above it the crops are subsampled by
+    #: their sampling weights to fit (bytes per crop: ``features.feature_bytes_per_crop``)
+    cache_max_gb: float = 20.0
     progress: bool = True  # progress bars, on a terminal only (plain log lines otherwise)
     save_top_k: int = 3  # checkpoints kept by validation clDice (plus last.ckpt)
     system_metrics: bool = True  # MLflow system metrics (CPU, memory, GPU) while training
@@ -368,6 +373,7 @@ class TrainSettings:
         check_range(self.max_steps, "train.max_steps", 1)
         check_range(self.batch_size, "train.batch_size", 2)
         check_range(self.val_every_n_steps, "train.val_every_n_steps", 1)
+        check_range(self.cache_max_gb, "train.cache_max_gb", 0.0)
         for name in ("lr_head", "lr_cluster", "lr_linear"):
             check_range(getattr(self, name), f"train.{name}", 0.0, low_inclusive=False)
         check_choice(self.accelerator, "train.accelerator", ("auto", "cpu", "cuda", "gpu"))

@@ -195,13 +195,23 @@ def subset_crop_set(crop_set: CropSet, pick: np.ndarray) -> CropSet:
                    index=crop_set.index[pick], case_ids=crop_set.case_ids[pick])
 
 
-def split_cases(cases: list[Case], test_fraction: float, *, seed: int = 0) -> tuple[list[Case], list[Case]]:
+def split_cases(cases: list[Case], test_fraction: float, *, seed: int = 0,
+                test_ids: tuple[str, ...] | list[str] = ()) -> tuple[list[Case], list[Case]]:
     """Split cases into (train, test) by a seeded shuffle; at least one case each.
 
-    With a single case both lists hold it (transductive use: training never sees labels, so this is
-    legitimate for unsupervised methods, but label-based cluster mapping must not use it; see
-    :func:`stego_core.steps.training` for how that is recorded).
+    ``test_ids`` names the held-out cases instead (every other case trains); an id that is not among the cases
+    is refused, naming the ones there are. With a single case both lists hold it (transductive use: training
+    never sees labels, so this is legitimate for unsupervised methods, but label-based cluster mapping must not
+    use it; see :func:`stego_core.steps.training` for how that is recorded).
     """
+    if test_ids:
+        known = {c.case_id for c in cases}
+        missing = sorted(set(test_ids) - known)
+        if missing:
+            raise ValueError(f"test_cases={list(test_ids)}: no case {missing} among {sorted(known)}")
+        test = sorted((c for c in cases if c.case_id in set(test_ids)), key=lambda c: c.case_id)
+        train = sorted((c for c in cases if c.case_id not in set(test_ids)), key=lambda c: c.case_id)
+        return (train or list(test)), test
     if len(cases) == 1:
         return list(cases), list(cases)
     order = np.random.default_rng(seed).permutation(len(cases))

@@ -8,6 +8,7 @@ held-out volume's crops, with their cached features) and the crops on which clus
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,11 +21,13 @@ from stego_core.backbones import Backbone
 from stego_core.config import TrainConfig
 from stego_core.data import (CropSet, PreparedCase, ensure_cases, make_crop_set, preprocess_case, split_cases,
                              subset_crop_set)
-from stego_core.features import crops_digest, knn_table, load_or_compute_features
+from stego_core.features import crops_digest, feature_bytes_per_crop, knn_table, load_or_compute_features
 from stego_core.io import Case
 from stego_core.module import CropFeatureDataset
-from stego_core.sampling import select_crops
+from stego_core.sampling import draw_crops, select_crops
 from stego_core.slicing import crop_index, take_crops
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -93,7 +96,8 @@ class StegoDataModule(L.LightningDataModule):
             return
         cfg = self.cfg
         self.cases = ensure_cases(cfg.data)
-        self.train_cases, self.test_cases = split_cases(self.cases, cfg.test_fraction, seed=cfg.split_seed)
+        self.train_cases, self.test_cases = split_cases(self.cases, cfg.test_fraction,
+                                                           seed=cfg.split_seed, test_ids=cfg.test_cases)
         prepared = {c.case_id: preprocess_case(c, cfg.data) for c in self.cases}
         train_set = make_crop_set([prepared[c.case_id] for c in self.train_cases], cfg.slicing)
         # Label-free sampling: weights from the training images only (never the labels).
@@ -101,6 +105,7 @@ class StegoDataModule(L.LightningDataModule):
         self.sample_weights, pick = select_crops(train_set.crops, train_set.case_ids, volumes, cfg.sampling,
                                                  seed=cfg.train.seed)
         self.n_candidate_crops = len(train_set)
+        pick = self._fit_cache_budget(pick)
         self.train_set: CropSet = subset_crop_set(train_set, pick) if len(pick) < len(train_set) else train_set
         self.features = self.features_for(self.train_set.crops)
         self.knn = knn_table(self.features, k=cfg.loss.knn_k)
@@ -113,6 +118,24 @@ class StegoDataModule(L.LightningDataModule):
                              f"{cfg.train.batch_size}")
         self.mapping_pick = subsample(len(self.train_set), cfg.train.max_mapping_crops, cfg.train.seed)
         self.val = self._validation([prepared[c.case_id] for c in self.test_cases])
+
+    def _fit_cache_budget(self, pick: np.ndarray) -> np.ndarray:
+        """``pick``, or as many of its crops as ``train.cache_max_gb`` holds, drawn by their sampling weights."""
+        self.cache_bytes_per_crop = feature_bytes_per_crop(self.backbone, self.cfg.slicing.patch_size)
+        budget = self.cfg.train.cache_max_gb * 1e9
+        n_fit = int(budget // self.cache_bytes_per_crop) if budget > 0 else len(pick)
+        if n_fit >= len(pick):
+            return pick
+        if n_fit < self.cfg.train.batch_size:
+            raise ValueError(f"train.cache_max_gb={self.cfg.train.cache_max_gb} holds {n_fit} crops of "
+                             f"{self.cache_bytes_per_crop} bytes, fewer than train.batch_size="
+                             f"{self.cfg.train.batch_size}")
+        log.warning("feature cache: %d crops x %d bytes exceed train.cache_max_gb=%g; keeping %d drawn by their "
+                    "sampling weights", len(pick), self.cache_bytes_per_crop, self.cfg.train.cache_max_gb, n_fit)
+        sub = draw_crops(self.sample_weights, n_fit, seed=self.cfg.train.seed)
+        weights = self.sample_weights[sub]
+        self.sample_weights = weights / weights.sum()
+        return pick[sub]
 
     def train_dataloader(self) -> DataLoader:
         """Batches drawn by the sampling weights (with replacement) when ``sampling.method`` weights crops and

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from stego_core.backbones import Backbone
-from stego_core.mapping import cluster_vessel_probability
+from stego_core.mapping import cluster_vessel_probability, pixel_codes
 from stego_core.stego import ClusterProbe, StegoHead
 
 
@@ -53,8 +53,9 @@ class StegoSegmenterModel(nn.Module):
 
     @torch.no_grad()
     def probabilities_from_features(self, features: torch.Tensor, out_size: int) -> torch.Tensor:
-        """Vessel probability (B, 1, out_size, out_size) from backbone features (B, C, h, w)."""
-        codes = self.head(features.float())
+        """Vessel probability (B, 1, out_size, out_size) from backbone features (B, C, h, w): the codes are
+        upsampled to the crop before the cluster probe (:func:`~stego_core.mapping.pixel_codes`)."""
+        codes = pixel_codes(self.head(features.float()), out_size)
         cluster_probs = self.cluster_probe.probabilities(codes)
         return cluster_vessel_probability(cluster_probs, self.vessel_clusters, out_size)
 

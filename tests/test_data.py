@@ -118,6 +118,16 @@ def test_split_cases_deterministic_by_seed():
     assert len(tests) > 1  # the seed matters
 
 
+def test_split_cases_named_test_cases_rotate():
+    """test_cases names the held-out cases: each of five is held out once, the other four train."""
+    cases = _cases(5)
+    for held in cases:
+        train, test = split_cases(cases, 0.34, seed=0, test_ids=(held.case_id,))
+        assert test == [held] and held not in train and len(train) == 4
+    with pytest.raises(ValueError, match=r"test_cases=\['c99'\].*no case \['c99'\]"):
+        split_cases(cases, 0.34, test_ids=("c99",))
+
+
 def test_split_cases_single_case_is_both():
     (only,) = _cases(1)
     assert split_cases([only], 0.34, seed=0) == ([only], [only])

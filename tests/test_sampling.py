@@ -61,3 +61,32 @@ def test_sampling_never_reads_labels(tiny_case):
         picks.append((weights, pick))
     assert np.array_equal(picks[0][0], picks[1][0]) and np.array_equal(picks[0][1], picks[1][1])
     assert len(picks[0][1]) == 5
+
+
+def test_cache_budget_subsamples_training_crops(tiny_case, tmp_path):
+    """train.cache_max_gb caps the training crops' feature cache: the crops kept fit the budget."""
+    from stego_core.backbones import build_backbone
+    from stego_core.config import TrainConfig, load_config
+    from stego_core.datamodule import StegoDataModule
+    from stego_core.features import feature_bytes_per_crop
+
+    folder = tiny_case("case_000")
+    tiny_case("case_001")
+    over = {"data.source": "folder", "data.root": str(folder.parent), "slicing.patch_size": 16, "slicing.stride": 4,
+            "model.backbone": "classical", "model.res": 8, "train.batch_size": 4, "train.progress": False,
+            "train.cache_dir": str(tmp_path / "cache"), "test_fraction": 0.5, "sampling.method": "bright"}
+    backbone = build_backbone("classical", weights="random", res=8)
+    per_crop = feature_bytes_per_crop(backbone, 16)
+    assert per_crop == int(np.prod(backbone.output_shape(16))) * 2
+    full = StegoDataModule(load_config(TrainConfig, None, {**over, "train.cache_max_gb": 0}), backbone)
+    full.setup()
+    n_all = len(full.train_set)
+    budget = 10 * per_crop / 1e9
+    capped = StegoDataModule(load_config(TrainConfig, None, {**over, "train.cache_max_gb": budget}), backbone)
+    capped.setup()
+    assert n_all > 10 and len(capped.train_set) == len(capped.features) == 10
+    assert capped.sample_weights.shape == (10,) and np.isclose(capped.sample_weights.sum(), 1.0)
+    too_small = StegoDataModule(load_config(TrainConfig, None, {**over, "train.cache_max_gb": per_crop / 1e9}),
+                                backbone)
+    with pytest.raises(ValueError, match="train.cache_max_gb"):
+        too_small.setup()

@@ -62,7 +62,7 @@ def _cases(cfg: AblationConfig) -> list[tuple[int, Case]]:
     for i, data in enumerate(cfg.datasets):
         cases = ensure_cases(data)
         if cfg.split == "test":
-            cases = split_cases(cases, cfg.test_fraction, seed=cfg.split_seed)[1]
+            cases = split_cases(cases, cfg.test_fraction, seed=cfg.split_seed, test_ids=cfg.test_cases)[1]
         out.extend((i, c) for c in cases)
     return out
 

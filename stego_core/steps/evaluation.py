@@ -49,7 +49,7 @@ def select_cases(cfg: EvaluateConfig) -> list[Case]:
     cases = ensure_cases(cfg.data)
     if cfg.split == "all":
         return cases
-    return split_cases(cases, cfg.test_fraction, seed=cfg.split_seed)[1]
+    return split_cases(cases, cfg.test_fraction, seed=cfg.split_seed, test_ids=cfg.test_cases)[1]
 
 
 def evaluate_cases(segmenter: Segmenter, cases: list[Case], cfg: EvaluateConfig, out_dir: Path, *,

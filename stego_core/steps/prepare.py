@@ -73,7 +73,8 @@ def run_prepare(cfg: PrepareConfig, *, nested: bool = False) -> PrepareResult:
         tracking.log_params(flatten(cfg))
         cases = ensure_cases(cfg.data)
         tracking.log_dataset(cases, name=Path(cfg.data.root).name, context="prepare", source=cfg.data.root)
-        train, test = split_cases(cases, cfg.test_fraction, seed=cfg.split_seed)
+        train, test = split_cases(cases, cfg.test_fraction, seed=cfg.split_seed,
+                                  test_ids=cfg.test_cases)
         prepared = {c.case_id: preprocess_case(c, cfg.data)  # a bar on a terminal only (disable=None)
                     for c in tqdm(cases, desc="preprocess", unit="vol", disable=None)}
         for cid, p in prepared.items():

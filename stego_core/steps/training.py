@@ -229,7 +229,9 @@ def run_train(cfg: TrainConfig, *, report: Callable[[int, dict[str, float]], Non
                              source=cfg.data.root)
         tracking.set_tags({"weights_id": backbone.weights_id, "device": device,
                            "sampling": cfg.sampling.method,
-                           "n_train_crops": f"{len(data.train_set)} of {data.n_candidate_crops}"})
+                           "n_train_crops": f"{len(data.train_set)} of {data.n_candidate_crops}",
+                           "feature_cache_bytes_per_crop": str(data.cache_bytes_per_crop),
+                           "feature_cache_mb": f"{len(data.train_set) * data.cache_bytes_per_crop / 1e6:.1f}"})
         rule = choose_mapping_rule(cfg.model.cluster_rule, labels_available=data.train_set.labels is not None,
                                    overlaps_evaluation=data.overlap)
 
