@@ -1,21 +1,30 @@
 """Issue 9 ablation: which part makes STEGO see vessels offline? One MLflow parent run, every variant nested.
 
-For each data set (the demo phantoms; mra_mni_0656 in the single-volume protocol: trained on its own slices
-without labels, brightness rule for the vessel cluster, evaluated on the same volume):
+Protocols (``--protocols``):
 
-- DINO pretraining of the in-domain ViT on the data set's volumes (labels never read), time-boxed;
-- STEGO with (a) the classical featurizer, (b) the in-domain DINO backbone (``runs:/<pretrain run>``), (c) the same
-  ViT with random weights, each with label-free bright-crop sampling and with uniform sampling;
-- the percentile and GMM baselines on the same held-out volume(s).
+- ``phantoms``: the demo phantoms, one held out (the default split);
+- ``single``: mra_mni_0656 alone, trained on its own slices without labels, brightness rule for the vessel
+  cluster, evaluated on the same volume (``--single-root``: a folder holding only that case);
+- ``rotate``: the real cases of ``--real-root``, each held out once (``test_cases=<case>``): STEGO trained on
+  the other four, clusters mapped to vessel with their labels (the union of clusters that maximises Dice on
+  them; recorded as the run's ``cluster_mapping_rule``), evaluated on the held-out one. The phantoms map the
+  same way on their two training phantoms.
+
+For each data set, DINO pretraining of the in-domain ViT once on all its volumes (labels never read;
+time-boxed), shared by its protocols. Variants: STEGO with (a) the classical featurizer, (b) the in-domain DINO
+backbone (``runs:/<pretrain run>``), (c) the same ViT with random weights, each with each ``--samplings``
+(label-free bright-crop sampling and uniform), the bright ones also with the dense CRF on their reconstruction
+(``--crf``: about 3.5 min per real volume on one core); beside the percentile and GMM baselines on the same held-out volume.
 
 Scores are Dice / clDice / precision / recall of the full 3D reconstruction of the held-out volume (STEGO: the
-training run's final validation, stride ``--val-stride``). A variant with precision < 0.2 or recall > 0.98 is
-tagged ``degenerate=true``. The table goes to the parent run (``ablation.md``) and to stdout.
+training run's final validation, stride ``--val-stride``; ``+crf``: the CRF of those probabilities). A variant
+with precision < 0.2 or recall > 0.98 is tagged ``degenerate=true``. The table goes to the parent run
+(``ablation.md``, ``ablation.json``) and to stdout.
 
 Example (the budget used for the issue's closing note)::
 
     MLFLOW_TRACKING_URI=sqlite:///mlflow.db OMP_NUM_THREADS=1 python benchmarks/ablation_stego.py \\
-        --datasets mra_0656 phantoms --pretrain-minutes 6 --max-steps 300 --max-crops 2000
+        --protocols phantoms single rotate --real-root ../shared/data --single-root data/mra_0656 --crf
 """
 
 from __future__ import annotations
@@ -24,12 +33,17 @@ import argparse
 import dataclasses
 import json
 import time
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from stego_core import tracking
 from stego_core.config import (BaselineConfig, DataConfig, EngineConfig, PhantomConfig, PretrainConfig,
                                TrainConfig, load_config)
+from stego_core.data import ensure_cases, preprocess_case
+from stego_core.metrics import evaluate_segmentation
+from stego_core.postprocess import crf_refine
 from stego_core.steps.evaluation import run_baseline
 from stego_core.steps.pretrain import run_pretrain
 from stego_core.steps.training import run_train
@@ -38,107 +52,162 @@ KEYS = ("dice", "cldice", "precision", "recall")
 VIT = "mra_vit_t4_p2"
 
 
+@dataclass(frozen=True)
+class Fold:
+    """One evaluation: a protocol's data, which cases are held out, and the data set whose pretraining it uses."""
+
+    name: str
+    dataset: str
+    data: DataConfig
+    test_cases: tuple[str, ...] = ()
+    cluster_rule: str = "dice"
+
+
 def is_degenerate(precision: float, recall: float) -> bool:
     """Precision < 0.2 or recall > 0.98: the variant marks (nearly) everything or noise."""
     return precision < 0.2 or recall > 0.98
 
 
-def datasets(args: argparse.Namespace) -> dict[str, DataConfig]:
-    out = {}
-    for name in args.datasets:
-        if name == "phantoms":
-            out[name] = DataConfig(source="phantom", root=args.phantom_root,
-                                   phantom=PhantomConfig(n_volumes=args.phantom_n, shape=tuple(args.phantom_shape)))
-        elif name.startswith("mra_"):
-            out[name] = DataConfig(source="folder", root=args.real_root)
+def folds(args: argparse.Namespace) -> list[Fold]:
+    """The evaluations the chosen protocols make, in order."""
+    out = []
+    for protocol in args.protocols:
+        if protocol == "phantoms":
+            data = DataConfig(source="phantom", root=args.phantom_root,
+                              phantom=PhantomConfig(n_volumes=args.phantom_n, shape=tuple(args.phantom_shape)))
+            out.append(Fold("phantoms", "phantoms", data))
+        elif protocol == "single":
+            out.append(Fold("single-0656", "mra", DataConfig(source="folder", root=args.single_root),
+                            cluster_rule="brightness"))
+        elif protocol == "rotate":
+            data = DataConfig(source="folder", root=args.real_root)
+            cases = [c.case_id for c in ensure_cases(data)]
+            held = args.rotate_cases or cases
+            out += [Fold(f"rotate-{cid}", "mra", data, test_cases=(cid,)) for cid in held]
         else:
-            raise ValueError(f"unknown data set {name!r}")
+            raise ValueError(f"unknown protocol {protocol!r}; expected phantoms, single or rotate")
     return out
+
+
+def pretrain_data(args: argparse.Namespace, dataset: str, fold: Fold) -> DataConfig:
+    """The volumes a data set's DINO pretraining reads: every real case (labels never read), or the phantoms."""
+    return fold.data if dataset == "phantoms" else DataConfig(source="folder", root=args.real_root)
+
+
+def crf_scores(probabilities: np.ndarray, data: DataConfig, case_id: str, axis: int) -> dict[str, float]:
+    """Dice etc. of the dense CRF of a reconstruction's probabilities on that case's preprocessed image."""
+    (case,) = [c for c in ensure_cases(data) if c.case_id == case_id]
+    prepared = preprocess_case(case, data)
+    refined = crf_refine(probabilities, prepared.image, axis=axis) > 0.5
+    if prepared.brain_mask is not None:
+        refined &= prepared.brain_mask
+    return {k: float(v) for k, v in evaluate_segmentation(refined, prepared.label).items()}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--datasets", nargs="+", default=["mra_0656", "phantoms"])
-    p.add_argument("--real-root", default="data/mra_0656", help="folder holding only the mra_mni_0656 case")
+    p.add_argument("--protocols", nargs="+", default=["phantoms", "single"])
+    p.add_argument("--real-root", default="data/mra", help="folder of the real cases (rotation, pretraining)")
+    p.add_argument("--single-root", default="data/mra_0656", help="folder holding only the mra_mni_0656 case")
+    p.add_argument("--rotate-cases", nargs="*", default=[], help="held-out cases of the rotation (default all)")
     p.add_argument("--phantom-root", default="data/phantoms")
     p.add_argument("--phantom-n", type=int, default=3)
     p.add_argument("--phantom-shape", type=int, nargs=3, default=[96, 96, 64])
     p.add_argument("--patch-size", type=int, default=32)
-    p.add_argument("--pretrain-minutes", type=float, default=6.0)
+    p.add_argument("--pretrain-minutes", type=float, default=4.0)
     p.add_argument("--pretrain-batch", type=int, default=32)
-    p.add_argument("--max-steps", type=int, default=300)
-    p.add_argument("--max-crops", type=int, default=2000)
-    p.add_argument("--n-clusters", type=int, default=12)
+    p.add_argument("--max-steps", type=int, default=200)
+    p.add_argument("--max-crops", type=int, default=1500)
+    p.add_argument("--n-clusters", type=int, default=64)
+    p.add_argument("--cluster-fit", default="kmeans", choices=["probe", "kmeans"])
     p.add_argument("--val-stride", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", default="outputs/feature_cache")
     p.add_argument("--output", default="outputs/ablation")
     p.add_argument("--experiment", default="stego-ablation")
     p.add_argument("--variants", nargs="+", default=["classical", "dino", "random"])
+    p.add_argument("--samplings", nargs="+", default=["bright", "none"])
+    p.add_argument("--baselines", nargs="*", default=["percentile", "gmm"])
+    p.add_argument("--crf", action="store_true", help="also score the dense CRF of every STEGO reconstruction")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
 
     table: list[dict] = []
+    pretrained: dict[str, object] = {}
+
+    def add(row: dict, run_id: str | None) -> None:
+        row["degenerate"] = is_degenerate(row["precision"], row["recall"])
+        if run_id:
+            tracking.client().set_tag(run_id, "degenerate", str(row["degenerate"]).lower())
+        table.append(row)
+        print(json.dumps(row, default=str), flush=True)
+
     with tracking.start_run(args.experiment, run_name="ablation-stego", output_root=args.output,
                             tags={"step": "ablation", "method": "ablation"}) as parent:
         tracking.log_params({f"budget.{k}": v for k, v in vars(args).items()})
-        for ds, data in datasets(args).items():
-            t0 = time.time()
-            pre = None
-            if "dino" in args.variants:
+        for fold in folds(args):
+            if "dino" in args.variants and fold.dataset not in pretrained:
+                t0 = time.time()
                 pcfg = load_config(PretrainConfig, None, {
                     "backbone": VIT, "max_steps": 2000, "max_minutes": args.pretrain_minutes,
                     "batch_size": args.pretrain_batch, "augment.n_local": 4, "figure_every": 50,
                     "slicing.patch_size": args.patch_size, "augment.global_size": args.patch_size,
-                    "augment.local_size": args.patch_size // 2,
+                    "augment.local_size": args.patch_size // 2, "seed": args.seed,
                     "progress": False, "output": f"{args.output}/pretrain", "experiment": args.experiment})
-                pre = run_pretrain(dataclasses.replace(pcfg, data=data), nested=True,
-                                   run_name=f"pretrain-{ds}", tags={"dataset": ds})
-                table.append({"dataset": ds, "variant": "dino-pretrain", "run_id": pre.run_id,
+                pre = run_pretrain(dataclasses.replace(pcfg, data=pretrain_data(args, fold.dataset, fold)),
+                                   nested=True, run_name=f"pretrain-{fold.dataset}", tags={"dataset": fold.dataset})
+                pretrained[fold.dataset] = pre
+                table.append({"dataset": fold.dataset, "variant": "dino-pretrain", "run_id": pre.run_id,
                               "steps": pre.metrics.get("final/steps"),
                               "crops_per_s": pre.metrics.get("final/crops_per_s"),
                               "teacher_entropy_ratio": pre.metrics.get("final/teacher_entropy_ratio"),
                               "seconds": time.time() - t0})
+            pre = pretrained.get(fold.dataset)
             for variant in args.variants:
                 backbone = {"classical": "classical", "dino": VIT, "random": VIT}[variant]
                 weights = {"classical": "none", "dino": pre.weights_uri if pre else "", "random": "random"}[variant]
-                for sampling in ("bright", "none"):
+                for sampling in args.samplings:
                     t1 = time.time()
                     over = {"model.backbone": backbone, "model.weights": weights, "model.code_dim": 32,
-                            "model.n_clusters": args.n_clusters, "train.max_steps": args.max_steps,
+                            "model.n_clusters": args.n_clusters, "model.cluster_fit": args.cluster_fit,
+                            "model.cluster_rule": fold.cluster_rule, "train.max_steps": args.max_steps,
                             "train.val_every_n_steps": args.max_steps, "train.progress": False,
-                            "train.accelerator": "cpu", "train.cache_dir": args.cache_dir,
+                            "train.accelerator": "cpu", "train.cache_dir": args.cache_dir, "train.seed": args.seed,
                             "sampling.method": sampling, "sampling.max_crops": args.max_crops,
                             "val_stride": args.val_stride, "slicing.patch_size": args.patch_size,
                             "slicing.stride": args.patch_size // 2, "output": f"{args.output}/train",
                             "experiment": args.experiment, "log_model": False}
                     if backbone == "classical":
                         over["model.res"] = 16
-                    cfg = dataclasses.replace(load_config(TrainConfig, None, over), data=data)
+                    cfg = dataclasses.replace(load_config(TrainConfig, None, over), data=fold.data,
+                                              test_cases=fold.test_cases)
                     name = f"{variant}-{sampling}"
-                    res = run_train(cfg, nested=True, run_name=f"stego-{name}-{ds}",
-                                    tags={"dataset": ds, "variant": name})
-                    row = {"dataset": ds, "variant": f"stego-{name}", "run_id": res.run_id,
-                           "seconds": time.time() - t1,
+                    res = run_train(cfg, nested=True, run_name=f"stego-{name}-{fold.name}",
+                                    tags={"dataset": fold.name, "variant": name})
+                    row = {"dataset": fold.name, "variant": f"stego-{name}", "run_id": res.run_id,
+                           "mapping": res.mapping_rule, "seconds": time.time() - t1,
                            **{k: res.metrics.get(f"val/{k}", float("nan")) for k in KEYS}}
-                    degenerate = is_degenerate(row["precision"], row["recall"])
-                    tracking.client().set_tag(res.run_id, "degenerate", str(degenerate).lower())
-                    row["degenerate"] = degenerate
-                    table.append(row)
-                    print(json.dumps(row), flush=True)
-            for method in ("percentile", "gmm"):
+                    add(row, res.run_id)
+                    if args.crf and sampling == "bright" and res.val_probabilities is not None:
+                        t2 = time.time()
+                        held = fold.test_cases[0] if fold.test_cases else _first_held_out(cfg)
+                        scores = crf_scores(res.val_probabilities, fold.data, held, cfg.slicing.axis)
+                        for k, v in scores.items():
+                            tracking.client().log_metric(res.run_id, f"val_crf/{k}", v)
+                        add({"dataset": fold.name, "variant": f"stego-{name}-crf", "run_id": res.run_id,
+                             "mapping": res.mapping_rule, "seconds": time.time() - t2,
+                             **{k: scores[k] for k in KEYS}}, None)
+            for method in args.baselines:
                 t1 = time.time()
-                bres = run_baseline(BaselineConfig(data=data, method=method, output=f"{args.output}/baseline",
+                bres = run_baseline(BaselineConfig(data=fold.data, method=method, output=f"{args.output}/baseline",
                                                    engine=EngineConfig(patch_size=None, blend="constant"),
-                                                   experiment=args.experiment, progress=False),
-                                    nested=True, tags={"dataset": ds, "variant": method})
-                row = {"dataset": ds, "variant": method, "run_id": bres.run_id, "seconds": time.time() - t1,
-                       **{k: bres.summary.get(f"{k}_mean", float("nan")) for k in KEYS}}
-                row["degenerate"] = is_degenerate(row["precision"], row["recall"])
-                tracking.client().set_tag(bres.run_id, "degenerate", str(row["degenerate"]).lower())
-                table.append(row)
-                print(json.dumps(row), flush=True)
-            text = format_table(table)
-            tracking.log_text(text, "ablation.md")
+                                                   test_cases=fold.test_cases, experiment=args.experiment,
+                                                   progress=False),
+                                    nested=True, tags={"dataset": fold.name, "variant": method})
+                add({"dataset": fold.name, "variant": method, "run_id": bres.run_id, "mapping": "",
+                     "seconds": time.time() - t1,
+                     **{k: bres.summary.get(f"{k}_mean", float("nan")) for k in KEYS}}, bres.run_id)
+            tracking.log_text(format_table(table), "ablation.md")
             tracking.log_text(json.dumps(table, indent=2, default=str), "ablation.json")
         tracking.log_metrics({f"{r['dataset']}.{r['variant']}.{k}": float(r[k]) for r in table for k in KEYS
                               if k in r})
@@ -147,20 +216,27 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _first_held_out(cfg: TrainConfig) -> str:
+    from stego_core.data import split_cases
+
+    cases = ensure_cases(cfg.data)
+    return split_cases(cases, cfg.test_fraction, seed=cfg.split_seed, test_ids=cfg.test_cases)[1][0].case_id
+
+
 def format_table(table: list[dict]) -> str:
     """A Markdown table: one row per data set and variant."""
-    lines = ["| data set | variant | Dice | clDice | precision | recall | degenerate | seconds |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| data set | variant | mapping | Dice | clDice | precision | recall | degenerate | seconds |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in table:
         if "dice" not in r:
             lines.append(f"| {r['dataset']} | {r['variant']} (steps {r.get('steps')}, "
                          f"{r.get('crops_per_s', float('nan')):.1f} crops/s, teacher entropy "
-                         f"{r.get('teacher_entropy_ratio', float('nan')):.2f} log K) | | | | | | "
+                         f"{r.get('teacher_entropy_ratio', float('nan')):.2f} log K) | | | | | | | "
                          f"{r['seconds']:.0f} |")
             continue
-        lines.append(f"| {r['dataset']} | {r['variant']} | {r['dice']:.3f} | {r['cldice']:.3f} | "
-                     f"{r['precision']:.3f} | {r['recall']:.3f} | {'yes' if r['degenerate'] else ''} | "
-                     f"{r['seconds']:.0f} |")
+        lines.append(f"| {r['dataset']} | {r['variant']} | {r.get('mapping', '')} | {r['dice']:.3f} | "
+                     f"{r['cldice']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} | "
+                     f"{'yes' if r['degenerate'] else ''} | {r['seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
 

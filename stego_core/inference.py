@@ -13,7 +13,7 @@ from torch import nn
 
 from stego_core.backbones import Backbone
 from stego_core.mapping import cluster_vessel_probability, pixel_codes
-from stego_core.stego import ClusterProbe, StegoHead
+from stego_core.stego import DEFAULT_ALPHA, ClusterProbe, StegoHead
 
 
 class StegoSegmenterModel(nn.Module):
@@ -31,6 +31,10 @@ class StegoSegmenterModel(nn.Module):
         Crop side the model was trained on; the engine uses it unless told otherwise.
     threshold : float
         Probability above which a voxel is vessel (a-priori 0.5, never tuned on test labels).
+    alpha : float
+        Inverse temperature of the cluster softmax behind the vessel probability
+        (:meth:`~stego_core.stego.ClusterProbe.probabilities`); it leaves the argmax, so the 0.5 decision, as it
+        is and sets how confident the probabilities are for what comes after (blending, the dense CRF).
     mapping_rule : str
         How the vessel clusters were chosen (recorded with the run).
     preprocessing : dict
@@ -40,7 +44,7 @@ class StegoSegmenterModel(nn.Module):
 
     def __init__(self, backbone: Backbone, head: StegoHead, cluster_probe: ClusterProbe,
                  vessel_clusters: torch.Tensor, *, patch_size: int, threshold: float = 0.5,
-                 mapping_rule: str = "brightness", preprocessing: dict | None = None) -> None:
+                 alpha: float = DEFAULT_ALPHA, mapping_rule: str = "brightness", preprocessing: dict | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
@@ -48,6 +52,7 @@ class StegoSegmenterModel(nn.Module):
         self.register_buffer("vessel_clusters", torch.as_tensor(vessel_clusters, dtype=torch.bool).clone())
         self.patch_size = int(patch_size)
         self.threshold = float(threshold)
+        self.alpha = float(alpha)
         self.mapping_rule = mapping_rule
         self.preprocessing = dict(preprocessing or {})
 
@@ -56,7 +61,7 @@ class StegoSegmenterModel(nn.Module):
         """Vessel probability (B, 1, out_size, out_size) from backbone features (B, C, h, w): the codes are
         upsampled to the crop before the cluster probe (:func:`~stego_core.mapping.pixel_codes`)."""
         codes = pixel_codes(self.head(features.float()), out_size)
-        cluster_probs = self.cluster_probe.probabilities(codes)
+        cluster_probs = self.cluster_probe.probabilities(codes, alpha=getattr(self, "alpha", DEFAULT_ALPHA))
         return cluster_vessel_probability(cluster_probs, self.vessel_clusters, out_size)
 
     @torch.no_grad()

@@ -1,7 +1,7 @@
 """Which STEGO clusters are vessel, decided on training crops, and the scores of a cluster map.
 
 Rules (DESIGN.md section 4): with labelled *training* volumes, Hungarian matching (K = 2) or a class-balanced
-majority vote (K > 2); without labels, or when the training volumes are also evaluated, the unsupervised
+majority vote (K > 2), or (``dice``, asked for by name) the union of clusters that maximises Dice; without labels, or when the training volumes are also evaluated, the unsupervised
 brightness rule (the cluster with the highest mean intensity). :func:`choose_mapping_rule` refuses label
 rules on evaluated volumes; the rule a run used is recorded by the caller.
 """
@@ -32,6 +32,7 @@ __all__ = [
     "fit_vessel_mapping",
     "refit_centroids",
     "token_clusters",
+    "map_clusters_dice",
     "map_clusters_hungarian",
     "map_clusters_majority",
     "map_clusters_unsupervised",
@@ -126,6 +127,43 @@ def map_clusters_majority(cluster_ids: np.ndarray, labels: np.ndarray, n_cluster
     return vessel
 
 
+def map_clusters_dice(cluster_ids: np.ndarray, labels: np.ndarray, n_clusters: int) -> np.ndarray:
+    """Vessel clusters: the union, purest first, that maximises Dice with the labels.
+
+    Clusters are sorted by their fraction of vessel pixels and added while the Dice of the union on the
+    labelled pixels grows. Unlike a balanced majority vote, which takes every cluster holding a larger share of
+    the vessel pixels than of the background and so favours recall (on the demo phantom, precision 0.23), this
+    weighs both error kinds as the score does.
+
+    Parameters
+    ----------
+    cluster_ids, labels, n_clusters
+        As in :func:`map_clusters_hungarian`.
+
+    Returns
+    -------
+    vessel : (K,) bool ndarray
+        At least one True.
+
+    Examples
+    --------
+    Cluster 1 is half vessel: adding it raises Dice from 0.80 to 0.86; cluster 2 holds no vessel.
+
+    >>> map_clusters_dice(np.array([0, 0, 1, 1, 2, 2]), np.array([1, 1, 1, 0, 0, 0]), 3)
+    array([ True,  True, False])
+    """
+    conf = _confusion(cluster_ids, labels, n_clusters).astype(np.float64)
+    n_vessel = conf[:, 1].sum()
+    if n_vessel == 0:
+        raise ValueError("labels has no vessel pixel; cannot choose vessel clusters")
+    size = conf.sum(axis=1)
+    order = np.argsort(-(conf[:, 1] / np.maximum(size, 1)), kind="stable")
+    dice = 2 * np.cumsum(conf[order, 1]) / (np.cumsum(size[order]) + n_vessel)
+    vessel = np.zeros(n_clusters, dtype=bool)
+    vessel[order[: int(np.argmax(dice)) + 1]] = True
+    return vessel
+
+
 def map_clusters_unsupervised(cluster_ids: np.ndarray, intensities: np.ndarray,
                               n_clusters: int, *, min_fraction: float = 1e-3) -> tuple[np.ndarray, str]:
     """Without labels: the cluster with the highest mean intensity is vessel (bright TOF-MRA vessels).
@@ -172,9 +210,9 @@ def vessel_clusters(rule: str, *, cluster_ids: np.ndarray, n_clusters: int, labe
 
     Parameters
     ----------
-    rule : {"auto", "hungarian", "majority", "brightness"}
+    rule : {"auto", "hungarian", "majority", "dice", "brightness"}
         ``"auto"``: with labels, Hungarian for ``K = 2`` and majority for ``K > 2``; without labels,
-        brightness.
+        brightness. ``"dice"``: :func:`map_clusters_dice`.
     cluster_ids : (...) int ndarray
         Cluster of each pixel (e.g. of the labelled training crops, at label resolution).
     n_clusters : int
@@ -195,10 +233,12 @@ def vessel_clusters(rule: str, *, cluster_ids: np.ndarray, n_clusters: int, labe
         raise ValueError(f"rule={rule!r}; expected one of {CLUSTER_RULES}")
     if rule == "auto":
         rule = ("hungarian" if n_clusters == 2 else "majority") if labels is not None else "brightness"
-    if rule in ("hungarian", "majority") and labels is None:
+    if rule in ("hungarian", "majority", "dice") and labels is None:
         raise ValueError(f"rule {rule!r} needs labels")
     if rule == "hungarian":
         return map_clusters_hungarian(cluster_ids, labels, n_clusters), rule
+    if rule == "dice":
+        return map_clusters_dice(cluster_ids, labels, n_clusters), rule
     if rule == "majority":
         return map_clusters_majority(cluster_ids, labels, n_clusters, balanced=balanced), rule
     if intensities is None:
@@ -300,7 +340,7 @@ def choose_mapping_rule(requested: str, *, labels_available: bool, overlaps_eval
     """The cluster-to-vessel rule a run uses, refusing label-based rules on volumes that are also evaluated."""
     if requested == "auto":
         return "label" if labels_available and not overlaps_evaluation else "brightness"
-    if requested in ("hungarian", "majority"):
+    if requested in ("hungarian", "majority", "dice"):
         if not labels_available:
             raise ValueError(f"model.cluster_rule={requested!r} needs labelled training volumes; none have labels")
         if overlaps_evaluation:
@@ -339,7 +379,8 @@ def refit_centroids(module: StegoModule, features: np.ndarray, n_clusters: int, 
 def fit_vessel_mapping(module: StegoModule, features: np.ndarray, crops: np.ndarray, labels: np.ndarray | None,
                        rule: str, n_clusters: int, *, probe: ClusterProbe | None = None) -> tuple[torch.Tensor, str]:
     """Which clusters are vessel, decided on training crops by ``rule`` (``label`` = Hungarian for K = 2, else
-    majority; ``hungarian``; ``majority``; or ``brightness``); ``probe`` replaces the module's cluster probe.
+    majority; ``hungarian``; ``majority``; ``dice``; or ``brightness``); ``probe`` replaces the module's cluster
+    probe.
 
     Label rules compare pixel cluster maps with the labels. The brightness rule compares clusters at the
     codes' own resolution: each token's cluster against the mean intensity of its pixels (average pooling), so

@@ -46,10 +46,13 @@ def test_run_main_on_tiny_phantoms(tmp_path, monkeypatch, mlflow_store, server_s
     cfg = load_config(MainConfig, CONFIG_DIR / "main.yaml", [  # the demo's plan, shrunk
         f"data.root={tmp_path / 'phantoms'}", "data.phantom.shape=[32, 32, 24]", "slicing.patch_size=16",
         "slicing.stride=8", "baselines=[otsu]", "train.max_steps=10", "train.val_every_n_steps=10",
-        "train.batch_size=8", "model.res=8", "model.code_dim=16", "train.progress=false", "train.accelerator=cpu",
+        "train.batch_size=8", "model.res=16", "model.code_dim=16", "model.n_clusters=8", "train.progress=false",
+        "train.accelerator=cpu", "pretrain.max_steps=2", "pretrain.batch_size=4", "pretrain.augment.global_size=16",
+        "pretrain.augment.local_size=8", "pretrain.out_dim=64", "pretrain.hidden_dim=32",
+        "pretrain.bottleneck_dim=16", "pretrain.progress=false",
         f"train.cache_dir={tmp_path / 'cache'}", f"output={tmp_path / 'outputs'}", "experiment=pipeline-tests",
         "register=true", "model_name=stego-pipeline-tests"])
-    assert cfg.model.backbone == "classical" and cfg.model.n_clusters == 12
+    assert cfg.pretrain is not None and cfg.model.backbone == cfg.pretrain.backbone == "mra_vit_t4_p2"
     text = run_main(cfg)
     rows = {line.split()[0]: line for line in text.splitlines()[2:]}
     with_crf = crf_available()
@@ -58,7 +61,8 @@ def test_run_main_on_tiny_phantoms(tmp_path, monkeypatch, mlflow_store, server_s
     client = tracking.client()
     experiment = client.get_experiment_by_name("pipeline-tests")
     runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
-    assert set(runs) == {"pipeline", "prepare", "baseline-otsu", "stego-classical", "reconstruct-stego"} | (
+    assert set(runs) == {"pipeline", "prepare", "baseline-otsu", "pretrain-mra_vit_t4_p2", "stego-mra_vit_t4_p2",
+                         "reconstruct-stego"} | (
         {"reconstruct-stego+crf"} if with_crf else set())
     assert all(r.info.status == "FINISHED" for r in runs.values())
     parent = runs["pipeline"]
@@ -69,7 +73,11 @@ def test_run_main_on_tiny_phantoms(tmp_path, monkeypatch, mlflow_store, server_s
     assert {"comparison.png", "comparison.txt"} <= _artifact_names(client, parent.info.run_id)
     local = client.download_artifacts(parent.info.run_id, "comparison.txt", str(tmp_path))
     assert Path(local).read_text() == text + "\n"
-    train, recon, otsu = runs["stego-classical"], runs["reconstruct-stego"], runs["baseline-otsu"]
+    train, recon, otsu = runs["stego-mra_vit_t4_p2"], runs["reconstruct-stego"], runs["baseline-otsu"]
+    # the demo's STEGO trains on the backbone its own DINO pretraining made (hand-off by run id)
+    pretrain = runs["pretrain-mra_vit_t4_p2"]
+    assert train.data.params["model.weights"].startswith(f"runs:/{pretrain.info.run_id}")
+    assert train.data.tags["pretrain_run_id"] == pretrain.info.run_id
     assert parent.data.tags["training_run_id"] == train.info.run_id == recon.data.tags["training_run_id"]
     assert parent.data.tags["run.otsu"] == otsu.info.run_id and parent.data.tags["run.stego"] == recon.info.run_id
     assert train.data.params["train.max_steps"] == "10" and train.data.params["data.root"] == cfg.data.root

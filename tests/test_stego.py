@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from stego_core.config import LossConfig
 from stego_core.mapping import (
     cluster_vessel_probability,
+    map_clusters_dice,
     map_clusters_hungarian,
     map_clusters_majority,
     map_clusters_unsupervised,
@@ -340,6 +341,28 @@ def test_majority_mapping():
     assert map_clusters_majority(ids, labels, 4).tolist() == [True, False, False, False]  # cluster 3 empty
     # balanced: vessel share of cluster 1 (1/4) > background share (2/5)? no; cluster 2: 1/4 < 3/5
     assert map_clusters_majority(ids, labels, 3, balanced=True).tolist() == [True, False, False]
+
+
+def test_dice_mapping_against_every_union():
+    """The Dice rule's union equals the best of all 2^K unions on random cluster maps (ties aside)."""
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        k = 5
+        ids = rng.integers(0, k, 200)
+        labels = (rng.random(200) < np.array([0.9, 0.5, 0.2, 0.05, 0.0])[ids]).astype(int)
+        labels[rng.random(200) < 0.1] = -1  # unlabelled pixels are ignored
+        ok = labels >= 0
+
+        def dice(mask):
+            pred = mask[ids][ok]
+            return 2 * (pred & (labels[ok] == 1)).sum() / (pred.sum() + (labels[ok] == 1).sum())
+
+        best = max(dice(np.array(bits, bool)) for bits in itertools.product([0, 1], repeat=k) if any(bits))
+        assert dice(map_clusters_dice(ids, labels, k)) == pytest.approx(best)
+    m, r = vessel_clusters("dice", cluster_ids=np.array([0, 0, 1]), n_clusters=2, labels=np.array([1, 1, 0]))
+    assert r == "dice" and m.tolist() == [True, False]
+    with pytest.raises(ValueError, match="no vessel"):
+        map_clusters_dice(np.array([0, 1]), np.array([0, 0]), 2)
 
 
 def test_brightness_rule_and_vessel_clusters():

@@ -221,8 +221,12 @@ def run_pretrain(cfg: PretrainConfig, *, nested: bool = False, run_name: str | N
                          f"{', '.join(n for n in _trainable_names())}")
     device = _device(cfg.accelerator)
     resume = cfg.resume or None
+    description = (f"DINO pretraining of {cfg.backbone} on unlabelled crops of {Path(cfg.data.root).name} "
+                   f"(up to {cfg.max_steps} steps); curves pretrain/*, stepped figures of attention and feature PCA, "
+                   f"checkpoints/, the teacher backbone as `backbone/teacher_backbone.safetensors` (use it as "
+                   f"model.weights=runs:/<this run id>).")
     with tracking.start_run(cfg.experiment, run_name=run_name or f"pretrain-{cfg.backbone}", nested=nested,
-                            output_root=cfg.output, run_id=resume,
+                            output_root=cfg.output, run_id=resume, description=description,
                             tags={"method": "dino-pretrain", "step": "pretrain", "backbone": cfg.backbone,
                                   **(tags or {})}) as run:
         if resume is None:

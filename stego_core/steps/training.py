@@ -52,6 +52,9 @@ class TrainResult:
     metrics: dict[str, float]
     mapping_rule: str
     output_dir: Path
+    #: the last validation's vessel probabilities (I, J, K) of the held-out volume (None without one): what
+    #: post-processing (e.g. the CRF) of that reconstruction starts from without reconstructing again
+    val_probabilities: np.ndarray | None = None
 
 
 class VolumeValidation(L.Callback):
@@ -69,6 +72,7 @@ class VolumeValidation(L.Callback):
         self.report = report
         self.last: dict[str, float] = {}
         self.last_model: StegoSegmenterModel | None = None
+        self.last_probabilities: np.ndarray | None = None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step
@@ -93,7 +97,7 @@ class VolumeValidation(L.Callback):
         log.info("step %d/%d%s: %s", step, self.max_steps, f" loss {float(loss):.4f}" if loss is not None else "",
                  ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k in VAL_LOG_KEYS))
         pl_module.train(was_training)
-        self.last, self.last_model = metrics, model
+        self.last, self.last_model, self.last_probabilities = metrics, model, prob
         if self.report is not None:
             self.report(step, metrics)
         return metrics
@@ -257,6 +261,7 @@ def run_train(cfg: TrainConfig, *, report: Callable[[int, dict[str, float]], Non
                                               cfg.model.n_clusters, probe=probe)
             return StegoSegmenterModel(backbone, module.head, probe, vessel,
                                        patch_size=cfg.slicing.patch_size, threshold=cfg.model.threshold,
+                                       alpha=cfg.model.alpha,
                                        mapping_rule=name, preprocessing=preprocessing)
 
         validation = VolumeValidation(make_model, data.val, every_n_steps=cfg.train.val_every_n_steps,
@@ -318,5 +323,5 @@ def run_train(cfg: TrainConfig, *, report: Callable[[int, dict[str, float]], Non
                     description=f"STEGO {cfg.model.backbone}, {cfg.train.max_steps} steps, training run {run.run_id}")
                 tracking.set_tags({"registered_model": model_uri})
         return TrainResult(run_id=run.run_id, model_uri=model_uri, metrics=final, mapping_rule=model.mapping_rule,
-                           output_dir=run.output_dir)
+                           output_dir=run.output_dir, val_probabilities=validation.last_probabilities)
 
