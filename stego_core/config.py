@@ -775,6 +775,7 @@ class MainConfig(RunSettings):
     train: TrainSettings = field(default_factory=TrainSettings)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     pretrain: PretrainConfig | None = None
+    val_stride: int | None = None  # stride of the training run's validation reconstructions (TrainConfig's)
     stego_crf: bool = True
     output: str = "outputs"
     register: bool = False  # register the trained model in the model registry (as TrainConfig.register)

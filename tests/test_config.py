@@ -192,7 +192,7 @@ def test_flatten_keys_and_values():
     assert set(flat) == phantom | {
         "data.source", "data.root", "data.skull_strip", "data.standardize",
         "slicing.axis", "slicing.patch_size", "slicing.stride", "slicing.min_brain_fraction",
-        "output", "dataset_name", "test_fraction", "split_seed", "experiment",
+        "output", "dataset_name", "test_fraction", "split_seed", "test_cases", "experiment",
     }
     assert flat["data.phantom.shape"] == [96, 96, 64]
     assert flat["slicing.stride"] == 16

@@ -97,7 +97,8 @@ def run_main(cfg: MainConfig) -> str:
             runs["pretrain"] = pretrained.run_id
             model = dataclasses.replace(cfg.model, backbone=pre.backbone, weights=pretrained.weights_uri)
         train_cfg = TrainConfig(data=cfg.data, slicing=cfg.slicing, model=model, loss=cfg.loss,
-                                train=cfg.train, sampling=cfg.sampling, output=f"{cfg.output}/train",
+                                train=cfg.train, sampling=cfg.sampling, val_stride=cfg.val_stride,
+                                output=f"{cfg.output}/train",
                                 register=cfg.register, model_name=cfg.model_name, **common)
         trained = run_train(train_cfg, nested=True)
         stego = run_reconstruct(ReconstructConfig(
