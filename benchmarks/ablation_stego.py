@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-crops", type=int, default=1500)
     p.add_argument("--n-clusters", type=int, default=64)
     p.add_argument("--cluster-fit", default="kmeans", choices=["probe", "kmeans"])
+    p.add_argument("--alpha", type=float, default=None, help="model.alpha (default: the config's)")
     p.add_argument("--val-stride", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", default="outputs/feature_cache")
@@ -179,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
                             "experiment": args.experiment, "log_model": False}
                     if backbone == "classical":
                         over["model.res"] = 16
+                    if args.alpha is not None:
+                        over["model.alpha"] = args.alpha
                     cfg = dataclasses.replace(load_config(TrainConfig, None, over), data=fold.data,
                                               test_cases=fold.test_cases)
                     name = f"{variant}-{sampling}"
