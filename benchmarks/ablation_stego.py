@@ -13,8 +13,9 @@ Protocols (``--protocols``):
 For each data set, DINO pretraining of the in-domain ViT once on all its volumes (labels never read;
 time-boxed), shared by its protocols. Variants: STEGO with (a) the classical featurizer, (b) the in-domain DINO
 backbone (``runs:/<pretrain run>``), (c) the same ViT with random weights, each with each ``--samplings``
-(label-free bright-crop sampling and uniform), the bright ones also with the dense CRF on their reconstruction
-(``--crf``: about 3.5 min per real volume on one core); beside the percentile and GMM baselines on the same held-out volume.
+(label-free bright-crop sampling and uniform), the bright ones also with the dense CRF on their
+reconstruction (``--crf``: about 3.5 min per real volume on one core); beside the percentile and GMM baselines
+on the same held-out volume.
 
 Scores are Dice / clDice / precision / recall of the full 3D reconstruction of the held-out volume (STEGO: the
 training run's final validation, stride ``--val-stride``; ``+crf``: the CRF of those probabilities). A variant
