@@ -44,7 +44,8 @@ class StegoSegmenterModel(nn.Module):
 
     def __init__(self, backbone: Backbone, head: StegoHead, cluster_probe: ClusterProbe,
                  vessel_clusters: torch.Tensor, *, patch_size: int, threshold: float = 0.5,
-                 alpha: float = DEFAULT_ALPHA, mapping_rule: str = "brightness", preprocessing: dict | None = None) -> None:
+                 alpha: float = DEFAULT_ALPHA, mapping_rule: str = "brightness",
+                 preprocessing: dict | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
