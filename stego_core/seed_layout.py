@@ -69,7 +69,8 @@ def write_seed_dataset(root: str | Path, name: str, ids: list[str], images: np.n
         raise ValueError(f"unknown split names {sorted(unknown)}; valid: {', '.join(SPLIT_FILES)}")
     (out / "imgs").mkdir(parents=True)
     for i, crop_id in enumerate(ids):
-        Image.fromarray(np.clip(np.rint(images[i] * 255), 0, 255).astype(np.uint8)).save(out / "imgs" / f"{crop_id}.png")
+        grey = np.clip(np.rint(images[i] * 255), 0, 255).astype(np.uint8)
+        Image.fromarray(grey).save(out / "imgs" / f"{crop_id}.png")
     if labels is not None:
         (out / "gt").mkdir()
         for i, crop_id in enumerate(ids):
