@@ -209,8 +209,9 @@ def split_cases(cases: list[Case], test_fraction: float, *, seed: int = 0,
         missing = sorted(set(test_ids) - known)
         if missing:
             raise ValueError(f"test_cases={list(test_ids)}: no case {missing} among {sorted(known)}")
-        test = sorted((c for c in cases if c.case_id in set(test_ids)), key=lambda c: c.case_id)
-        train = sorted((c for c in cases if c.case_id not in set(test_ids)), key=lambda c: c.case_id)
+        held = set(test_ids)
+        test = sorted((c for c in cases if c.case_id in held), key=lambda c: c.case_id)
+        train = sorted((c for c in cases if c.case_id not in held), key=lambda c: c.case_id)
         return (train or list(test)), test
     if len(cases) == 1:
         return list(cases), list(cases)

@@ -10,6 +10,7 @@ rules on evaluated volumes; the rule a run used is recorded by the caller.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -306,6 +307,18 @@ def cluster_vessel_probability(cluster_probs: torch.Tensor, vessel_mask: np.ndar
     return prob.clamp(0.0, 1.0)
 
 
+def _head_codes(module: StegoModule, features: np.ndarray, batch_size: int) -> Iterator[torch.Tensor]:
+    """The head's codes ``(B, D, h, w)`` of cached features, batch by batch, in eval mode (restored after)."""
+    was_training = module.training
+    module.eval()
+    try:
+        for start in range(0, len(features), batch_size):
+            f = np.asarray(features[start:start + batch_size], dtype=np.float32)
+            yield module.head(torch.from_numpy(f).to(module.device))
+    finally:
+        module.train(was_training)
+
+
 @torch.no_grad()
 def cluster_maps(module: StegoModule, features: np.ndarray, out_size: int, *, batch_size: int = 256,
                  probe: ClusterProbe | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -313,18 +326,13 @@ def cluster_maps(module: StegoModule, features: np.ndarray, out_size: int, *, ba
 
     ``probe`` replaces ``module.cluster_probe`` (e.g. centroids refitted by :func:`refit_centroids`)."""
     probe = module.cluster_probe if probe is None else probe
-    was_training = module.training
-    module.eval()
     ids, linear = [], []
-    for start in range(0, len(features), batch_size):
-        f = torch.from_numpy(np.asarray(features[start:start + batch_size], dtype=np.float32)).to(module.device)
-        codes = module.head(f)
+    for codes in _head_codes(module, features, batch_size):
         probs = probe.probabilities(pixel_codes(codes, out_size).to(probe.clusters.device))
         logits = F.interpolate(module.linear_probe(codes), size=(out_size, out_size), mode="bilinear",
                                align_corners=False)
         ids.append(probs.argmax(1).cpu().numpy())
         linear.append(logits.argmax(1).cpu().numpy() == 1)
-    module.train(was_training)
     return np.concatenate(ids), np.concatenate(linear)
 
 
@@ -362,14 +370,10 @@ def refit_centroids(module: StegoModule, features: np.ndarray, n_clusters: int, 
     """
     import faiss
 
-    was_training = module.training
-    module.eval()
     tokens = []
-    for start in range(0, len(features), batch_size):
-        f = torch.from_numpy(np.asarray(features[start:start + batch_size], dtype=np.float32)).to(module.device)
-        codes = F.normalize(module.head(f), dim=1)
+    for codes in _head_codes(module, features, batch_size):
+        codes = F.normalize(codes, dim=1)
         tokens.append(codes.permute(0, 2, 3, 1).reshape(-1, codes.shape[1]).float().cpu().numpy())
-    module.train(was_training)
     x = np.ascontiguousarray(np.concatenate(tokens), dtype=np.float32)
     kmeans = faiss.Kmeans(x.shape[1], n_clusters, niter=25, seed=seed, spherical=True)
     kmeans.train(x)
@@ -407,11 +411,6 @@ def token_clusters(module: StegoModule, features: np.ndarray, *, probe: ClusterP
                    batch_size: int = 256) -> np.ndarray:
     """Cluster id ``(N, h, w)`` of every token of cached features (eval mode), at the codes' resolution."""
     probe = module.cluster_probe if probe is None else probe
-    was_training = module.training
-    module.eval()
-    ids = []
-    for start in range(0, len(features), batch_size):
-        f = torch.from_numpy(np.asarray(features[start:start + batch_size], dtype=np.float32)).to(module.device)
-        ids.append(probe.predict(module.head(f).to(probe.clusters.device)).cpu().numpy())
-    module.train(was_training)
+    ids = [probe.predict(codes.to(probe.clusters.device)).cpu().numpy()
+           for codes in _head_codes(module, features, batch_size)]
     return np.concatenate(ids)
