@@ -359,7 +359,9 @@ class TrainSettings:
     log_every_n_steps: int = 10
     accelerator: str = "auto"
     precision: str = "32-true"
-    feature_batch_size: int = 64
+    #: crops per backbone pass when caching features; null: chosen from the backbone and the memory
+    #: (``backbones.forward_batch_size``)
+    feature_batch_size: int | None = None
     feature_amp: bool = False
     max_val_crops: int = 512
     max_mapping_crops: int = 4096
@@ -378,6 +380,8 @@ class TrainSettings:
         check_range(self.max_steps, "train.max_steps", 1)
         check_range(self.batch_size, "train.batch_size", 2)
         check_range(self.val_every_n_steps, "train.val_every_n_steps", 1)
+        if self.feature_batch_size is not None:
+            check_range(self.feature_batch_size, "train.feature_batch_size", 1)
         check_range(self.cache_max_gb, "train.cache_max_gb", 0.0)
         for name in ("lr_head", "lr_cluster", "lr_linear"):
             check_range(getattr(self, name), f"train.{name}", 0.0, low_inclusive=False)

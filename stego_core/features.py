@@ -25,7 +25,7 @@ from numpy.lib.format import open_memmap
 from tqdm.auto import tqdm
 
 from stego_core._checks import check_finite, check_ndim
-from stego_core.backbones import Backbone
+from stego_core.backbones import Backbone, forward_batch_size
 
 __all__ = [
     "FeatureCacheMeta",
@@ -58,7 +58,7 @@ def _check_crops(crops: np.ndarray) -> None:
         raise ValueError(f"crops must be preprocessed intensities in [0, 1]; got values in [{lo:g}, {hi:g}]")
 
 
-def compute_features(backbone: Backbone, crops: np.ndarray, *, batch_size: int = 64, device: str = "cpu",
+def compute_features(backbone: Backbone, crops: np.ndarray, *, batch_size: int | None = None, device: str = "cpu",
                      dtype: np.dtype | str = np.float16, amp: bool = False, out_path: str | Path | None = None,
                      progress: bool = True) -> np.ndarray:
     """Backbone features of every crop, batched.
@@ -69,8 +69,9 @@ def compute_features(backbone: Backbone, crops: np.ndarray, *, batch_size: int =
         A frozen backbone from :func:`stego_core.backbones.build_backbone`; moved to ``device``.
     crops : (N, P, P) float32 ndarray
         Preprocessed crops, intensities in [0, 1] (an ``np.memmap`` is fine; read batch by batch).
-    batch_size : int
-        Crops per forward pass.
+    batch_size : int, optional
+        Crops per forward pass; by default chosen from the backbone and the device's memory
+        (:func:`~stego_core.backbones.forward_batch_size`).
     device : str
         Torch device to run on (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
     dtype : numpy dtype
@@ -91,6 +92,10 @@ def compute_features(backbone: Backbone, crops: np.ndarray, *, batch_size: int =
     if not isinstance(crops, np.ndarray):
         crops = np.asarray(crops, dtype=np.float32)
     _check_crops(crops)
+    dev = torch.device(device)
+    use_amp = bool(amp) and dev.type == "cuda"
+    if batch_size is None:
+        batch_size = forward_batch_size(backbone.spec, dev, dtype_bytes=2 if use_amp else 4)
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} must be >= 1")
     n, p = crops.shape[0], crops.shape[1]
@@ -102,9 +107,7 @@ def compute_features(backbone: Backbone, crops: np.ndarray, *, batch_size: int =
         out = open_memmap(out_path, mode="w+", dtype=dtype, shape=shape)
     else:
         out = np.empty(shape, dtype=dtype)
-    dev = torch.device(device)
     backbone.to(dev)
-    use_amp = bool(amp) and dev.type == "cuda"
     with torch.inference_mode(), tqdm(total=n, disable=None if progress else True, unit="crop", desc="features") as bar:
         for start in range(0, n, batch_size):
             stop = min(start + batch_size, n)
@@ -242,7 +245,8 @@ def feature_bytes_per_crop(backbone: Backbone, patch_size: int, dtype: np.dtype 
     return int(np.prod(backbone.output_shape(patch_size))) * np.dtype(dtype).itemsize
 
 
-def load_or_compute_features(backbone: Backbone, crops: np.ndarray, path: str | Path, *, batch_size: int = 64,
+def load_or_compute_features(backbone: Backbone, crops: np.ndarray, path: str | Path, *,
+                             batch_size: int | None = None,
                              device: str = "cpu", dtype: np.dtype | str = np.float16, amp: bool = False,
                              progress: bool = True, digest: str | None = None) -> tuple[np.ndarray, FeatureCacheMeta]:
     """Return cached features of ``crops`` when ``path`` holds them for this backbone, else compute and cache.

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from stego_core.backbones import Backbone
+from stego_core.backbones import Backbone, forward_batch_size
 from stego_core.mapping import cluster_vessel_probability, pixel_codes
 from stego_core.stego import DEFAULT_ALPHA, ClusterProbe, StegoHead
 
@@ -72,33 +72,43 @@ class StegoSegmenterModel(nn.Module):
 
 
 class TorchSegmenter:
-    """Adapts :class:`StegoSegmenterModel` to the engine's :class:`~stego_core.segmenter.Segmenter` protocol."""
+    """Adapts :class:`StegoSegmenterModel` to the engine's :class:`~stego_core.segmenter.Segmenter` protocol.
+
+    The engine hands over crops in batches of ``engine.batch_size`` (what it cuts and blends at once); they run
+    through the model in forward passes of ``batch_size`` crops, by default chosen from the backbone and the
+    device's memory (:func:`~stego_core.backbones.forward_batch_size`): small enough to stay in a CPU's cache,
+    large enough to fill a GPU.
+    """
 
     def __init__(self, model: StegoSegmenterModel, *, device: str = "cpu", name: str = "stego",
-                 amp: bool = False, compile: bool = False) -> None:
+                 amp: bool = False, compile: bool = False, batch_size: int | None = None) -> None:
         self.model = model.to(device).eval()
         self.device = device
         self.name = name
         self.threshold = float(getattr(model, "threshold", 0.5))
-        self.amp = amp
-        # the fast path: a compiled graph of the same module (outputs equal to float rounding, tested); batches
-        # are padded to the first batch's size so that a short last batch does not trigger a recompilation
+        self.amp = amp and torch.device(device).type == "cuda"
+        if batch_size is None:
+            batch_size = forward_batch_size(model.backbone.spec, device, dtype_bytes=2 if self.amp else 4)
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r} must be >= 1 (crops per forward pass)")
+        self.batch_size = int(batch_size)
+        # the fast path: a compiled graph of the same module (outputs equal to float rounding, tested); every
+        # forward pass is padded to ``batch_size`` crops, so the graph sees one shape and compiles once
         self.compile = compile
         self._forward = torch.compile(self.model, dynamic=False) if compile else self.model
-        self._batch = 0
 
     def fit_volume(self, image: np.ndarray, brain_mask: np.ndarray | None) -> None:
         """Nothing to fit: the model is trained already."""
 
     def predict_slices(self, slices: np.ndarray) -> np.ndarray:
         """(N, P, P) crops in [0, 1] -> (N, P, P) vessel probabilities."""
-        n = len(slices)
-        x = torch.from_numpy(np.ascontiguousarray(slices, dtype=np.float32))[:, None].to(self.device)
-        if self.compile:
-            self._batch = self._batch or n
-            if n < self._batch:
-                x = torch.cat([x, x.new_zeros((self._batch - n, *x.shape[1:]))])
-        with torch.inference_mode(), torch.autocast(device_type="cuda", dtype=torch.bfloat16,
-                                                    enabled=self.amp and self.device != "cpu"):
-            prob = self._forward(x)
-        return prob[:n, 0].float().cpu().numpy()
+        x = torch.from_numpy(np.ascontiguousarray(slices, dtype=np.float32))[:, None]
+        out = np.empty(slices.shape, dtype=np.float32)
+        with torch.inference_mode(), torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=self.amp):
+            for start in range(0, len(x), self.batch_size):
+                chunk = x[start:start + self.batch_size].to(self.device, non_blocking=True)
+                n = len(chunk)
+                if self.compile and n < self.batch_size:
+                    chunk = torch.cat([chunk, chunk.new_zeros((self.batch_size - n, *chunk.shape[1:]))])
+                out[start:start + n] = self._forward(chunk)[:n, 0].float().cpu().numpy()
+        return out

@@ -255,3 +255,22 @@ def test_classical_derivatives_equal_one_convolution_per_derivative():
 def test_in_domain_vit_builds_at_the_crop_scale():
     bb = build_backbone("mra_vit_t4_p2", weights="random")
     assert bb(torch.rand(2, 1, 32, 32)).shape == (2, 192, 16, 16)
+
+
+def test_forward_batch_size_keeps_the_largest_activation_in_a_quarter_of_the_cache(monkeypatch):
+    """Crops per forward pass shrink as the model's largest activation grows, never below 1 or above the cap."""
+    from stego_core.backbones import activation_bytes_per_crop, cpu_cache_bytes, forward_batch_size
+
+    cache = cpu_cache_bytes()
+    assert cache > 0
+    small, large = get_spec("vit_small_patch16_dino", res=64), get_spec("vit_small_patch8_dino", res=224)
+    assert activation_bytes_per_crop(small) == 17 * 4 * 384 * 4  # (8x8 + CLS) tokens x MLP hidden x fp32
+    assert activation_bytes_per_crop(large, dtype_bytes=2) == 785 * 4 * 384 * 2
+    for spec in (small, get_spec("mra_vit_t4_p2"), large, get_spec("classical")):
+        batch = forward_batch_size(spec, "cpu")
+        assert batch == max(1, min(1024, cache // 4 // activation_bytes_per_crop(spec)))
+    assert forward_batch_size(small, "cpu") > forward_batch_size(get_spec("mra_vit_t4_p2"), "cpu") \
+        >= forward_batch_size(large, "cpu") >= 1
+    assert forward_batch_size(small, "cpu", max_batch=3) == 3
+    monkeypatch.setattr(backbones, "cpu_cache_bytes", lambda: 1024)  # a tiny cache still gives one crop
+    assert forward_batch_size(large, "cpu") == 1

@@ -155,8 +155,32 @@ def test_compiled_segmenter_equals_the_plain_one():
     model = StegoSegmenterModel(backbone, StegoHead(backbone.feature_dim, 8), ClusterProbe(8, 3),
                                 torch.tensor([False, True, False]), patch_size=8)
     crops = np.random.default_rng(0).random((5, 8, 8)).astype(np.float32)
-    plain = TorchSegmenter(model).predict_slices(crops)
-    fast = TorchSegmenter(model, compile=True).predict_slices(crops)
+    plain = TorchSegmenter(model, batch_size=5).predict_slices(crops)
+    fast = TorchSegmenter(model, compile=True, batch_size=2).predict_slices(crops)  # passes of 2, 2, 1 (padded)
     print(f"max |compiled - plain| = {np.abs(fast - plain).max():.1e}")
     assert fast.shape == plain.shape == crops.shape
     assert np.abs(fast - plain).max() < 1e-5
+
+
+def test_segmenter_forward_passes_of_its_batch_size_equal_one_pass():
+    """Crops run through the model in passes of ``batch_size`` (chosen from the model by default); the
+    probabilities do not depend on how the engine's batch is split."""
+    import torch
+
+    from stego_core.backbones import build_backbone, forward_batch_size
+    from stego_core.inference import StegoSegmenterModel, TorchSegmenter
+    from stego_core.stego import ClusterProbe, StegoHead
+
+    torch.manual_seed(0)
+    backbone = build_backbone("mra_vit_t4_p4", weights="random", res=16)
+    model = StegoSegmenterModel(backbone, StegoHead(backbone.feature_dim, 8), ClusterProbe(8, 3),
+                                torch.tensor([False, True, False]), patch_size=16)
+    crops = np.random.default_rng(0).random((7, 16, 16)).astype(np.float32)
+    whole = TorchSegmenter(model, batch_size=7).predict_slices(crops)
+    split = TorchSegmenter(model, batch_size=3).predict_slices(crops)
+    chosen = TorchSegmenter(model)
+    assert chosen.batch_size == forward_batch_size(backbone.spec, "cpu")
+    np.testing.assert_allclose(split, whole, atol=1e-6)
+    np.testing.assert_allclose(chosen.predict_slices(crops), whole, atol=1e-6)
+    with pytest.raises(ValueError, match="batch_size"):
+        TorchSegmenter(model, batch_size=0)
