@@ -88,8 +88,8 @@ def main() -> None:
     segmenter = TorchSegmenter(model, device=args.device, amp=args.amp, batch_size=args.forward_batch)
     engine = EngineConfig(axis=2, patch_size=args.patch, stride=args.stride, batch_size=args.batch)
     name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"device: {name}; {args.backbone} res {args.res}; crops {args.patch}/{args.stride}; engine batch {args.batch}, "
-          f"forward batch {segmenter.batch_size}"
+    print(f"device: {name}; {args.backbone} res {args.res}; crops {args.patch}/{args.stride}; "
+          f"engine batch {args.batch}, forward batch {segmenter.batch_size}"
           f"{'; bf16' if args.amp else '; fp32'}")
 
     # The same brain slices for both: a slab around the middle of the volume.

@@ -14,8 +14,8 @@ from mlflow.tracking import MlflowClient
 from stego_core import tracking
 from stego_core.config import DataConfig, PhantomConfig
 from stego_core.data import ensure_cases, split_cases
-from stego_core.steps.evaluation import (BaselineConfig, EvaluateConfig, ReconstructConfig, load_segmenter, run_baseline,
-                                   select_cases)
+from stego_core.steps.evaluation import (BaselineConfig, EvaluateConfig, ReconstructConfig, load_segmenter,
+                                         run_baseline, select_cases)
 from stego_core.io import load_volume
 from stego_core.metrics import METRIC_KEYS
 from stego_core.reconstruction import EngineConfig
