@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared GPU session: checks and times the GPU path. Usage: bash benchmarks/gpu_check.sh [real_image.nii.gz]
 # Prints: device, ViT-S/8 feature throughput fp32/bf16, training steps/s cached vs backbone-per-step,
-# a Lightning bf16 training check, and full-volume reconstruction of a 320x320x247 volume fp32 and bf16.
+# a Lightning bf16 training check, DINO pretraining crops/s (bf16 and fp32), and full-volume reconstruction of a
+# 320x320x247 volume fp32 and bf16; every figure also as a fraction of a GEMM peak measured in the same run.
 set -u
 export PYTHONUNBUFFERED=1
 IMG=${1:-}
@@ -36,6 +37,8 @@ t = L.Trainer(max_steps=60, accelerator="gpu", devices=1, precision="bf16-mixed"
 t0 = time.perf_counter(); t.fit(m, DataLoader(DS(), batch_size=24, shuffle=True, drop_last=True))
 print(f"Lightning bf16-mixed on GPU: {t.global_step} steps in {time.perf_counter() - t0:.1f} s, final loss {float(t.callback_metrics.get('loss', float('nan'))):.4f}")
 PY
-python3 benchmarks/bench_reconstruction.py --backbone vit_small_patch8_dino --res 224 $IMGARG --device cuda --naive-slices 0 --batch 512 --amp
-timeout 240 python3 benchmarks/bench_reconstruction.py --backbone vit_small_patch8_dino --res 224 $IMGARG --device cuda --naive-slices 0 --batch 512
-python3 benchmarks/bench_reconstruction.py --backbone vit_small_patch8_dino --res 224 $IMGARG --device cuda --naive-slices 2 --batch 512 --amp
+python3 benchmarks/bench_pretrain.py --device cuda --amp --batch 256 --steps 20
+python3 benchmarks/bench_pretrain.py --device cuda --batch 256 --steps 10
+python3 benchmarks/bench_reconstruction.py --backbone vit_small_patch8_dino --res 224 $IMGARG --device cuda --naive-slices 0 --batch 1024 --repeats 1 --amp
+timeout 240 python3 benchmarks/bench_reconstruction.py --backbone vit_small_patch8_dino --res 224 $IMGARG --device cuda --naive-slices 0 --batch 1024 --repeats 1
+python3 benchmarks/bench_reconstruction.py --backbone vit_small_patch8_dino --res 224 $IMGARG --device cuda --naive-slices 2 --batch 1024 --amp --fixed-forward

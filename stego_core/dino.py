@@ -26,7 +26,7 @@ from torch import nn
 
 from stego_core.config import AugmentConfig
 
-__all__ = ["DinoModel", "augment_view", "cosine_value", "lr_at", "multi_crop",
+__all__ = ["DinoModel", "augment_view", "cosine_value", "dino_step", "lr_at", "multi_crop",
            "teacher_entropy", "teacher_temperature"]
 
 
@@ -207,3 +207,61 @@ class DinoModel(nn.Module):
 
         update_momentum(self.student_backbone, self.teacher_backbone, m=momentum)
         update_momentum(self.student_head, self.teacher_head, m=momentum)
+
+
+def dino_step(model: DinoModel, criterion: nn.Module, optimizer: torch.optim.Optimizer, views: list[torch.Tensor],
+              *, n_global: int, step: int, teacher_temp: float, momentum: float, clip_grad: float = 0.0,
+              bf16: bool = False) -> tuple[torch.Tensor, float]:
+    """One DINO update on a batch's multi-crop views (the learning rate and weight decay are set by the caller).
+
+    Teacher on the ``n_global`` global views, student on all of them, ``criterion`` (lightly's ``DINOLoss``,
+    which also updates its centre), backward, optional gradient clipping, the last layer's gradients dropped
+    while frozen, the optimizer step and the teacher's EMA.
+
+    Parameters
+    ----------
+    model : DinoModel
+    criterion : lightly.loss.DINOLoss
+    optimizer : torch.optim.Optimizer
+        Over the student's parameters.
+    views : list of (B, 1, S, S) tensors on the model's device
+        :func:`multi_crop` output, global views first.
+    n_global : int
+    step : int
+        Global step (the last layer's freeze).
+    teacher_temp, momentum : float
+        This step's teacher temperature and EMA momentum.
+    clip_grad : float
+        Gradient-norm clip of the student (0: none).
+    bf16 : bool
+        Forward passes under bfloat16 autocast (CUDA).
+
+    Returns
+    -------
+    loss : scalar tensor (detached)
+    teacher_entropy : float
+        :func:`teacher_entropy` of the first global view, before the centre moves.
+
+    Raises
+    ------
+    RuntimeError
+        A non-finite loss (the learning rate is too high).
+    """
+    device_type = views[0].device.type
+    with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=bf16 and device_type == "cuda"):
+        teacher_out = [model.teacher(v) for v in views[:n_global]]
+        student_out = [model.student(v) for v in views]
+    teacher_out = [t.float() for t in teacher_out]
+    entropy = teacher_entropy(teacher_out[0], criterion.center, teacher_temp)
+    loss = criterion(teacher_out, [s.float() for s in student_out], teacher_temp=teacher_temp)
+    if not torch.isfinite(loss):
+        raise RuntimeError(f"pretraining loss is {loss.item()} at step {step}; lower pretrain.lr")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip_grad > 0:
+        torch.nn.utils.clip_grad_norm_([*model.student_backbone.parameters(), *model.student_head.parameters()],
+                                       clip_grad)
+    model.student_head.cancel_last_layer_gradients(step)
+    optimizer.step()
+    model.update_teacher(momentum)
+    return loss.detach(), entropy

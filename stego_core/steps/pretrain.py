@@ -36,9 +36,9 @@ from stego_core.data import ensure_cases, make_crop_set, preprocess_case
 from stego_core.dino import (
     DinoModel,
     cosine_value,
+    dino_step,
     lr_at,
     multi_crop,
-    teacher_entropy,
     teacher_temperature,
 )
 from stego_core.sampling import bright_threshold, crop_weights
@@ -304,21 +304,9 @@ def run_pretrain(cfg: PretrainConfig, *, nested: bool = False, run_name: str | N
                                          cfg.teacher_temp)
             idx = torch.multinomial(weights, cfg.batch_size, replacement=True, generator=generator)
             views = [v.to(device) for v in multi_crop(crops[idx], augment, generator)]
-            with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=use_bf16):
-                teacher_out = [model.teacher(v) for v in views[: augment.n_global]]
-                student_out = [model.student(v) for v in views]
-            teacher_out = [t.float() for t in teacher_out]
-            entropy = teacher_entropy(teacher_out[0], criterion.center, t_temp)
-            loss = criterion(teacher_out, [s.float() for s in student_out], teacher_temp=t_temp)
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"pretraining loss is {loss.item()} at step {step}; lower pretrain.lr")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.clip_grad > 0:
-                torch.nn.utils.clip_grad_norm_(student_params.parameters(), cfg.clip_grad)
-            model.student_head.cancel_last_layer_gradients(step)
-            optimizer.step()
-            model.update_teacher(momentum)
+            loss, entropy = dino_step(model, criterion, optimizer, views, n_global=augment.n_global, step=step,
+                                      teacher_temp=t_temp, momentum=momentum, clip_grad=cfg.clip_grad,
+                                      bf16=use_bf16)
             step += 1
             done += 1
             bar.update(1)
