@@ -32,7 +32,7 @@ def step(head, probe, opt, feats, knn_feats, cfg, gen) -> float:
     opt.zero_grad()
     (loss + cluster_loss).backward()
     opt.step()
-    return float(loss)
+    return float(loss.detach())
 
 
 def sync(device: str) -> None:
