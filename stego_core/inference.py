@@ -93,9 +93,10 @@ class TorchSegmenter:
             raise ValueError(f"batch_size={batch_size!r} must be >= 1 (crops per forward pass)")
         self.batch_size = int(batch_size)
         # the fast path: a compiled graph of the same module (outputs equal to float rounding, tested); every
-        # forward pass is padded to ``batch_size`` crops, so the graph sees one shape and compiles once
+        # forward pass is padded to the first pass's size, so the graph sees one shape and compiles once
         self.compile = compile
         self._forward = torch.compile(self.model, dynamic=False) if compile else self.model
+        self._compiled_size = 0
 
     def fit_volume(self, image: np.ndarray, brain_mask: np.ndarray | None) -> None:
         """Nothing to fit: the model is trained already."""
@@ -108,7 +109,9 @@ class TorchSegmenter:
             for start in range(0, len(x), self.batch_size):
                 chunk = x[start:start + self.batch_size].to(self.device, non_blocking=True)
                 n = len(chunk)
-                if self.compile and n < self.batch_size:
-                    chunk = torch.cat([chunk, chunk.new_zeros((self.batch_size - n, *chunk.shape[1:]))])
+                if self.compile:
+                    self._compiled_size = self._compiled_size or n
+                    if n < self._compiled_size:
+                        chunk = torch.cat([chunk, chunk.new_zeros((self._compiled_size - n, *chunk.shape[1:]))])
                 out[start:start + n] = self._forward(chunk)[:n, 0].float().cpu().numpy()
         return out

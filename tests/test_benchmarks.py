@@ -25,6 +25,8 @@ def test_count_flops_counts_the_cpu_attention_kernel():
     b, h, n, d = 2, 3, 17, 8
     q = torch.randn(b, h, n, d)
     assert peak.count_flops(lambda: F.scaled_dot_product_attention(q, q, q)) == 4 * b * h * n * n * d
+    w = q.clone().requires_grad_(True)  # backward: dQ, dK, dV and the recomputed scores, 2.5x the forward
+    assert peak.count_flops(lambda: F.scaled_dot_product_attention(w, w, w).sum().backward()) == 14 * b * h * n * n * d
     a = torch.randn(5, 7)
     assert peak.count_flops(lambda: a @ a.T) == 2 * 5 * 7 * 5
 
