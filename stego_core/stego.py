@@ -250,14 +250,19 @@ def correspondence_loss(feats: torch.Tensor, codes: torch.Tensor, knn_feats: tor
     n, dev = cfg.n_points, codes.device
     coords1 = sample_grid(b, n, generator=generator, device=dev)
     coords2 = sample_grid(b, n, generator=generator, device=dev)
-    f1, c1 = sample_points(feats.float(), coords1), sample_points(codes, coords1)
+    coords_self = coords1 if cfg.intra_same_points else sample_grid(b, n, generator=generator, device=dev)
+    perms = [random_derangement(b, generator=generator, device=dev)
+             for _ in range(cfg.neg_samples if cfg.neg_samples > 0 and b >= 2 else 0)]
+    # Every grid on the batch's own maps is sampled in ONE grid_sample call per tensor (the CPU kernel costs
+    # about the same for 1 grid as for 7): the query grid, the self grid, and per negative the target grid
+    # carried back through the derangement, since sample(x[perm], g) == sample(x, g[perm^-1])[perm] exactly.
+    grids = [coords1] + ([] if cfg.intra_same_points else [coords_self]) + [coords2[p.argsort()] for p in perms]
+    f_all = sample_points(feats.float(), torch.cat(grids, dim=2)).split(n, dim=3)
+    c_all = sample_points(codes, torch.cat(grids, dim=2)).split(n, dim=3)
+    f1, c1 = f_all[0], c_all[0]
+    f_self, c_self = (f1, c1) if cfg.intra_same_points else (f_all[1], c_all[1])
     terms: dict[str, torch.Tensor] = {}
 
-    if cfg.intra_same_points:
-        f_self, c_self = f1, c1
-    else:
-        coords3 = sample_grid(b, n, generator=generator, device=dev)
-        f_self, c_self = sample_points(feats.float(), coords3), sample_points(codes, coords3)
     intra, _ = correspondence_term(f1, f_self, c1, c_self, cfg.pos_intra_shift)
     total = cfg.pos_intra_weight * intra
     terms["pos_intra"] = intra.detach()
@@ -268,13 +273,10 @@ def correspondence_loss(feats: torch.Tensor, codes: torch.Tensor, knn_feats: tor
         total = total + cfg.pos_inter_weight * inter
         terms["pos_inter"] = inter.detach()
 
-    if cfg.neg_samples > 0 and b >= 2:
-        negs = []
-        for _ in range(cfg.neg_samples):
-            perm = random_derangement(b, generator=generator, device=dev)
-            neg, _ = correspondence_term(f1, sample_points(feats[perm].float(), coords2), c1,
-                                         sample_points(codes[perm], coords2), cfg.neg_inter_shift)
-            negs.append(neg)
+    if perms:
+        first = len(grids) - len(perms)
+        negs = [correspondence_term(f1, f_all[first + s][p], c1, c_all[first + s][p], cfg.neg_inter_shift)[0]
+                for s, p in enumerate(perms)]
         neg = torch.stack(negs).mean()
         total = total + cfg.neg_inter_weight * neg
         terms["neg_inter"] = neg.detach()

@@ -236,6 +236,47 @@ def test_correspondence_loss_matches_loop(tiny, same_points):
         assert terms[key].item() == pytest.approx(value, abs=1e-5), key
 
 
+def _plain_torch_loss(feats, codes, knn_feats, knn_codes, cfg, generator):
+    """The loss as first written: one grid_sample per tensor and term, negatives by permuting whole maps."""
+    b, n = feats.shape[0], cfg.n_points
+    co1, co2 = sample_grid(b, n, generator=generator), sample_grid(b, n, generator=generator)
+    co3 = co1 if cfg.intra_same_points else sample_grid(b, n, generator=generator)
+    f1, c1 = sample_points(feats.float(), co1), sample_points(codes, co1)
+    intra, _ = correspondence_term(f1, sample_points(feats.float(), co3), c1, sample_points(codes, co3),
+                                   cfg.pos_intra_shift)
+    inter, _ = correspondence_term(f1, sample_points(knn_feats.float(), co2), c1, sample_points(knn_codes, co2),
+                                   cfg.pos_inter_shift)
+    negs = []
+    for _ in range(cfg.neg_samples):
+        p = random_derangement(b, generator=generator)
+        negs.append(correspondence_term(f1, sample_points(feats[p].float(), co2), c1, sample_points(codes[p], co2),
+                                        cfg.neg_inter_shift)[0])
+    return (cfg.pos_intra_weight * intra + cfg.pos_inter_weight * inter
+            + cfg.neg_inter_weight * torch.stack(negs).mean())
+
+
+@pytest.mark.parametrize("same_points", [False, True])
+def test_correspondence_loss_one_sampling_call_equals_the_plain_path(same_points):
+    """Values and gradients of the fused sampling equal the per-term path's (float32, realistic shapes)."""
+    g = torch.Generator().manual_seed(3)
+    feats, knn_feats = torch.randn(6, 16, 7, 7, generator=g).half(), torch.randn(6, 16, 7, 7, generator=g).half()
+    head = torch.nn.Conv2d(16, 5, 1)
+    cfg = LossConfig(n_points=5, neg_samples=3, intra_same_points=same_points)
+    results = []
+    for loss_fn in (correspondence_loss, _plain_torch_loss):
+        head.zero_grad()
+        codes, knn_codes = head(feats.float()), head(knn_feats.float())
+        total = loss_fn(feats, codes, knn_feats, knn_codes, cfg, generator=torch.Generator().manual_seed(11))
+        total = total[0] if isinstance(total, tuple) else total
+        total.backward()
+        results.append((total.detach(), head.weight.grad.clone(), head.bias.grad.clone()))
+    (fused, *fused_grads), (plain, *plain_grads) = results
+    assert fused.item() == pytest.approx(plain.item(), abs=1e-6)
+    for a, b in zip(fused_grads, plain_grads):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+    assert plain_grads[0].abs().sum() > 0
+
+
 def test_correspondence_loss_trains_codes_and_validates(tiny):
     feats, codes, knn_feats, knn_codes = tiny
     c = codes.clone().requires_grad_(True)
