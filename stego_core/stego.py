@@ -257,8 +257,8 @@ def correspondence_loss(feats: torch.Tensor, codes: torch.Tensor, knn_feats: tor
     # about the same for 1 grid as for 7): the query grid, the self grid, and per negative the target grid
     # carried back through the derangement, since sample(x[perm], g) == sample(x, g[perm^-1])[perm] exactly.
     grids = [coords1] + ([] if cfg.intra_same_points else [coords_self]) + [coords2[p.argsort()] for p in perms]
-    f_all = sample_points(feats.float(), torch.cat(grids, dim=2)).split(n, dim=3)
-    c_all = sample_points(codes, torch.cat(grids, dim=2)).split(n, dim=3)
+    grid = torch.cat(grids, dim=2)  # (B, n, n * len(grids), 2)
+    f_all, c_all = sample_points(feats.float(), grid).split(n, dim=3), sample_points(codes, grid).split(n, dim=3)
     f1, c1 = f_all[0], c_all[0]
     f_self, c_self = (f1, c1) if cfg.intra_same_points else (f_all[1], c_all[1])
     terms: dict[str, torch.Tensor] = {}
