@@ -1,4 +1,4 @@
-"""Reconstruction throughput: the batched engine against the seed's one-crop-at-a-time loop.
+r"""Reconstruction throughput: the batched engine against the seed's one-crop-at-a-time loop.
 
 Same segmenter (a STEGO model: backbone + head + cluster probe; random weights, since speed does not depend
 on them), same volume, same slices, measured side by side in one run. Prints slices/s of both, the ratio, and
