@@ -1,0 +1,189 @@
+"""Self-training ablation on the five shared real cases (issue 21): teacher alone vs student variants.
+
+Transductive (each volume's student is trained on that volume's pseudo-labels) unless a variant says
+``inductive``: leave-one-out within the convention (trained on the other cases' crops, applied to this one).
+The teachers' outputs are cached by :mod:`benchmarks.selftrain_cache`; each student's probability is cached
+too, so that combination rules (cheap, label-free) are scored without retraining. Labels only score.
+
+    python -m benchmarks.ablation_selftrain --variants recipe,rounds2 [--cases mra_mni_0590,...]
+    python -m benchmarks.ablation_selftrain --table          # print / write the tables of all rows so far
+
+Rows are appended to ``outputs/selftrain/rows.jsonl``; ``--table`` writes ``outputs/selftrain/ablation.csv``
+and ``ablation.md`` (per-case Dice / clDice / precision / recall and seconds per volume; means per convention).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.selftrain_cache import CACHE, CASES, cache_case
+
+OUT = Path(__file__).resolve().parents[1] / "outputs" / "selftrain"
+LUMEN = [c for c, t in CASES.items() if t == "best_mra"]
+TREE = [c for c, t in CASES.items() if t == "best_mra_tree"]
+
+#: the fixed recipe per convention (settings of SelfTrainSettings, plus the student's input image)
+RECIPES: dict[str, dict] = {
+    "best_mra": {"combine": "union_bright"},
+    "best_mra_tree": {"combine": "topn"},
+}
+
+#: variants: overrides of the convention's recipe; "rules" scores extra combination rules of the same student
+VARIANTS: dict[str, dict] = {
+    "recipe": {},
+    "rounds2": {"rounds": 2},
+    "no_band": {"band_vox": 0},
+    "dice_only": {"bce_weight": 0.0, "cldice_weight": 0.0},
+    "dice_cldice": {"cldice_weight": 0.5},
+    "2d": {"dims": "2d"},
+    "inductive": {"inductive": True},
+}
+
+#: combination rules scored on every student (label-free; the recipe's own rule is the row "student")
+EXTRA_RULES = [
+    {"combine": "student"},
+    {"combine": "topn"},
+    {"combine": "union_bright"},
+    {"combine": "topn_mean", "teacher_weight": 0.5},
+    {"combine": "intersection"},
+]
+
+
+def load(case_id: str) -> dict[str, np.ndarray]:
+    folder = cache_case(case_id)
+    arrays = {name: np.load(folder / f"{name}.npy") for name in
+              ("image", "full", "brain_mask", "teacher_prob", "teacher_mask", "label")}
+    arrays["teacher_prob"] = arrays["teacher_prob"].astype(np.float32)
+    arrays["meta"] = json.loads((folder / "teacher.json").read_text())
+    return arrays
+
+
+def score(mask: np.ndarray, label: np.ndarray) -> dict[str, float]:
+    from stego_core.metrics import evaluate_segmentation
+
+    s = evaluate_segmentation(mask, label)
+    return {k: float(s[k]) for k in ("dice", "cldice", "precision", "recall")} | {"voxels": int(mask.sum())}
+
+
+def settings_for(case_id: str, overrides: dict):
+    from stego_core.selftrain import SelfTrainSettings
+
+    params = {**RECIPES[CASES[case_id]], **overrides}
+    params.pop("inductive", None)
+    params.pop("input", None)
+    if "channels" in params:
+        params["channels"] = tuple(params["channels"])
+    return SelfTrainSettings(**params)
+
+
+def run_variant(name: str, overrides: dict, case_id: str, *, tag: str = "", progress: bool = True) -> list[dict]:
+    """Train (or reuse) the student of ``case_id`` for a variant; score the recipe's rule and the extra rules."""
+    from stego_core.selftrain import combine, predict_student, pseudo_labels, self_train, train_student
+
+    data = load(case_id)
+    settings = settings_for(case_id, overrides)
+    key = f"{name}{tag}"
+    folder = OUT / "students" / key
+    folder.mkdir(parents=True, exist_ok=True)
+    prob_file = folder / f"{case_id}.npy"
+    inp = data[overrides.get("input", "image")]
+    t0 = time.perf_counter()
+    if overrides.get("inductive"):
+        others = [c for c, t in CASES.items() if t == CASES[case_id] and c != case_id]
+        imgs, brains, tgts, wgts = [], [], [], []
+        for other in others:
+            d = load(other)
+            tgt, wgt = pseudo_labels(d["teacher_prob"], d["teacher_mask"], d["brain_mask"], settings)
+            imgs.append(d[overrides.get("input", "image")]); brains.append(d["brain_mask"])
+            tgts.append(tgt); wgts.append(wgt)
+        if not imgs:
+            print(f"{case_id}: no other case of its convention for the inductive variant; skipped")
+            return []
+        model = train_student(imgs, brains, tgts, wgts, settings, progress=progress)
+        s_prob = predict_student(model, inp, data["brain_mask"], settings)
+    else:
+        _, s_prob, _ = self_train(inp, data["brain_mask"], data["teacher_prob"], data["teacher_mask"], settings,
+                                  progress=progress)
+    seconds = time.perf_counter() - t0
+    np.save(prob_file, s_prob.astype(np.float16))
+    rows = []
+    for rule in [{}] + EXTRA_RULES:
+        s = settings.replace(**rule)
+        mask = combine(data["teacher_prob"], data["teacher_mask"], s_prob, inp, s)
+        rows.append({"variant": key, "case": case_id, "teacher": CASES[case_id], "rule": "recipe" if not rule
+                     else "+".join(f"{k}={v}" for k, v in rule.items()), "seconds": seconds,
+                     "settings": {**overrides}, **score(mask, data["label"])})
+    rows.append({"variant": "teacher", "case": case_id, "teacher": CASES[case_id], "rule": "teacher",
+                 "seconds": data["meta"]["seconds"], "settings": {},
+                 **score(data["teacher_mask"], data["label"])})
+    with open(OUT / "rows.jsonl", "a") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
+    t = rows[-1]
+    for row in rows[:-1]:
+        print(f"{key:14s} {case_id} {row['rule']:32s} dice {row['dice']:.4f} ({row['dice'] - t['dice']:+.4f}) "
+              f"cldice {row['cldice']:.4f} ({row['cldice'] - t['cldice']:+.4f}) prec {row['precision']:.3f} "
+              f"rec {row['recall']:.3f} {seconds:.0f} s", flush=True)
+    return rows
+
+
+def _markdown(df) -> str:
+    cols = list(df.columns)
+    fmt = [lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt[0](v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def table() -> None:
+    """Write the per-case table (latest row per variant / rule / case) as CSV and markdown; print the summary."""
+    import pandas as pd
+
+    rows = [json.loads(line) for line in open(OUT / "rows.jsonl")]
+    df = pd.DataFrame(rows).drop(columns=["settings"])
+    df = df.drop_duplicates(["variant", "rule", "case"], keep="last")
+    teacher = df[df.variant == "teacher"].set_index("case")
+    df["d_dice"] = df.dice - df.case.map(teacher.dice)
+    df["d_cldice"] = df.cldice - df.case.map(teacher.cldice)
+    df = df.sort_values(["teacher", "variant", "rule", "case"])
+    df.to_csv(OUT / "ablation.csv", index=False)
+    summary = (df.groupby(["teacher", "variant", "rule"])
+               .agg(n=("case", "size"), dice=("dice", "mean"), cldice=("cldice", "mean"),
+                    precision=("precision", "mean"), recall=("recall", "mean"), d_dice=("d_dice", "mean"),
+                    d_cldice=("d_cldice", "mean"), worst_d_dice=("d_dice", "min"),
+                    worst_d_cldice=("d_cldice", "min"), seconds=("seconds", "mean"))
+               .reset_index())
+    with open(OUT / "ablation.md", "w") as fh:
+        fh.write("# Self-training ablation (issue 21)\n\n## Per case\n\n")
+        fh.write(_markdown(df))
+        fh.write("\n\n## Means per convention\n\n")
+        fh.write(_markdown(summary))
+        fh.write("\n")
+    with pd.option_context("display.width", 250, "display.max_rows", 500, "display.max_columns", 30):
+        print(summary.round(4).to_string(index=False))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", default="recipe")
+    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--set", default="{}", help="JSON overrides applied to every variant")
+    parser.add_argument("--tag", default="", help="suffix of the variant names (screening runs)")
+    parser.add_argument("--table", action="store_true")
+    args = parser.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    if not args.table:
+        extra = json.loads(args.set)
+        for case_id in args.cases.split(","):
+            for name in args.variants.split(","):
+                run_variant(name, {**VARIANTS[name], **extra}, case_id, tag=args.tag)
+    table()
+
+
+if __name__ == "__main__":
+    main()
