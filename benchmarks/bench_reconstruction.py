@@ -84,7 +84,7 @@ def main() -> None:
 
     backbone = build_backbone(args.backbone, weights="random", res=args.res)
     model = StegoSegmenterModel(backbone, StegoHead(backbone.feature_dim, 70), ClusterProbe(70, 2),
-                                torch.tensor([False, True]), patch_size=args.patch).to(args.device).eval()
+                                torch.tensor([False, True]), patch_size=args.patch, alpha=100.0).to(args.device).eval()
     segmenter = TorchSegmenter(model, device=args.device, amp=args.amp, batch_size=args.forward_batch)
     engine = EngineConfig(axis=2, patch_size=args.patch, stride=args.stride, batch_size=args.batch)
     name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"

@@ -7,9 +7,12 @@ from stego_core.cli import run
 from stego_core.config import AblationConfig
 from stego_core.steps.ablation import run_ablation
 
+#: The entry point's config (its plan); defaults in stego_core.config, the YAML states what differs.
+CONFIG = AblationConfig
+
 
 def main(argv: list[str] | None = None) -> int:
-    return run(AblationConfig, run_ablation, argv, description=__doc__, default_config=CONFIG_DIR / "ablation.yaml")
+    return run(CONFIG, run_ablation, argv, description=__doc__, default_config=CONFIG_DIR / "ablation.yaml")
 
 
 if __name__ == "__main__":

@@ -7,9 +7,12 @@ from stego_core.cli import run
 from stego_core.config import BaselineConfig
 from stego_core.steps.evaluation import run_baseline
 
+#: The entry point's config (its plan); defaults in stego_core.config, the YAML states what differs.
+CONFIG = BaselineConfig
+
 
 def main(argv: list[str] | None = None) -> int:
-    return run(BaselineConfig, run_baseline, argv, description=__doc__, default_config=CONFIG_DIR / "baseline.yaml")
+    return run(CONFIG, run_baseline, argv, description=__doc__, default_config=CONFIG_DIR / "baseline.yaml")
 
 
 if __name__ == "__main__":

@@ -7,9 +7,12 @@ from stego_core.cli import run
 from stego_core.config import MainConfig
 from stego_core.steps.pipeline import run_main
 
+#: The entry point's config (its plan); defaults in stego_core.config, the YAML states what differs.
+CONFIG = MainConfig
+
 
 def main(argv: list[str] | None = None) -> int:
-    return run(MainConfig, run_main, argv, description=__doc__, default_config=CONFIG_DIR / "main.yaml")
+    return run(CONFIG, run_main, argv, description=__doc__, default_config=CONFIG_DIR / "main.yaml")
 
 
 if __name__ == "__main__":

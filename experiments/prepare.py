@@ -7,9 +7,12 @@ from stego_core.cli import run
 from stego_core.config import PrepareConfig
 from stego_core.steps.prepare import run_prepare
 
+#: The entry point's config (its plan); defaults in stego_core.config, the YAML states what differs.
+CONFIG = PrepareConfig
+
 
 def main(argv: list[str] | None = None) -> int:
-    return run(PrepareConfig, run_prepare, argv, description=__doc__, default_config=CONFIG_DIR / "prepare.yaml")
+    return run(CONFIG, run_prepare, argv, description=__doc__, default_config=CONFIG_DIR / "prepare.yaml")
 
 
 if __name__ == "__main__":

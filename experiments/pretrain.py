@@ -7,9 +7,12 @@ from stego_core.cli import run
 from stego_core.config import PretrainConfig
 from stego_core.steps.pretrain import run_pretrain
 
+#: The entry point's config (its plan); defaults in stego_core.config, the YAML states what differs.
+CONFIG = PretrainConfig
+
 
 def main(argv: list[str] | None = None) -> int:
-    return run(PretrainConfig, run_pretrain, argv, description=__doc__, default_config=CONFIG_DIR / "pretrain.yaml")
+    return run(CONFIG, run_pretrain, argv, description=__doc__, default_config=CONFIG_DIR / "pretrain.yaml")
 
 
 if __name__ == "__main__":

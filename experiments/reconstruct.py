@@ -7,9 +7,12 @@ from stego_core.cli import run
 from stego_core.config import ReconstructConfig
 from stego_core.steps.evaluation import run_reconstruct
 
+#: The entry point's config (its plan); defaults in stego_core.config, the YAML states what differs.
+CONFIG = ReconstructConfig
+
 
 def main(argv: list[str] | None = None) -> int:
-    return run(ReconstructConfig, run_reconstruct, argv, description=__doc__,
+    return run(CONFIG, run_reconstruct, argv, description=__doc__,
                default_config=CONFIG_DIR / "reconstruct.yaml")
 
 

@@ -7,9 +7,12 @@ from stego_core.cli import run
 from stego_core.config import TrainConfig
 from stego_core.steps.training import run_train
 
+#: The entry point's config (its plan); defaults in stego_core.config, the YAML states what differs.
+CONFIG = TrainConfig
+
 
 def main(argv: list[str] | None = None) -> int:
-    return run(TrainConfig, run_train, argv, description=__doc__, default_config=CONFIG_DIR / "train.yaml")
+    return run(CONFIG, run_train, argv, description=__doc__, default_config=CONFIG_DIR / "train.yaml")
 
 
 if __name__ == "__main__":

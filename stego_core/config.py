@@ -29,6 +29,7 @@ import numpy as np
 import yaml
 
 from stego_core._checks import check_choice, check_range
+from stego_core.postprocess import STEPS
 from stego_core.sampling import SAMPLING_METHODS
 
 T = TypeVar("T")
@@ -37,7 +38,6 @@ SKULL_STRIP_MODES = ("auto", "given", "head", "none")
 STANDARDIZE_METHODS = ("zscore_minmax", "percentile")
 BLEND_MODES = ("constant", "gaussian")
 FUSION_MODES = ("mean", "max")
-POSTPROCESS_STEPS = ("smooth", "crf", "cc", "largest", "fill_holes")
 CLUSTER_RULES = ("auto", "hungarian", "majority", "dice", "brightness")
 
 
@@ -219,11 +219,17 @@ class SlicingConfig:
 
 
 @dataclass(frozen=True)
-class PrepareConfig(RunSettings):
-    """The ``prepare`` entry point: volumes -> preprocessed 2D crops in the seed's dataset layout."""
+class DataSettings:
+    """The volumes and their 2D crops: the sections every step that reads data shares."""
 
     data: DataConfig = field(default_factory=DataConfig)
     slicing: SlicingConfig = field(default_factory=SlicingConfig)
+
+
+@dataclass(frozen=True)
+class PrepareConfig(DataSettings, RunSettings):
+    """The ``prepare`` entry point: volumes -> preprocessed 2D crops in the seed's dataset layout."""
+
     output: str = "outputs/prepare"
     dataset_name: str = "mra"
 
@@ -390,30 +396,40 @@ class TrainSettings:
 
 
 @dataclass(frozen=True)
-class TrainConfig(RunSettings):
-    """The ``train`` entry point. ``val_stride`` is the sliding-window stride of validation reconstructions."""
+class StegoSettings:
+    """STEGO's sections, declared once for the ``train`` step and the pipeline (``main``) that runs it.
 
-    data: DataConfig = field(default_factory=DataConfig)
-    slicing: SlicingConfig = field(default_factory=SlicingConfig)
+    ``val_stride``: sliding-window stride of the training run's validation reconstructions (null: half a crop).
+    ``register``: register the logged model as a new version of ``model_name`` (model registry).
+    """
+
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainSettings = field(default_factory=TrainSettings)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     val_stride: int | None = None
-    output: str = "outputs/train"
     log_model: bool = True
-    register: bool = False  # register the logged model as a new version of ``model_name`` (model registry)
+    register: bool = False
     model_name: str = "stego-segmenter"
+
+
+@dataclass(frozen=True)
+class TrainConfig(StegoSettings, DataSettings, RunSettings):
+    """The ``train`` entry point: STEGO on the crops of ``data`` (:class:`StegoSettings`)."""
+
+    output: str = "outputs/train"
 
 # ------------------------------------------------------------------------ reconstruction and evaluation
 
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """Sliding-window settings.
+    """Sliding-window settings, one default for every method.
 
-    ``patch_size: null`` feeds whole slices (what the classical baselines want); ``stride`` defaults to half a
-    patch. ``blend`` weights overlapping crops (``constant`` or ``gaussian``).
+    ``patch_size: null`` (default) is the method's own window: whole slices for the classical methods, the
+    training crop size for a learned model. ``stride`` defaults to half a patch. ``blend`` weights overlapping
+    crops (``constant`` or ``gaussian``); whole slices do not overlap and are taken as they are. ``batch_size``
+    is the number of slices or crops cut and blended at once.
 
     Tri-planar fusion: ``axes: [0, 1, 2]`` runs the same sliding window along each listed axis (``axis`` is then
     ignored) and fuses the probabilities voxel by voxel, ``fusion: mean`` (the average: a voxel needs support
@@ -423,7 +439,7 @@ class EngineConfig:
     """
 
     axis: int = 2
-    patch_size: int | None = 32
+    patch_size: int | None = None
     stride: int | None = None
     batch_size: int = 64
     blend: str = "gaussian"
@@ -465,7 +481,8 @@ class CRFSettings:
 
 @dataclass(frozen=True)
 class PostprocessStep:
-    """One label-free post-processing step (:mod:`stego_core.postprocess`), parameters fixed a priori.
+    """One label-free post-processing step (:data:`stego_core.postprocess.STEPS`), parameters fixed a priori.
+    The fields are the union of the registered steps' parameters; each step accepts its own (checked here).
 
     ``step`` is one of
 
@@ -491,20 +508,15 @@ class PostprocessStep:
     connectivity: int | None = None
 
     def __post_init__(self) -> None:
-        check_choice(self.step, "postprocess.step", POSTPROCESS_STEPS)
+        check_choice(self.step, "postprocess.step", tuple(STEPS))
+        spec = STEPS[self.step]
         given = {f.name for f in dataclasses.fields(self) if f.name != "step" and getattr(self, f.name) is not None}
-        allowed = {"smooth": {"sigma_vox", "sigma_mm"}, "crf": set(),
-                   "cc": {"min_size_vox", "min_size_mm3", "connectivity"},
-                   "largest": {"min_fraction", "connectivity"},
-                   "fill_holes": {"max_size_vox", "max_size_mm3"}}[self.step]
-        extra = given - allowed
+        extra = given - set(spec.params)
         if extra:
-            raise ValueError(f"postprocess step {self.step!r} takes {sorted(allowed) or 'no parameters'}; "
+            raise ValueError(f"postprocess step {self.step!r} takes {sorted(spec.params) or 'no parameters'}; "
                              f"got {sorted(extra)}")
-        pairs = {"smooth": ("sigma_vox", "sigma_mm"), "cc": ("min_size_vox", "min_size_mm3"),
-                 "fill_holes": ("max_size_vox", "max_size_mm3")}
-        if self.step in pairs and len(given & set(pairs[self.step])) != 1:
-            raise ValueError(f"postprocess step {self.step!r} needs exactly one of {list(pairs[self.step])}")
+        if spec.one_of and len(given & set(spec.one_of)) != 1:
+            raise ValueError(f"postprocess step {self.step!r} needs exactly one of {list(spec.one_of)}")
         if self.connectivity is not None:
             check_choice(self.connectivity, "postprocess.connectivity", (6, 18, 26))
         if self.min_fraction is not None:
@@ -538,7 +550,7 @@ class EvaluateConfig(RunSettings):
         check_choice(self.split, "split", ("test", "all"))
         seen_mask = False
         for st in self.postprocess:
-            if st.step in ("cc", "largest", "fill_holes"):
+            if STEPS[st.step].kind == "mask":
                 seen_mask = True
             elif seen_mask:
                 raise ValueError(f"postprocess: probability step {st.step!r} after a mask step; list smooth/crf "
@@ -574,8 +586,6 @@ class ReconstructConfig(EvaluateConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.model_uri:
-            raise ValueError("model_uri is required, e.g. model_uri=runs:/<train_run_id>/model")
         check_choice(self.device, "device", ("auto", "cpu", "cuda"))
 
 # ------------------------------------------------------------------------------- DINO pretraining
@@ -614,7 +624,7 @@ class AugmentConfig:
 
 
 @dataclass(frozen=True)
-class PretrainConfig(RunSettings):
+class PretrainConfig(DataSettings, RunSettings):
     """The ``pretrain`` entry point: DINO (Caron et al., ICCV 2021) of an in-domain ViT on unlabelled crops.
 
     Defaults follow DESIGN.md section 9 (teacher temperature 0.04 -> 0.07, student 0.1, centre momentum 0.9,
@@ -625,8 +635,6 @@ class PretrainConfig(RunSettings):
     autocast on a GPU, float32 on CPU.
     """
 
-    data: DataConfig = field(default_factory=DataConfig)
-    slicing: SlicingConfig = field(default_factory=SlicingConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     backbone: str = "mra_vit_t4_p2"
@@ -745,8 +753,7 @@ class AblationConfig(RunSettings):
 
     datasets: tuple[DataConfig, ...] = (DataConfig(),)
     split: str = "all"
-    engine: EngineConfig = field(default_factory=lambda: EngineConfig(patch_size=None, batch_size=16,
-                                                                       blend="constant"))
+    engine: EngineConfig = field(default_factory=EngineConfig)
     methods: tuple[AblationMethod, ...] = field(default_factory=_default_ablation_methods)
     variants: tuple[AblationVariant, ...] = field(default_factory=_default_ablation_variants)
     crf_settings: CRFSettings = field(default_factory=CRFSettings)
@@ -763,30 +770,32 @@ class AblationConfig(RunSettings):
 
 
 @dataclass(frozen=True)
-class MainConfig(RunSettings):
+class MainConfig(StegoSettings, DataSettings, RunSettings):
     """What the demo (``make demo``, ``mlflow run . -e main``) runs, read top to bottom: the data and crops
-    every step shares, the classical baselines, then STEGO's model / loss / training sections (as in
-    :class:`TrainConfig`). ``stego_crf`` also evaluates the STEGO model with dense-CRF refinement (when
+    every step shares, the classical baselines, then STEGO's sections (:class:`StegoSettings`, the same as the
+    ``train`` step's). ``stego_crf`` also evaluates the STEGO model with dense-CRF refinement (when
     pydensecrf2 is installed). ``pretrain`` (a :class:`PretrainConfig` mapping; its ``data``, ``slicing``,
     ``experiment`` and ``output`` are taken from this config) first pretrains ``pretrain.backbone`` with DINO on
     the same volumes without labels, and STEGO then trains on that backbone (``model.weights=runs:/<id>``)."""
 
-    data: DataConfig = field(default_factory=DataConfig)
-    slicing: SlicingConfig = field(default_factory=SlicingConfig)
     baselines: tuple[str, ...] = ("percentile", "otsu", "multiotsu", "kmeans", "gmm", "frangi", "sato")
-    model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    train: TrainSettings = field(default_factory=TrainSettings)
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
     pretrain: PretrainConfig | None = None
-    val_stride: int | None = None  # stride of the training run's validation reconstructions (TrainConfig's)
     stego_crf: bool = True
     output: str = "outputs"
-    register: bool = False  # register the trained model in the model registry (as TrainConfig.register)
-    model_name: str = "stego-segmenter"
 
 
 # --------------------------------------------------------------------------------------------------- loading
+
+
+def derive(cls: type[T], source: Any, **changes: Any) -> T:
+    """A step's config ``cls`` built from the sections ``source`` shares with it (same field names), with
+    ``changes`` on top: how the pipeline hands its plan to each step without copying fields by hand.
+
+    >>> derive(PrepareConfig, TrainConfig(split_seed=3), output="o").split_seed
+    3
+    """
+    shared = {f.name for f in dataclasses.fields(cls)} & {f.name for f in dataclasses.fields(source)}
+    return cls(**{name: getattr(source, name) for name in shared if name not in changes}, **changes)
 
 
 def _convert(value: Any, tp: Any, name: str) -> Any:
@@ -925,9 +934,15 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     return from_dict(cls, tree)
 
 
+def plan_yaml(config: Any) -> str:
+    """The resolved plan as YAML: what ``--print-config`` prints and every run logs as ``plan.yaml``.
+    ``--config`` of that text resolves to the same config (:func:`load_config`)."""
+    return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
 def save_config(config: Any, path: str | Path) -> Path:
-    """Write the resolved config as YAML."""
+    """Write the resolved config as YAML (:func:`plan_yaml`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    path.write_text(plan_yaml(config))
     return path

@@ -46,6 +46,18 @@ class PreparedCase:
     #: set when the automatic brain mask is implausible for a head (see :func:`mask_plausibility`)
     mask_warning: str | None = None
 
+    @property
+    def case_id(self) -> str:
+        return self.case.case_id
+
+    @property
+    def spacing(self) -> tuple[float, float, float] | None:
+        """The voxel size in mm from the header, or None when the header has none."""
+        if self.header is None:
+            return None
+        zooms = tuple(float(z) for z in self.header.get_zooms()[:3])
+        return zooms if len(zooms) == 3 and all(z > 0 for z in zooms) else None  # type: ignore[return-value]
+
 
 @dataclass
 class CropSet:

@@ -13,7 +13,7 @@ from torch import nn
 
 from stego_core.backbones import Backbone, forward_batch_size
 from stego_core.mapping import cluster_vessel_probability, pixel_codes
-from stego_core.stego import DEFAULT_ALPHA, ClusterProbe, StegoHead
+from stego_core.stego import ClusterProbe, StegoHead
 
 
 class StegoSegmenterModel(nn.Module):
@@ -43,8 +43,8 @@ class StegoSegmenterModel(nn.Module):
     """
 
     def __init__(self, backbone: Backbone, head: StegoHead, cluster_probe: ClusterProbe,
-                 vessel_clusters: torch.Tensor, *, patch_size: int, threshold: float = 0.5,
-                 alpha: float = DEFAULT_ALPHA, mapping_rule: str = "brightness",
+                 vessel_clusters: torch.Tensor, *, patch_size: int, alpha: float, threshold: float = 0.5,
+                 mapping_rule: str = "brightness",
                  preprocessing: dict | None = None) -> None:
         super().__init__()
         self.backbone = backbone
@@ -62,7 +62,7 @@ class StegoSegmenterModel(nn.Module):
         """Vessel probability (B, 1, out_size, out_size) from backbone features (B, C, h, w): the codes are
         upsampled to the crop before the cluster probe (:func:`~stego_core.mapping.pixel_codes`)."""
         codes = pixel_codes(self.head(features.float()), out_size)
-        cluster_probs = self.cluster_probe.probabilities(codes, alpha=getattr(self, "alpha", DEFAULT_ALPHA))
+        cluster_probs = self.cluster_probe.probabilities(codes, alpha=self.alpha)
         return cluster_vessel_probability(cluster_probs, self.vessel_clusters, out_size)
 
     @torch.no_grad()

@@ -328,10 +328,10 @@ def cluster_maps(module: StegoModule, features: np.ndarray, out_size: int, *, ba
     probe = module.cluster_probe if probe is None else probe
     ids, linear = [], []
     for codes in _head_codes(module, features, batch_size):
-        probs = probe.probabilities(pixel_codes(codes, out_size).to(probe.clusters.device))
+        sims = probe.similarities(pixel_codes(codes, out_size).to(probe.clusters.device))  # argmax: no alpha
         logits = F.interpolate(module.linear_probe(codes), size=(out_size, out_size), mode="bilinear",
                                align_corners=False)
-        ids.append(probs.argmax(1).cpu().numpy())
+        ids.append(sims.argmax(1).cpu().numpy())
         linear.append(logits.argmax(1).cpu().numpy() == 1)
     return np.concatenate(ids), np.concatenate(linear)
 

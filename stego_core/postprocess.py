@@ -13,6 +13,7 @@ Mask steps (after the probability is thresholded at the segmenter's threshold, i
     (the main vessel tree and the trees of comparable size);
     ``fill_holes`` (:func:`fill_small_holes`): fill enclosed cavities up to a size in voxels or mm^3.
 
+:data:`STEPS` registers them (a new step is one function and one line there);
 :func:`apply_postprocessing` runs a list of :class:`~stego_core.config.PostprocessStep` in order, and
 :func:`steps_tag` names it for the ``method`` tag (``gmm+smooth+largest``). Components are counted with
 26-connectivity in 3D (8 in 2D), the convention of :func:`stego_core.metrics.n_components`.
@@ -24,7 +25,7 @@ Mask steps (after the probability is thresholded at the segmenter's threshold, i
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,7 +37,9 @@ from stego_core.metrics import connectivity_structure, foreground_bbox
 __all__ = [
     "MASK_STEPS",
     "PROB_STEPS",
+    "STEPS",
     "PostprocessResult",
+    "StepSpec",
     "apply_postprocessing",
     "component_sizes",
     "crf_refine",
@@ -47,10 +50,6 @@ __all__ = [
     "steps_tag",
 ]
 
-#: Steps on the probability map (before thresholding).
-PROB_STEPS = ("smooth", "crf")
-#: Steps on the binary mask (after thresholding).
-MASK_STEPS = ("cc", "largest", "fill_holes")
 
 
 def _as_mask(mask: np.ndarray, name: str = "mask") -> np.ndarray:
@@ -278,6 +277,68 @@ def _get(step, name: str, default=None):
     return step.get(name, default) if isinstance(step, dict) else getattr(step, name, default)
 
 
+@dataclass(frozen=True)
+class StepContext:
+    """What a step may read besides the prediction: the image (CRF), voxel size, brain mask, slice axis."""
+
+    image: np.ndarray | None
+    spacing: Sequence[float] | None
+    brain_mask: np.ndarray | None
+    slice_axis: int
+    crf_settings: object
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """A registered post-processing step.
+
+    ``kind`` is ``prob`` (float probability in, float out; runs before thresholding) or ``mask`` (bool in,
+    bool out). ``run(data, context, **params)`` does the work; ``params`` are the keys a config may set and
+    ``one_of`` the group of which exactly one must be given (e.g. a size in voxels or in mm^3).
+    """
+
+    kind: str
+    run: Callable[..., np.ndarray]
+    params: tuple[str, ...] = ()
+    one_of: tuple[str, ...] = ()
+
+
+def _crf(prob: np.ndarray, ctx: StepContext) -> np.ndarray:
+    if ctx.image is None:
+        raise ValueError("the crf step needs the image")
+    return crf_refine(prob, ctx.image, axis=ctx.slice_axis, settings=ctx.crf_settings)
+
+
+def _fill_holes(mask: np.ndarray, ctx: StepContext, **params) -> np.ndarray:
+    mask = fill_small_holes(mask, spacing=ctx.spacing, **params)
+    return mask & ctx.brain_mask if ctx.brain_mask is not None else mask
+
+
+#: The registry of steps: adding one is one function and one line here (its parameters must be fields of
+#: :class:`stego_core.config.PostprocessStep`).
+STEPS: dict[str, StepSpec] = {
+    "smooth": StepSpec("prob", lambda p, ctx, **kw: smooth_probability(p, spacing=ctx.spacing, **kw),
+                       ("sigma_vox", "sigma_mm"), ("sigma_vox", "sigma_mm")),
+    "crf": StepSpec("prob", _crf),
+    "cc": StepSpec("mask", lambda m, ctx, **kw: remove_small_components(m, spacing=ctx.spacing, **kw),
+                   ("min_size_vox", "min_size_mm3", "connectivity"), ("min_size_vox", "min_size_mm3")),
+    "largest": StepSpec("mask", lambda m, ctx, **kw: keep_largest_trees(m, **kw), ("min_fraction", "connectivity")),
+    "fill_holes": StepSpec("mask", _fill_holes, ("max_size_vox", "max_size_mm3"), ("max_size_vox", "max_size_mm3")),
+}
+#: Steps on the probability map (before thresholding).
+PROB_STEPS = tuple(n for n, s in STEPS.items() if s.kind == "prob")
+#: Steps on the binary mask (after thresholding).
+MASK_STEPS = tuple(n for n, s in STEPS.items() if s.kind == "mask")
+
+
+def _threshold(data: np.ndarray, prob: np.ndarray, is_mask: bool, threshold: float,
+               brain_mask: np.ndarray | None) -> np.ndarray:
+    mask = data.copy() if is_mask else prob > threshold
+    if brain_mask is not None:
+        mask &= brain_mask
+    return mask
+
+
 def apply_postprocessing(mask_or_prob: np.ndarray, image: np.ndarray | None, steps: Sequence,
                          spacing: Sequence[float] | None = None, *, threshold: float = 0.5,
                          brain_mask: np.ndarray | None = None, slice_axis: int = 2,
@@ -292,7 +353,7 @@ def apply_postprocessing(mask_or_prob: np.ndarray, image: np.ndarray | None, ste
     image : (I, J, K) float ndarray in [0, 1] or None
         The preprocessed image; needed by ``crf`` only.
     steps : sequence of PostprocessStep or dict
-        Each has ``step`` (one of :data:`PROB_STEPS` + :data:`MASK_STEPS`) and that step's parameters
+        Each has ``step`` (a name of :data:`STEPS`) and that step's parameters
         (:class:`stego_core.config.PostprocessStep`). Probability steps must come before mask steps.
     spacing : (3,) sequence of float, optional
         Voxel size in mm, for sizes in mm^3 and sigmas in mm.
@@ -316,52 +377,32 @@ def apply_postprocessing(mask_or_prob: np.ndarray, image: np.ndarray | None, ste
     seen_mask_step = False
     names = [str(_get(s, "step")) for s in steps]
     for name in names:
-        if name not in PROB_STEPS + MASK_STEPS:
-            raise ValueError(f"unknown post-processing step {name!r}; expected one of {PROB_STEPS + MASK_STEPS}")
-        if name in MASK_STEPS:
+        if name not in STEPS:
+            raise ValueError(f"unknown post-processing step {name!r}; expected one of {tuple(STEPS)}")
+        if STEPS[name].kind == "mask":
             seen_mask_step = True
         elif seen_mask_step:
             raise ValueError(f"probability step {name!r} after a mask step; order probability steps "
                              f"({', '.join(PROB_STEPS)}) first: {names}")
         elif is_mask:
             raise ValueError(f"step {name!r} needs a probability map, but a binary mask was given")
+    ctx = StepContext(image=image, spacing=spacing, brain_mask=brain_mask, slice_axis=slice_axis,
+                      crf_settings=crf_settings)
     mask = None
     before = None
-    for step in steps:
-        name = str(_get(step, "step"))
-        if name in PROB_STEPS:
-            if name == "smooth":
-                prob = smooth_probability(prob, sigma_vox=_get(step, "sigma_vox"), sigma_mm=_get(step, "sigma_mm"),
-                                          spacing=spacing)
-            else:
-                if image is None:
-                    raise ValueError("the crf step needs the image")
-                prob = crf_refine(prob, image, axis=slice_axis, settings=crf_settings)
+    for step, name in zip(steps, names):
+        spec = STEPS[name]
+        params = {p: _get(step, p) for p in spec.params if _get(step, p) is not None}
+        if spec.kind == "prob":
+            prob = spec.run(prob, ctx, **params)
             continue
         if mask is None:
-            mask = data.copy() if is_mask else prob > threshold
-            if brain_mask is not None:
-                mask &= brain_mask
+            mask = _threshold(data, prob, is_mask, threshold, brain_mask)
             before = int(component_sizes(mask)[1].size - 1)
-        conn = _get(step, "connectivity")
-        if name == "cc":
-            mask = remove_small_components(mask, min_size_vox=_get(step, "min_size_vox"),
-                                           min_size_mm3=_get(step, "min_size_mm3"), spacing=spacing,
-                                           connectivity=conn)
-        elif name == "largest":
-            mask = keep_largest_trees(mask, min_fraction=float(_get(step, "min_fraction", 0.05) or 0.05),
-                                      connectivity=conn)
-        else:
-            mask = fill_small_holes(mask, max_size_vox=_get(step, "max_size_vox"),
-                                    max_size_mm3=_get(step, "max_size_mm3"), spacing=spacing)
-            if brain_mask is not None:
-                mask &= brain_mask
+        mask = spec.run(mask, ctx, **params)
     if mask is None:
-        mask = data.copy() if is_mask else prob > threshold
-        if brain_mask is not None:
-            mask &= brain_mask
-        before = int(component_sizes(mask)[1].size - 1)
-        after = before
+        mask = _threshold(data, prob, is_mask, threshold, brain_mask)
+        before = after = int(component_sizes(mask)[1].size - 1)
     else:
         after = int(component_sizes(mask)[1].size - 1)
     return PostprocessResult(prob=prob, mask=mask, n_components_before=before, n_components_after=after)

@@ -93,7 +93,9 @@ def _predict_axis(segmenter: Segmenter, image: np.ndarray, brain_mask: np.ndarra
         crops = take_crops(image, index[batch], axis=axis, patch_size=patch, pad_value=0.0)
         return segmenter.predict_slices(crops)
 
-    return sliding_window(image.shape, index, predict, axis=axis, patch_size=patch, blend=engine.blend,
+    # whole slices do not overlap: nothing to blend (constant weights return each slice's scores as they are)
+    blend = "constant" if engine.patch_size is None else engine.blend
+    return sliding_window(image.shape, index, predict, axis=axis, patch_size=patch, blend=blend,
                           batch_size=engine.batch_size, brain_mask=brain_mask, progress=progress,
                           desc=f"predict {segmenter.name} (axis {axis})")
 

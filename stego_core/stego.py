@@ -28,7 +28,6 @@ from torch import nn
 from stego_core.config import LossConfig
 
 __all__ = [
-    "DEFAULT_ALPHA",
     "ClusterProbe",
     "LinearProbe",
     "StegoHead",
@@ -43,8 +42,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Inverse temperature of the soft cluster probabilities ``softmax(alpha * cosine)`` (STEGO evaluates with 2).
-DEFAULT_ALPHA = 2.0
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -327,7 +324,7 @@ class ClusterProbe(nn.Module):
         codes : (B, D, h, w) tensor
         alpha : float, optional
             None (training): hard one-hot assignment. A float: soft ``softmax(alpha * cosine)`` over clusters
-            (inverse temperature; :data:`DEFAULT_ALPHA` = 2 as STEGO evaluates), the loss then weighting by it.
+            (inverse temperature: STEGO evaluates with 2; the platform's default is ``model.alpha``), the loss then weighting by it.
 
         Returns
         -------
@@ -343,7 +340,7 @@ class ClusterProbe(nn.Module):
         loss = -(probs * sims).sum(dim=1).mean()
         return loss, probs
 
-    def probabilities(self, codes: torch.Tensor, *, alpha: float = DEFAULT_ALPHA) -> torch.Tensor:
+    def probabilities(self, codes: torch.Tensor, *, alpha: float) -> torch.Tensor:
         """Soft cluster probabilities ``softmax(alpha * cosine)``, ``(B, K, h, w)``; no gradient."""
         with torch.no_grad():
             return torch.softmax(self.similarities(codes) * alpha, dim=1)

@@ -13,7 +13,7 @@ import logging
 import os
 import re
 import subprocess
-import tempfile
+import time
 import traceback
 import warnings
 from collections.abc import Iterator, Mapping
@@ -22,12 +22,15 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from stego_core import faults
 from stego_core.io import Case
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+#: The artifact holding every run's resolved plan (:func:`log_plan`).
+PLAN_ARTIFACT = "plan.yaml"
 _PARAM_VALUE_MAX = 6000
 log = logging.getLogger(__name__)
 
@@ -235,6 +238,17 @@ def log_params(params: Mapping[str, Any]) -> None:
         mlflow.log_params(dict(items[i:i + 100]))
 
 
+def log_plan(config: Any, output_dir: str | Path, *, params: Mapping[str, Any] | None = None) -> Path:
+    """Log a run's resolved plan: flattened into params (plus ``params``) and written to ``output_dir`` as
+    ``plan.yaml``, logged beside them; ``--config plan.yaml`` reruns the same plan."""
+    from stego_core.config import flatten, save_config
+
+    log_params({**flatten(config), **(params or {})})
+    path = save_config(config, Path(output_dir) / PLAN_ARTIFACT)
+    log_artifact(path)
+    return path
+
+
 def log_metrics(metrics: Mapping[str, float], *, step: int | None = None) -> None:
     """Log numeric metrics (non-finite values are skipped with a warning)."""
     finite = {}
@@ -313,8 +327,35 @@ def log_dataset(cases: list[Case], *, name: str, context: str, source: str) -> N
         dataset = mlflow.data.from_pandas(frame, source=source_uri(source), name=name)
     ids = ",".join(c.case_id for c in cases)
     ids = ids if len(ids) <= 500 else ids[:496] + ",..."
-    mlflow.log_input(dataset, context=context, tags={"n_cases": str(len(cases)), "case_ids": ids})
+    log_input(dataset, context=context, tags={"n_cases": str(len(cases)), "case_ids": ids})
     mlflow.log_text(json.dumps([c.to_dict() for c in cases], indent=2), f"datasets/{context}_{name}.json")
+
+
+#: Words of the error a store raises when another process inserted the same dataset row first.
+_DUPLICATE_ROW = ("UNIQUE constraint failed", "IntegrityError", "duplicate key value", "Duplicate entry")
+
+
+def log_input(dataset: Any, *, context: str, tags: Mapping[str, str], attempts: int = 5) -> None:
+    """``mlflow.log_input`` that processes logging the same dataset at the same time all survive.
+
+    MLflow's SQL store looks the dataset up (experiment, name, digest) and inserts it when missing, in one
+    transaction that does not lock the table: two processes may both miss it and the second insert fails with
+    ``UNIQUE constraint failed: datasets.experiment_id, datasets.name, datasets.digest``. Beside a SQLite store
+    the call holds the store's file lock (:func:`stego_core.faults.store_lock`), so such processes take turns;
+    on any store a duplicate-row error is retried, and the retry finds and reuses the row the other process
+    wrote. The dataset is stored once.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            with faults.store_lock(tracking_uri()):
+                mlflow.log_input(dataset, context=context, tags=dict(tags))
+            return
+        except MlflowException as exc:
+            if attempt == attempts or not any(word in str(exc) for word in _DUPLICATE_ROW):
+                raise
+            log.info("dataset %s was being logged by another process; retrying (%s)", dataset.name,
+                     str(exc).splitlines()[0][:200])
+            time.sleep(0.05 * attempt)
 
 
 def artifact_uri(path: str = "") -> str:
@@ -410,10 +451,6 @@ def lightning_logger(run_id: str, experiment: str) -> Any:
 
     return MLFlowLogger(experiment_name=experiment, tracking_uri=tracking_uri(), run_id=run_id,
                         log_model=False)
-
-
-def scratch_dir() -> tempfile.TemporaryDirectory:
-    return tempfile.TemporaryDirectory(prefix="stego_")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -659,7 +659,7 @@ def run_sweep(cfg: SweepConfig, *, worker: bool = False, train_fn: Callable[...,
         if parent_id is None:
             study.set_user_attr(PARENT_ATTR, parent.run_id)
             sweep_yaml = to_dict(cfg) | {"storage": storage_text}
-            tracking.log_text(yaml.safe_dump(sweep_yaml, sort_keys=False), "sweep_config.yaml")
+            tracking.log_text(yaml.safe_dump(sweep_yaml, sort_keys=False), tracking.PLAN_ARTIFACT)
             save_config(base, parent.output_dir / "base_config.yaml")
             tracking.log_artifact(parent.output_dir / "base_config.yaml")
         _log_sweep_params(parent.run_id, cfg)

@@ -17,13 +17,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from stego_core.cli import parse
-from stego_core.config import parse_overrides
+from stego_core.cli import parse_args
+from stego_core.config import parse_overrides, plan_yaml
 from stego_core.faults import Interrupted, handle_signals, resolve_storage
+from stego_core.tracking import mask_secrets
 from sweeps.driver import load_sweep_config, run_sweep
 from sweeps.space import SPEC_FIELDS, SweepConfig
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "sweep.yaml"
+#: The entry point's config (its plan).
+CONFIG = SweepConfig
 #: Keys whose values are taken verbatim (not read as YAML): URLs and names.
 VERBATIM_KEYS = ("storage", "study_name", "experiment")
 
@@ -70,8 +73,8 @@ def apply_space_overrides(space: dict[str, Any], overrides: dict[str, Any]) -> d
     return out
 
 
-def launch(config: str | Path, items: list[str], *, worker: bool = False, extra: dict[str, str] | None = None
-           ) -> int:
+def launch(config: str | Path, items: list[str], *, worker: bool = False, extra: dict[str, str] | None = None,
+           print_config: bool = False) -> int:
     """Load the sweep config with ``items`` (``key=value``) and ``extra`` (verbatim values), run it, print the
     summary. Bad input exits 2 with a one-line message; failing trials do not (they are recorded); SIGTERM / SIGINT
     exit 143 / 130. A ``storage`` with a password is refused: it comes from ``$STEGO_OPTUNA_STORAGE`` only."""
@@ -86,6 +89,9 @@ def launch(config: str | Path, items: list[str], *, worker: bool = False, extra:
             cfg = dataclasses.replace(cfg, space=apply_space_overrides(cfg.space, space_overrides))
         if base_overrides:
             cfg = dataclasses.replace(cfg, base_overrides=(*cfg.base_overrides, *base_overrides))
+        if print_config:  # the resolved plan (the storage's password masked), nothing run or logged
+            print(plan_yaml(dataclasses.replace(cfg, storage=mask_secrets(cfg.storage))), end="")
+            return 0
         with handle_signals():
             result = run_sweep(cfg, worker=worker)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
@@ -100,8 +106,8 @@ def launch(config: str | Path, items: list[str], *, worker: bool = False, extra:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m sweeps.run [--config FILE] [--extra "k=v ..."] [k=v ...]`` (empty values are ignored)."""
-    config, items = parse(argv, __doc__, None)
-    return launch(config or DEFAULT_CONFIG, items)
+    config, items, print_config = parse_args(argv, __doc__, None)
+    return launch(config or DEFAULT_CONFIG, items, print_config=print_config)
 
 
 if __name__ == "__main__":

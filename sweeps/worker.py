@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="sweep YAML (default: %(default)s)")
     parser.add_argument("--extra", default="", help="more overrides in one string, split like a shell line")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="override any sweep config key")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved plan as YAML and exit")
     args = parser.parse_args(argv)
     if args.storage and has_password(args.storage):
         parser.error(f"--storage holds a password, visible in the process list; export {STORAGE_ENV} instead "
@@ -39,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.storage:
         parser.error(f"--storage is required (or set {STORAGE_ENV})")
     items = [o for o in list(args.overrides) + shlex.split(args.extra) if not o.endswith("=")]
-    return launch(args.config, items, worker=True, extra={"storage": args.storage, "study_name": args.study_name})
+    return launch(args.config, items, worker=True, extra={"storage": args.storage, "study_name": args.study_name},
+                  print_config=args.print_config)
 
 
 if __name__ == "__main__":

@@ -126,7 +126,7 @@ def test_mlproject_entry_points_and_parameters(project):
         module = "sweeps.run" if name == "sweep" else f"experiments.{name}"
         assert entry.command.startswith(f"python -m {module} ")
         assert (REPO_ROOT / (module.replace(".", "/") + ".py")).is_file()
-    assert project.get_entry_point("reconstruct").parameters["model_uri"].default is None  # required
+    assert project.get_entry_point("reconstruct").parameters["model_uri"].default == ""  # the plan's, or given
 
 
 def _resolve(project, name: str, params: dict[str, str]):

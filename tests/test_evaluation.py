@@ -14,8 +14,9 @@ from mlflow.tracking import MlflowClient
 from stego_core import tracking
 from stego_core.config import DataConfig, PhantomConfig
 from stego_core.data import ensure_cases, split_cases
-from stego_core.steps.evaluation import (BaselineConfig, EvaluateConfig, ReconstructConfig, load_segmenter,
-                                         run_baseline, select_cases)
+from stego_core.methods import load_model_segmenter as load_segmenter
+from stego_core.steps.evaluation import (BaselineConfig, EvaluateConfig, ReconstructConfig,
+                                         run_baseline, run_reconstruct, select_cases)
 from stego_core.io import load_volume
 from stego_core.metrics import METRIC_KEYS
 from stego_core.reconstruction import EngineConfig
@@ -99,7 +100,7 @@ def test_baseline_run_is_tracked(baseline_runs, phantom_data, method):
     for cid in expected_ids:
         assert f"predictions/{cid}_pred.nii.gz" in artifacts
         assert f"figures/{cid}_mip.png" in artifacts
-    assert {"evaluation_results.txt", "evaluation_results.csv", "config.yaml"} <= artifacts
+    assert {"evaluation_results.txt", "evaluation_results.csv", "plan.yaml"} <= artifacts
     assert not any(a.startswith("predictions/") and a.endswith("_prob.nii.gz") for a in artifacts)
 
     inputs = run.inputs.dataset_inputs
@@ -222,8 +223,8 @@ def test_unlabelled_cases_give_rows_but_no_scores(tmp_path, tiny_case):
 def test_config_validation():
     with pytest.raises(ValueError, match="split"):
         EvaluateConfig(split="train")
-    with pytest.raises(ValueError, match="model_uri"):
-        ReconstructConfig()
+    with pytest.raises(ValueError, match="model_uri is required"):  # checked before any work starts
+        run_reconstruct(ReconstructConfig())
     with pytest.raises(ValueError, match="device"):
         ReconstructConfig(model_uri="runs:/abc/model", device="tpu")
     with pytest.raises(ValueError, match="cannot load model_uri"):

@@ -196,6 +196,7 @@ def test_no_step_reads_the_label(tmp_path):
     from stego_core.config import BaselineConfig, DataConfig, EngineConfig as Engine, PhantomConfig
     from stego_core.data import ensure_cases
     from stego_core.io import make_case
+    from stego_core.methods import build_method
     from stego_core.steps.evaluation import evaluate_cases
 
     data = DataConfig(root=str(tmp_path / "ph"), phantom=PhantomConfig(n_volumes=2, shape=(32, 32, 24)))
@@ -216,7 +217,8 @@ def test_no_step_reads_the_label(tmp_path):
         rows = {}
         for name, group in (("orig", cases), ("swap", swapped)):
             out = tmp_path / f"{method}_{name}"
-            rows[name] = evaluate_cases(build_segmenter(method), group, cfg, out, log_to_mlflow=False)
+            rows[name] = evaluate_cases(build_method(method, engine=cfg.engine), group, cfg, out,
+                                         log_to_mlflow=False)
         for case in cases:
             from stego_core.io import load_volume
             a = load_volume(tmp_path / f"{method}_orig" / "predictions" / f"{case.case_id}_pred.nii.gz").data

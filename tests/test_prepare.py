@@ -93,7 +93,7 @@ def test_run_prepare_tracks_crops_and_seed_layout(data3, tmp_path):
         assert metrics[f"brain_fraction/{cid}"] == pytest.approx(p.brain_mask.mean())
         assert metrics[f"label_retention/{cid}"] == pytest.approx(p.label_retention)
     artifacts = _artifacts(client, result.run_id)
-    assert {"train_crops.npz", "test_crops.npz", "manifest.json", "config.yaml", "dataset.zip",
+    assert {"train_crops.npz", "test_crops.npz", "manifest.json", "plan.yaml", "dataset.zip",
             "preview/train_crops.png", "datasets/prepare_phantoms.json"} <= artifacts
     assert {f"preview/{cid}_brain_mask.png" for cid in prepared} <= artifacts
     (dataset_input,) = run.inputs.dataset_inputs

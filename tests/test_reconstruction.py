@@ -153,7 +153,7 @@ def test_compiled_segmenter_equals_the_plain_one():
     torch.manual_seed(0)
     backbone = build_backbone("classical", res=4)
     model = StegoSegmenterModel(backbone, StegoHead(backbone.feature_dim, 8), ClusterProbe(8, 3),
-                                torch.tensor([False, True, False]), patch_size=8)
+                                torch.tensor([False, True, False]), patch_size=8, alpha=100.0)
     crops = np.random.default_rng(0).random((5, 8, 8)).astype(np.float32)
     plain = TorchSegmenter(model, batch_size=5).predict_slices(crops)
     fast = TorchSegmenter(model, compile=True, batch_size=2).predict_slices(crops)  # passes of 2, 2, 1 (padded)
@@ -174,7 +174,7 @@ def test_segmenter_forward_passes_of_its_batch_size_equal_one_pass():
     torch.manual_seed(0)
     backbone = build_backbone("mra_vit_t4_p4", weights="random", res=16)
     model = StegoSegmenterModel(backbone, StegoHead(backbone.feature_dim, 8), ClusterProbe(8, 3),
-                                torch.tensor([False, True, False]), patch_size=16)
+                                torch.tensor([False, True, False]), patch_size=16, alpha=100.0)
     crops = np.random.default_rng(0).random((7, 16, 16)).astype(np.float32)
     whole = TorchSegmenter(model, batch_size=7).predict_slices(crops)
     split = TorchSegmenter(model, batch_size=3).predict_slices(crops)

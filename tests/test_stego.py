@@ -334,7 +334,7 @@ def test_cluster_probe_recovers_two_clusters():
     pred = probe.predict(codes)
     agree = (pred == truth).float().mean().item()
     assert max(agree, 1 - agree) == 1.0
-    soft = probe.probabilities(codes)
+    soft = probe.probabilities(codes, alpha=2.0)
     torch.testing.assert_close(soft.sum(dim=1), torch.ones(6, 4, 4))
     assert (soft.argmax(dim=1) == pred).all()
 

@@ -176,7 +176,7 @@ def test_stego_sweep_nested_runs_best_trial_and_resume() -> None:
     assert parent.data.params["sweep.study_name"] == "stego"
     assert parent.data.params["sweep.storage"] == "sqlite:///optuna.db"
     artifacts = {a.path for a in client().list_artifacts(parent.info.run_id)}
-    assert {"best_trial.json", "trials.csv", "sweep_config.yaml", "plots"} <= artifacts
+    assert {"best_trial.json", "trials.csv", "plan.yaml", "plots"} <= artifacts
     plots = {a.path for a in client().list_artifacts(parent.info.run_id, "plots")}
     assert {"plots/optimization_history.png", "plots/parallel_coordinate.png", "plots/param_importances.png",
             "plots/intermediate_values.png"} <= plots

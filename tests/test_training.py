@@ -14,7 +14,8 @@ from mlflow.tracking import MlflowClient
 from stego_core import tracking
 from stego_core.config import DataConfig, PhantomConfig, load_config
 from stego_core.data import ensure_cases, split_cases
-from stego_core.steps.evaluation import (BaselineConfig, ReconstructConfig, load_segmenter, run_baseline,
+from stego_core.methods import load_model_segmenter as load_segmenter
+from stego_core.steps.evaluation import (BaselineConfig, ReconstructConfig, run_baseline,
                                    run_reconstruct)
 from stego_core.reconstruction import EngineConfig
 from stego_core.steps.training import TrainConfig, choose_mapping_rule, run_train
@@ -121,7 +122,7 @@ def test_train_run_records_everything(e2e, data3):
     assert "train/linear_loss" in metrics  # disjoint labelled training volumes feed the linear probe
 
     artifacts = _artifacts(client, trained.run_id)
-    assert {"config.yaml", "checkpoints/last.ckpt", "checkpoints/best_k.json"} <= artifacts
+    assert {"plan.yaml", "checkpoints/last.ckpt", "checkpoints/best_k.json"} <= artifacts
     # stepped images (the run page's image cards with a step slider), one per validation
     for key in ("val~crops", "val~volume_mip"):  # MLflow's file name of the key val/...
         steps = sorted(int(a.split("+step+")[1].split("+")[0]) for a in artifacts

@@ -18,37 +18,29 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from stego_core import tracking
-from stego_core.config import AblationConfig, AblationMethod, flatten, save_config
-from stego_core.data import ensure_cases, preprocess_case, split_cases
+from stego_core.config import AblationConfig, AblationMethod
+from stego_core.data import PreparedCase, ensure_cases, preprocess_case, split_cases
 from stego_core.io import Case
-from stego_core.metrics import evaluate_segmentation, summarize
-from stego_core.postprocess import apply_postprocessing, steps_tag
-from stego_core.reconstruction import predict_volume
-from stego_core.steps.evaluation import _spacing
+from stego_core.methods import build_method
+from stego_core.metrics import summarize
+from stego_core.postprocess import steps_tag
+from stego_core.scoring import evaluate_case
 
 #: Columns of ``ablation.csv`` after the identifying ones.
 _SCORES = ("dice", "cldice", "precision", "recall", "n_components_pred", "n_components_gt",
            "n_components_before_postprocess", "label_retention", "predicted_fraction")
 
 
-def _probabilities(method: AblationMethod, prepared: Any, cfg: AblationConfig, case: Case, mode: str) -> np.ndarray:
+def _probabilities(method: AblationMethod, prepared: PreparedCase, cfg: AblationConfig, mode: str) -> np.ndarray:
     """The method's probability volume for one case and skull-strip mode (from the cache when present)."""
-    from stego_core.baselines import SEGMENTERS, build_segmenter
-
     cache_file = None
+    engine = dataclasses.replace(cfg.engine, axes=method.axes, fusion=method.fusion)
     if cfg.cache:
-        digest = hashlib.sha1(f"{case.image}|{mode}|{cfg.engine}|{method.label}".encode()).hexdigest()[:12]
-        cache_file = Path(cfg.cache) / f"{case.case_id}__{mode}__{digest}.npy"
+        digest = hashlib.sha1(f"{prepared.case.image}|{mode}|{engine}|{method.label}".encode()).hexdigest()[:12]
+        cache_file = Path(cfg.cache) / f"{prepared.case_id}__{mode}__{digest}.npy"
         if cache_file.is_file():
             return np.load(cache_file)
-    settings = dict(method.settings)
-    fields = {f.name for f in dataclasses.fields(SEGMENTERS[method.name])} if method.name in SEGMENTERS else set()
-    engine = dataclasses.replace(cfg.engine, axes=method.axes, fusion=method.fusion)
-    if "slice_axis" in fields:
-        settings.setdefault("slice_axis", method.axes[0] if method.axes else engine.axis)
-    segmenter = build_segmenter(method.name, **settings)
-    prob = predict_volume(segmenter, prepared.image, prepared.brain_mask, engine, progress=False,
-                          spacing=_spacing(prepared))
+    prob = build_method(method.name, method.settings, engine).predict(prepared)
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_suffix(".tmp.npy")
@@ -87,21 +79,16 @@ def ablation_rows(cfg: AblationConfig, *, csv_path: Path | None = None) -> list[
             for mode in modes:
                 data = dataclasses.replace(cfg.datasets[ds], skull_strip=mode)
                 prepared = preprocess_case(case, data)
-                spacing = _spacing(prepared)
                 for method in (m for m in cfg.methods if mode in m.skull_strip):
-                    prob = _probabilities(method, prepared, cfg, case, mode)
+                    prob = _probabilities(method, prepared, cfg, mode)
                     for variant in cfg.variants:
-                        post = apply_postprocessing(prob, prepared.image, variant.postprocess, spacing,
-                                                    threshold=0.5, brain_mask=prepared.brain_mask,
-                                                    slice_axis=cfg.engine.axis, crf_settings=cfg.crf_settings)
+                        post, scores = evaluate_case(prob, prepared, variant.postprocess, threshold=0.5,
+                                                     slice_axis=cfg.engine.axis, crf_settings=cfg.crf_settings)
                         row: dict[str, Any] = {
-                            "case_id": case.case_id, "method": method.label, "skull_strip": mode,
-                            "variant": variant.name, "tag": method.name + steps_tag(variant.postprocess),
-                            "predicted_fraction": float(post.mask.mean()),
+                            **scores, "method": method.label, "skull_strip": mode, "variant": variant.name,
+                            "tag": method.name + steps_tag(variant.postprocess),
                             "n_components_before_postprocess": float(post.n_components_before),
                             "label_retention": prepared.label_retention}
-                        if prepared.label is not None:
-                            row.update(evaluate_segmentation(post.mask, prepared.label))
                         rows.append(row)
                         if writer is not None:
                             writer.writerow(row)
@@ -140,9 +127,7 @@ def run_ablation(cfg: AblationConfig) -> str:
     """One parent MLflow run with the table, one nested run per (method, skull strip, variant)."""
     with tracking.start_run(cfg.experiment, run_name="ablation", output_root=cfg.output,
                             tags={"step": "ablation", "kind": "ablation"}) as run:
-        tracking.log_params(flatten(cfg))
-        save_config(cfg, run.output_dir / "config.yaml")
-        tracking.log_artifact(run.output_dir / "config.yaml")
+        tracking.log_plan(cfg, run.output_dir)
         csv_path = run.output_dir / "ablation.csv"
         rows = ablation_rows(cfg, csv_path=csv_path)
         tracking.log_artifact(csv_path)

@@ -11,8 +11,8 @@ import dataclasses
 import logging
 
 from stego_core import tracking
-from stego_core.config import (BaselineConfig, EngineConfig, MainConfig, PrepareConfig, ReconstructConfig,
-                               TrainConfig, flatten)
+from stego_core.config import (BaselineConfig, DataSettings, EngineConfig, MainConfig, PrepareConfig, ReconstructConfig,
+                               RunSettings, TrainConfig, derive)
 from stego_core.metrics import SCORE_KEYS
 from stego_core.steps.evaluation import run_baseline, run_reconstruct
 from stego_core.steps.pretrain import run_pretrain
@@ -70,46 +70,39 @@ def run_main(cfg: MainConfig) -> str:
 
     The pipeline run (under ``mlflow run -e main``: the project's own run) logs the table and the bar chart.
     """
-    common = dict(test_fraction=cfg.test_fraction, split_seed=cfg.split_seed, experiment=cfg.experiment)
     from stego_core.steps.prepare import run_prepare
     from stego_core.visualize import comparison_bar_figure
 
+    engine = EngineConfig(axis=cfg.slicing.axis)  # each method's own window along the crops' axis
     with tracking.start_run(cfg.experiment, run_name="pipeline", output_root=f"{cfg.output}/pipeline",
                             tags={"step": "pipeline", "method": "pipeline"},
                             description="The whole demo: prepare, classical baselines, STEGO training and "
                                         "reconstruction (the comparison appears here when it ends).") as parent:
-        tracking.log_params(flatten(cfg))
-        run_prepare(PrepareConfig(data=cfg.data, slicing=cfg.slicing, output=f"{cfg.output}/prepare", **common),
-                    nested=True)
+        tracking.log_plan(cfg, parent.output_dir)
+        run_prepare(derive(PrepareConfig, cfg, output=f"{cfg.output}/prepare"), nested=True)
         table: dict[str, dict[str, float]] = {}
         runs: dict[str, str] = {}
-        whole_slices = EngineConfig(axis=cfg.slicing.axis, patch_size=None, batch_size=16, blend="constant")
         for method in cfg.baselines:
-            result = run_baseline(BaselineConfig(data=cfg.data, engine=whole_slices, method=method,
-                                                 output=f"{cfg.output}/baseline", **common), nested=True)
+            result = run_baseline(derive(BaselineConfig, cfg, engine=engine, method=method,
+                                         output=f"{cfg.output}/baseline"), nested=True)
             table[method], runs[method] = result.summary, result.run_id
 
         model = cfg.model
         if cfg.pretrain is not None:
-            pre = dataclasses.replace(cfg.pretrain, data=cfg.data, slicing=cfg.slicing, experiment=cfg.experiment,
-                                      output=f"{cfg.output}/pretrain")
+            # the pretrain section decides the pretraining; its volumes, crops, split and experiment are ours
+            ours = {f.name: getattr(cfg, f.name) for f in (*dataclasses.fields(DataSettings),
+                                                           *dataclasses.fields(RunSettings))}
+            pre = dataclasses.replace(cfg.pretrain, **{**ours, "output": f"{cfg.output}/pretrain"})
             pretrained = run_pretrain(pre, nested=True)
             runs["pretrain"] = pretrained.run_id
             model = dataclasses.replace(cfg.model, backbone=pre.backbone, weights=pretrained.weights_uri)
-        train_cfg = TrainConfig(data=cfg.data, slicing=cfg.slicing, model=model, loss=cfg.loss,
-                                train=cfg.train, sampling=cfg.sampling, val_stride=cfg.val_stride,
-                                output=f"{cfg.output}/train",
-                                register=cfg.register, model_name=cfg.model_name, **common)
-        trained = run_train(train_cfg, nested=True)
-        stego = run_reconstruct(ReconstructConfig(
-            data=cfg.data, engine=EngineConfig(axis=cfg.slicing.axis, patch_size=None),
-            model_uri=trained.model_uri or "", output=f"{cfg.output}/reconstruct", **common), nested=True)
-        table["stego"], runs["stego"] = stego.summary, stego.run_id
-        if cfg.stego_crf and crf_available():
-            refined = run_reconstruct(ReconstructConfig(
-                data=cfg.data, engine=EngineConfig(axis=cfg.slicing.axis, patch_size=None), crf=True,
-                model_uri=trained.model_uri or "", output=f"{cfg.output}/reconstruct", **common), nested=True)
-            table["stego+crf"], runs["stego+crf"] = refined.summary, refined.run_id
+        trained = run_train(derive(TrainConfig, cfg, model=model, output=f"{cfg.output}/train"), nested=True)
+        for crf in (False, True) if cfg.stego_crf and crf_available() else (False,):
+            result = run_reconstruct(derive(ReconstructConfig, cfg, engine=engine, crf=crf,
+                                            model_uri=trained.model_uri or "", output=f"{cfg.output}/reconstruct"),
+                                     nested=True)
+            name = "stego+crf" if crf else "stego"
+            table[name], runs[name] = result.summary, result.run_id
 
         text = format_table(table)
         key = {m: m.replace("+", "_") for m in {**table, **runs}}  # MLflow keys allow no '+'

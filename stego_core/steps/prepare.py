@@ -10,7 +10,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from stego_core import tracking
-from stego_core.config import PrepareConfig, flatten, save_config
+from stego_core.config import PrepareConfig
 from stego_core.data import CropSet, PreparedCase, ensure_cases, make_crop_set, preprocess_case, split_cases
 from stego_core.io import write_manifest
 from stego_core.seed_layout import write_seed_dataset
@@ -63,14 +63,14 @@ def run_prepare(cfg: PrepareConfig, *, nested: bool = False) -> PrepareResult:
     """Generate or read the volumes, preprocess them, cut crops, write the seed layout, and log it all.
 
     Outputs go to ``<cfg.output>/<run_id>/`` (``dataset/<name>/`` in the seed layout, ``train_crops.npz``,
-    ``test_crops.npz``, ``manifest.json``, ``config.yaml``), and are logged as artifacts of the run.
+    ``test_crops.npz``, ``manifest.json``, ``plan.yaml``), and are logged as artifacts of the run.
     """
     with tracking.start_run(cfg.experiment, run_name="prepare", output_root=cfg.output, nested=nested,
                             tags={"step": "prepare", "method": "data"},
                             description=f"Data preparation: {cfg.data.source} volumes of {Path(cfg.data.root).name} "
                                         f"-> preprocessed {cfg.slicing.patch_size}px crops; previews in preview/.") \
             as run:
-        tracking.log_params(flatten(cfg))
+        tracking.log_plan(cfg, run.output_dir)
         cases = ensure_cases(cfg.data)
         tracking.log_dataset(cases, name=Path(cfg.data.root).name, context="prepare", source=cfg.data.root)
         train, test = split_cases(cases, cfg.test_fraction, seed=cfg.split_seed,
@@ -88,7 +88,6 @@ def run_prepare(cfg: PrepareConfig, *, nested: bool = False) -> PrepareResult:
         save_crop_set(train_set, out / "train_crops.npz")
         save_crop_set(test_set, out / "test_crops.npz")
         write_manifest(cases, out / "manifest.json")
-        save_config(cfg, out / "config.yaml")
 
         train_names, test_names = crop_names(train_set), crop_names(test_set)
         # The seed layout holds each crop once: a volume used for both training and testing appears once.
@@ -108,7 +107,7 @@ def run_prepare(cfg: PrepareConfig, *, nested: bool = False) -> PrepareResult:
                               "n_volumes": len(cases)})
         tracking.set_tags({"train_cases": ",".join(c.case_id for c in train),
                            "test_cases": ",".join(c.case_id for c in test)})
-        for name in ("train_crops.npz", "test_crops.npz", "manifest.json", "config.yaml"):
+        for name in ("train_crops.npz", "test_crops.npz", "manifest.json"):
             tracking.log_artifact(out / name)
         tracking.log_artifact(Path(archive))
         for artifact, fig in _preview_figures(list(prepared.values()), train_set).items():

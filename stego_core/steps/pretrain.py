@@ -31,7 +31,7 @@ import torch
 
 from stego_core import tracking
 from stego_core.backbones import create_vit, get_spec, normalize_input
-from stego_core.config import PretrainConfig, flatten, save_config, to_dict
+from stego_core.config import PretrainConfig, to_dict
 from stego_core.data import ensure_cases, make_crop_set, preprocess_case
 from stego_core.dino import (
     DinoModel,
@@ -230,9 +230,7 @@ def run_pretrain(cfg: PretrainConfig, *, nested: bool = False, run_name: str | N
                             tags={"method": "dino-pretrain", "step": "pretrain", "backbone": cfg.backbone,
                                   **(tags or {})}) as run:
         if resume is None:
-            tracking.log_params(flatten(cfg))
-            save_config(cfg, run.output_dir / "config.yaml")
-            tracking.log_artifact(run.output_dir / "config.yaml")
+            tracking.log_plan(cfg, run.output_dir)
         torch.manual_seed(cfg.seed)
         crops_np, weights_np, cases = pretraining_crops(cfg)
         if resume is None:

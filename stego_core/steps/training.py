@@ -31,7 +31,7 @@ import torch
 
 from stego_core import faults, tracking
 from stego_core.backbones import build_backbone
-from stego_core.config import TrainConfig, flatten, save_config
+from stego_core.config import TrainConfig
 from stego_core.datamodule import StegoDataModule, ValidationData
 from stego_core.inference import StegoSegmenterModel
 from stego_core.mapping import (binary_iou_accuracy, choose_mapping_rule, cluster_maps, fit_vessel_mapping,
@@ -214,9 +214,7 @@ def run_train(cfg: TrainConfig, *, report: Callable[[int, dict[str, float]], Non
                             description=description, log_system_metrics=cfg.train.system_metrics,
                             output_root=cfg.output, tags={"method": "stego", "step": "train",
                                                           "backbone": cfg.model.backbone, **(tags or {})}) as run:
-        tracking.log_params(flatten(cfg))
-        save_config(cfg, run.output_dir / "config.yaml")
-        tracking.log_artifact(run.output_dir / "config.yaml")
+        tracking.log_plan(cfg, run.output_dir)
         L.seed_everything(cfg.train.seed, workers=True, verbose=False)
         # The backbone first: missing weights fail within seconds, before any data is touched.
         weights = resolve_weights(cfg.model.weights, cfg.model.backbone)  # runs:/<pretrain run> -> file
