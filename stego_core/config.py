@@ -30,7 +30,7 @@ import yaml
 
 from stego_core._checks import check_choice, check_range
 from stego_core.postprocess import STEPS
-from stego_core.sampling import SAMPLING_METHODS
+from stego_core.selftrain import SelfTrainSettings
 
 T = TypeVar("T")
 
@@ -38,6 +38,9 @@ SKULL_STRIP_MODES = ("auto", "given", "head", "none")
 STANDARDIZE_METHODS = ("zscore_minmax", "percentile")
 BLEND_MODES = ("constant", "gaussian")
 FUSION_MODES = ("mean", "max")
+SAMPLING_METHODS = ("none", "bright")
+#: Upper bound of ``model.n_clusters`` (vessel tokens are ~1 % of a crop: K of 64-256 isolates them).
+MAX_CLUSTERS = 4096
 CLUSTER_RULES = ("auto", "hungarian", "majority", "dice", "brightness")
 
 
@@ -290,7 +293,9 @@ class ModelConfig:
     def __post_init__(self) -> None:
         check_range(self.code_dim, "model.code_dim", 1)
         check_range(self.dropout, "model.dropout", 0.0, 1.0, high_inclusive=False)
-        check_range(self.n_clusters, "model.n_clusters", 2)
+        # the cluster probe holds K centroids and every mapping a (pixels x K) similarity matrix: beyond a few
+        # thousand clusters that allocation fails long after the features are cached, so say it here
+        check_range(self.n_clusters, "model.n_clusters", 2, MAX_CLUSTERS)
         check_choice(self.cluster_rule, "model.cluster_rule", CLUSTER_RULES)
         check_choice(self.cluster_fit, "model.cluster_fit", ("probe", "kmeans"))
         check_choice(self.classical_standardize, "model.classical_standardize", ("crop", "fixed"))
@@ -588,6 +593,74 @@ class ReconstructConfig(EvaluateConfig):
         super().__post_init__()
         check_choice(self.device, "device", ("auto", "cpu", "cuda"))
 
+# ------------------------------------------------------------------------------------- self-training
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """The label-free method whose confident voxels a student learns.
+
+    ``config``: a baseline preset file (``experiments/configs/best_mra.yaml``) whose ``method``, ``settings``
+    and ``postprocess`` are the teacher's (its ``data.skull_strip`` must equal this run's); otherwise
+    ``method`` (any registered method: a baseline, ``stego`` with ``settings: {model_uri: <train run>}``),
+    ``settings`` and ``postprocess`` name it here.
+    """
+
+    config: str = ""
+    method: str = "gmm"
+    settings: dict = field(default_factory=dict)
+    postprocess: tuple[PostprocessStep, ...] = ()
+
+    def resolved(self, skull_strip: str) -> TeacherConfig:
+        """The teacher with a preset ``config`` read in (its skull strip checked against ``skull_strip``)."""
+        if not self.config:
+            return self
+        preset = load_config(BaselineConfig, self.config)
+        if preset.data.skull_strip != skull_strip:
+            raise ValueError(f"teacher.config={self.config} strips the skull with {preset.data.skull_strip!r} but "
+                             f"this run's data.skull_strip is {skull_strip!r}; set data.skull_strip="
+                             f"{preset.data.skull_strip}")
+        return TeacherConfig(config=self.config, method=preset.method, settings=dict(preset.settings),
+                             postprocess=preset.postprocess_steps())
+
+    @property
+    def label(self) -> str:
+        """How runs name the teacher: the preset's file stem or the method with its steps."""
+        if self.config:
+            return Path(self.config).stem
+        return self.method + "".join(f"+{s.step}" for s in self.postprocess)
+
+
+@dataclass(frozen=True)
+class SelfTrainPlan:
+    """Self-training's sections, declared once for the ``selftrain`` step and the pipeline's ``selftrain``.
+
+    ``mode: transductive`` (default) trains one student per evaluated volume on that volume (no label);
+    ``inductive`` trains one student on the training volumes of the split and applies it to the evaluated
+    ones. ``student``: every knob of :class:`~stego_core.selftrain.SelfTrainSettings`.
+    """
+
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: SelfTrainSettings = field(default_factory=SelfTrainSettings)
+    mode: str = "transductive"
+
+    def __post_init__(self) -> None:
+        check_choice(self.mode, "mode", ("transductive", "inductive"))
+
+
+@dataclass(frozen=True)
+class SelfTrainConfig(SelfTrainPlan, EvaluateConfig):
+    """The ``selftrain`` entry point: a student network trained on a teacher's pseudo-labels
+    (:class:`SelfTrainPlan`), evaluated on the ``split`` volumes beside its teacher."""
+
+    log_model: bool = True
+    output: str = "outputs/selftrain"
+
+    def __post_init__(self) -> None:
+        EvaluateConfig.__post_init__(self)
+        SelfTrainPlan.__post_init__(self)
+
+
 # ------------------------------------------------------------------------------- DINO pretraining
 
 
@@ -769,19 +842,34 @@ class AblationConfig(RunSettings):
             raise ValueError("ablation needs at least one dataset, method and variant")
 
 
+#: Learned methods the pipeline can fit and evaluate (``MainConfig.learned``).
+LEARNED_STEPS = ("stego", "selftrain")
+
+
 @dataclass(frozen=True)
 class MainConfig(StegoSettings, DataSettings, RunSettings):
     """What the demo (``make demo``, ``mlflow run . -e main``) runs, read top to bottom: the data and crops
-    every step shares, the classical baselines, then STEGO's sections (:class:`StegoSettings`, the same as the
-    ``train`` step's). ``stego_crf`` also evaluates the STEGO model with dense-CRF refinement (when
-    pydensecrf2 is installed). ``pretrain`` (a :class:`PretrainConfig` mapping; its ``data``, ``slicing``,
-    ``experiment`` and ``output`` are taken from this config) first pretrains ``pretrain.backbone`` with DINO on
-    the same volumes without labels, and STEGO then trains on that backbone (``model.weights=runs:/<id>``)."""
+    every step shares, the volumes scored (``split``), the classical ``baselines``, then the ``learned``
+    methods in order: ``stego`` with its sections (:class:`StegoSettings`, the same as the ``train`` step's),
+    and ``selftrain`` (:class:`SelfTrainPlan`, the ``selftrain`` step's). ``stego_crf`` also evaluates the
+    STEGO model with dense-CRF refinement (when pydensecrf2 is installed). ``pretrain`` (a
+    :class:`PretrainConfig` mapping; its ``data``, ``slicing``, ``experiment`` and ``output`` are taken from
+    this config) first pretrains ``pretrain.backbone`` with DINO on the same volumes without labels, and STEGO
+    then trains on that backbone (``model.weights=runs:/<id>``)."""
 
+    split: str = "test"
     baselines: tuple[str, ...] = ("percentile", "otsu", "multiotsu", "kmeans", "gmm", "frangi", "sato")
+    learned: tuple[str, ...] = ("stego",)
     pretrain: PretrainConfig | None = None
     stego_crf: bool = True
+    selftrain: SelfTrainPlan = field(default_factory=SelfTrainPlan)
     output: str = "outputs"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice(self.split, "split", ("test", "all"))
+        for name in self.learned:
+            check_choice(name, "learned", LEARNED_STEPS)
 
 
 # --------------------------------------------------------------------------------------------------- loading

@@ -221,3 +221,117 @@ def _stego(settings: Mapping[str, Any], engine: EngineConfig) -> Method:
 
 register_method(MethodEntry("stego", "learned", _stego,
                             "STEGO: frozen ViT features, correspondence-distilled head, clusters mapped to vessel"))
+
+
+# ------------------------------------------------------------------------------------------- self-training
+
+
+class SelfTrainMethod:
+    """A student network trained on a teacher's confident voxels (:mod:`stego_core.selftrain`).
+
+    ``transductive``: ``predict`` runs the teacher on the volume, trains a student on its pseudo-labels (and
+    ``student.rounds`` rounds) and returns the combined mask. ``inductive``: ``fit`` trains one student on the
+    teachers' pseudo-labels of the training volumes, ``predict`` applies it. The teacher's own output of the
+    last volumes is kept in :attr:`teacher_masks` (for the comparison); no label is read anywhere.
+    """
+
+    name = "selftrain"
+    threshold = 0.5
+
+    def __init__(self, teacher: Method, teacher_steps: Sequence, student: Any, engine: EngineConfig, *,
+                 mode: str = "transductive", on_step: Callable[[str, int, int, int, dict], None] | None = None
+                 ) -> None:
+        self.teacher = teacher
+        self.teacher_steps = tuple(teacher_steps)
+        self.student = student
+        self.engine = engine
+        self.mode = mode
+        self.on_step = on_step
+        self.models: list[Any] = []
+        self.teacher_masks: dict[str, np.ndarray] = {}
+        self.student_probs: dict[str, np.ndarray] = {}
+
+    def teacher_output(self, case: PreparedCase) -> tuple[np.ndarray, np.ndarray]:
+        """The teacher's probability and post-processed mask of ``case``."""
+        from stego_core.postprocess import apply_postprocessing
+
+        prob = self.teacher.predict(case)
+        post = apply_postprocessing(prob, case.image, self.teacher_steps, case.spacing,
+                                    threshold=self.teacher.threshold, brain_mask=case.brain_mask,
+                                    slice_axis=self.engine.axis)
+        return post.prob, post.mask
+
+    def _callback(self, case_id: str) -> Callable[[int, int, int, dict], None] | None:
+        if self.on_step is None:
+            return None
+        on_step = self.on_step
+        return lambda rnd, axis, step, info: on_step(case_id, rnd, axis, step, info)
+
+    @property
+    def views(self) -> tuple[int, ...]:
+        """The slicing axes of the students (one student per axis, their probabilities averaged)."""
+        return tuple(self.student.views or (self.student.axis,))
+
+    def fit(self, cases: Sequence[PreparedCase]) -> None:
+        """Inductive: one student on the training volumes' pseudo-labels; transductive: nothing here."""
+        if self.mode != "inductive":
+            return
+        from stego_core.selftrain import pseudo_labels, train_student
+
+        images, brains, targets, weights = [], [], [], []
+        for case in cases:
+            t_prob, t_mask = self.teacher_output(case)
+            target, weight = pseudo_labels(t_prob, t_mask, case.brain_mask, self.student)
+            images.append(case.image), brains.append(case.brain_mask)
+            targets.append(target), weights.append(weight)
+        callback = self._callback("train")
+        self.models = [train_student(images, brains, targets, weights, self.student.replace(axis=view),
+                                     on_step=None if callback is None else
+                                     (lambda s, i, v=view: callback(1, v, s, i))) for view in self.views]
+
+    def predict(self, case: PreparedCase, *, progress: bool = False) -> np.ndarray:
+        from stego_core.selftrain import combine, predict_student, self_train
+
+        t_prob, t_mask = self.teacher_output(case)
+        self.teacher_masks[case.case_id] = t_mask
+        if self.mode == "inductive":
+            if not self.models:
+                raise ValueError("selftrain mode=inductive: fit the student on training volumes first")
+            s_prob = sum(predict_student(m, case.image, case.brain_mask, self.student.replace(axis=v))
+                         for m, v in zip(self.models, self.views)) / len(self.views)
+            mask = combine(t_prob, t_mask, s_prob, case.image, self.student)
+        else:
+            mask, s_prob, self.models = self_train(case.image, case.brain_mask, t_prob, t_mask, self.student,
+                                                   progress=progress, on_step=self._callback(case.case_id))
+        self.student_probs[case.case_id] = s_prob
+        return (mask & case.brain_mask if self.student.margin_vox == 0 else mask).astype(np.float32)
+
+    def settings(self) -> dict[str, Any]:
+        return {"mode": self.mode, **dataclasses.asdict(self.student)}
+
+
+def _selftrain(settings: Mapping[str, Any], engine: EngineConfig) -> Method:
+    """``settings``: ``teacher`` (a :class:`~stego_core.config.TeacherConfig` mapping), ``student`` (a
+    :class:`~stego_core.selftrain.SelfTrainSettings` mapping), ``mode``, ``skull_strip`` (the data's)."""
+    from stego_core.config import SelfTrainSettings, TeacherConfig, from_dict
+
+    settings = dict(settings)
+    unknown = set(settings) - {"teacher", "student", "mode", "skull_strip", "on_step"}
+    if unknown:
+        raise ValueError(f"unknown setting(s) {sorted(unknown)} for method 'selftrain'; valid settings: "
+                         "['teacher', 'student', 'mode', 'skull_strip']")
+    teacher = settings.get("teacher") or TeacherConfig()
+    teacher = teacher if isinstance(teacher, TeacherConfig) else from_dict(TeacherConfig, teacher,
+                                                                            prefix="teacher.")
+    teacher = teacher.resolved(settings.get("skull_strip", "auto"))
+    student = settings.get("student") or SelfTrainSettings()
+    student = student if isinstance(student, SelfTrainSettings) else from_dict(SelfTrainSettings, student,
+                                                                               prefix="student.")
+    if student.axis != engine.axis:
+        student = student.replace(axis=engine.axis)
+    return SelfTrainMethod(build_method(teacher.method, teacher.settings, engine), teacher.postprocess, student,
+                           engine, mode=settings.get("mode", "transductive"), on_step=settings.get("on_step"))
+
+
+register_method(MethodEntry("selftrain", "learned", _selftrain,
+                            "a small U-Net trained on a label-free teacher's confident voxels (self-training)"))

@@ -14,19 +14,15 @@ Functions take images, masks and crops; none accepts a label, so a label cannot 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from stego_core.config import SAMPLING_METHODS, SamplingConfig
 from stego_core.preprocess import bright_percentile
-
-if TYPE_CHECKING:
-    from stego_core.config import SamplingConfig
 
 __all__ = ["SAMPLING_METHODS", "bright_threshold", "crop_weights", "draw_crops", "select_crops"]
 
 #: ``none``: uniform; ``bright``: fraction of pixels above the volume's ``q``-th brain percentile.
-SAMPLING_METHODS = ("none", "bright")
 
 
 def bright_threshold(image: np.ndarray, brain_mask: np.ndarray | None, q: float = 99.0) -> float:

@@ -363,3 +363,32 @@ def comparison_bar_figure(
     ax.legend(fontsize=8, ncols=len(keys), loc="upper left")
     ax.grid(axis="y", alpha=0.3)
     return fig
+
+
+def teacher_student_figure(image: np.ndarray, teacher: np.ndarray, student_prob: np.ndarray, combined: np.ndarray,
+                           *, axis: int = 2, title: str = "") -> Figure:
+    """One slice of a self-trained volume: the image, the teacher's mask (the pseudo-labels' source), the
+    student's probability and the final mask, on the slice along ``axis`` where the teacher finds most vessel.
+
+    Parameters
+    ----------
+    image, student_prob : (I, J, K) float ndarrays
+    teacher, combined : (I, J, K) bool ndarrays
+    """
+    check_ndim(image, 3, "image")
+    for arr, name in ((teacher, "teacher"), (student_prob, "student_prob"), (combined, "combined")):
+        check_same_shape(image, arr, "image", name)
+    other = tuple(a for a in range(3) if a != axis)
+    k = int(np.argmax(np.asarray(teacher, bool).sum(axis=other)))
+    take = [slice(None)] * 3
+    take[axis] = k
+    panels = (("image", image, "gray"), ("teacher", teacher, "gray"), ("student probability", student_prob, "magma"),
+              ("self-trained mask", combined, "gray"))
+    fig = Figure(figsize=(12, 3.4), dpi=100)
+    for i, (name, arr, cmap) in enumerate(panels):
+        ax = fig.add_subplot(1, 4, i + 1)
+        _show(ax, np.asarray(arr, np.float32)[tuple(take)], cmap=cmap, vmin=0.0, vmax=1.0)
+        ax.set_title(f"{name} (slice {k})", fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig

@@ -252,3 +252,11 @@ def test_shipped_prepare_config_loads():
     cfg = load_config(PrepareConfig, path)
     assert cfg.slicing.patch_size == 32 and cfg.slicing.stride == 16
     assert cfg.data.phantom.shape == (96, 96, 64)
+
+
+def test_implausible_cluster_count_fails_before_any_work():
+    # a raw allocator error after feature caching and training once; now one line naming the parameter
+    from stego_core.config import TrainConfig
+
+    with pytest.raises(ValueError, match=r"model.n_clusters=100000 .*\[2, 4096\]"):
+        load_config(TrainConfig, None, ["model.n_clusters=100000"])

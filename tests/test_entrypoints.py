@@ -102,7 +102,7 @@ def project():
 
 def test_mlproject_entry_points_and_parameters(project):
     assert set(project._entry_points) == {"main", "prepare", "pretrain", "train", "reconstruct", "baseline", "sweep",
-                                          "doctor", "ablation"}
+                                          "doctor", "ablation", "selftrain"}
     expected = {  # the -P keys the README shows, plus the shared ones
         "main": {"config", "extra"},
         "prepare": {"config", "source", "data_root", "output", "n_volumes", "seed", "patch_size", "stride",
@@ -115,6 +115,7 @@ def test_mlproject_entry_points_and_parameters(project):
         "reconstruct": {"config", "model_uri", "source", "data_root", "split", "extra"},
         "sweep": {"config", "study_name", "n_trials", "timeout_s", "objective", "extra"},
         "ablation": {"config", "extra"},
+        "selftrain": {"config", "source", "data_root", "teacher", "mode", "split", "extra"},
     }
     for name, params in expected.items():
         entry = project.get_entry_point(name)

@@ -98,7 +98,7 @@ def test_baseline_run_is_tracked(baseline_runs, phantom_data, method):
 
     artifacts = _artifacts(client, result.run_id)
     for cid in expected_ids:
-        assert f"predictions/{cid}_pred.nii.gz" in artifacts
+        assert f"predictions/{cid}_{method}_pred.nii.gz" in artifacts
         assert f"figures/{cid}_mip.png" in artifacts
     assert {"evaluation_results.txt", "evaluation_results.csv", "plan.yaml"} <= artifacts
     assert not any(a.startswith("predictions/") and a.endswith("_prob.nii.gz") for a in artifacts)
@@ -115,7 +115,7 @@ def test_predictions_keep_geometry_and_scores_match(baseline_runs, phantom_data,
     result, client = baseline_runs["otsu"], baseline_runs["client"]
     metrics = client.get_run(result.run_id).data.metrics
     for case in ensure_cases(phantom_data):
-        local = client.download_artifacts(result.run_id, f"predictions/{case.case_id}_pred.nii.gz", str(tmp_path))
+        local = client.download_artifacts(result.run_id, f"predictions/{case.case_id}_otsu_pred.nii.gz", str(tmp_path))
         pred_img = nib.load(local)
         source = load_volume(case.image)
         np.testing.assert_allclose(pred_img.affine, source.affine)
@@ -217,7 +217,7 @@ def test_unlabelled_cases_give_rows_but_no_scores(tmp_path, tiny_case):
     assert "dice_mean" not in run.data.metrics and "predicted_fraction/u1" in run.data.metrics
     artifacts = _artifacts(tracking.client(), result.run_id)
     assert "evaluation_results.txt" not in artifacts
-    assert {"predictions/u1_pred.nii.gz", "predictions/u1_prob.nii.gz"} <= artifacts
+    assert {"predictions/u1_percentile_pred.nii.gz", "predictions/u1_percentile_prob.nii.gz"} <= artifacts
 
 
 def test_config_validation():

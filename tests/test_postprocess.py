@@ -221,7 +221,7 @@ def test_no_step_reads_the_label(tmp_path):
                                          log_to_mlflow=False)
         for case in cases:
             from stego_core.io import load_volume
-            a = load_volume(tmp_path / f"{method}_orig" / "predictions" / f"{case.case_id}_pred.nii.gz").data
-            b = load_volume(tmp_path / f"{method}_swap" / "predictions" / f"{case.case_id}_pred.nii.gz").data
+            a = load_volume(tmp_path / f"{method}_orig" / "predictions" / f"{case.case_id}_{method}_pred.nii.gz").data
+            b = load_volume(tmp_path / f"{method}_swap" / "predictions" / f"{case.case_id}_{method}_pred.nii.gz").data
             assert np.array_equal(a, b)
         assert [r["dice"] for r in rows["orig"]] != [r["dice"] for r in rows["swap"]]  # the labels did differ

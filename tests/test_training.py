@@ -165,7 +165,7 @@ def test_reconstruct_run_links_training_and_shares_metric_keys(e2e, data3):
     (test_case,) = split_cases(ensure_cases(data3), 0.34, seed=0)[1]
     assert f"dice/{test_case.case_id}" in per_volume
     artifacts = _artifacts(client, recon.run_id)
-    assert {f"predictions/{test_case.case_id}_pred.nii.gz", f"figures/{test_case.case_id}_mip.png",
+    assert {f"predictions/{test_case.case_id}_stego_pred.nii.gz", f"figures/{test_case.case_id}_mip.png",
             "evaluation_results.txt", "evaluation_results.csv"} <= artifacts
 
 

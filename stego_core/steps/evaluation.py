@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from tqdm.auto import tqdm
 
 from stego_core import tracking
 from stego_core.config import BaselineConfig, EvaluateConfig, ReconstructConfig
-from stego_core.data import ensure_cases, preprocess_case, split_cases
+from stego_core.data import PreparedCase, ensure_cases, preprocess_case, split_cases
 from stego_core.io import Case, save_volume
 from stego_core.methods import METHODS, Method, build_method, resolve_model_uri
 from stego_core.metrics import summarize, write_results
@@ -45,9 +46,11 @@ def select_cases(cfg: EvaluateConfig) -> list[Case]:
 
 
 def evaluate_cases(method: Method, cases: list[Case], cfg: EvaluateConfig, out_dir: Path, *,
-                   log_to_mlflow: bool = True) -> list[dict[str, Any]]:
+                   log_to_mlflow: bool = True, after_case: Callable[[PreparedCase, Any, dict], None] | None = None
+                   ) -> list[dict[str, Any]]:
     """Reconstruct every case with ``method``, write predictions under ``out_dir``, and return one metrics row
-    per case (:func:`~stego_core.scoring.evaluate_case`)."""
+    per case (:func:`~stego_core.scoring.evaluate_case`). ``after_case(prepared, post, row)`` may add keys to
+    the row (e.g. a teacher's scores) and log more pictures before the row is logged."""
     from stego_core.visualize import mip_figure
 
     steps = cfg.postprocess_steps()
@@ -65,12 +68,14 @@ def evaluate_cases(method: Method, cases: list[Case], cfg: EvaluateConfig, out_d
         prob = method.predict(prepared, progress=cfg.progress)
         post, row = evaluate_case(prob, prepared, steps, threshold=method.threshold, slice_axis=cfg.engine.axis,
                                   crf_settings=cfg.crf_settings)
-        pred_path = save_volume(out_dir / "predictions" / f"{case.case_id}_pred.nii.gz",
+        if after_case is not None:
+            after_case(prepared, post, row)
+        pred_path = save_volume(out_dir / "predictions" / f"{case.case_id}_{method.name}_pred.nii.gz",
                                 post.mask.astype(np.uint8), prepared.affine, prepared.header)
         if log_to_mlflow:
             tracking.log_artifact(pred_path, "predictions")
         if cfg.save_probabilities:
-            prob_path = save_volume(out_dir / "predictions" / f"{case.case_id}_prob.nii.gz", post.prob,
+            prob_path = save_volume(out_dir / "predictions" / f"{case.case_id}_{method.name}_prob.nii.gz", post.prob,
                                     prepared.affine, prepared.header)
             if log_to_mlflow:
                 tracking.log_artifact(prob_path, "predictions")

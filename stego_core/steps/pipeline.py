@@ -11,11 +11,12 @@ import dataclasses
 import logging
 
 from stego_core import tracking
-from stego_core.config import (BaselineConfig, DataSettings, EngineConfig, MainConfig, PrepareConfig, ReconstructConfig,
-                               RunSettings, TrainConfig, derive)
+from stego_core.config import (BaselineConfig, DataSettings, EngineConfig, MainConfig, PrepareConfig,
+                               ReconstructConfig, RunSettings, SelfTrainConfig, SelfTrainPlan, TrainConfig, derive)
 from stego_core.metrics import SCORE_KEYS
 from stego_core.steps.evaluation import run_baseline, run_reconstruct
 from stego_core.steps.pretrain import run_pretrain
+from stego_core.steps.selftrain import run_selftrain
 from stego_core.steps.training import run_train
 
 log = logging.getLogger(__name__)
@@ -33,10 +34,11 @@ def crf_available() -> bool:
 
 def format_table(table: dict[str, dict[str, float]], keys: tuple[str, ...] = SCORE_KEYS) -> str:
     """A plain-text comparison table: one row per method, mean ± std of each key."""
-    head = f"{'method':<12}" + "".join(f"{k:>18}" for k in keys)
+    w = max([12, *(len(m) + 1 for m in table)])
+    head = f"{'method':<{w}}" + "".join(f"{k:>18}" for k in keys)
     rows = [head, "-" * len(head)]
     for method, s in table.items():
-        rows.append(f"{method:<12}" + "".join(
+        rows.append(f"{method:<{w}}" + "".join(
             f"{s.get(f'{k}_mean', float('nan')):>10.3f} ± {s.get(f'{k}_std', float('nan')):<5.3f}" for k in keys))
     return "\n".join(rows)
 
@@ -65,6 +67,41 @@ def markdown_table(table: dict[str, dict[str, float]], runs: dict[str, str], exp
     return "\n".join(head + lines + tail)
 
 
+def _stego(cfg: MainConfig, engine: EngineConfig, table: dict[str, dict[str, float]]) -> dict[str, str]:
+    """STEGO's steps (DINO pretraining when asked, training, reconstruction with and without CRF): their rows
+    go into ``table``; returns the runs by name."""
+    runs: dict[str, str] = {}
+    model = cfg.model
+    if cfg.pretrain is not None:
+        # the pretrain section decides the pretraining; its volumes, crops, split and experiment are ours
+        ours = {f.name: getattr(cfg, f.name) for f in (*dataclasses.fields(DataSettings),
+                                                       *dataclasses.fields(RunSettings))}
+        pre = dataclasses.replace(cfg.pretrain, **{**ours, "output": f"{cfg.output}/pretrain"})
+        pretrained = run_pretrain(pre, nested=True)
+        runs["pretrain"] = pretrained.run_id
+        model = dataclasses.replace(cfg.model, backbone=pre.backbone, weights=pretrained.weights_uri)
+    trained = run_train(derive(TrainConfig, cfg, model=model, output=f"{cfg.output}/train"), nested=True)
+    runs["training"] = trained.run_id
+    for crf in (False, True) if cfg.stego_crf and crf_available() else (False,):
+        result = run_reconstruct(derive(ReconstructConfig, cfg, engine=engine, crf=crf,
+                                        model_uri=trained.model_uri or "", output=f"{cfg.output}/reconstruct"),
+                                 nested=True)
+        name = "stego+crf" if crf else "stego"
+        table[name], runs[name] = result.summary, result.run_id
+    return runs
+
+
+def _selftrain(cfg: MainConfig, engine: EngineConfig, table: dict[str, dict[str, float]]) -> dict[str, str]:
+    """Self-training on the pipeline's volumes: the teacher's row and the student's row go into ``table``."""
+    plan = {f.name: getattr(cfg.selftrain, f.name) for f in dataclasses.fields(SelfTrainPlan)}
+    result = run_selftrain(derive(SelfTrainConfig, cfg, **plan, engine=engine, output=f"{cfg.output}/selftrain"),
+                           nested=True)
+    teacher = f"teacher-{cfg.selftrain.teacher.label}"
+    table[teacher] = {k[len("teacher_"):]: v for k, v in result.summary.items() if k.startswith("teacher_")}
+    table["selftrain"] = {k: v for k, v in result.summary.items() if not k.startswith("teacher_")}
+    return {"selftrain": result.run_id, teacher: result.run_id}
+
+
 def run_main(cfg: MainConfig) -> str:
     """Run every step as a run nested under one ``pipeline`` run; returns the comparison table.
 
@@ -79,34 +116,24 @@ def run_main(cfg: MainConfig) -> str:
                             description="The whole demo: prepare, classical baselines, STEGO training and "
                                         "reconstruction (the comparison appears here when it ends).") as parent:
         tracking.log_plan(cfg, parent.output_dir)
-        run_prepare(derive(PrepareConfig, cfg, output=f"{cfg.output}/prepare"), nested=True)
         table: dict[str, dict[str, float]] = {}
         runs: dict[str, str] = {}
+        if "stego" in cfg.learned:  # STEGO's crops, also exported in the seed's dataset layout
+            run_prepare(derive(PrepareConfig, cfg, output=f"{cfg.output}/prepare"), nested=True)
         for method in cfg.baselines:
             result = run_baseline(derive(BaselineConfig, cfg, engine=engine, method=method,
                                          output=f"{cfg.output}/baseline"), nested=True)
             table[method], runs[method] = result.summary, result.run_id
-
-        model = cfg.model
-        if cfg.pretrain is not None:
-            # the pretrain section decides the pretraining; its volumes, crops, split and experiment are ours
-            ours = {f.name: getattr(cfg, f.name) for f in (*dataclasses.fields(DataSettings),
-                                                           *dataclasses.fields(RunSettings))}
-            pre = dataclasses.replace(cfg.pretrain, **{**ours, "output": f"{cfg.output}/pretrain"})
-            pretrained = run_pretrain(pre, nested=True)
-            runs["pretrain"] = pretrained.run_id
-            model = dataclasses.replace(cfg.model, backbone=pre.backbone, weights=pretrained.weights_uri)
-        trained = run_train(derive(TrainConfig, cfg, model=model, output=f"{cfg.output}/train"), nested=True)
-        for crf in (False, True) if cfg.stego_crf and crf_available() else (False,):
-            result = run_reconstruct(derive(ReconstructConfig, cfg, engine=engine, crf=crf,
-                                            model_uri=trained.model_uri or "", output=f"{cfg.output}/reconstruct"),
-                                     nested=True)
-            name = "stego+crf" if crf else "stego"
-            table[name], runs[name] = result.summary, result.run_id
+        for learned in cfg.learned:
+            if learned == "stego":
+                runs.update(_stego(cfg, engine, table))
+            else:
+                runs.update(_selftrain(cfg, engine, table))
 
         text = format_table(table)
         key = {m: m.replace("+", "_") for m in {**table, **runs}}  # MLflow keys allow no '+'
-        tracking.set_tags({"training_run_id": trained.run_id, **{f"run.{key[m]}": r for m, r in runs.items()}})
+        tracking.set_tags({f"run.{key[m]}": r for m, r in runs.items()}
+                          | ({"training_run_id": runs["training"]} if "training" in runs else {}))
         tracking.log_text(text + "\n", "comparison.txt")
         means = {m: {k: s.get(f"{k}_mean", float("nan")) for k in SCORE_KEYS} for m, s in table.items()}
         tracking.log_metrics({f"{key[m]}/{k}": v for m, row in means.items() for k, v in row.items()})

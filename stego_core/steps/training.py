@@ -36,9 +36,10 @@ from stego_core.datamodule import StegoDataModule, ValidationData
 from stego_core.inference import StegoSegmenterModel
 from stego_core.mapping import (binary_iou_accuracy, choose_mapping_rule, cluster_maps, fit_vessel_mapping,
                                 refit_centroids)
-from stego_core.metrics import evaluate_segmentation
+from stego_core.metrics import METRIC_KEYS
 from stego_core.module import StegoModule
 from stego_core.reconstruction import sliding_window
+from stego_core.scoring import evaluate_case
 from stego_core.stego import ClusterProbe, LinearProbe, StegoHead
 from stego_core.steps.pretrain import resolve_weights
 
@@ -140,11 +141,9 @@ def validation_metrics(module: StegoModule, model: StegoSegmenterModel, val: Val
             metrics[f"val/linear_{k}"] = v
     if val.volume is not None and val.volume_features is not None:
         prob = reconstruct_from_features(model, val)
-        pred = (prob > model.threshold) & val.volume.brain_mask
-        metrics["val/predicted_fraction"] = float(pred.mean())
-        if val.volume.label is not None:
-            scores = evaluate_segmentation(pred, val.volume.label)
-            metrics.update({f"val/{k}": float(v) for k, v in scores.items()})
+        _, row = evaluate_case(prob, val.volume, threshold=model.threshold)
+        metrics["val/predicted_fraction"] = row["predicted_fraction"]
+        metrics.update({f"val/{k}": float(row[k]) for k in METRIC_KEYS if k in row})
     return (metrics, prob) if return_probabilities else metrics
 
 

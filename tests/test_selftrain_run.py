@@ -1,0 +1,54 @@
+"""The ``selftrain`` step end to end on a small phantom: one MLflow run with the student scored beside its
+teacher, curves, stepped images, checkpoints and a logged model; a preset teacher is read from its file."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import REPO_ROOT
+from stego_core import tracking
+from stego_core.config import SelfTrainConfig, load_config
+
+TINY = ["data.phantom.n_volumes=2", "data.phantom.shape=[64,64,32]", "split=all", "progress=false",
+        "student.steps=12", "student.eval_every=6", "student.crop=32", "student.batch=4",
+        "student.channels=[8,16]", "experiment=selftrain-tests"]
+
+
+@pytest.mark.slow
+def test_selftrain_run_scores_student_beside_teacher(tmp_path, mlflow_store, monkeypatch):
+    from stego_core.steps.selftrain import run_selftrain
+
+    monkeypatch.chdir(REPO_ROOT)  # the teacher preset path is relative to the project
+    cfg = load_config(SelfTrainConfig, REPO_ROOT / "experiments/configs/selftrain.yaml",
+                      [f"data.root={tmp_path / 'ph'}", f"output={tmp_path / 'out'}", *TINY])
+    result = run_selftrain(cfg)
+    client = tracking.client()
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["method"] == "selftrain"
+    assert run.data.tags["teacher"] == "best_mra"
+    metrics = run.data.metrics
+    for key in ("dice_mean", "cldice_mean", "teacher_dice_mean", "teacher_cldice_mean"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    assert "selftrain/loss" in metrics and "selftrain/agreement" in metrics
+    artifacts = {a.path for a in client.list_artifacts(result.run_id)}
+    assert {"plan.yaml", "checkpoints", "evaluation_results.txt"} <= artifacts
+    preds = {a.path for a in client.list_artifacts(result.run_id, "predictions")}
+    assert len([p for p in preds if p.endswith("_selftrain_pred.nii.gz")]) == 2
+    assert len([p for p in preds if p.endswith("_teacher-best_mra_pred.nii.gz")]) == 2
+    ckpts = {a.path for a in client.list_artifacts(result.run_id, "checkpoints")}
+    assert len(ckpts) == 2  # one student per volume (transductive)
+    # the teacher read from best_mra.yaml, resolved in the params
+    assert run.data.params["teacher.resolved.n_components"] == "4"
+    model = tracking.load_pytorch_model(run.data.tags["model_uri"])
+    out = model(__import__("torch").zeros(1, cfg.student.in_channels, 32, 32))
+    assert out.shape[-2:] == (32, 32) and np.isfinite(out.detach().numpy()).all()
+
+
+def test_teacher_preset_must_match_the_skull_strip(tmp_path):
+    from stego_core.config import TeacherConfig
+
+    teacher = TeacherConfig(config=str(REPO_ROOT / "experiments/configs/best_mra_tree.yaml"))
+    assert teacher.resolved("head").method == "frangi3d"
+    with pytest.raises(ValueError, match="data.skull_strip=head"):
+        teacher.resolved("auto")
