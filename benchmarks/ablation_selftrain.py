@@ -51,6 +51,10 @@ EXTRA_RULES = [
     {"combine": "union_bright"},
     {"combine": "topn_mean", "teacher_weight": 0.5},
     {"combine": "intersection"},
+    {"combine": "student", "student_cut": 0.3},
+    {"combine": "student", "student_cut": 0.7},
+    {"combine": "intersection", "student_cut": 0.3},
+    {"combine": "union", "student_cut": 0.7},
 ]
 
 
@@ -76,8 +80,9 @@ def settings_for(case_id: str, overrides: dict):
     params = {**RECIPES[CASES[case_id]], **overrides}
     params.pop("inductive", None)
     params.pop("input", None)
-    if "channels" in params:
-        params["channels"] = tuple(params["channels"])
+    for key in ("channels", "views"):
+        if key in params:
+            params[key] = tuple(params[key])
     return SelfTrainSettings(**params)
 
 
@@ -104,8 +109,12 @@ def run_variant(name: str, overrides: dict, case_id: str, *, tag: str = "", prog
         if not imgs:
             print(f"{case_id}: no other case of its convention for the inductive variant; skipped")
             return []
-        model = train_student(imgs, brains, tgts, wgts, settings, progress=progress)
-        s_prob = predict_student(model, inp, data["brain_mask"], settings)
+        views = settings.views or (settings.axis,)
+        s_prob = 0.0
+        for i, view in enumerate(views):
+            s = settings.replace(axis=view, seed=settings.seed + i)
+            model = train_student(imgs, brains, tgts, wgts, s, progress=progress)
+            s_prob = s_prob + predict_student(model, inp, data["brain_mask"], s) / len(views)
     else:
         _, s_prob, _ = self_train(inp, data["brain_mask"], data["teacher_prob"], data["teacher_mask"], settings,
                                   progress=progress)

@@ -92,7 +92,7 @@ def test_tiny_selftrain_on_a_phantom_beats_chance():
     t_mask = t_prob > 0.5
     settings = SelfTrainSettings(steps=60, batch=8, crop=32, channels=(8, 16), eval_every=20, val_every=4,
                                  combine="topn", threads=1)
-    mask, s_prob, model = self_train(image, brain, t_prob, t_mask, settings)
+    mask, s_prob, (model,) = self_train(image, brain, t_prob, t_mask, settings)
     assert s_prob.shape == image.shape and s_prob.dtype == np.float32
     assert 0.0 <= s_prob.min() and s_prob.max() <= 1.0
     assert (s_prob[~brain] == 0).all()
@@ -100,3 +100,17 @@ def test_tiny_selftrain_on_a_phantom_beats_chance():
     assert dice(mask, ph.label) > 3 * chance
     again = predict_student(model, image, brain, settings.replace(tta=True))
     assert again.shape == image.shape and np.isfinite(again).all()
+
+
+def test_augment_moves_target_and_weight_with_the_image():
+    from stego_core.selftrain import augment
+
+    gen = torch.Generator().manual_seed(0)
+    image = torch.rand(8, 3, 16, 16)
+    target = (image[:, 1:2] > 0.5).float()
+    weight = (image[:, 1:2] > 0.2).float()
+    settings = SelfTrainSettings(aug_intensity=False, aug_gamma=False, aug_noise=False)
+    x, y, w = augment(image, target, weight, settings, gen)
+    assert torch.equal(y, (x[:, 1:2] > 0.5).float()) and torch.equal(w, (x[:, 1:2] > 0.2).float())
+    x2, _, _ = augment(image, target, weight, SelfTrainSettings(aug_prob=1.0), gen)
+    assert x2.shape == image.shape and not torch.equal(x2, image)
