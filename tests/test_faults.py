@@ -158,23 +158,46 @@ def test_sigint_during_a_sweep_fails_the_trial_kills_the_runs_and_exits_130(mlfl
 
 THREE = """
 import sys
+import time
+from pathlib import Path
 from stego_core import tracking
+from stego_core.io import Case
 from sweeps.driver import make_storage
 make_storage("sqlite:///optuna.db", heartbeat_interval_s=0)
+cases = [Case(f"case{i}", f"/data/case{i}/image.nii.gz", digest=f"sha{i}") for i in range(3)]
 with tracking.start_run("concurrent", run_name=sys.argv[1]):
     tracking.log_metrics({"x": 1.0})
-"""
+    # all three log the same datasets at the same instants (four races: any of them used to fail one process)
+    Path(f"ready.{sys.argv[1]}").touch()
+    deadline = time.time() + 60
+    while len(list(Path().glob("ready.*"))) < 3 and time.time() < deadline:
+        time.sleep(0.01)
+    go = max(p.stat().st_mtime for p in Path().glob("ready.*")) + 0.5
+    for j, name in enumerate(DATASETS):
+        time.sleep(max(0.0, go + 0.3 * j - time.time() - 0.02))
+        while time.time() < go + 0.3 * j:
+            pass
+        tracking.log_dataset(cases, name=name, context="training", source="/data")
+""".replace("DATASETS", repr(("train", "val", "test", "all")))
 
 
 def test_three_processes_on_a_fresh_sqlite_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sqlite3
+
     uri = f"sqlite:///{tmp_path / 'fresh.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     procs = [spawn("-c", THREE, str(i), env={**env(), "MLFLOW_TRACKING_URI": uri}) for i in range(3)]
-    results = [p.communicate(timeout=120) for p in procs]
+    results = [p.communicate(timeout=180) for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], [err[-2000:] for _, err in results]
     assert sorted(r.info.run_name for r in runs("concurrent")) == ["0", "1", "2"]
     assert all(r.info.status == "FINISHED" for r in runs("concurrent"))
     assert (tmp_path / "fresh.db.lock").exists() and (tmp_path / "optuna.db.lock").exists()
+    # each dataset stored once, an input of all three runs
+    with sqlite3.connect(tmp_path / "fresh.db") as con:
+        rows = con.execute("SELECT name, COUNT(*) FROM datasets GROUP BY name ORDER BY name").fetchall()
+    assert rows == [("all", 1), ("test", 1), ("train", 1), ("val", 1)]
+    for run in runs("concurrent"):
+        assert sorted(d.dataset.name for d in run.inputs.dataset_inputs) == ["all", "test", "train", "val"]
     # a store that cannot be opened: one error line naming it
     bad = tmp_path / "not_a_db.db"
     bad.write_text("this is not sqlite")
