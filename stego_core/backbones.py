@@ -16,7 +16,8 @@ Two families share that contract:
 Weights come from exactly one place, chosen by :func:`build_backbone`'s ``weights`` argument: the Hugging
 Face hub (``"hub"``, the default; fails fast offline with instructions), a local file (timm state dict,
 ``.safetensors`` or the original DINO release ``.pth``) or ``"random"`` (explicit, for tests). There is never
-a silent fallback to random weights.
+a silent fallback to random weights. :func:`resolve_weights` turns ``runs:/<pretrain run id>`` into such a
+file, downloaded once into a cache keyed by run id (:func:`weights_cache_dir`).
 
 Examples
 --------
@@ -36,7 +37,9 @@ import hashlib
 import logging
 import math
 import os
+import shutil
 import socket
+import tempfile
 import threading
 import urllib.parse
 from collections.abc import Mapping
@@ -59,11 +62,14 @@ __all__ = [
     "cpu_cache_bytes",
     "create_vit",
     "forward_batch_size",
+    "gaussian_derivative_kernels",
     "get_spec",
     "list_backbones",
     "load_weights_file",
     "normalize_input",
+    "resolve_weights",
     "to_model_input",
+    "weights_cache_dir",
 ]
 
 logger = logging.getLogger(__name__)
@@ -75,6 +81,12 @@ DEFAULT_BACKBONE = "vit_small_patch8_dino"
 CLASSICAL_SIGMAS_VOX = (0.5, 1.0, 2.0, 3.0)
 _HUB_FILENAMES = ("model.safetensors", "pytorch_model.bin")
 _HUB_PROBE_TIMEOUT_S = 3.0
+#: Where a pretraining run keeps its teacher backbone (``runs:/<id>`` without a path means this artifact).
+WEIGHTS_ARTIFACT = "backbone/teacher_backbone.safetensors"
+#: Environment variable naming the folder that ``runs:/`` weights are downloaded into.
+WEIGHTS_CACHE_ENV = "STEGO_WEIGHTS_CACHE"
+#: Its default, relative to the working directory like the default tracking store ``sqlite:///mlflow.db``.
+DEFAULT_WEIGHTS_CACHE = "outputs/weights_cache"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -398,7 +410,7 @@ class ViTBackbone(Backbone):
 # Weight-free classical featurizer
 
 
-def _gaussian_derivative_kernels(sigma: float) -> torch.Tensor:
+def gaussian_derivative_kernels(sigma: float) -> torch.Tensor:
     """Correlation kernels (3, K) for the 0th, 1st and 2nd Gaussian derivative at scale ``sigma`` (voxels).
 
     Moment-normalised so that on the sampled grid they give exactly 1 for a constant, ``x`` and ``x**2 / 2``
@@ -450,7 +462,7 @@ class ClassicalFeaturizer(Backbone):
         self.beta = float(beta)
         self.sigmas_vox = CLASSICAL_SIGMAS_VOX
         for i, s in enumerate(self.sigmas_vox):
-            g, d1, d2 = k = _gaussian_derivative_kernels(s)
+            g, d1, d2 = k = gaussian_derivative_kernels(s)
             zero = torch.zeros_like(g)
             # One pass down the rows (smooth, d/dy, d2/dy2), then one grouped pass along the columns: from the
             # smoothed rows (g, d/dx, d2/dx2), from d/dy (g, d/dx), from d2/dy2 (g); zero kernels pad the groups.
@@ -557,15 +569,19 @@ def _sha256(path: Path, n_hex: int = 16) -> str:
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path), device="cpu")
     try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path), device="cpu")
         with torch.serialization.safe_globals([argparse.Namespace]):  # DINO full checkpoints keep their args
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - re-raised with the file named
-        raise ValueError(f"cannot read weights file {path}: {exc}") from exc
+        text = str(exc).strip()
+        reason = f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
+        raise ValueError(f"{path} is not a weights file: expected a .safetensors file, a torch state dict "
+                         f"(.pth / .pt / .bin) or a DINO release checkpoint, but reading it failed ({reason})"
+                         ) from None
     return _unwrap_state_dict(obj, path)
 
 
@@ -702,6 +718,83 @@ def _resolve_hub_file(spec: BackboneSpec, hf_hub_id: str) -> Path:
                            f"({type(exc).__name__}: {exc}). {how}") from exc
 
 
+def weights_cache_dir() -> Path:
+    """The folder ``runs:/`` weights are downloaded into: ``$STEGO_WEIGHTS_CACHE``, else
+    :data:`DEFAULT_WEIGHTS_CACHE`. One sub-folder per run id; delete it freely (files come back on demand)."""
+    return Path(os.environ.get(WEIGHTS_CACHE_ENV) or DEFAULT_WEIGHTS_CACHE)
+
+
+def resolve_weights(weights: str | Path, backbone: str | None = None) -> str | Path:
+    """Turn ``runs:/<pretrain run id>[/<artifact path>]`` into a local weights file; anything else unchanged.
+
+    The one place where run ids become weight files (``train`` calls it before :func:`build_backbone`). The
+    artifact (default :data:`WEIGHTS_ARTIFACT`) is downloaded once into :func:`weights_cache_dir` under
+    ``<run id>/<end time of the run>/`` and reused while the run is unchanged (a resumed run's new weights
+    replace the old copy); a download is written to a temporary sibling and renamed into place, so a killed
+    process leaves no half file there. Checks the file's recorded backbone against ``backbone`` when given.
+
+    Raises
+    ------
+    ValueError
+        No such run in the tracking store, the run has no such artifact, or it was pretrained for another
+        backbone.
+    """
+    if not isinstance(weights, str) or not weights.startswith("runs:/"):
+        return weights
+    from stego_core import tracking
+
+    run_id, _, artifact = weights[len("runs:/"):].strip("/").partition("/")
+    artifact = artifact or WEIGHTS_ARTIFACT
+    where = f"the tracking store {tracking.mask_secrets(tracking.tracking_uri())}"
+    try:
+        run = tracking.client().get_run(run_id)
+    except Exception:  # noqa: BLE001 - MLflow says RESOURCE_DOES_NOT_EXIST in several ways
+        raise ValueError(f"model.weights={weights!r}: cannot fetch weights, there is no run {run_id!r} in "
+                         f"{where}") from None
+    folder = weights_cache_dir() / run_id / str(run.info.end_time or run.info.start_time or 0)
+    local = folder / artifact
+    if not local.exists():
+        try:
+            _download_into(folder, run_id, artifact)
+        except Exception as exc:  # noqa: BLE001 - re-raised with what to do
+            text = (str(exc).strip().splitlines() or [""])[0][:300]
+            raise ValueError(f"model.weights={weights!r}: cannot fetch artifact {artifact!r} of run {run_id!r} "
+                             f"({type(exc).__name__}: {text}); is it a `pretrain` run of {where}?") from None
+    if backbone is not None and local.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(local), framework="pt") as fh:
+            meta = fh.metadata() or {}
+        if meta.get("backbone") and meta["backbone"] != backbone:
+            raise ValueError(f"model.weights={weights!r} holds a pretrained {meta['backbone']!r} (patch "
+                             f"{meta.get('patch_size')}, dim {meta.get('embed_dim')}) but model.backbone="
+                             f"{backbone!r}; use model.backbone={meta['backbone']}")
+    return str(local)
+
+
+def _download_into(folder: Path, run_id: str, artifact: str) -> None:
+    """Download ``runs:/<run_id>/<artifact>`` to ``folder / artifact`` through a temporary sibling folder, then
+    remove the copies of older versions of the run."""
+    from stego_core import tracking
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        got = tracking.download_artifacts(f"runs:/{run_id}/{artifact}", tmp)
+        target = folder / artifact
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(got, target)
+        except OSError:  # another process put the same artifact there first (a folder cannot be replaced)
+            if not target.exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for old in folder.parent.iterdir():
+        if old.name != folder.name and not old.name.startswith("."):
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def create_vit(spec: BackboneSpec, *, seed: int = 0, dynamic_img_size: bool = False) -> nn.Module:
     """The bare timm ViT of ``spec`` (random init with ``seed``; the global RNG is left untouched).
 
@@ -730,7 +823,8 @@ def build_backbone(name: str = DEFAULT_BACKBONE, *, weights: str | Path = "hub",
         ``"hub"``: timm's pretrained weights from the Hugging Face hub (the local HF cache first; offline and
         not cached, fails within seconds with instructions). ``"random"``: random init, only when asked for
         (tests). A path: a local timm state dict (``.pth``/``.pt``/``.bin``), ``.safetensors`` file, or the
-        original DINO release ``.pth``. Ignored by ``classical``, which has no weights (logged).
+        original DINO release ``.pth``. ``runs:/<pretrain run id>``: that run's teacher backbone (see
+        :func:`resolve_weights`). Ignored by ``classical``, which has no weights (logged).
     res : int, optional
         Model input side in pixels, a multiple of the patch size (default: the spec's, 224); for
         ``classical`` the output grid side (default 16). Smaller ``res`` (e.g. 112) runs faster on CPU.
@@ -759,6 +853,7 @@ def build_backbone(name: str = DEFAULT_BACKBONE, *, weights: str | Path = "hub",
             logger.info("backbone classical has no weights; weights=%r ignored", str(weights))
         return ClassicalFeaturizer(spec, standardize=standardize)
 
+    weights = resolve_weights(weights, spec.name)
     model = create_vit(spec, seed=seed)
     if isinstance(weights, str) and weights == "hub" and spec.trainable:
         raise RuntimeError(f"backbone {spec.name!r} is an in-domain ViT without published weights: pretrain it "

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from stego_core import tracking
-from stego_core.backbones import build_backbone
+from stego_core.backbones import WEIGHTS_ARTIFACT, build_backbone, resolve_weights
 from stego_core.config import DataConfig, PhantomConfig, PretrainConfig, TrainConfig, load_config
 from stego_core.data import ensure_cases
-from stego_core.steps.pretrain import WEIGHTS_ARTIFACT, resolve_weights, run_pretrain
+from stego_core.steps.pretrain import run_pretrain
 from stego_core.steps.training import run_train
 
 EXPERIMENT = "pretrain-tests"
@@ -101,6 +101,11 @@ def test_pretraining_resumes_from_its_last_checkpoint(phantom1, tmp_path):
     assert resumed.run_id == first.run_id
     run = tracking.client().get_run(first.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["resumed_at_step"] == "2"
+    # the record is the last attempt's: max_steps is a tag (params cannot change), the plan.yaml is current
+    assert run.data.tags["max_steps"] == "4" and "max_steps" not in run.data.params
+    assert run.data.tags["end_reason"] == "max_steps=4 reached"
+    plan = tracking.download_artifacts(f"runs:/{first.run_id}/plan.yaml", tmp_path / "dl").read_text()
+    assert "max_steps: 4" in plan
     steps = [m.step for m in tracking.client().get_metric_history(first.run_id, "pretrain/loss")]
     assert steps == [1, 2, 3, 4]
     ckpt = torch.load(resumed.output_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)

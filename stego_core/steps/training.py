@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from stego_core import faults, tracking
-from stego_core.backbones import build_backbone
+from stego_core.backbones import build_backbone, resolve_weights
 from stego_core.config import TrainConfig
 from stego_core.datamodule import StegoDataModule, ValidationData
 from stego_core.inference import StegoSegmenterModel
@@ -41,7 +41,6 @@ from stego_core.module import StegoModule
 from stego_core.reconstruction import sliding_window
 from stego_core.scoring import evaluate_case
 from stego_core.stego import ClusterProbe, LinearProbe, StegoHead
-from stego_core.steps.pretrain import resolve_weights
 
 log = logging.getLogger(__name__)
 
