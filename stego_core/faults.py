@@ -2,11 +2,12 @@
 
 - :func:`handle_signals` turns SIGTERM / SIGINT into :class:`Interrupted` (a ``BaseException``, so neither
   ``except Exception`` nor Lightning's ``KeyboardInterrupt`` branch swallows it); entry points exit
-  :func:`Interrupted.exit_code` (143 / 130).
+  :func:`Interrupted.exit_code` (143 / 130). :func:`deferred_signals` holds them back until a unit of work
+  (an optimisation step) is done.
 - :func:`resolve_storage` keeps passwords off command lines: a storage URL with a password is taken only from
   the environment (``STEGO_OPTUNA_STORAGE``); ``PGPASSWORD`` / ``~/.pgpass`` serve a URL without one.
-- :func:`file_lock` (``fcntl``) serialises first creation of SQLite stores; :func:`owner_tags` and
-  :func:`pid_alive` let :mod:`stego_core.doctor` tell runs whose process died.
+- :func:`file_lock` (``fcntl``) serialises the creation of SQLite stores and the logging of datasets into them;
+  :func:`owner_tags` and :func:`pid_alive` let :mod:`stego_core.doctor` tell runs whose process died.
 """
 
 from __future__ import annotations
@@ -60,6 +61,29 @@ def handle_signals() -> Iterator[None]:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+@contextlib.contextmanager
+def deferred_signals() -> Iterator[None]:
+    """Hold SIGTERM / SIGINT back until the block ends, then deliver them to the handlers in force before.
+
+    For a unit of work that must not stop half-way, such as one optimisation step (student updated, teacher not
+    yet): under :func:`handle_signals` the :class:`Interrupted` is raised when the block is done, so the state
+    saved on interruption is that of a whole number of steps. Does nothing outside the main thread.
+    """
+    received: list[int] = []
+    try:
+        previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in _SIGNALS}
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if received:
+        signal.raise_signal(received[0])
 
 
 # ----------------------------------------------------------------------------------------------- secrets
@@ -132,7 +156,8 @@ def sqlite_path(url: str) -> Path | None:
 
 @contextlib.contextmanager
 def store_lock(url: str) -> Iterator[None]:
-    """Hold ``<db>.lock`` beside a SQLite database while the block creates or migrates it (no-op otherwise)."""
+    """Hold ``<db>.lock`` beside a SQLite database for the block (no-op for other URLs): while it creates or
+    migrates the store, or writes rows that processes started together would otherwise insert twice."""
     path = sqlite_path(url)
     if path is None:
         yield
@@ -160,6 +185,12 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def owner_alive(tags: Mapping[str, str]) -> bool:
+    """Whether the run with these tags was opened by a process of this host that still exists."""
+    host, pid = tags.get("owner_host"), tags.get("owner_pid", "")
+    return host == socket.gethostname() and pid.isdigit() and pid_alive(int(pid))
 
 
 def owner_dead(tags: Mapping[str, str]) -> bool:

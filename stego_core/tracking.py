@@ -16,7 +16,7 @@ import subprocess
 import time
 import traceback
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -225,25 +225,33 @@ def active_run_id() -> str | None:
     return run.info.run_id if run else None
 
 
+def param_text(value: Any) -> str:
+    """A value as :func:`log_params` records it: text, URLs masked, cut to MLflow's limit."""
+    text = str(value)
+    if "://" in text:
+        text = mask_secrets(text)
+    return text[:_PARAM_VALUE_MAX]
+
+
 def log_params(params: Mapping[str, Any]) -> None:
     """Log params in batches; long values are truncated to MLflow's limit, URLs masked."""
-    clean = {}
-    for key, value in params.items():
-        text = str(value)
-        if "://" in text:
-            text = mask_secrets(text)
-        clean[key] = text[:_PARAM_VALUE_MAX]
-    items = list(clean.items())
+    items = [(key, param_text(value)) for key, value in params.items()]
     for i in range(0, len(items), 100):
         mlflow.log_params(dict(items[i:i + 100]))
 
 
-def log_plan(config: Any, output_dir: str | Path, *, params: Mapping[str, Any] | None = None) -> Path:
-    """Log a run's resolved plan: flattened into params (plus ``params``) and written to ``output_dir`` as
-    ``plan.yaml``, logged beside them; ``--config plan.yaml`` reruns the same plan."""
+def log_plan(config: Any, output_dir: str | Path, *, params: Mapping[str, Any] | None = None,
+             exclude: Iterable[str] = ()) -> Path:
+    """Log a run's resolved plan: flattened into params (plus ``params``, less the keys in ``exclude``) and
+    written to ``output_dir`` as ``plan.yaml``, logged beside them; ``--config plan.yaml`` reruns the same plan.
+
+    ``exclude`` is for values that may change while the run is continued (MLflow params cannot change): a
+    resumed pretraining run keeps ``max_steps`` in a tag instead, and logs the plan again (``plan.yaml`` is
+    then the last attempt's)."""
     from stego_core.config import flatten, save_config
 
-    log_params({**flatten(config), **(params or {})})
+    skip = set(exclude)
+    log_params({k: v for k, v in {**flatten(config), **(params or {})}.items() if k not in skip})
     path = save_config(config, Path(output_dir) / PLAN_ARTIFACT)
     log_artifact(path)
     return path
@@ -263,6 +271,16 @@ def log_metrics(metrics: Mapping[str, float], *, step: int | None = None) -> Non
 
 def set_tags(tags: Mapping[str, Any]) -> None:
     mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+
+def delete_tags(keys: Iterable[str]) -> None:
+    """Remove tags of the active run (those it does not have are skipped), e.g. a previous attempt's end."""
+    c = MlflowClient()
+    run_id = mlflow.active_run().info.run_id
+    present = c.get_run(run_id).data.tags
+    for key in keys:
+        if key in present:
+            c.delete_tag(run_id, key)
 
 
 def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:

@@ -2,20 +2,27 @@
 
 ``volumes -> preprocessed volumes (labels dropped) -> crops -> label-free crop weights -> multi-crop views ->
 student / EMA teacher -> teacher backbone (.safetensors + spec)``. The teacher backbone plugs into ``train`` as
-``model.backbone=<name> model.weights=runs:/<this run id>`` (resolved by :func:`resolve_weights`) or
-``model.weights=<file>.safetensors``.
+``model.backbone=<name> model.weights=runs:/<this run id>`` (resolved by
+:func:`stego_core.backbones.resolve_weights`) or ``model.weights=<file>.safetensors``.
 
-Logged: every config value as a param; curves ``pretrain/loss``, ``pretrain/teacher_entropy`` (collapse check:
-near ``log(out_dim)`` = uniform, near 0 = one prototype), ``pretrain/center_norm``, ``pretrain/lr``,
+Logged: the plan as params and ``plan.yaml``, except :data:`ATTEMPT_TAGS` (``max_steps``, ``max_minutes``),
+which are tags set again by every attempt; curves ``pretrain/loss``, ``pretrain/teacher_entropy`` (collapse
+check: near ``log(out_dim)`` = uniform, near 0 = one prototype), ``pretrain/center_norm``, ``pretrain/lr``,
 ``pretrain/momentum``, ``pretrain/teacher_temp``, ``pretrain/weight_decay``, ``pretrain/crops_per_s``; every
 ``figure_every`` steps a figure of fixed crops (the highest-weighted ones; no label involved) with a 3-component
-PCA of the teacher's patch features and its last-block CLS attention, as the MLflow image ``pretrain/teacher_features``
-with its step; checkpoints (``checkpoints/last.pt``; ``resume=<run id>`` continues that run from it); the
-teacher backbone as ``backbone/teacher_backbone.safetensors`` with ``backbone/spec.json``.
+PCA of the teacher's patch features and its last-block CLS attention, as the MLflow image
+``pretrain/teacher_features`` with its step; checkpoints (``checkpoints/last.pt`` every ``checkpoint_every``
+steps and at the end, ``checkpoints/interrupted.pt`` when SIGTERM / SIGINT stops the run); the teacher
+backbone as ``backbone/teacher_backbone.safetensors`` with ``backbone/spec.json``; the tag ``end_reason``.
+
+``resume=<run id>`` continues that run from its latest checkpoint, after checking, before anything is changed,
+that the run exists, is a pretraining run, is not running, has a checkpoint and has the same plan (only
+:data:`RESUMABLE` keys may differ); a refused resume leaves the run as it was.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -29,9 +36,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from stego_core import tracking
-from stego_core.backbones import create_vit, get_spec, normalize_input
-from stego_core.config import PretrainConfig, to_dict
+from stego_core import faults, tracking
+from stego_core.backbones import WEIGHTS_ARTIFACT, create_vit, get_spec, normalize_input
+from stego_core.config import PretrainConfig, flatten, to_dict
 from stego_core.data import ensure_cases, make_crop_set, preprocess_case
 from stego_core.dino import (
     DinoModel,
@@ -45,10 +52,19 @@ from stego_core.sampling import bright_threshold, crop_weights
 
 log = logging.getLogger(__name__)
 
-#: Where the teacher backbone and its spec go inside a pretraining run's artifacts.
-WEIGHTS_ARTIFACT = "backbone/teacher_backbone.safetensors"
-SPEC_ARTIFACT = "backbone/spec.json"
-CHECKPOINT_ARTIFACT = "checkpoints/last.pt"
+__all__ = ["ATTEMPT_TAGS", "RESUMABLE", "WEIGHTS_ARTIFACT", "PretrainResult", "feature_figure", "pretraining_crops",
+           "resume_state", "run_pretrain", "save_backbone"]
+
+#: Checkpoints of a run (folder ``checkpoints/``): the periodic and final one, and the one written when a signal
+#: stops the run. A resume takes whichever holds the later step.
+CHECKPOINTS = ("last.pt", "interrupted.pt")
+#: Settings of one attempt, recorded as tags (current after a resume) rather than params (which cannot change).
+ATTEMPT_TAGS = ("max_steps", "max_minutes")
+#: Settings that may differ between the run and a resume of it; any other difference refuses the resume.
+RESUMABLE = (*ATTEMPT_TAGS, "resume", "progress", "accelerator", "precision", "output", "experiment", "log_every",
+             "figure_every", "n_figure_crops", "checkpoint_every")
+#: Tags describing how an attempt ended, removed when the run is resumed.
+_END_TAGS = ("end_reason", "error", "stopped_early", "collapse_warning", "resume_with", "interrupted_at_step")
 
 
 @dataclass
@@ -163,74 +179,79 @@ def save_backbone(backbone: torch.nn.Module, spec_name: str, res: int, path: Pat
     return path
 
 
-def resolve_weights(weights: str, backbone: str | None = None) -> str:
-    """Turn ``runs:/<pretrain run id>[/<artifact path>]`` into a local weights file; anything else unchanged.
+def resume_state(cfg: PretrainConfig) -> dict[str, Any]:
+    """The checkpoint that ``cfg.resume`` continues from, after every check a resume needs.
 
-    The one place where run ids become weight files (``train`` calls it before building the backbone). Checks the
-    run's ``backbone/spec.json`` against ``backbone`` when given.
+    Reads only: the run is not touched and no folder is made unless every check passes (a logged checkpoint
+    is then downloaded into the run's output folder).
 
     Raises
     ------
     ValueError
-        The run has no such artifact, or it was pretrained for another backbone.
+        No such run, not a pretraining run, still running, another plan, or no checkpoint.
     """
-    if not isinstance(weights, str) or not weights.startswith("runs:/"):
-        return weights
-    rest = weights[len("runs:/"):].strip("/")
-    run_id, _, artifact = rest.partition("/")
-    artifact = artifact or WEIGHTS_ARTIFACT
+    run_id = cfg.resume
+    client = tracking.client()
     try:
-        local = tracking.download_artifacts(f"runs:/{run_id}/{artifact}")
-    except Exception as exc:  # noqa: BLE001 - re-raised with what to do
-        raise ValueError(f"model.weights={weights!r}: cannot fetch artifact {artifact!r} of run {run_id!r} "
-                         f"({type(exc).__name__}: {exc}); is it a `pretrain` run of this tracking store "
-                         f"({tracking.tracking_uri()})?") from exc
-    if backbone is not None and artifact == WEIGHTS_ARTIFACT:
-        from safetensors import safe_open
-
-        with safe_open(str(local), framework="pt") as fh:
-            meta = fh.metadata() or {}
-        if meta.get("backbone") and meta["backbone"] != backbone:
-            raise ValueError(f"model.weights={weights!r} holds a pretrained {meta['backbone']!r} (patch "
-                             f"{meta.get('patch_size')}, dim {meta.get('embed_dim')}) but model.backbone="
-                             f"{backbone!r}; use model.backbone={meta['backbone']}")
-    return str(local)
-
-
-def _checkpoint_path(run_dir: Path) -> Path:
-    return run_dir / "checkpoints" / "last.pt"
-
-
-def _load_checkpoint(run_id: str, run_dir: Path) -> dict[str, Any]:
-    path = _checkpoint_path(run_dir)
-    if not path.is_file():
-        try:
-            path = tracking.download_artifacts(f"runs:/{run_id}/{CHECKPOINT_ARTIFACT}")
-        except Exception as exc:  # noqa: BLE001
-            raise ValueError(f"resume={run_id!r}: no checkpoint in {run_dir} nor as artifact "
-                             f"{CHECKPOINT_ARTIFACT} of that run") from exc
-    return torch.load(path, map_location="cpu", weights_only=False)
+        run = client.get_run(run_id)
+    except Exception:  # noqa: BLE001 - MLflow says RESOURCE_DOES_NOT_EXIST in several ways
+        raise ValueError(f"resume={run_id!r}: there is no run with this id in the tracking store "
+                         f"{tracking.mask_secrets(tracking.tracking_uri())}") from None
+    tags, name = run.data.tags, run.info.run_name
+    if tags.get("step") != "pretrain":
+        kind = tags.get("step") or tags.get("method") or "untagged"
+        raise ValueError(f"resume={run_id!r} is a {kind!r} run ({name!r}), not a pretraining run; only a `pretrain` "
+                         f"run can be resumed by `pretrain` (the run was left as it was)")
+    if run.info.status == "RUNNING" and faults.owner_alive(tags):
+        raise ValueError(f"resume={run_id!r}: the run is still running (process {tags.get('owner_pid')}); stop it "
+                         f"first (the run was left as it was)")
+    params = run.data.params
+    differ = [f"{k} (run {params[k]!r}, now {tracking.param_text(v)!r})" for k, v in flatten(cfg).items()
+              if k not in RESUMABLE and k in params and params[k] != tracking.param_text(v)]
+    if differ:
+        raise ValueError(f"resume={run_id!r}: the plan differs from the run's in {'; '.join(differ[:4])}"
+                         f"{' and more' if len(differ) > 4 else ''}. A resume continues the same plan (only "
+                         f"{', '.join(ATTEMPT_TAGS)} and the like may change): pass the run's plan.yaml as --config "
+                         f"(the run was left as it was)")
+    folder = Path(cfg.output) / run_id / "checkpoints"
+    found = [folder / n for n in CHECKPOINTS if (folder / n).is_file()]
+    if not found:
+        with contextlib.suppress(Exception):
+            logged = {a.path for a in client.list_artifacts(run_id, "checkpoints")}
+            found = [tracking.download_artifacts(f"runs:/{run_id}/checkpoints/{n}", folder.parent)
+                     for n in CHECKPOINTS if f"checkpoints/{n}" in logged]
+    if not found:
+        raise ValueError(f"resume={run_id!r}: the run has no checkpoint (none in {folder}, none logged): it "
+                         f"stopped before its first one; start a new run instead (the run was left as it was)")
+    states = [torch.load(path, map_location="cpu", weights_only=False) for path in found]
+    return max(states, key=lambda state: int(state["step"]))
 
 
 def run_pretrain(cfg: PretrainConfig, *, nested: bool = False, run_name: str | None = None,
                  tags: dict[str, str] | None = None) -> PretrainResult:
-    """DINO pretraining of ``cfg.backbone`` as one MLflow run (or continuing run ``cfg.resume``)."""
+    """DINO pretraining of ``cfg.backbone`` as one MLflow run (or continuing run ``cfg.resume``; see the module
+    docstring). SIGTERM / SIGINT (:class:`stego_core.faults.Interrupted`) stop it between two steps with
+    ``checkpoints/interrupted.pt`` written and logged; the run ends KILLED and ``resume=<run id>`` continues it."""
     spec = get_spec(cfg.backbone)
     if spec.kind != "vit" or not spec.trainable:
         raise ValueError(f"pretrain.backbone={cfg.backbone!r} is not an in-domain ViT; choose one of "
                          f"{', '.join(n for n in _trainable_names())}")
     device = _device(cfg.accelerator)
     resume = cfg.resume or None
-    description = (f"DINO pretraining of {cfg.backbone} on unlabelled crops of {Path(cfg.data.root).name} "
-                   f"(up to {cfg.max_steps} steps); curves pretrain/*, stepped figures of attention and feature PCA, "
-                   f"checkpoints/, the teacher backbone as `backbone/teacher_backbone.safetensors` (use it as "
-                   f"model.weights=runs:/<this run id>).")
-    with tracking.start_run(cfg.experiment, run_name=run_name or f"pretrain-{cfg.backbone}", nested=nested,
-                            output_root=cfg.output, run_id=resume, description=description,
+    state = resume_state(cfg) if resume is not None else None  # every check before the run is touched
+    description = (f"DINO pretraining of {cfg.backbone} on unlabelled crops of {Path(cfg.data.root).name}; "
+                   f"curves pretrain/*, stepped figures of attention and feature PCA, checkpoints/, the teacher "
+                   f"backbone as `backbone/teacher_backbone.safetensors` (use it as model.weights=runs:/<this run "
+                   f"id>).")
+    with tracking.start_run(cfg.experiment, run_name=None if resume else run_name or f"pretrain-{cfg.backbone}",
+                            nested=nested, output_root=cfg.output, run_id=resume, description=description,
                             tags={"method": "dino-pretrain", "step": "pretrain", "backbone": cfg.backbone,
                                   **(tags or {})}) as run:
-        if resume is None:
-            tracking.log_plan(cfg, run.output_dir)
+        if resume is not None:
+            tracking.delete_tags(_END_TAGS)  # the previous attempt's end; this attempt writes its own
+        # params that a resume cannot change are logged once (the same values again on a resume: no-ops)
+        tracking.log_plan(cfg, run.output_dir, exclude=(*ATTEMPT_TAGS, "resume"))
+        tracking.set_tags({k: getattr(cfg, k) for k in ATTEMPT_TAGS})
         torch.manual_seed(cfg.seed)
         crops_np, weights_np, cases = pretraining_crops(cfg)
         if resume is None:
@@ -253,8 +274,7 @@ def run_pretrain(cfg: PretrainConfig, *, nested: bool = False, run_name: str | N
         base_lr = cfg.lr * cfg.batch_size / 256.0
         generator = torch.Generator().manual_seed(cfg.seed)
         start = 0
-        if resume is not None:
-            state = _load_checkpoint(resume, run.output_dir)
+        if state is not None:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             criterion.center.copy_(state["center"].to(device))
@@ -266,15 +286,17 @@ def run_pretrain(cfg: PretrainConfig, *, nested: bool = False, run_name: str | N
         augment = cfg.augment
         fixed = crops[torch.argsort(weights, descending=True)[: cfg.n_figure_crops]].to(device)
         use_bf16 = device == "cuda" and cfg.precision in ("auto", "bf16")
-        ckpt_path = _checkpoint_path(run.output_dir)
+        ckpt_dir = run.output_dir / "checkpoints"
 
-        def save_checkpoint(step: int) -> None:
-            ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = ckpt_path.with_suffix(".tmp")
+        def save_checkpoint(step: int, name: str = "last.pt") -> Path:
+            path = ckpt_dir / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
             torch.save({"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "center": criterion.center.detach().cpu(), "generator": generator.get_state(),
                         "config": to_dict(cfg)}, tmp)
-            tmp.replace(ckpt_path)
+            tmp.replace(path)
+            return path
 
         def log_figure(step: int) -> None:
             fig = feature_figure(model.teacher_backbone, fixed, to_input, spec.patch_size,
@@ -287,43 +309,58 @@ def run_pretrain(cfg: PretrainConfig, *, nested: bool = False, run_name: str | N
                    desc="pretrain")
         t0, done, last, logged = time.time(), 0, {}, True
         step = start
+        end_reason = f"max_steps={cfg.max_steps} reached"
         model.train()
-        while step < cfg.max_steps:
-            if cfg.max_minutes > 0 and time.time() - t0 > 60.0 * cfg.max_minutes:
-                tracking.set_tags({"stopped_early": f"time budget {cfg.max_minutes} min at step {step}"})
-                break
-            lr = lr_at(step, cfg.max_steps, base_lr, cfg.warmup_steps, cfg.min_lr)
-            wd = cosine_value(step, cfg.max_steps, cfg.weight_decay, cfg.weight_decay_end)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-                group["weight_decay"] = wd if group["decays"] else 0.0
-            momentum = cosine_value(step, cfg.max_steps, cfg.momentum, 1.0)
-            t_temp = teacher_temperature(step, cfg.teacher_temp_warmup_steps, cfg.teacher_temp_start,
-                                         cfg.teacher_temp)
-            idx = torch.multinomial(weights, cfg.batch_size, replacement=True, generator=generator)
-            views = [v.to(device) for v in multi_crop(crops[idx], augment, generator)]
-            loss, entropy = dino_step(model, criterion, optimizer, views, n_global=augment.n_global, step=step,
-                                      teacher_temp=t_temp, momentum=momentum, clip_grad=cfg.clip_grad,
-                                      bf16=use_bf16)
-            step += 1
-            done += 1
-            bar.update(1)
-            last = {"pretrain/loss": float(loss.detach()), "pretrain/teacher_entropy": entropy,
-                    "pretrain/center_norm": float(criterion.center.norm()), "pretrain/lr": lr,
-                    "pretrain/momentum": momentum, "pretrain/teacher_temp": t_temp, "pretrain/weight_decay": wd,
-                    "pretrain/crops_per_s": done * cfg.batch_size / max(time.time() - t0, 1e-9)}
-            logged = step % cfg.log_every == 0 or step == cfg.max_steps
-            if logged:
-                tracking.log_metrics(last, step=step)
-                bar.set_postfix(loss=f"{last['pretrain/loss']:.3f}", H=f"{entropy:.2f}")
-            if step % cfg.checkpoint_every == 0:
-                save_checkpoint(step)
-            if cfg.figure_every > 0 and step % cfg.figure_every == 0:
-                log_figure(step)
+        try:
+            while step < cfg.max_steps:
+                if cfg.max_minutes > 0 and time.time() - t0 > 60.0 * cfg.max_minutes:
+                    end_reason = f"time budget {cfg.max_minutes} min at step {step}"
+                    tracking.set_tags({"stopped_early": end_reason})
+                    break
+                # One whole step or none: a signal waits for the end of the step (the teacher's EMA update
+                # included), so an interrupted checkpoint holds the state after exactly `step` steps.
+                with faults.deferred_signals():
+                    lr = lr_at(step, cfg.max_steps, base_lr, cfg.warmup_steps, cfg.min_lr)
+                    wd = cosine_value(step, cfg.max_steps, cfg.weight_decay, cfg.weight_decay_end)
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
+                        group["weight_decay"] = wd if group["decays"] else 0.0
+                    momentum = cosine_value(step, cfg.max_steps, cfg.momentum, 1.0)
+                    t_temp = teacher_temperature(step, cfg.teacher_temp_warmup_steps, cfg.teacher_temp_start,
+                                                 cfg.teacher_temp)
+                    idx = torch.multinomial(weights, cfg.batch_size, replacement=True, generator=generator)
+                    views = [v.to(device) for v in multi_crop(crops[idx], augment, generator)]
+                    loss, entropy = dino_step(model, criterion, optimizer, views, n_global=augment.n_global,
+                                              step=step, teacher_temp=t_temp, momentum=momentum,
+                                              clip_grad=cfg.clip_grad, bf16=use_bf16)
+                    step += 1
+                done += 1
+                bar.update(1)
+                last = {"pretrain/loss": float(loss.detach()), "pretrain/teacher_entropy": entropy,
+                        "pretrain/center_norm": float(criterion.center.norm()), "pretrain/lr": lr,
+                        "pretrain/momentum": momentum, "pretrain/teacher_temp": t_temp, "pretrain/weight_decay": wd,
+                        "pretrain/crops_per_s": done * cfg.batch_size / max(time.time() - t0, 1e-9)}
+                logged = step % cfg.log_every == 0 or step == cfg.max_steps
+                if logged:
+                    tracking.log_metrics(last, step=step)
+                    bar.set_postfix(loss=f"{last['pretrain/loss']:.3f}", H=f"{entropy:.2f}")
+                if step % cfg.checkpoint_every == 0:
+                    save_checkpoint(step)
+                if cfg.figure_every > 0 and step % cfg.figure_every == 0:
+                    log_figure(step)
+        except faults.Interrupted:
+            bar.close()
+            with faults.deferred_signals():  # a second signal waits until the checkpoint is safe
+                path = save_checkpoint(step, "interrupted.pt")
+                tracking.log_artifact(path, "checkpoints")
+                tracking.set_tags({"interrupted_at_step": str(step), "resume_with": f"resume={run.run_id}"})
+                log.warning("pretrain: interrupted at step %d; checkpoint %s (continue with resume=%s)", step,
+                            path, run.run_id)
+            raise
         bar.close()
         if last and not logged:  # stopped by the time budget between two logging steps
             tracking.log_metrics(last, step=step)
-        save_checkpoint(step)
+        ckpt_path = save_checkpoint(step)
         if cfg.figure_every > 0 and step % cfg.figure_every != 0:
             log_figure(step)
         entropy_max = math.log(cfg.out_dim)
@@ -340,6 +377,7 @@ def run_pretrain(cfg: PretrainConfig, *, nested: bool = False, run_name: str | N
         tracking.log_artifact(path, "backbone")
         tracking.log_artifact(path.parent / "spec.json", "backbone")
         tracking.log_artifact(ckpt_path, "checkpoints")
+        tracking.set_tags({"end_reason": end_reason})
         return PretrainResult(run_id=run.run_id, weights_path=path, weights_uri=f"runs:/{run.run_id}",
                               metrics={**last, **summary}, output_dir=run.output_dir)
 
