@@ -578,7 +578,7 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - re-raised with the file named
         text = str(exc).strip()
-        reason = f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
+        reason = f"{type(exc).__name__}: {text.splitlines()[0].split('. ')[0][:200]}" if text else type(exc).__name__
         raise ValueError(f"{path} is not a weights file: expected a .safetensors file, a torch state dict "
                          f"(.pth / .pt / .bin) or a DINO release checkpoint, but reading it failed ({reason})"
                          ) from None

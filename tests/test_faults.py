@@ -27,6 +27,15 @@ TINY_TRAIN = ["data.root=data/tiny", "data.phantom.shape=[32, 32, 24]", "data.ph
               "train.accelerator=cpu", "log_model=false", "experiment=faults"]
 
 
+#: DINO of a tiny ViT (4 blocks, patch 4) on 16-pixel crops of one tiny phantom; max_steps is set per test.
+TINY_PRETRAIN = ["data.root=data/tiny", "data.phantom.shape=[32, 32, 24]", "data.phantom.n_volumes=1",
+                 "backbone=mra_vit_t4_p4", "slicing.patch_size=16", "slicing.stride=8", "augment.global_size=16",
+                 "augment.local_size=8", "augment.n_local=2", "batch_size=4", "out_dim=32", "hidden_dim=32",
+                 "bottleneck_dim=16", "warmup_steps=1", "freeze_last_layer_steps=1", "teacher_temp_warmup_steps=2",
+                 "log_every=1", "figure_every=0", "checkpoint_every=100000", "accelerator=cpu", "progress=false",
+                 "experiment=faults"]
+
+
 def env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -49,6 +58,27 @@ def wait_for(pattern: str, proc: subprocess.Popen, timeout: float = 60.0) -> Pat
         time.sleep(0.2)
     proc.kill()
     pytest.fail(f"{pattern} did not appear within {timeout} s")
+
+
+def wait_until(condition, proc: subprocess.Popen, what: str, timeout: float = 120.0):
+    """The first true value of ``condition()``, polled while ``proc`` runs."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = condition()
+        if value:
+            return value
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"process ended {proc.returncode} before {what}:\n{out}\n{err[-3000:]}")
+        time.sleep(0.3)
+    proc.kill()
+    pytest.fail(f"{what} did not happen within {timeout} s")
+
+
+def error_line(err: str) -> str:
+    """The one ``error:`` line of an entry point's stderr (it must be the last line, without a traceback)."""
+    assert "Traceback" not in err, err[-3000:]
+    return err.strip().splitlines()[-1]
 
 
 def runs(experiment: str) -> list:
@@ -133,6 +163,109 @@ def test_sigterm_during_training_ends_killed_exits_143_and_resumes(mlflow_store:
     ckpt = torch.load(Path("outputs", "train", resumed.info.run_id, "checkpoints", "last.ckpt"), map_location="cpu",
                       weights_only=False)
     assert ckpt["global_step"] == step + 3
+
+
+def test_sigterm_during_pretraining_keeps_its_steps_and_resume_continues_them(mlflow_store: str) -> None:
+    import torch
+
+    proc = spawn("-m", "experiments.pretrain", *TINY_PRETRAIN, "max_steps=100000")
+
+    def three_steps_logged() -> bool:
+        found = runs("faults")
+        return bool(found) and len(tracking.client().get_metric_history(found[0].info.run_id, "pretrain/loss")) >= 3
+
+    wait_until(three_steps_logged, proc, "three pretraining steps", timeout=180)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err[-3000:]
+    (run,) = runs("faults")
+    run_id, tags = run.info.run_id, run.data.tags
+    assert run.info.status == "KILLED" and tags["end_reason"].startswith("Interrupted")
+    assert tags["resume_with"] == f"resume={run_id}"
+    # no periodic checkpoint was due (checkpoint_every=100000): the interrupted one keeps every step done
+    folder = Path("outputs", "pretrain", run_id, "checkpoints")
+    assert not (folder / "last.pt").exists()
+    step = torch.load(folder / "interrupted.pt", map_location="cpu", weights_only=False)["step"]
+    assert step >= 3 and tags["interrupted_at_step"] == str(step)
+    assert "checkpoints/interrupted.pt" in {a.path for a in tracking.client().list_artifacts(run_id, "checkpoints")}
+    # resume=<run id> continues the same run from that step; its record is then the resumed attempt's
+    proc = spawn("-m", "experiments.pretrain", *TINY_PRETRAIN, f"max_steps={step + 2}", f"resume={run_id}")
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err[-3000:]
+    (resumed,) = runs("faults")
+    tags = resumed.data.tags
+    assert resumed.info.status == "FINISHED" and resumed.info.run_name == run.info.run_name
+    assert tags["resumed_at_step"] == str(step) and tags["max_steps"] == str(step + 2)
+    assert tags["end_reason"] == f"max_steps={step + 2} reached"
+    assert not {"resume_with", "interrupted_at_step", "error"} & set(tags)
+    history = tracking.client().get_metric_history(run_id, "pretrain/loss")
+    assert sorted(m.step for m in history) == list(range(1, step + 3))
+    assert torch.load(folder / "last.pt", map_location="cpu", weights_only=False)["step"] == step + 2
+
+
+def test_pretrain_resume_checks_the_run_first_and_changes_nothing_on_refusal(mlflow_store: str) -> None:
+    with tracking.start_run("faults", run_name="baseline-otsu", tags={"step": "baseline", "method": "otsu"}) as run:
+        tracking.log_metrics({"test/dice": 0.5})
+    baseline = run.run_id
+    with pytest.raises(tracking.RunKilled), tracking.start_run(
+            "faults", run_name="pretrain-mra_vit_t4_p4", tags={"step": "pretrain", "method": "dino-pretrain"}) as run:
+        raise tracking.RunKilled("stopped before its first checkpoint")
+    killed = run.run_id
+    client = tracking.client()
+
+    def record(run_id: str) -> tuple:
+        r = client.get_run(run_id)
+        return r.info.run_name, r.info.status, r.info.end_time, r.data.tags, r.data.params
+
+    before = {run_id: record(run_id) for run_id in (baseline, killed)}
+    missing = "0123456789abcdef0123456789abcdef"
+    for run_id, expected in ((baseline, f"resume='{baseline}' is a 'baseline' run ('baseline-otsu'), not a "
+                                        "pretraining run"),
+                             (killed, f"resume='{killed}': the run has no checkpoint"),
+                             (missing, f"resume='{missing}': there is no run with this id in the tracking store")):
+        proc = spawn("-m", "experiments.pretrain", *TINY_PRETRAIN, "max_steps=2", f"resume={run_id}")
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2, err[-3000:]
+        assert error_line(err).startswith(f"error: {expected}")
+    assert {run_id: record(run_id) for run_id in (baseline, killed)} == before
+    assert not Path("outputs", "pretrain").exists() and not Path("data").exists()
+
+
+def test_weights_of_a_run_are_downloaded_once_into_a_cache(mlflow_store: str, tmp_path: Path) -> None:
+    from stego_core.backbones import WEIGHTS_ARTIFACT, create_vit, get_spec
+    from stego_core.steps.pretrain import save_backbone
+
+    with tracking.start_run("faults", run_name="pretrain", tags={"step": "pretrain"}) as run:
+        path = save_backbone(create_vit(get_spec("mra_vit_t4_p4")), "mra_vit_t4_p4", 32,
+                             run.output_dir / WEIGHTS_ARTIFACT, {})
+        tracking.log_artifact(path, "backbone")
+    scratch = tmp_path / "tmpdir"
+    scratch.mkdir()
+    code = ("import sys; from stego_core.backbones import build_backbone, resolve_weights; "
+            "build_backbone('mra_vit_t4_p4', weights=sys.argv[1], res=16); "
+            "print(resolve_weights(sys.argv[1], 'mra_vit_t4_p4'))")
+    files = []
+    for _ in range(2):
+        proc = spawn("-c", code, f"runs:/{run.run_id}", env={**env(), "TMPDIR": str(scratch)})
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err[-3000:]
+        files.append(Path(out.strip().splitlines()[-1]))
+    cache = Path("outputs", "weights_cache", run.run_id)
+    assert files[0] == files[1] and files[0].is_relative_to(cache) and files[0].name == path.name
+    assert sorted(cache.rglob("*.safetensors")) == [files[0]]
+    assert not list(scratch.rglob("*.safetensors"))  # nothing left in a temporary folder
+
+
+def test_a_weights_file_that_is_not_one_is_named_in_one_line(mlflow_store: str, tmp_path: Path) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("these are not weights\n")
+    proc = spawn("-m", "experiments.train", *TINY_TRAIN, "model.backbone=mra_vit_t4_p4", "model.res=16",
+                 f"model.weights={notes}", "train.max_steps=2")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err[-3000:]
+    line = error_line(err)
+    assert line.startswith(f"error: {notes} is not a weights file: expected a .safetensors file"), line
+    assert not Path("data", "tiny").exists()  # refused before any data was made
 
 
 def test_sigint_during_a_sweep_fails_the_trial_kills_the_runs_and_exits_130(mlflow_store: str,

@@ -317,8 +317,9 @@ def run_pretrain(cfg: PretrainConfig, *, nested: bool = False, run_name: str | N
                     end_reason = f"time budget {cfg.max_minutes} min at step {step}"
                     tracking.set_tags({"stopped_early": end_reason})
                     break
-                # One whole step or none: a signal waits for the end of the step (the teacher's EMA update
-                # included), so an interrupted checkpoint holds the state after exactly `step` steps.
+                # One whole step or none: a signal waits for the end of the step (the teacher's EMA update and
+                # the step's metrics included), so an interrupted checkpoint holds the state after exactly
+                # `step` steps and the curves have no gap where a resume continues them.
                 with faults.deferred_signals():
                     lr = lr_at(step, cfg.max_steps, base_lr, cfg.warmup_steps, cfg.min_lr)
                     wd = cosine_value(step, cfg.max_steps, cfg.weight_decay, cfg.weight_decay_end)
@@ -334,15 +335,17 @@ def run_pretrain(cfg: PretrainConfig, *, nested: bool = False, run_name: str | N
                                               step=step, teacher_temp=t_temp, momentum=momentum,
                                               clip_grad=cfg.clip_grad, bf16=use_bf16)
                     step += 1
-                done += 1
+                    done += 1
+                    last = {"pretrain/loss": float(loss.detach()), "pretrain/teacher_entropy": entropy,
+                            "pretrain/center_norm": float(criterion.center.norm()), "pretrain/lr": lr,
+                            "pretrain/momentum": momentum, "pretrain/teacher_temp": t_temp,
+                            "pretrain/weight_decay": wd,
+                            "pretrain/crops_per_s": done * cfg.batch_size / max(time.time() - t0, 1e-9)}
+                    logged = step % cfg.log_every == 0 or step == cfg.max_steps
+                    if logged:
+                        tracking.log_metrics(last, step=step)
                 bar.update(1)
-                last = {"pretrain/loss": float(loss.detach()), "pretrain/teacher_entropy": entropy,
-                        "pretrain/center_norm": float(criterion.center.norm()), "pretrain/lr": lr,
-                        "pretrain/momentum": momentum, "pretrain/teacher_temp": t_temp, "pretrain/weight_decay": wd,
-                        "pretrain/crops_per_s": done * cfg.batch_size / max(time.time() - t0, 1e-9)}
-                logged = step % cfg.log_every == 0 or step == cfg.max_steps
                 if logged:
-                    tracking.log_metrics(last, step=step)
                     bar.set_postfix(loss=f"{last['pretrain/loss']:.3f}", H=f"{entropy:.2f}")
                 if step % cfg.checkpoint_every == 0:
                     save_checkpoint(step)
