@@ -2,7 +2,8 @@
 
 - MLflow runs RUNNING whose owner (tags ``owner_host`` / ``owner_pid``, recorded by
   :func:`stego_core.tracking.start_run`) is a process of this host that no longer exists end KILLED, with the
-  tag ``end_reason``. :func:`stego_core.tracking.start_run` does this automatically before each top-level run.
+  tag ``end_reason`` (:func:`stego_core.tracking.reap_dead_runs`, which ``start_run`` also calls before each
+  top-level run).
 - ``*.<pid>.partial*`` feature-cache files of dead processes are removed.
 - Half-made data folders (phantom folders without ``phantom_settings.json``, leftover ``.tmp-*`` folders of an
   interrupted generation) are reported, not deleted.
@@ -15,9 +16,8 @@ import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from stego_core import faults
+from stego_core import faults, tracking
 
 log = logging.getLogger(__name__)
 
@@ -38,34 +38,6 @@ class DoctorReport:
         lines.append(f"half-made data folders (delete them, or rerun to regenerate): {len(self.half_made)}")
         lines += [f"  {p}" for p in self.half_made]
         return "\n".join(lines)
-
-
-def reap_dead_runs(client: Any, *, dry_run: bool = False) -> list[str]:
-    """End KILLED every RUNNING run whose owner process (on this host) is gone; returns their ids.
-
-    Parameters
-    ----------
-    client : mlflow.tracking.MlflowClient
-        A client of the tracking store (:func:`stego_core.tracking.client`).
-    dry_run : bool
-        Only report.
-    """
-    killed = []
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    if not experiments:
-        return killed
-    for run in client.search_runs(experiments, filter_string="attributes.status = 'RUNNING'", max_results=5000):
-        if not faults.owner_dead(run.data.tags):
-            continue
-        killed.append(run.info.run_id)
-        if dry_run:
-            continue
-        client.set_tag(run.info.run_id, "end_reason",
-                       f"owner process {run.data.tags.get('owner_host')}:{run.data.tags.get('owner_pid')} is gone")
-        client.set_terminated(run.info.run_id, status="KILLED")
-        log.warning("run %s was RUNNING but its process %s is gone: marked KILLED", run.info.run_id,
-                    run.data.tags.get("owner_pid"))
-    return killed
 
 
 def remove_stale_partials(roots: list[str | Path], *, dry_run: bool = False) -> list[Path]:
@@ -93,15 +65,14 @@ def half_made_data(roots: list[str | Path]) -> list[Path]:
 
 def doctor(*, cache_roots: list[str | Path], data_roots: list[str | Path], dry_run: bool = False) -> DoctorReport:
     """Run every check; see the module docstring."""
-    from stego_core import tracking
-
-    return DoctorReport(killed_runs=reap_dead_runs(tracking.client(), dry_run=dry_run),
+    return DoctorReport(killed_runs=tracking.reap_dead_runs(tracking.client(), dry_run=dry_run),
                         removed_partials=remove_stale_partials(cache_roots, dry_run=dry_run),
                         half_made=half_made_data(data_roots))
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line of :func:`doctor`; the tracking store is ``$MLFLOW_TRACKING_URI`` (default ``sqlite:///mlflow.db``)."""
+    """Command line of :func:`doctor`; the tracking store is ``$MLFLOW_TRACKING_URI`` (default
+    ``sqlite:///mlflow.db``)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache", action="append", default=None,
                         help="feature cache folder to clean (repeatable; default: outputs and data)")

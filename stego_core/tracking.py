@@ -166,9 +166,7 @@ def start_run(experiment: str, *, run_name: str | None = None, tags: Mapping[str
         elif adopted is None:
             _mark_model_training(mlflow.set_experiment(experiment))
     if not nested and run_id is None:
-        from stego_core.doctor import reap_dead_runs  # runs left RUNNING by killed processes end KILLED
-
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception):  # runs left RUNNING by killed processes end KILLED
             reap_dead_runs(client())
     all_tags = {"git_commit": git_commit(), **faults.owner_tags(), **(tags or {})}
     if description and run_id is None:
@@ -196,6 +194,34 @@ def start_run(experiment: str, *, run_name: str | None = None, tags: Mapping[str
                 mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:4000])
             mlflow.end_run(status="FAILED")
             raise
+
+
+def reap_dead_runs(client: Any, *, dry_run: bool = False) -> list[str]:
+    """End KILLED every RUNNING run whose owner process (on this host) is gone; returns their ids.
+
+    Parameters
+    ----------
+    client : mlflow.tracking.MlflowClient
+        A client of the tracking store (:func:`client`).
+    dry_run : bool
+        Only report.
+    """
+    killed = []
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    if not experiments:
+        return killed
+    for run in client.search_runs(experiments, filter_string="attributes.status = 'RUNNING'", max_results=5000):
+        if not faults.owner_dead(run.data.tags):
+            continue
+        killed.append(run.info.run_id)
+        if dry_run:
+            continue
+        client.set_tag(run.info.run_id, "end_reason",
+                       f"owner process {run.data.tags.get('owner_host')}:{run.data.tags.get('owner_pid')} is gone")
+        client.set_terminated(run.info.run_id, status="KILLED")
+        log.warning("run %s was RUNNING but its process %s is gone: marked KILLED", run.info.run_id,
+                    run.data.tags.get("owner_pid"))
+    return killed
 
 
 def _mark_model_training(exp: Any) -> None:

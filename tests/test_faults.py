@@ -1,5 +1,5 @@
-"""Fault suite (issue 12): real processes, real signals, real SQLite (and PostgreSQL when
-``STEGO_TEST_POSTGRES_URL`` is set). Each test reproduces one fault and shows it handled."""
+"""Fault suite: real processes, real signals, real SQLite (and PostgreSQL when ``STEGO_TEST_POSTGRES_URL`` is
+set). Each test reproduces one fault and shows it handled."""
 
 from __future__ import annotations
 
