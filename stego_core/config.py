@@ -611,12 +611,12 @@ class TeacherConfig:
     settings: dict = field(default_factory=dict)
     postprocess: tuple[PostprocessStep, ...] = ()
 
-    def resolved(self, skull_strip: str) -> TeacherConfig:
+    def resolved(self, skull_strip: str | None = None) -> TeacherConfig:
         """The teacher with a preset ``config`` read in (its skull strip checked against ``skull_strip``)."""
         if not self.config:
             return self
         preset = load_config(BaselineConfig, self.config)
-        if preset.data.skull_strip != skull_strip:
+        if skull_strip is not None and preset.data.skull_strip != skull_strip:
             raise ValueError(f"teacher.config={self.config} strips the skull with {preset.data.skull_strip!r} but "
                              f"this run's data.skull_strip is {skull_strip!r}; set data.skull_strip="
                              f"{preset.data.skull_strip}")
@@ -764,14 +764,16 @@ class PretrainConfig(DataSettings, RunSettings):
 
 @dataclass(frozen=True)
 class AblationMethod:
-    """One row family of the ablation: a baseline by name with its settings, the skull-strip modes to run it
-    with, and optionally tri-planar fusion (``axes``, ``fusion``; slice-based methods only)."""
+    """One row family of the ablation: a registered method by name with its settings, the skull-strip modes to
+    run it with, and optionally tri-planar fusion (``axes``, ``fusion``; slice-based methods only). ``alias``
+    names the row instead of the method and its settings (e.g. a self-training variant)."""
 
     name: str = "gmm"
     settings: dict = field(default_factory=dict)
     skull_strip: tuple[str, ...] = ("auto",)
     axes: tuple[int, ...] | None = None
     fusion: str = "mean"
+    alias: str = ""
 
     def __post_init__(self) -> None:
         for mode in self.skull_strip:
@@ -780,6 +782,11 @@ class AblationMethod:
 
     @property
     def label(self) -> str:
+        """The row's name: ``alias``, or :attr:`full_label`."""
+        return self.alias or self.full_label
+
+    @property
+    def full_label(self) -> str:
         """``name``, its settings and the fusion, e.g. ``gmm{n_components=4}`` or ``frangi@012mean``."""
         out = self.name
         if self.settings:

@@ -323,7 +323,7 @@ def _selftrain(settings: Mapping[str, Any], engine: EngineConfig) -> Method:
     teacher = settings.get("teacher") or TeacherConfig()
     teacher = teacher if isinstance(teacher, TeacherConfig) else from_dict(TeacherConfig, teacher,
                                                                             prefix="teacher.")
-    teacher = teacher.resolved(settings.get("skull_strip", "auto"))
+    teacher = teacher.resolved(settings.get("skull_strip"))
     student = settings.get("student") or SelfTrainSettings()
     student = student if isinstance(student, SelfTrainSettings) else from_dict(SelfTrainSettings, student,
                                                                                prefix="student.")

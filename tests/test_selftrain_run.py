@@ -52,3 +52,45 @@ def test_teacher_preset_must_match_the_skull_strip(tmp_path):
     assert teacher.resolved("head").method == "frangi3d"
     with pytest.raises(ValueError, match="data.skull_strip=head"):
         teacher.resolved("auto")
+
+
+def _tiny_student():
+    from stego_core.config import SelfTrainSettings
+
+    return SelfTrainSettings(steps=6, eval_every=3, crop=32, batch=2, channels=(8, 16))
+
+
+def test_teacher_and_student_never_read_the_label(tmp_path):
+    import dataclasses
+
+    from stego_core.config import DataConfig, PhantomConfig, TeacherConfig
+    from stego_core.data import ensure_cases, preprocess_case
+    from stego_core.methods import build_method
+
+    data = DataConfig(root=str(tmp_path / "ph"), phantom=PhantomConfig(n_volumes=1, shape=(48, 48, 24)))
+    case = preprocess_case(ensure_cases(data)[0], data)
+    outputs = []
+    for fill in (True, False):  # labels of all ones and all zeros
+        labelled = dataclasses.replace(case, label=np.full(case.image.shape, fill))
+        method = build_method("selftrain", {"teacher": TeacherConfig(method="percentile"),
+                                            "student": _tiny_student()})
+        prob, mask = method.teacher_output(labelled)
+        outputs.append((prob, mask, method.predict(labelled)))
+    for a, b in zip(*outputs):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_inductive_student_is_fitted_on_other_volumes(tmp_path):
+    from stego_core.config import DataConfig, PhantomConfig, TeacherConfig
+    from stego_core.data import ensure_cases, preprocess_case
+    from stego_core.methods import build_method
+
+    data = DataConfig(root=str(tmp_path / "ph"), phantom=PhantomConfig(n_volumes=2, shape=(48, 48, 24)))
+    train, test = (preprocess_case(c, data) for c in ensure_cases(data))
+    method = build_method("selftrain", {"teacher": TeacherConfig(method="percentile"), "student": _tiny_student(),
+                                        "mode": "inductive"})
+    with pytest.raises(ValueError, match="fit the student"):
+        method.predict(test)
+    method.fit([train])
+    prob = method.predict(test)
+    assert prob.shape == test.image.shape and set(np.unique(prob)) <= {0.0, 1.0}

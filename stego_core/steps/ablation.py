@@ -36,7 +36,8 @@ def _probabilities(method: AblationMethod, prepared: PreparedCase, cfg: Ablation
     cache_file = None
     engine = dataclasses.replace(cfg.engine, axes=method.axes, fusion=method.fusion)
     if cfg.cache:
-        digest = hashlib.sha1(f"{prepared.case.image}|{mode}|{engine}|{method.label}".encode()).hexdigest()[:12]
+        key = f"{prepared.case.image}|{mode}|{engine}|{method.full_label}"
+        digest = hashlib.sha1(key.encode()).hexdigest()[:12]
         cache_file = Path(cfg.cache) / f"{prepared.case_id}__{mode}__{digest}.npy"
         if cache_file.is_file():
             return np.load(cache_file)
