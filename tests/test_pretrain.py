@@ -97,6 +97,7 @@ def test_pretrain_to_train_hand_off_by_run_id(pretrained, phantom1, tmp_path):
 
 def test_pretraining_resumes_from_its_last_checkpoint(phantom1, tmp_path):
     first = run_pretrain(_pretrain_config(phantom1, tmp_path, figure_every=0))
+    shutil.rmtree(first.output_dir / "checkpoints")  # another machine: the logged checkpoint is fetched
     resumed = run_pretrain(_pretrain_config(phantom1, tmp_path, max_steps=4, figure_every=0, resume=first.run_id))
     assert resumed.run_id == first.run_id
     run = tracking.client().get_run(first.run_id)
@@ -110,6 +111,7 @@ def test_pretraining_resumes_from_its_last_checkpoint(phantom1, tmp_path):
     assert steps == [1, 2, 3, 4]
     ckpt = torch.load(resumed.output_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
     assert ckpt["step"] == 4
+    assert sorted(p.name for p in resumed.output_dir.iterdir()) == ["backbone", "checkpoints", "plan.yaml"]
 
 
 def test_clear_errors_for_missing_or_incompatible_backbones(pretrained, tmp_path):

@@ -218,7 +218,7 @@ def resume_state(cfg: PretrainConfig) -> dict[str, Any]:
     if not found:
         with contextlib.suppress(Exception):
             logged = {a.path for a in client.list_artifacts(run_id, "checkpoints")}
-            found = [tracking.download_artifacts(f"runs:/{run_id}/checkpoints/{n}", folder.parent)
+            found = [tracking.download_artifacts(f"runs:/{run_id}/checkpoints/{n}", folder)
                      for n in CHECKPOINTS if f"checkpoints/{n}" in logged]
     if not found:
         raise ValueError(f"resume={run_id!r}: the run has no checkpoint (none in {folder}, none logged): it "
