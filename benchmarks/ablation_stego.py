@@ -1,4 +1,4 @@
-"""Issue 9 ablation: which part makes STEGO see vessels offline? One MLflow parent run, every variant nested.
+"""STEGO ablation: which part makes STEGO see vessels offline? One MLflow parent run, every variant nested.
 
 Protocols (``--protocols``):
 

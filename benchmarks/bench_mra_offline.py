@@ -1,4 +1,4 @@
-"""Wall time of the offline real-data preset (``experiments/configs/mra_offline.yaml``) on one volume (issue 9, item 5).
+"""Wall time of the offline real-data preset (``experiments/configs/mra_offline.yaml``) on one volume.
 
 Runs the ``main`` pipeline with that preset on ``--root`` (a folder holding one case, e.g. a folder with a link to
 ``../shared/data/mra_mni_0656``), then reads every nested run's start and end from MLflow and prints the wall

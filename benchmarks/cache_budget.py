@@ -1,5 +1,5 @@
 """What STEGO's feature cache costs: bytes per crop, per volume and per 20 volumes, and what ``train.cache_max_gb``
-keeps (issue 9, item 6).
+keeps.
 
 Crops per volume are counted as training counts them (``slicing.crop_index`` along axis 2 with the default
 patch 32 / stride 16 and ``min_brain_fraction``) on a real case when ``--case`` is given, else on a 320 x 320 x 247

@@ -1,4 +1,4 @@
-"""``mlflow run . -e ablation``: each baseline with and without each post-processing step, per case (issue 10)."""
+"""``mlflow run . -e ablation``: each baseline with and without each post-processing step, per case."""
 
 import sys
 

@@ -29,6 +29,7 @@ import numpy as np
 import yaml
 
 from stego_core._checks import check_choice, check_range
+from stego_core.crf import CRFSettings
 from stego_core.postprocess import STEPS
 from stego_core.selftrain import SelfTrainSettings
 
@@ -468,23 +469,6 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
-class CRFSettings:
-    """Dense-CRF parameters (the seed's values by default)."""
-
-    n_iterations: int = 10
-    gaussian_sxy: float = 1.0
-    gaussian_compat: float = 3.0
-    bilateral_sxy: float = 67.0
-    bilateral_srgb: float = 3.0
-    bilateral_compat: float = 4.0
-
-    def __post_init__(self) -> None:
-        check_range(self.n_iterations, "crf.n_iterations", 1)
-        for name in ("gaussian_sxy", "bilateral_sxy", "bilateral_srgb"):
-            check_range(getattr(self, name), f"crf.{name}", 0.0, low_inclusive=False)
-
-
-@dataclass(frozen=True)
 class PostprocessStep:
     """One label-free post-processing step (:data:`stego_core.postprocess.STEPS`), parameters fixed a priori.
     The fields are the union of the registered steps' parameters; each step accepts its own (checked here).
@@ -700,11 +684,11 @@ class AugmentConfig:
 class PretrainConfig(DataSettings, RunSettings):
     """The ``pretrain`` entry point: DINO (Caron et al., ICCV 2021) of an in-domain ViT on unlabelled crops.
 
-    Defaults follow DESIGN.md section 9 (teacher temperature 0.04 -> 0.07, student 0.1, centre momentum 0.9,
+    Defaults follow the DINO recipe (Caron et al., ICCV 2021, adapted to grey crops: teacher temperature 0.04 -> 0.07, student 0.1, centre momentum 0.9,
     EMA 0.996 -> 1 by a cosine, AdamW ``lr * batch / 256`` with warm-up and cosine decay, weight decay
     0.04 -> 0.4, clipping 3.0, last layer frozen at first) with a smaller prototype count for CPUs.
     ``max_minutes > 0`` stops earlier (schedules still span ``max_steps``; tagged ``stopped_early``).
-    ``resume=<run id>`` continues that pretraining run from its last checkpoint. ``precision: auto`` uses bf16
+    ``resume=<run id>`` continues that pretraining run from its latest checkpoint (last or interrupted). ``precision: auto`` uses bf16
     autocast on a GPU, float32 on CPU.
     """
 

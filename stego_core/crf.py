@@ -11,8 +11,27 @@ from __future__ import annotations
 
 import numpy as np
 
-from stego_core._checks import check_ndim, check_same_shape
-from stego_core.config import CRFSettings
+from dataclasses import dataclass
+
+from stego_core._checks import check_ndim, check_range, check_same_shape
+
+
+
+@dataclass(frozen=True)
+class CRFSettings:
+    """Dense-CRF parameters (the seed's values by default)."""
+
+    n_iterations: int = 10
+    gaussian_sxy: float = 1.0
+    gaussian_compat: float = 3.0
+    bilateral_sxy: float = 67.0
+    bilateral_srgb: float = 3.0
+    bilateral_compat: float = 4.0
+
+    def __post_init__(self) -> None:
+        check_range(self.n_iterations, "crf.n_iterations", 1)
+        for name in ("gaussian_sxy", "bilateral_sxy", "bilateral_srgb"):
+            check_range(getattr(self, name), f"crf.{name}", 0.0, low_inclusive=False)
 
 
 def _densecrf():

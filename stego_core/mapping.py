@@ -1,6 +1,6 @@
 """Which STEGO clusters are vessel, decided on training crops, and the scores of a cluster map.
 
-Rules (DESIGN.md section 4): with labelled *training* volumes, Hungarian matching (K = 2) or a class-balanced
+Rules: with labelled *training* volumes, Hungarian matching (K = 2) or a class-balanced
 majority vote (K > 2), or (``dice``, asked for by name) the union of clusters that maximises Dice; without
 labels, or when the training volumes are also evaluated, the unsupervised
 brightness rule (the cluster with the highest mean intensity). :func:`choose_mapping_rule` refuses label

@@ -1,7 +1,7 @@
 """Synthetic TOF-MRA phantoms: branching vessel trees in a head, with a known vessel label.
 
 No real MRA data can be downloaded where this project is developed, so the pipeline is exercised on phantoms
-that look, to first order, like a bright-blood time-of-flight angiogram (DESIGN.md section 3):
+that look, to first order, like a bright-blood time-of-flight angiogram:
 
 - a head (truncated ellipsoid with a smoothly perturbed surface) holding, from outside in, a bright scalp/fat
   shell with a thin skin layer, a dark skull, a dark CSF rim, and brain tissue with grey-level texture, sulci,
@@ -167,7 +167,7 @@ def _random_perpendicular(u: np.ndarray, rng: np.random.Generator) -> np.ndarray
     return w / n
 
 
-class _Field:
+class VesselField:
     """Nearest-voxel lookup of the intracranial depth (mm) and its gradient at a point in mm."""
 
     def __init__(self, depth: np.ndarray, spacing: np.ndarray):
@@ -193,8 +193,8 @@ class _Field:
         return g / n if n > 1e-9 else np.zeros(3)
 
 
-def _grow_tree(root: np.ndarray, direction: np.ndarray, radius_mm: float, cfg: PhantomConfig,
-               fld: _Field, rng: np.random.Generator, unit_mm: float, out: list,
+def grow_tree(root: np.ndarray, direction: np.ndarray, radius_mm: float, cfg: PhantomConfig,
+               fld: VesselField, rng: np.random.Generator, unit_mm: float, out: list,
                splits: list | None = None) -> None:
     """Append capsules ``(p0, p1, r_mm)`` of one tree to ``out`` (depth-first, deterministic given rng).
 
@@ -244,7 +244,7 @@ def _grow_tree(root: np.ndarray, direction: np.ndarray, radius_mm: float, cfg: P
                 stack.append((p, uc / np.linalg.norm(uc), rc, gen + 1))
 
 
-def _sinus_path(cfg: PhantomConfig, fld: _Field, geo: dict, radius_mm: float) -> list:
+def _sinus_path(cfg: PhantomConfig, fld: VesselField, geo: dict, radius_mm: float) -> list:
     """Capsules of a superior sagittal sinus: the midline curve just under the skull, front to back."""
     sp = np.asarray(cfg.spacing_mm, dtype=np.float64)
     centre, semi = geo["centre"], geo["semi"]
@@ -306,7 +306,7 @@ def _vessels(cfg: PhantomConfig, geo: dict, rng: np.random.Generator) -> np.ndar
     shape = tuple(int(s) for s in cfg.shape)
     sp = np.asarray(cfg.spacing_mm, dtype=np.float64)
     unit = float(sp.min())
-    fld = _Field(geo["depth_ic"], sp)
+    fld = VesselField(geo["depth_ic"], sp)
     centre, semi = geo["centre"], geo["semi"]
     inner = geo["intracranial"]
     # skull-base entry points: spread around an ellipse low in the head
@@ -335,7 +335,7 @@ def _vessels(cfg: PhantomConfig, geo: dict, rng: np.random.Generator) -> np.ndar
         # up and outwards, like the cerebral arteries leaving the circle of Willis
         outward = np.array([np.cos(angle), np.sin(angle), 0.0])
         direction = rng.uniform(0.6, 1.6) * np.array([0.0, 0.0, 1.0]) + outward
-        _grow_tree(root, direction, radius, cfg, fld, rng, unit, capsules)
+        grow_tree(root, direction, radius, cfg, fld, rng, unit, capsules)
     if cfg.sinus:
         capsules += _sinus_path(cfg, fld, geo, cfg.sinus_radius_vox * unit)
     occ = _draw_capsules(capsules, shape, sp)

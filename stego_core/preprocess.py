@@ -1,6 +1,6 @@
 """Preprocessing of MRA volumes: brain and head masks, skull stripping, intensity standardisation.
 
-The seed's preprocessing (DESIGN.md section 3) is skull stripping followed by standardisation:
+The seed's preprocessing is skull stripping followed by standardisation:
 
 - with a given brain mask, voxels outside are set to the volume minimum and labels are zeroed outside
   (:func:`apply_brain_mask`);

@@ -300,4 +300,4 @@ def test_real_label_against_itself():
     label = np.asarray(nib.load(REAL_CASE / "label.nii.gz").dataobj) > 0
     result = evaluate_segmentation(label, label)
     assert result["dice"] == 1.0 and result["cldice"] == 1.0
-    assert result["n_components_gt"] == 19.0  # SOURCE.md: 19 components at 26-connectivity
+    assert result["n_components_gt"] == 19.0  # the case holds 19 components at 26-connectivity

@@ -8,7 +8,7 @@ from scipy import ndimage as ndi
 from skimage.morphology import skeletonize
 
 from stego_core.io import discover_cases, load_case
-from stego_core.phantom import Phantom, PhantomConfig, _Field, _grow_tree, make_phantom, write_phantom_cases
+from stego_core.phantom import Phantom, PhantomConfig, VesselField, grow_tree, make_phantom, write_phantom_cases
 
 SMALL = PhantomConfig(shape=(48, 48, 32), n_trees=2, max_depth=4)
 
@@ -141,7 +141,7 @@ def test_murray_law_angles_and_lengths():
     grid = np.indices((n, n, n)).astype(np.float64)
     depth = (38.0 - np.sqrt(((grid - n / 2) ** 2).sum(axis=0))).astype(np.float32)
     capsules, splits = [], []
-    _grow_tree(np.array([40.0, 40.0, 20.0]), np.array([0.0, 0.0, 1.0]), 2.5, cfg, _Field(depth, np.ones(3)),
+    grow_tree(np.array([40.0, 40.0, 20.0]), np.array([0.0, 0.0, 1.0]), 2.5, cfg, VesselField(depth, np.ones(3)),
                np.random.default_rng(0), 1.0, capsules, splits)
     assert len(splits) >= 10
     s = np.asarray(splits)

@@ -1,4 +1,4 @@
-"""Issue 10: label-free post-processing steps, tri-planar fusion, 3D vesselness and the two MRA presets."""
+"""Label-free post-processing steps, tri-planar fusion, 3D vesselness and the two MRA presets."""
 
 from __future__ import annotations
 
