@@ -38,7 +38,10 @@ from stego_core._checks import as_binary, check_ndim, check_range, check_same_sh
 __all__ = [
     "METRIC_KEYS",
     "OBJECTIVE_KEYS",
+    "RADIUS_BINS",
     "SCORE_KEYS",
+    "betti_errors",
+    "betti_numbers",
     "cldice",
     "connectivity_structure",
     "dice",
@@ -46,9 +49,11 @@ __all__ = [
     "foreground_bbox",
     "n_components",
     "precision",
+    "radius_recall",
     "recall",
     "skeleton",
     "summarize",
+    "surface_distances",
     "topology_precision_sensitivity",
     "write_results",
 ]
@@ -526,3 +531,349 @@ def write_results(
         for name, values in stats.items():
             writer.writerow([method, name, *(repr(float(v)) for v in values)])
     return txt_path, csv_path
+
+
+# ------------------------------------------------------------------------- topology, vessel size, surfaces
+#
+# Analysis metrics beside METRIC_KEYS (DESIGN.md section 14); not part of evaluate_segmentation. Topology
+# follows the TopCoW 2023 binary task (Yang et al., "Benchmarking the CoW with the TopCoW Challenge:
+# Topology-Aware Anatomical Segmentation of the Circle of Willis for CTA and MRA", arXiv:2312.17670, and its
+# evaluation code github.com/CoWBenchmark/TopCoW_Eval_Metrics, ``betti_number``).
+
+#: Radius bins of :func:`radius_recall`, thinnest first.
+RADIUS_BINS: tuple[str, ...] = ("thin", "medium", "thick")
+
+
+def _padded_crop(mask: np.ndarray) -> np.ndarray | None:
+    """The foreground's bounding box with one voxel of background on every side (``None`` if empty).
+
+    Every quantity of :func:`betti_numbers` is unchanged by it: the background outside the box is one
+    6-connected piece joined to the border, and the Euler characteristic is a sum over 2x2x2 neighbourhoods.
+    """
+    box = foreground_bbox(mask)
+    if box is None:
+        return None
+    return np.pad(mask[box], 1)
+
+
+def betti_numbers(mask: np.ndarray) -> tuple[int, int, int]:
+    """Betti numbers (b0, b1, b2) of a 3D binary mask, as scored by TopCoW 2023.
+
+    The mask is first padded by one voxel of background on every side (so a vessel cut by the field of view
+    does not enclose the array's border), then
+
+    - b0 = number of 26-connected foreground components (vessel pieces);
+    - b2 = number of 6-connected background components that do not touch the padded border (cavities); after
+      padding exactly one background component touches it, so b2 = (background components) - 1;
+    - b1 = b0 + b2 - chi (loops, tunnels), with chi the Euler characteristic of the foreground with
+      26-connectivity (``skimage.measure.euler_number(mask, connectivity=3)``), since chi = b0 - b1 + b2.
+
+    26-connectivity for the foreground and 6 for the background is the consistent pair of digital topology:
+    a loop closes through diagonal contacts exactly when the background cannot pass between them.
+
+    Parameters
+    ----------
+    mask : (M, N, P) ndarray of bool or {0, 1} / {0, 255}
+        A 3D mask (the definitions are 3D-specific; 2D masks are refused).
+
+    Returns
+    -------
+    b0, b1, b2 : int
+        All 0 for an empty mask.
+
+    References
+    ----------
+    .. [1] Yang K. et al., "Benchmarking the CoW with the TopCoW Challenge", arXiv:2312.17670 (2023).
+    .. [2] Kong T. Y., Rosenfeld A., "Digital topology: introduction and survey", Computer Vision, Graphics,
+           and Image Processing 48(3), 1989, :DOI:`10.1016/0734-189X(89)90147-3`.
+
+    Examples
+    --------
+    >>> cube = np.zeros((7, 7, 7), bool); cube[1:6, 1:6, 1:6] = True
+    >>> betti_numbers(cube)
+    (1, 0, 0)
+    >>> shell = cube.copy(); shell[2:5, 2:5, 2:5] = False  # one enclosed cavity
+    >>> betti_numbers(shell)
+    (1, 0, 1)
+    >>> ring = cube.copy(); ring[2:5, 2:5, :] = False  # a square tube open at both ends: one loop
+    >>> betti_numbers(ring)
+    (1, 1, 0)
+    """
+    mask = np.asarray(mask)
+    check_ndim(mask, 3, "mask")
+    return _betti_numbers(_mask(mask, "mask"))
+
+
+def _betti_numbers(mask: np.ndarray) -> tuple[int, int, int]:
+    from skimage.measure import euler_number  # skimage.measure is slow to import; only these metrics need it
+
+    padded = _padded_crop(mask)
+    if padded is None:
+        return 0, 0, 0
+    b0 = int(ndimage.label(padded, structure=ndimage.generate_binary_structure(3, 3))[1])
+    n_background = int(ndimage.label(~padded, structure=ndimage.generate_binary_structure(3, 1))[1])
+    b2 = n_background - 1  # the one component holding the padded border is not a cavity
+    chi = int(euler_number(padded, connectivity=3))
+    return b0, b0 + b2 - chi, b2
+
+
+def betti_errors(pred: np.ndarray, target: np.ndarray) -> dict[str, float]:
+    """Betti-number errors |b0(P) - b0(G)| and |b1(P) - b1(G)| (TopCoW 2023's binary-task topology scores).
+
+    See :func:`betti_numbers` for the definitions (3D, one voxel of background padding, 26-connected
+    foreground, 6-connected background). Lower is better; 0 means the same number of pieces (b0) or of loops
+    (b1). Two empty masks give 0 errors; an empty prediction against a label with b0 pieces gives b0.
+
+    Parameters
+    ----------
+    pred, target : (M, N, P) ndarray of bool or {0, 1} / {0, 255}
+        Predicted and reference masks of equal shape.
+
+    Returns
+    -------
+    dict[str, float]
+        ``betti0_error`` and ``betti1_error`` (floats, like the other logged counts).
+
+    Examples
+    --------
+    >>> target = np.zeros((7, 7, 7), bool); target[1:6, 1:6, 1:6] = True; target[2:5, 2:5, :] = False
+    >>> pred = target.copy(); pred[3] = False  # cut the ring along its axis: two pieces, no loop
+    >>> betti_errors(pred, target)
+    {'betti0_error': 1.0, 'betti1_error': 1.0}
+    """
+    pred, target = np.asarray(pred), np.asarray(target)
+    check_ndim(pred, 3, "pred")
+    check_ndim(target, 3, "target")
+    pred, target = _pair(pred, target)
+    b_pred, b_target = _betti_numbers(pred), _betti_numbers(target)
+    return {
+        "betti0_error": float(abs(b_pred[0] - b_target[0])),
+        "betti1_error": float(abs(b_pred[1] - b_target[1])),
+    }
+
+
+def _spacing(spacing: Sequence[float] | None, ndim: int) -> tuple[float, ...] | None:
+    """Validate a voxel spacing: ``ndim`` positive finite floats (or ``None``)."""
+    if spacing is None:
+        return None
+    values = tuple(float(s) for s in np.ravel(np.asarray(spacing, dtype=float)))
+    if len(values) != ndim or not all(math.isfinite(s) and s > 0 for s in values):
+        raise ValueError(f"spacing must be {ndim} positive finite voxel sizes (mm); got {spacing!r}")
+    return values
+
+
+def _grown_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """Foreground bounding box grown by one voxel, clipped to the array (``None`` if empty)."""
+    box = foreground_bbox(mask, pad=1)
+    if box is None:
+        return None
+    return tuple(slice(s.start, min(s.stop, n)) for s, n in zip(box, mask.shape))
+
+
+def radius_recall(
+    pred: np.ndarray,
+    target: np.ndarray,
+    *,
+    spacing: Sequence[float] | None = None,
+    bounds_vox: tuple[float, float] = (1.5, 3.0),
+    bounds_mm: tuple[float, float] | None = None,
+) -> dict[str, float]:
+    """Voxel recall stratified by vessel radius: thin, medium and thick vessels of the label.
+
+    Radius: the label's skeleton S(G) (:func:`skeleton`) carries the Euclidean distance transform of the label,
+    D(x) = distance from x to the nearest background voxel (``scipy.ndimage.distance_transform_edt``; in mm
+    with ``sampling=spacing`` when spacing is given, else in voxels). Every label voxel takes the radius of its
+    nearest skeleton voxel (``distance_transform_edt(~S, return_indices=True)``, same sampling; ties go to
+    scipy's choice). With this convention a vessel one voxel wide has radius 1, one 3 voxels wide radius 2
+    (sqrt 2 and sqrt 5 for the 5- and 13-voxel discretised discs), i.e. about half the width plus half a voxel.
+    Voxels outside the array are unknown rather than background: a vessel cut by the field of view keeps its
+    radius up to the border (only a label with no background voxel at all falls back to a background border).
+
+    Bins, half-open on the right: thin r < low, medium low <= r < high, thick r >= high, with
+    (low, high) = ``bounds_vox`` in voxels, or in mm when ``spacing`` is given: ``bounds_mm`` if given, else
+    ``bounds_vox`` times the voxel's geometric-mean edge (prod(spacing) ** (1 / ndim), the isotropic voxel of
+    the same volume; exactly the spacing for isotropic voxels). The returned keys name both.
+
+    recall_b = |P ∩ G_b| / |G_b| for the label voxels G_b in bin b.
+
+    Parameters
+    ----------
+    pred, target : (M, N[, P]) ndarray of bool or {0, 1} / {0, 255}
+        Predicted and reference masks of equal shape.
+    spacing : sequence of ndim floats or None, keyword-only
+        Voxel size in mm along each array axis (from the NIfTI header); ``None`` measures in voxels.
+    bounds_vox : (float, float), keyword-only
+        Bin bounds (low < high) in voxels.
+    bounds_mm : (float, float) or None, keyword-only
+        Bin bounds in mm, used only with ``spacing`` (default: ``bounds_vox`` scaled as above).
+
+    Returns
+    -------
+    dict[str, float]
+        ``recall_thin``, ``recall_medium``, ``recall_thick``: recall per bin, NaN when the label has no voxel in
+        that bin (nothing to find; average over cases with ``nanmean`` and report the counts);
+        ``n_thin``, ``n_medium``, ``n_thick``: label voxels per bin; ``bound_low_vox``, ``bound_high_vox``;
+        and with ``spacing`` also ``bound_low_mm``, ``bound_high_mm`` (the bounds actually applied). An empty
+        label gives NaN recalls and zero counts; an empty prediction gives 0.0 in every non-empty bin.
+
+    References
+    ----------
+    .. [1] Maurer C. R., Qi R., Raghavan V., "A linear time algorithm for computing exact Euclidean distance
+           transforms of binary images in arbitrary dimensions", IEEE TPAMI 25(2), 2003,
+           :DOI:`10.1109/TPAMI.2003.1177156` (the algorithm of ``distance_transform_edt``).
+    .. [2] Lee T.-C., Kashyap R. L., Chu C.-N., "Building skeleton models via 3-D medial surface/axis thinning
+           algorithms", CVGIP: Graphical Models and Image Processing 56(6), 1994,
+           :DOI:`10.1006/cgip.1994.1042`.
+
+    Examples
+    --------
+    >>> target = np.zeros((9, 9, 12), bool); target[3:6, 3:6, :] = True  # a 3x3 bar: radius 2
+    >>> pred = target.copy(); pred[:, :, 6:] = False  # half of it found
+    >>> r = radius_recall(pred, target)
+    >>> r["recall_medium"], r["n_medium"], r["n_thin"], math.isnan(r["recall_thin"])
+    (0.5, 108.0, 0.0, True)
+    >>> r = radius_recall(pred, target, spacing=(0.5, 0.5, 0.5))  # radius 1 mm, bounds 0.75 / 1.5 mm
+    >>> r["recall_medium"], r["bound_low_mm"], r["bound_high_mm"]
+    (0.5, 0.75, 1.5)
+    """
+    pred, target = _pair(pred, target)
+    spacing = _spacing(spacing, target.ndim)
+    low, high = (float(b) for b in bounds_vox)
+    if not 0 <= low < high:
+        raise ValueError(f"bounds_vox must be two increasing non-negative radii; got {bounds_vox!r}")
+    out_bounds: dict[str, float] = {"bound_low_vox": low, "bound_high_vox": high}
+    if spacing is not None:
+        if bounds_mm is None:
+            edge = float(np.prod(spacing)) ** (1.0 / len(spacing))
+            low, high = low * edge, high * edge
+        else:
+            low, high = (float(b) for b in bounds_mm)
+            if not 0 <= low < high:
+                raise ValueError(f"bounds_mm must be two increasing non-negative radii; got {bounds_mm!r}")
+        out_bounds.update(bound_low_mm=low, bound_high_mm=high)
+    elif bounds_mm is not None:
+        raise ValueError("bounds_mm applies only with spacing; give spacing or use bounds_vox")
+
+    counts = {name: 0 for name in RADIUS_BINS}
+    hits = {name: 0 for name in RADIUS_BINS}
+    radius = _label_radius(target, spacing)
+    if radius is not None:
+        box, radii = radius
+        found = pred[box][target[box]]
+        bins = np.digitize(radii, [low, high])  # 0: r < low, 1: low <= r < high, 2: r >= high
+        for index, name in enumerate(RADIUS_BINS):
+            in_bin = bins == index
+            counts[name] = int(np.count_nonzero(in_bin))
+            hits[name] = int(np.count_nonzero(found & in_bin))
+    out: dict[str, float] = {}
+    for name in RADIUS_BINS:
+        out[f"recall_{name}"] = hits[name] / counts[name] if counts[name] else math.nan
+    for name in RADIUS_BINS:
+        out[f"n_{name}"] = float(counts[name])
+    out.update(out_bounds)
+    return out
+
+
+def _label_radius(
+    target: np.ndarray, spacing: tuple[float, ...] | None
+) -> tuple[tuple[slice, ...], np.ndarray] | None:
+    """(box, radius of each label voxel in ``target[box]``, in C order), or ``None`` for an empty label.
+
+    Cropping to the label's box grown by one voxel changes no distance: every background voxel beyond the box
+    is farther from the label than a background voxel of the grown box's outer layer.
+    """
+    box = _grown_box(target)
+    if box is None:
+        return None
+    crop = target[box]
+    if crop.all():  # no background anywhere: let the array's border be the vessel wall
+        crop_edt = ndimage.distance_transform_edt(np.pad(crop, 1), sampling=spacing)
+        crop_edt = crop_edt[(slice(1, -1),) * crop.ndim]
+    else:
+        crop_edt = ndimage.distance_transform_edt(crop, sampling=spacing)
+    skel = _skeleton(crop)
+    nearest = ndimage.distance_transform_edt(
+        ~skel, sampling=spacing, return_distances=False, return_indices=True
+    )
+    where = np.nonzero(crop)
+    radii = crop_edt[tuple(axis[where] for axis in nearest)]
+    return box, radii
+
+
+def surface_distances(
+    pred: np.ndarray, target: np.ndarray, spacing: Sequence[float] | None
+) -> dict[str, float]:
+    """Symmetric surface distances in mm: the 95th-percentile Hausdorff distance and the ASSD.
+
+    Surfaces: ∂A = A minus its erosion by the face-connected cross (6-neighbourhood in 3D, 4 in 2D), voxels
+    outside the array counting as background (a mask voxel on the array border is a surface voxel). d(x, B) is
+    the Euclidean distance in mm (``distance_transform_edt`` with ``sampling=spacing``) from the centre of
+    voxel x to the nearest voxel centre of surface B. With D_PG = {d(p, ∂G) : p in ∂P} and D_GP likewise:
+
+    - ``hd95_mm`` = max(q95(D_PG), q95(D_GP)), q95 the 95th percentile (``np.percentile``, linear
+      interpolation): the robust Hausdorff distance of MONAI and of DeepMind's surface-distance (medpy's
+      ``hd95`` takes the percentile of the pooled distances instead, which can be smaller);
+    - ``assd_mm`` = (sum D_PG + sum D_GP) / (|∂P| + |∂G|) (Heimann et al. 2009).
+
+    Parameters
+    ----------
+    pred, target : (M, N[, P]) ndarray of bool or {0, 1} / {0, 255}
+        Predicted and reference masks of equal shape.
+    spacing : sequence of ndim floats
+        Voxel size in mm along each array axis (from the NIfTI header). Required: distances in voxels are not
+        reported, since voxels are anisotropic in general.
+
+    Returns
+    -------
+    dict[str, float]
+        ``hd95_mm`` and ``assd_mm`` (lower is better). Both masks empty: 0.0 for both (nothing to separate).
+        Exactly one empty (no surface to measure to): both are the diagonal of the array's field of view,
+        sqrt(sum_i (n_i s_i)^2) mm for shape n and spacing s, a bound on every distance inside it (the BraTS
+        convention, 373.13 mm for 240x240x155 voxels of 1 mm): the worst score, finite, so means and paired
+        statistics over cases rank an empty prediction last instead of dropping it (NaN) or breaking (inf).
+
+    Raises
+    ------
+    ValueError
+        If ``spacing`` is None (the caller skips these metrics and logs this reason), or is not ndim positive
+        finite floats.
+
+    References
+    ----------
+    .. [1] Heimann T. et al., "Comparison and evaluation of methods for liver segmentation from CT datasets",
+           IEEE TMI 28(8), 2009, :DOI:`10.1109/TMI.2009.2013851` (ASSD).
+    .. [2] Huttenlocher D. P., Klanderman G. A., Rucklidge W. J., "Comparing images using the Hausdorff
+           distance", IEEE TPAMI 15(9), 1993, :DOI:`10.1109/34.232073`.
+
+    Examples
+    --------
+    >>> a = np.zeros((12, 8, 8), bool); a[2:6, 2:6, 2:6] = True
+    >>> b = np.roll(a, 3, axis=0)  # the same cube 3 voxels further along axis 0
+    >>> surface_distances(a, b, spacing=(0.5, 1.0, 1.0))["hd95_mm"]  # 3 voxels of 0.5 mm
+    1.5
+    >>> surface_distances(a, a, spacing=(1, 1, 1))
+    {'hd95_mm': 0.0, 'assd_mm': 0.0}
+    """
+    pred, target = _pair(pred, target)
+    if spacing is None:
+        raise ValueError(
+            "surface_distances needs the voxel spacing in mm (spacing=None): HD95/ASSD are skipped for "
+            "volumes without a known spacing"
+        )
+    spacing = _spacing(spacing, target.ndim)
+    has_pred, has_target = bool(pred.any()), bool(target.any())
+    if not has_pred and not has_target:
+        return {"hd95_mm": 0.0, "assd_mm": 0.0}
+    if not has_pred or not has_target:
+        diagonal = math.sqrt(sum((n * s) ** 2 for n, s in zip(target.shape, spacing)))
+        return {"hd95_mm": diagonal, "assd_mm": diagonal}
+    box = _grown_box(pred | target)  # every surface voxel lies inside; crop edges are background or border
+    pred, target = pred[box], target[box]
+    cross = ndimage.generate_binary_structure(target.ndim, 1)
+    surf_pred = pred & ~ndimage.binary_erosion(pred, structure=cross, border_value=0)
+    surf_target = target & ~ndimage.binary_erosion(target, structure=cross, border_value=0)
+    d_pred_target = ndimage.distance_transform_edt(~surf_target, sampling=spacing)[surf_pred]
+    d_target_pred = ndimage.distance_transform_edt(~surf_pred, sampling=spacing)[surf_target]
+    hd95 = max(float(np.percentile(d_pred_target, 95)), float(np.percentile(d_target_pred, 95)))
+    assd = (float(d_pred_target.sum()) + float(d_target_pred.sum())) / (d_pred_target.size + d_target_pred.size)
+    return {"hd95_mm": hd95, "assd_mm": assd}
