@@ -29,8 +29,13 @@ TREE = [c for c, t in CASES.items() if t == "best_mra_tree"]
 
 #: the fixed recipe per convention (settings of SelfTrainSettings, plus the student's input image)
 RECIPES: dict[str, dict] = {
-    "best_mra": {"combine": "union_bright"},
-    "best_mra_tree": {"combine": "topn"},
+    # one 2.5D student (axial), one-voxel ring ignored; teacher AND student, then the teacher's own
+    # "largest trees" step
+    "best_mra": {"combine": "intersection", "student_cut": 0.5, "keep_trees": 0.05},
+    # three 2.5D students (one per axis) averaged, no ignored ring; the teacher's voxel count of the highest
+    # (student + teacher) / 2 scores, then the teacher's own small-component step
+    "best_mra_tree": {"band_vox": 0, "views": (0, 1, 2), "combine": "topn_mean", "teacher_weight": 0.5,
+                      "min_size_vox": 10},
 }
 
 #: variants: overrides of the convention's recipe; "rules" scores extra combination rules of the same student
@@ -41,6 +46,9 @@ VARIANTS: dict[str, dict] = {
     "dice_only": {"bce_weight": 0.0, "cldice_weight": 0.0},
     "dice_cldice": {"cldice_weight": 0.5},
     "2d": {"dims": "2d"},
+    "band1": {"band_vox": 1},
+    "one_view": {"views": ()},
+    "tri_view": {"views": (0, 1, 2)},
     "inductive": {"inductive": True},
 }
 
@@ -86,8 +94,19 @@ def settings_for(case_id: str, overrides: dict):
     return SelfTrainSettings(**params)
 
 
-def run_variant(name: str, overrides: dict, case_id: str, *, tag: str = "", progress: bool = True) -> list[dict]:
-    """Train (or reuse) the student of ``case_id`` for a variant; score the recipe's rule and the extra rules."""
+def _cached_seconds(key: str, case_id: str) -> float | None:
+    side = OUT / "students" / key / f"{case_id}.json"
+    if side.is_file():
+        return json.loads(side.read_text())["seconds"]
+    rows = [json.loads(line) for line in open(OUT / "rows.jsonl")] if (OUT / "rows.jsonl").is_file() else []
+    times = [r["seconds"] for r in rows if r["variant"] == key and r["case"] == case_id]
+    return times[-1] if times else None
+
+
+def run_variant(name: str, overrides: dict, case_id: str, *, tag: str = "", progress: bool = True,
+                reuse: bool = False) -> list[dict]:
+    """Train (or, with ``reuse``, reload) the student of ``case_id`` for a variant; score the recipe's rule and
+    the extra rules."""
     from stego_core.selftrain import combine, predict_student, pseudo_labels, self_train, train_student
 
     data = load(case_id)
@@ -98,7 +117,10 @@ def run_variant(name: str, overrides: dict, case_id: str, *, tag: str = "", prog
     prob_file = folder / f"{case_id}.npy"
     inp = data[overrides.get("input", "image")]
     t0 = time.perf_counter()
-    if overrides.get("inductive"):
+    seconds = _cached_seconds(key, case_id) if reuse and prob_file.is_file() else None
+    if seconds is not None:
+        s_prob = np.load(prob_file).astype(np.float32)
+    elif overrides.get("inductive"):
         others = [c for c, t in CASES.items() if t == CASES[case_id] and c != case_id]
         imgs, brains, tgts, wgts = [], [], [], []
         for other in others:
@@ -118,8 +140,10 @@ def run_variant(name: str, overrides: dict, case_id: str, *, tag: str = "", prog
     else:
         _, s_prob, _ = self_train(inp, data["brain_mask"], data["teacher_prob"], data["teacher_mask"], settings,
                                   progress=progress)
-    seconds = time.perf_counter() - t0
-    np.save(prob_file, s_prob.astype(np.float16))
+    if seconds is None:
+        seconds = time.perf_counter() - t0
+        np.save(prob_file, s_prob.astype(np.float16))
+        (folder / f"{case_id}.json").write_text(json.dumps({"seconds": seconds, "settings": repr(settings)}))
     rows = []
     for rule in [{}] + EXTRA_RULES:
         s = settings.replace(**rule)
@@ -184,13 +208,14 @@ def main() -> None:
     parser.add_argument("--set", default="{}", help="JSON overrides applied to every variant")
     parser.add_argument("--tag", default="", help="suffix of the variant names (screening runs)")
     parser.add_argument("--table", action="store_true")
+    parser.add_argument("--reuse", action="store_true", help="rescore cached student probabilities")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     if not args.table:
         extra = json.loads(args.set)
         for case_id in args.cases.split(","):
             for name in args.variants.split(","):
-                run_variant(name, {**VARIANTS[name], **extra}, case_id, tag=args.tag)
+                run_variant(name, {**VARIANTS[name], **extra}, case_id, tag=args.tag, reuse=args.reuse)
     table()
 
 

@@ -113,6 +113,12 @@ class SelfTrainSettings:
         ``topn`` / ``topn_mean`` keep ``topn_scale * N`` voxels, N = the teacher's vessel voxel count.
     teacher_weight : float
         ``topn_mean``: the score ranked is ``(1 - w) * student + w * teacher probability``.
+    keep_trees : float
+        After the rule, keep only the components of at least this fraction of the largest one
+        (:func:`~stego_core.postprocess.keep_largest_trees`; 0: off). The lumen teacher ``best_mra``'s own step.
+    min_size_vox : int
+        After the rule, drop components under this many voxels (26-connectivity; 0: off). The tree teacher
+        ``best_mra_tree``'s own step.
     margin_vox : int
         Student predictions are kept within the brain mask dilated by this many voxels (0: the mask).
     rounds : int
@@ -161,6 +167,8 @@ class SelfTrainSettings:
     bright_quantile: float = 0.05
     topn_scale: float = 1.0
     teacher_weight: float = 0.0
+    keep_trees: float = 0.0
+    min_size_vox: int = 0
     margin_vox: int = 0
     rounds: int = 1
     seed: int = 0
@@ -609,6 +617,8 @@ def combine(teacher_prob: np.ndarray, teacher_mask: np.ndarray, student_prob: np
     ``bright_quantile`` quantile of the image over the teacher's vessel voxels).
     ``topn``: the ``topn_scale * N`` voxels of highest student probability, N = the teacher's voxel count.
     ``topn_mean``: the same on ``(1 - teacher_weight) * student + teacher_weight * teacher_prob``.
+    Then, for every rule but ``teacher``, components under ``min_size_vox`` voxels are dropped and, with
+    ``keep_trees`` > 0, only the trees of at least that fraction of the largest one are kept.
 
     Parameters
     ----------
@@ -631,13 +641,26 @@ def combine(teacher_prob: np.ndarray, teacher_mask: np.ndarray, student_prob: np
     rule = settings.combine
     check_choice(rule, "combine", COMBINE_RULES)
     tmask = np.asarray(teacher_mask).astype(bool)
+    if rule == "teacher":
+        return tmask
+    mask = _rule(rule, teacher_prob, tmask, student_prob, image, settings)
+    if settings.min_size_vox or settings.keep_trees:
+        from stego_core.postprocess import keep_largest_trees, remove_small_components
+
+        if settings.min_size_vox:
+            mask = remove_small_components(mask, min_size_vox=settings.min_size_vox)
+        if settings.keep_trees and mask.any():
+            mask = keep_largest_trees(mask, min_fraction=settings.keep_trees)
+    return mask
+
+
+def _rule(rule: str, teacher_prob: np.ndarray, tmask: np.ndarray, student_prob: np.ndarray, image: np.ndarray,
+          settings: SelfTrainSettings) -> np.ndarray:
     sprob = np.asarray(student_prob, dtype=np.float32)
     check_same_shape(tmask, sprob, "teacher_mask", "student_prob")
     smask = sprob > settings.student_cut
     if rule == "student":
         return smask
-    if rule == "teacher":
-        return tmask
     if rule == "union":
         return tmask | smask
     if rule == "intersection":
