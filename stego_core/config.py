@@ -520,7 +520,8 @@ class EvaluateConfig(RunSettings):
     """Which volumes to evaluate and how to reconstruct them.
 
     ``split: test`` evaluates the held-out volumes of the same seeded split that training uses
-    (``test_fraction``, ``split_seed``); ``all`` evaluates every case. ``crf: true`` refines every slice's
+    (``test_fraction``, ``split_seed``); ``all`` evaluates every case. ``analysis`` adds the Betti-number errors,
+    recall per vessel radius and (voxel size in mm known) HD95 / ASSD per case. ``crf: true`` refines every slice's
     probabilities with a dense CRF (``crf_settings``; needs ``pydensecrf2``) and adds ``+crf`` to the method.
     """
 
@@ -530,6 +531,7 @@ class EvaluateConfig(RunSettings):
     output: str = "outputs/evaluate"
     save_probabilities: bool = False
     progress: bool = True
+    analysis: bool = True
     crf: bool = False
     crf_settings: CRFSettings = field(default_factory=CRFSettings)
     postprocess: tuple[PostprocessStep, ...] = ()
@@ -684,11 +686,12 @@ class AugmentConfig:
 class PretrainConfig(DataSettings, RunSettings):
     """The ``pretrain`` entry point: DINO (Caron et al., ICCV 2021) of an in-domain ViT on unlabelled crops.
 
-    Defaults follow the DINO recipe (Caron et al., ICCV 2021, adapted to grey crops: teacher temperature 0.04 -> 0.07, student 0.1, centre momentum 0.9,
-    EMA 0.996 -> 1 by a cosine, AdamW ``lr * batch / 256`` with warm-up and cosine decay, weight decay
-    0.04 -> 0.4, clipping 3.0, last layer frozen at first) with a smaller prototype count for CPUs.
+    Defaults follow the DINO recipe adapted to grey crops (teacher temperature 0.04 -> 0.07, student 0.1,
+    centre momentum 0.9, EMA 0.996 -> 1 by a cosine, AdamW ``lr * batch / 256`` with warm-up and cosine decay,
+    weight decay 0.04 -> 0.4, clipping 3.0, last layer frozen at first) with a smaller prototype count for CPUs.
     ``max_minutes > 0`` stops earlier (schedules still span ``max_steps``; tagged ``stopped_early``).
-    ``resume=<run id>`` continues that pretraining run from its latest checkpoint (last or interrupted). ``precision: auto`` uses bf16
+    ``resume=<run id>`` continues that pretraining run from its latest checkpoint (last or interrupted).
+    ``precision: auto`` uses bf16
     autocast on a GPU, float32 on CPU.
     """
 

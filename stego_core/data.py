@@ -51,6 +51,15 @@ class PreparedCase:
         return self.case.case_id
 
     @property
+    def spacing_mm(self) -> tuple[float, float, float] | None:
+        """:attr:`spacing` when the header says its unit is mm (or m / um), else None: a header whose spatial
+        unit is 'unknown' holds a placeholder, and distances in mm would be made up."""
+        if self.header is None or self.header.get_xyzt_units()[0] not in ("mm", "meter", "micron"):
+            return None
+        scale = {"mm": 1.0, "meter": 1000.0, "micron": 0.001}[self.header.get_xyzt_units()[0]]
+        return None if self.spacing is None else tuple(s * scale for s in self.spacing)  # type: ignore[return-value]
+
+    @property
     def spacing(self) -> tuple[float, float, float] | None:
         """The voxel size in mm from the header, or None when the header has none."""
         if self.header is None:

@@ -13,12 +13,28 @@ from typing import Any
 import numpy as np
 
 from stego_core.data import PreparedCase
-from stego_core.metrics import evaluate_segmentation
+from stego_core.metrics import RADIUS_BINS, betti_errors, evaluate_segmentation, radius_recall, surface_distances
 from stego_core.postprocess import PostprocessResult, apply_postprocessing
 
 
+def analysis_metrics(pred: np.ndarray, label: np.ndarray, spacing_mm: Sequence[float] | None) -> dict[str, float]:
+    """The analysis keys beside the scores: Betti-number errors (TopCoW), recall per vessel radius bin, and
+    HD95 / ASSD in mm when the voxel size in mm is known (omitted otherwise: no made-up millimetres)."""
+    row: dict[str, float] = dict(betti_errors(pred, label))
+    radius = radius_recall(pred, label, spacing=spacing_mm)
+    row.update({f"recall_{b}": float(radius[f"recall_{b}"]) for b in RADIUS_BINS})
+    if spacing_mm is not None:
+        row.update(surface_distances(pred, label, spacing_mm))
+    return row
+
+
+#: Keys :func:`analysis_metrics` adds (HD95 / ASSD only with a known voxel size).
+ANALYSIS_KEYS = ("betti0_error", "betti1_error", *(f"recall_{b}" for b in RADIUS_BINS), "hd95_mm", "assd_mm")
+
+
 def evaluate_case(prob: np.ndarray, case: PreparedCase, steps: Sequence = (), *, threshold: float = 0.5,
-                  slice_axis: int = 2, crf_settings: Any = None) -> tuple[PostprocessResult, dict[str, Any]]:
+                  slice_axis: int = 2, crf_settings: Any = None, analysis: bool = False
+                  ) -> tuple[PostprocessResult, dict[str, Any]]:
     """Post-process ``prob`` with ``steps``, binarise it at ``threshold`` inside the brain mask, and score it.
 
     Parameters
@@ -34,6 +50,8 @@ def evaluate_case(prob: np.ndarray, case: PreparedCase, steps: Sequence = (), *,
     slice_axis : int
         Axis of the slices the dense CRF refines.
     crf_settings : CRFSettings, optional
+    analysis : bool
+        Also the analysis keys (:func:`analysis_metrics`: topology, recall per radius, surface distances).
 
     Returns
     -------
@@ -53,4 +71,6 @@ def evaluate_case(prob: np.ndarray, case: PreparedCase, steps: Sequence = (), *,
     if case.label is not None:
         row.update(evaluate_segmentation(post.mask, case.label))
         row["label_retention"] = case.label_retention
+        if analysis:
+            row.update(analysis_metrics(post.mask, case.label, case.spacing_mm))
     return post, row

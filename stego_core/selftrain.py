@@ -113,6 +113,9 @@ class SelfTrainSettings:
         ``topn`` / ``topn_mean`` keep ``topn_scale * N`` voxels, N = the teacher's vessel voxel count.
     teacher_weight : float
         ``topn_mean``: the score ranked is ``(1 - w) * student + w * teacher probability``.
+    mask_teacher_prob : bool
+        ``topn_mean``: the teacher's probability counts only inside its mask (0 outside), so a voxel outside
+        the teacher's mask enters on the student's confidence alone.
     keep_trees : float
         After the rule, keep only the components of at least this fraction of the largest one
         (:func:`~stego_core.postprocess.keep_largest_trees`; 0: off). The lumen teacher ``best_mra``'s own step.
@@ -167,6 +170,7 @@ class SelfTrainSettings:
     bright_quantile: float = 0.05
     topn_scale: float = 1.0
     teacher_weight: float = 0.0
+    mask_teacher_prob: bool = False
     keep_trees: float = 0.0
     min_size_vox: int = 0
     margin_vox: int = 0
@@ -616,7 +620,8 @@ def combine(teacher_prob: np.ndarray, teacher_mask: np.ndarray, student_prob: np
     ``union_bright``: teacher OR (``student_prob > union_cut`` AND a bright voxel: intensity at or above the
     ``bright_quantile`` quantile of the image over the teacher's vessel voxels).
     ``topn``: the ``topn_scale * N`` voxels of highest student probability, N = the teacher's voxel count.
-    ``topn_mean``: the same on ``(1 - teacher_weight) * student + teacher_weight * teacher_prob``.
+    ``topn_mean``: the same on ``(1 - teacher_weight) * student + teacher_weight * teacher_prob`` (the teacher's
+    probability zeroed outside its mask with ``mask_teacher_prob``).
     Then, for every rule but ``teacher``, components under ``min_size_vox`` voxels are dropped and, with
     ``keep_trees`` > 0, only the trees of at least that fraction of the largest one are kept.
 
@@ -672,8 +677,10 @@ def _rule(rule: str, teacher_prob: np.ndarray, tmask: np.ndarray, student_prob: 
     n = int(round(settings.topn_scale * tmask.sum()))
     score = sprob
     if rule == "topn_mean":
-        score = (1.0 - settings.teacher_weight) * sprob + settings.teacher_weight * np.asarray(teacher_prob,
-                                                                                               np.float32)
+        t_score = np.asarray(teacher_prob, np.float32)
+        if settings.mask_teacher_prob:
+            t_score = t_score * tmask
+        score = (1.0 - settings.teacher_weight) * sprob + settings.teacher_weight * t_score
     return _top_n(score, n)
 
 

@@ -324,7 +324,8 @@ class ClusterProbe(nn.Module):
         codes : (B, D, h, w) tensor
         alpha : float, optional
             None (training): hard one-hot assignment. A float: soft ``softmax(alpha * cosine)`` over clusters
-            (inverse temperature: STEGO evaluates with 2; the platform's default is ``model.alpha``), the loss then weighting by it.
+            (inverse temperature: STEGO evaluates with 2; the platform's default is ``model.alpha``), the loss
+            then weighting by it.
 
         Returns
         -------

@@ -392,3 +392,37 @@ def teacher_student_figure(image: np.ndarray, teacher: np.ndarray, student_prob:
     if title:
         fig.suptitle(title, fontsize=10)
     return fig
+
+
+def per_case_figure(per_case: Mapping[str, Mapping[str, Mapping[str, float]]],
+                    keys: Sequence[str] = ("dice", "cldice")) -> Figure:
+    """Per-case dots (one per volume, joined per case across methods) and a box per method, one panel per key.
+
+    Parameters
+    ----------
+    per_case : mapping method -> mapping case id -> mapping metric key -> float
+    keys : sequence of str
+        Metrics to draw, one panel each.
+    """
+    if not per_case:
+        raise ValueError("per_case is empty; expected at least one method")
+    methods = list(per_case)
+    cases = list(dict.fromkeys(c for rows in per_case.values() for c in rows))
+    fig = Figure(figsize=(max(5.0, 1.2 * len(methods) * len(keys)), 3.8), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(keys)))
+    colours = matplotlib.colormaps["tab10"]
+    for ax, key in zip(axes, keys):
+        values = [[per_case[m].get(c, {}).get(key, np.nan) for c in cases] for m in methods]
+        boxes = [[v for v in vs if np.isfinite(v)] for vs in values]
+        ax.boxplot([b if b else [np.nan] for b in boxes], positions=range(len(methods)), widths=0.5,
+                   showfliers=False)
+        for j, case in enumerate(cases):
+            ys = [values[i][j] for i in range(len(methods))]
+            ax.plot(range(len(methods)), ys, "o-", color=colours(j % 10), alpha=0.8, markersize=4, linewidth=0.8,
+                    label=case)
+        ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right", fontsize=8)
+        ax.set_ylim(0.0, 1.0)
+        ax.set_title(key)
+        ax.grid(axis="y", alpha=0.3)
+    axes[-1].legend(fontsize=7, loc="lower right")
+    return fig

@@ -84,3 +84,15 @@ def test_a_new_method_plugs_into_fit_predict_and_the_evaluation_run(tmp_path, br
     with pytest.raises(ValueError, match="fit it first"):
         run_baseline(BaselineConfig(data=data, method="brightest", split="all", progress=False,
                                     output=str(tmp_path / "out"), experiment="methods-tests"))
+
+
+def test_analysis_metrics_in_the_evaluation_row(tmp_path):
+    data = DataConfig(root=str(tmp_path / "ph"), phantom=TINY.phantom)
+    case = preprocess_case(ensure_cases(data)[0], data)
+    prob = build_method("percentile").predict(case)
+    _, row = evaluate_case(prob, case, analysis=True)
+    assert {"betti0_error", "betti1_error", "recall_thin", "recall_medium", "recall_thick"} <= set(row)
+    # phantom headers say mm: surface distances in mm; a header with an unknown unit gives none
+    assert ("hd95_mm" in row) == (case.spacing_mm is not None)
+    _, plain = evaluate_case(prob, case)
+    assert "betti0_error" not in plain

@@ -70,7 +70,10 @@ def test_run_main_on_tiny_phantoms(tmp_path, monkeypatch, mlflow_store, server_s
         if name != "pipeline":
             assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id, name
 
-    assert {"comparison.png", "comparison.txt"} <= _artifact_names(client, parent.info.run_id)
+    assert {"comparison.png", "comparison.txt", "comparison.csv", "comparison.md",
+            "comparison_cases.png"} <= _artifact_names(client, parent.info.run_id)
+    stats = (Path(client.download_artifacts(parent.info.run_id, "comparison.md", str(tmp_path)))).read_text()
+    assert "dice" in stats and "n" in stats  # one held-out phantom: the note says n is too small for a test
     local = client.download_artifacts(parent.info.run_id, "comparison.txt", str(tmp_path))
     assert Path(local).read_text() == text + "\n"
     train, recon, otsu = runs["stego-mra_vit_t4_p2"], runs["reconstruct-stego"], runs["baseline-otsu"]

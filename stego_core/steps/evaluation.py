@@ -67,7 +67,7 @@ def evaluate_cases(method: Method, cases: list[Case], cfg: EvaluateConfig, out_d
                 tracking.set_tags({"label_empty": "true", f"label_empty/{case.case_id}": "true"})
         prob = method.predict(prepared, progress=cfg.progress)
         post, row = evaluate_case(prob, prepared, steps, threshold=method.threshold, slice_axis=cfg.engine.axis,
-                                  crf_settings=cfg.crf_settings)
+                                  crf_settings=cfg.crf_settings, analysis=cfg.analysis)
         if after_case is not None:
             after_case(prepared, post, row)
         pred_path = save_volume(out_dir / "predictions" / f"{case.case_id}_{method.name}_pred.nii.gz",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import Any
 
 from stego_core import tracking
 from stego_core.config import (BaselineConfig, DataSettings, EngineConfig, MainConfig, PrepareConfig,
@@ -67,7 +68,36 @@ def markdown_table(table: dict[str, dict[str, float]], runs: dict[str, str], exp
     return "\n".join(head + lines + tail)
 
 
-def _stego(cfg: MainConfig, engine: EngineConfig, table: dict[str, dict[str, float]]) -> dict[str, str]:
+def comparison_statistics(per_case: dict[str, dict[str, dict[str, float]]], keys: tuple[str, ...] = ("dice", "cldice")
+                          ) -> tuple[str, str]:
+    """Per-case table (CSV) and statistics across cases (markdown): per method n, mean, std, median, bootstrap
+    95 % CI, and the paired comparison against the best method (Wilcoxon signed-rank, CI of the difference),
+    with a note when n is too small for the test to reach p < 0.05."""
+    import csv
+    import io
+
+    from stego_core.stats import compare_methods, comparison_markdown
+
+    cases = list(dict.fromkeys(c for rows in per_case.values() for c in rows))
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["case_id", *(f"{m}/{k}" for m in per_case for k in keys)])
+    for case in cases:
+        writer.writerow([case, *(f"{per_case[m].get(case, {}).get(k, float('nan')):.4f}" for m in per_case
+                                 for k in keys)])
+    sections = [comparison_markdown(compare_methods({m: {c: r[k] for c, r in rows.items() if k in r}
+                                                     for m, rows in per_case.items()}), k) for k in keys]
+    return buffer.getvalue(), "\n\n".join(sections) + "\n"
+
+
+def _rows(result: Any, prefix: str = "") -> dict[str, dict[str, float]]:
+    """An evaluation's per-case scores by case id (keys with ``prefix`` stripped, e.g. a teacher's)."""
+    return {r["case_id"]: {k[len(prefix):]: v for k, v in r.items() if k.startswith(prefix) and k != "case_id"}
+            for r in result.rows if "dice" in r}
+
+
+def _stego(cfg: MainConfig, engine: EngineConfig, table: dict[str, dict[str, float]],
+           per_case: dict[str, dict[str, dict[str, float]]]) -> dict[str, str]:
     """STEGO's steps (DINO pretraining when asked, training, reconstruction with and without CRF): their rows
     go into ``table``; returns the runs by name."""
     runs: dict[str, str] = {}
@@ -87,11 +117,12 @@ def _stego(cfg: MainConfig, engine: EngineConfig, table: dict[str, dict[str, flo
                                         model_uri=trained.model_uri or "", output=f"{cfg.output}/reconstruct"),
                                  nested=True)
         name = "stego+crf" if crf else "stego"
-        table[name], runs[name] = result.summary, result.run_id
+        table[name], runs[name], per_case[name] = result.summary, result.run_id, _rows(result)
     return runs
 
 
-def _selftrain(cfg: MainConfig, engine: EngineConfig, table: dict[str, dict[str, float]]) -> dict[str, str]:
+def _selftrain(cfg: MainConfig, engine: EngineConfig, table: dict[str, dict[str, float]],
+               per_case: dict[str, dict[str, dict[str, float]]]) -> dict[str, str]:
     """Self-training on the pipeline's volumes: the teacher's row and the student's row go into ``table``."""
     plan = {f.name: getattr(cfg.selftrain, f.name) for f in dataclasses.fields(SelfTrainPlan)}
     result = run_selftrain(derive(SelfTrainConfig, cfg, **plan, engine=engine, output=f"{cfg.output}/selftrain"),
@@ -99,6 +130,7 @@ def _selftrain(cfg: MainConfig, engine: EngineConfig, table: dict[str, dict[str,
     teacher = f"teacher-{cfg.selftrain.teacher.label}"
     table[teacher] = {k[len("teacher_"):]: v for k, v in result.summary.items() if k.startswith("teacher_")}
     table["selftrain"] = {k: v for k, v in result.summary.items() if not k.startswith("teacher_")}
+    per_case[teacher], per_case["selftrain"] = _rows(result, "teacher_"), _rows(result)
     return {"selftrain": result.run_id, teacher: result.run_id}
 
 
@@ -108,7 +140,7 @@ def run_main(cfg: MainConfig) -> str:
     The pipeline run (under ``mlflow run -e main``: the project's own run) logs the table and the bar chart.
     """
     from stego_core.steps.prepare import run_prepare
-    from stego_core.visualize import comparison_bar_figure
+    from stego_core.visualize import comparison_bar_figure, per_case_figure
 
     engine = EngineConfig(axis=cfg.slicing.axis)  # each method's own window along the crops' axis
     with tracking.start_run(cfg.experiment, run_name="pipeline", output_root=f"{cfg.output}/pipeline",
@@ -118,17 +150,15 @@ def run_main(cfg: MainConfig) -> str:
         tracking.log_plan(cfg, parent.output_dir)
         table: dict[str, dict[str, float]] = {}
         runs: dict[str, str] = {}
+        per_case: dict[str, dict[str, dict[str, float]]] = {}
         if "stego" in cfg.learned:  # STEGO's crops, also exported in the seed's dataset layout
             run_prepare(derive(PrepareConfig, cfg, output=f"{cfg.output}/prepare"), nested=True)
         for method in cfg.baselines:
             result = run_baseline(derive(BaselineConfig, cfg, engine=engine, method=method,
                                          output=f"{cfg.output}/baseline"), nested=True)
-            table[method], runs[method] = result.summary, result.run_id
+            table[method], runs[method], per_case[method] = result.summary, result.run_id, _rows(result)
         for learned in cfg.learned:
-            if learned == "stego":
-                runs.update(_stego(cfg, engine, table))
-            else:
-                runs.update(_selftrain(cfg, engine, table))
+            runs.update((_stego if learned == "stego" else _selftrain)(cfg, engine, table, per_case))
 
         text = format_table(table)
         key = {m: m.replace("+", "_") for m in {**table, **runs}}  # MLflow keys allow no '+'
@@ -138,5 +168,12 @@ def run_main(cfg: MainConfig) -> str:
         means = {m: {k: s.get(f"{k}_mean", float("nan")) for k in SCORE_KEYS} for m, s in table.items()}
         tracking.log_metrics({f"{key[m]}/{k}": v for m, row in means.items() for k, v in row.items()})
         tracking.log_figure(comparison_bar_figure(means, keys=("dice", "cldice")), "comparison.png")
-        tracking.set_description(markdown_table(table, runs, parent.experiment_id))
+        note = markdown_table(table, runs, parent.experiment_id)
+        if per_case and any(per_case.values()):
+            csv_text, stats_md = comparison_statistics(per_case)
+            tracking.log_text(csv_text, "comparison.csv")
+            tracking.log_text(stats_md, "comparison.md")
+            tracking.log_figure(per_case_figure(per_case), "comparison_cases.png")
+            note += "\n\n" + stats_md
+        tracking.set_description(note)
     return text
