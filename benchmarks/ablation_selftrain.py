@@ -33,8 +33,8 @@ RECIPES: dict[str, dict] = {
     # "largest trees" step
     "best_mra": {"combine": "intersection", "student_cut": 0.5, "keep_trees": 0.05},
     # three 2.5D students (one per axis) averaged, no ignored ring; the teacher's voxel count of the highest
-    # (student + teacher) / 2 scores, then the teacher's own small-component step
-    "best_mra_tree": {"band_vox": 0, "views": (0, 1, 2), "combine": "topn_mean", "teacher_weight": 0.5,
+    # 0.3 student + 0.7 teacher scores, then the teacher's own small-component step
+    "best_mra_tree": {"band_vox": 0, "views": (0, 1, 2), "combine": "topn_mean", "teacher_weight": 0.7,
                       "min_size_vox": 10},
 }
 
@@ -59,6 +59,10 @@ EXTRA_RULES = [
     {"combine": "union_bright"},
     {"combine": "topn_mean", "teacher_weight": 0.5},
     {"combine": "intersection"},
+    {"combine": "topn_mean", "teacher_weight": 0.5, "mask_teacher_prob": True},
+    {"combine": "topn_mean", "teacher_weight": 0.6},
+    {"combine": "topn_mean", "teacher_weight": 0.7},
+    {"combine": "topn_mean", "teacher_weight": 1.0},   # control: the teacher's own top-N, no student
     {"combine": "student", "student_cut": 0.3},
     {"combine": "student", "student_cut": 0.7},
     {"combine": "intersection", "student_cut": 0.3},
@@ -116,7 +120,7 @@ def run_variant(name: str, overrides: dict, case_id: str, *, tag: str = "", prog
     folder.mkdir(parents=True, exist_ok=True)
     prob_file = folder / f"{case_id}.npy"
     inp = data[overrides.get("input", "image")]
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     seconds = _cached_seconds(key, case_id) if reuse and prob_file.is_file() else None
     if seconds is not None:
         s_prob = np.load(prob_file).astype(np.float32)
@@ -143,7 +147,9 @@ def run_variant(name: str, overrides: dict, case_id: str, *, tag: str = "", prog
     if seconds is None:
         seconds = time.perf_counter() - t0
         np.save(prob_file, s_prob.astype(np.float16))
-        (folder / f"{case_id}.json").write_text(json.dumps({"seconds": seconds, "settings": repr(settings)}))
+        (folder / f"{case_id}.json").write_text(json.dumps({"seconds": seconds,
+                                                            "cpu_seconds": time.process_time() - c0,
+                                                            "settings": repr(settings)}))
     rows = []
     for rule in [{}] + EXTRA_RULES:
         s = settings.replace(**rule)
