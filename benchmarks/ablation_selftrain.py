@@ -27,16 +27,8 @@ OUT = Path(__file__).resolve().parents[1] / "outputs" / "selftrain"
 LUMEN = [c for c, t in CASES.items() if t == "best_mra"]
 TREE = [c for c, t in CASES.items() if t == "best_mra_tree"]
 
-#: the fixed recipe per convention (settings of SelfTrainSettings, plus the student's input image)
-RECIPES: dict[str, dict] = {
-    # one 2.5D student (axial), one-voxel ring ignored; teacher AND student, then the teacher's own
-    # "largest trees" step
-    "best_mra": {"combine": "intersection", "student_cut": 0.5, "keep_trees": 0.05},
-    # three 2.5D students (one per axis) averaged, no ignored ring; the teacher's voxel count of the highest
-    # 0.3 student + 0.7 teacher scores, then the teacher's own small-component step
-    "best_mra_tree": {"band_vox": 0, "views": (0, 1, 2), "combine": "topn_mean", "teacher_weight": 0.7,
-                      "min_size_vox": 10},
-}
+#: teacher preset -> the convention's fixed recipe in :data:`stego_core.selftrain.RECIPES`
+CONVENTION = {"best_mra": "lumen", "best_mra_tree": "tree"}
 
 #: variants: overrides of the convention's recipe; "rules" scores extra combination rules of the same student
 VARIANTS: dict[str, dict] = {
@@ -87,15 +79,14 @@ def score(mask: np.ndarray, label: np.ndarray) -> dict[str, float]:
 
 
 def settings_for(case_id: str, overrides: dict):
-    from stego_core.selftrain import SelfTrainSettings
+    """The recipe of ``case_id``'s convention with a variant's ``overrides`` (``inductive`` / ``input`` aside)."""
+    from stego_core.selftrain import RECIPES
 
-    params = {**RECIPES[CASES[case_id]], **overrides}
-    params.pop("inductive", None)
-    params.pop("input", None)
+    params = {k: v for k, v in overrides.items() if k not in ("inductive", "input")}
     for key in ("channels", "views"):
         if key in params:
             params[key] = tuple(params[key])
-    return SelfTrainSettings(**params)
+    return RECIPES[CONVENTION[CASES[case_id]]].replace(**params)
 
 
 def _cached_seconds(key: str, case_id: str) -> float | None:

@@ -38,6 +38,7 @@ from stego_core._checks import check_choice, check_ndim, check_range, check_same
 
 __all__ = [
     "COMBINE_RULES",
+    "RECIPES",
     "SelfTrainSettings",
     "build_student",
     "combine",
@@ -205,6 +206,20 @@ class SelfTrainSettings:
     def replace(self, **changes) -> SelfTrainSettings:
         """A copy with ``changes`` applied (validated)."""
         return dataclasses.replace(self, **changes)
+
+
+#: One fixed recipe per label convention (issue 21), measured on the five shared cases by
+#: ``benchmarks/ablation_selftrain.py``; never tuned per volume.
+#: ``lumen`` (teacher ``best_mra``): one axial 2.5D student, one-voxel ring ignored; the teacher's voxels the
+#: student keeps (> 0.5), then the teacher's own "largest trees" step (>= 5 % of the largest).
+#: ``tree`` (teacher ``best_mra_tree``): three 2.5D students (one per axis) averaged, no ring; the teacher's
+#: voxel count of the highest ``0.3 * student + 0.7 * teacher`` scores, then the teacher's own small-component
+#: step (< 10 voxels dropped).
+RECIPES: dict[str, SelfTrainSettings] = {
+    "lumen": SelfTrainSettings(band_vox=1, combine="intersection", student_cut=0.5, keep_trees=0.05),
+    "tree": SelfTrainSettings(band_vox=0, views=(0, 1, 2), combine="topn_mean", teacher_weight=0.7,
+                              min_size_vox=10),
+}
 
 
 # ----------------------------------------------------------------------------------------------------------
