@@ -27,8 +27,16 @@ OUT = Path(__file__).resolve().parents[1] / "outputs" / "selftrain"
 LUMEN = [c for c, t in CASES.items() if t == "best_mra"]
 TREE = [c for c, t in CASES.items() if t == "best_mra_tree"]
 
-#: teacher preset -> the convention's fixed recipe in :data:`stego_core.selftrain.RECIPES`
-CONVENTION = {"best_mra": "lumen", "best_mra_tree": "tree"}
+#: teacher preset -> the convention's fixed recipe: the student section of its self-training preset
+CONVENTION = {"best_mra": "selftrain_mra.yaml", "best_mra_tree": "selftrain_mra_tree.yaml"}
+
+
+def recipe(teacher: str):
+    """The student settings of the self-training preset for ``teacher``'s labelling convention."""
+    from stego_core.config import MainConfig, load_config
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "configs" / CONVENTION[teacher]
+    return load_config(MainConfig, path).selftrain.student
 
 #: variants: overrides of the convention's recipe; "rules" scores extra combination rules of the same student
 VARIANTS: dict[str, dict] = {
@@ -80,13 +88,11 @@ def score(mask: np.ndarray, label: np.ndarray) -> dict[str, float]:
 
 def settings_for(case_id: str, overrides: dict):
     """The recipe of ``case_id``'s convention with a variant's ``overrides`` (``inductive`` / ``input`` aside)."""
-    from stego_core.selftrain import RECIPES
-
     params = {k: v for k, v in overrides.items() if k not in ("inductive", "input")}
     for key in ("channels", "views"):
         if key in params:
             params[key] = tuple(params[key])
-    return RECIPES[CONVENTION[CASES[case_id]]].replace(**params)
+    return recipe(CASES[case_id]).replace(**params)
 
 
 def _cached_seconds(key: str, case_id: str) -> float | None:

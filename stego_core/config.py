@@ -31,7 +31,6 @@ import yaml
 from stego_core._checks import check_choice, check_range
 from stego_core.crf import CRFSettings
 from stego_core.postprocess import STEPS
-from stego_core.selftrain import SelfTrainSettings
 
 T = TypeVar("T")
 
@@ -580,6 +579,163 @@ class ReconstructConfig(EvaluateConfig):
         check_choice(self.device, "device", ("auto", "cpu", "cuda"))
 
 # ------------------------------------------------------------------------------------- self-training
+
+
+#: Label-free rules that combine a student's probability with its teacher (:func:`stego_core.selftrain.combine`).
+COMBINE_RULES = ("student", "teacher", "union_bright", "topn", "topn_mean", "union", "intersection")
+
+
+@dataclass(frozen=True)
+class SelfTrainSettings:
+    """All knobs of self-training (:mod:`stego_core.selftrain`), each with its default stated once here.
+
+    Attributes
+    ----------
+    high, low : float
+        Pseudo-label cuts on the teacher probability: vessel = teacher mask AND probability >= ``high``;
+        background = probability < ``low`` AND outside the band around the teacher mask; the rest is ignored.
+    band_vox : int
+        Width in voxels of the ignored ring around the teacher's vessels (0: no band).
+    axis : int
+        Slicing axis of the (I, J, K) volumes.
+    views : tuple of int
+        Tri-planar self-training: one student per listed axis, their probabilities averaged (empty: ``axis``
+        only). Each view's student sees its own 2.5D slab, so the average has 3D context.
+    dims : {"2d", "2.5d"}
+    context : int
+        Neighbouring slices on each side fed as channels for ``2.5d`` (channels = 2 * context + 1).
+    channels : tuple of int
+        Feature widths of the U-Net levels (``len - 1`` down-samplings by 2).
+    res_units : int
+        Residual units per level of MONAI's ``UNet``.
+    crop : int
+        Training crop size in pixels (square).
+    steps, batch, lr, weight_decay : int, int, float, float
+        Adam steps, crops per step, learning rate, weight decay.
+    vessel_fraction : float
+        Fraction of crops centred on a teacher vessel voxel; the rest are centred anywhere in the brain mask.
+    bce_weight, dice_weight, cldice_weight : float
+        Weights of the masked BCE, masked soft Dice and masked soft-clDice (0 turns a term off).
+    cldice_iters : int
+        Soft-skeleton iterations of MONAI's ``SoftclDiceLoss``.
+    aug_flip, aug_rot90, aug_intensity, aug_gamma, aug_noise, aug_elastic : bool
+        Augmentations (:func:`augment`): random flips, 90-degree rotations, intensity scale (+-10 %) and shift
+        (+-0.05), gamma in [0.7, 1.5], Gaussian noise (std <= 0.03); MONAI's small 2D elastic deformation.
+    aug_prob : float
+        Probability of each augmentation per crop.
+    val_every : int
+        Every ``val_every``-th slice containing brain is held apart from training (for the stopping criterion).
+    eval_every : int
+        Steps between evaluations of the criterion (0: keep the last weights).
+    tta : bool
+        Average the predictions over the four flips of each slice at inference.
+    infer_batch : int
+        Slices per forward pass at inference.
+    combine : str
+        One of :data:`COMBINE_RULES` (see :func:`combine`).
+    student_cut : float
+        Cut of the student probability for ``student`` and the ``union*`` / ``intersection`` rules.
+    union_cut : float
+        Student probability above which ``union_bright`` adds a voxel to the teacher's mask.
+    bright_quantile : float
+        ``union_bright``: a voxel is bright when its intensity is at or above this quantile of the image over
+        the teacher's vessel voxels.
+    topn_scale : float
+        ``topn`` / ``topn_mean`` keep ``topn_scale * N`` voxels, N = the teacher's vessel voxel count.
+    teacher_weight : float
+        ``topn_mean``: the score ranked is ``(1 - w) * student + w * teacher probability``.
+    mask_teacher_prob : bool
+        ``topn_mean``: the teacher's probability counts only inside its mask (0 outside), so a voxel outside
+        the teacher's mask enters on the student's confidence alone.
+    keep_trees : float
+        After the rule, keep only the components of at least this fraction of the largest one
+        (:func:`~stego_core.postprocess.keep_largest_trees`; 0: off). The lumen teacher ``best_mra``'s own step.
+    min_size_vox : int
+        After the rule, drop components under this many voxels (26-connectivity; 0: off). The tree teacher
+        ``best_mra_tree``'s own step.
+    margin_vox : int
+        Student predictions are kept within the brain mask dilated by this many voxels (0: the mask).
+    rounds : int
+        Self-training rounds; from the second on, the previous round's student probability and combined mask
+        are the teacher.
+    seed : int
+        Seed of the network initialisation, crop sampling and augmentation.
+    threads : int
+        Torch CPU threads (0: leave torch's setting); 1 by default: a second thread on two busy cores made a
+        step 10x slower here.
+    """
+
+    high: float = 0.5
+    low: float = 0.5
+    band_vox: int = 1
+    axis: int = 2
+    views: tuple[int, ...] = ()
+    dims: str = "2.5d"
+    context: int = 1
+    channels: tuple[int, ...] = (16, 32, 64)
+    res_units: int = 1
+    crop: int = 64
+    steps: int = 1500
+    batch: int = 16
+    lr: float = 2e-3
+    weight_decay: float = 1e-5
+    vessel_fraction: float = 0.5
+    bce_weight: float = 1.0
+    dice_weight: float = 1.0
+    cldice_weight: float = 0.0
+    cldice_iters: int = 3
+    aug_flip: bool = True
+    aug_rot90: bool = True
+    aug_intensity: bool = True
+    aug_gamma: bool = True
+    aug_noise: bool = True
+    aug_elastic: bool = False
+    aug_prob: float = 0.3
+    val_every: int = 10
+    eval_every: int = 250
+    tta: bool = False
+    infer_batch: int = 8
+    combine: str = "student"
+    student_cut: float = 0.5
+    union_cut: float = 0.9
+    bright_quantile: float = 0.05
+    topn_scale: float = 1.0
+    teacher_weight: float = 0.0
+    mask_teacher_prob: bool = False
+    keep_trees: float = 0.0
+    min_size_vox: int = 0
+    margin_vox: int = 0
+    rounds: int = 1
+    seed: int = 0
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        check_range(self.high, "student.high", 0.0, 1.0)
+        check_range(self.low, "student.low", 0.0, 1.0)
+        if self.low > self.high:
+            raise ValueError(f"low={self.low} must not exceed high={self.high}")
+        check_choice(self.dims, "student.dims", ("2d", "2.5d"))
+        check_choice(self.combine, "student.combine", COMBINE_RULES)
+        check_choice(self.axis, "student.axis", (0, 1, 2))
+        for view in self.views:
+            check_choice(view, "student.views", (0, 1, 2))
+        if self.crop % (2 ** (len(self.channels) - 1)):
+            raise ValueError(f"crop={self.crop} must be divisible by 2**{len(self.channels) - 1}")
+        for name in ("band_vox", "context", "steps", "batch", "val_every", "eval_every", "rounds",
+                     "margin_vox", "res_units"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"student.{name}={getattr(self, name)} must be >= 0")
+        if self.rounds < 1 or self.batch < 1 or self.val_every < 2:
+            raise ValueError("rounds and batch must be >= 1 and val_every >= 2")
+
+    @property
+    def in_channels(self) -> int:
+        """Channels of the student's input: ``2 * context + 1`` for 2.5D, else 1."""
+        return 2 * self.context + 1 if self.dims == "2.5d" else 1
+
+    def replace(self, **changes) -> SelfTrainSettings:
+        """A copy with ``changes`` applied (validated)."""
+        return dataclasses.replace(self, **changes)
 
 
 @dataclass(frozen=True)

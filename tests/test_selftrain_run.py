@@ -94,3 +94,31 @@ def test_inductive_student_is_fitted_on_other_volumes(tmp_path):
     method.fit([train])
     prob = method.predict(test)
     assert prob.shape == test.image.shape and set(np.unique(prob)) <= {0.0, 1.0}
+
+
+@pytest.mark.slow
+def test_pipeline_selftrains_on_the_stego_it_trained(tmp_path, mlflow_store, monkeypatch):
+    """The STEGO-teacher switch: learned [stego, selftrain] with teacher method stego and no model_uri."""
+    import mlflow.models
+
+    from stego_core.config import MainConfig
+    from stego_core.steps.pipeline import run_main
+
+    monkeypatch.setattr(mlflow.models, "infer_pip_requirements",
+                        lambda model_uri, flavor, fallback=None, **kwargs: fallback)
+    cfg = load_config(MainConfig, None, [
+        f"data.root={tmp_path / 'phantoms'}", "data.phantom.shape=[48, 48, 24]", "data.phantom.n_volumes=2",
+        "slicing.patch_size=16", "slicing.stride=8", "baselines=[]", "learned=[stego, selftrain]",
+        "model.backbone=classical", "model.weights=random", "model.res=16", "model.code_dim=16",
+        "model.n_clusters=8", "model.cluster_fit=kmeans", "model.cluster_rule=brightness", "stego_crf=false",
+        "train.max_steps=6", "train.val_every_n_steps=6", "train.batch_size=8", "train.progress=false",
+        "train.accelerator=cpu", f"train.cache_dir={tmp_path / 'cache'}", "selftrain.teacher.method=stego",
+        *(f"selftrain.{o}" for o in TINY[4:9]), f"output={tmp_path / 'outputs'}",
+        "experiment=selftrain-tests"])
+    text = run_main(cfg)
+    rows = {line.split()[0] for line in text.splitlines()[2:]}
+    assert rows == {"stego", "teacher-stego", "selftrain"}
+    client = tracking.client()
+    experiment = client.get_experiment_by_name("selftrain-tests")
+    (run,) = client.search_runs([experiment.experiment_id], "tags.step = 'selftrain'")
+    assert run.data.tags["teacher"] == "stego" and run.data.params["teacher.settings.model_uri"]

@@ -112,6 +112,8 @@ def _stego(cfg: MainConfig, engine: EngineConfig, table: dict[str, dict[str, flo
         model = dataclasses.replace(cfg.model, backbone=pre.backbone, weights=pretrained.weights_uri)
     trained = run_train(derive(TrainConfig, cfg, model=model, output=f"{cfg.output}/train"), nested=True)
     runs["training"] = trained.run_id
+    if trained.model_uri:
+        runs["stego_model"] = trained.model_uri  # a self-training teacher `method: stego` without a model_uri
     for crf in (False, True) if cfg.stego_crf and crf_available() else (False,):
         result = run_reconstruct(derive(ReconstructConfig, cfg, engine=engine, crf=crf,
                                         model_uri=trained.model_uri or "", output=f"{cfg.output}/reconstruct"),
@@ -122,9 +124,16 @@ def _stego(cfg: MainConfig, engine: EngineConfig, table: dict[str, dict[str, flo
 
 
 def _selftrain(cfg: MainConfig, engine: EngineConfig, table: dict[str, dict[str, float]],
-               per_case: dict[str, dict[str, dict[str, float]]]) -> dict[str, str]:
-    """Self-training on the pipeline's volumes: the teacher's row and the student's row go into ``table``."""
+               per_case: dict[str, dict[str, dict[str, float]]], stego_model: str | None = None) -> dict[str, str]:
+    """Self-training on the pipeline's volumes: the teacher's row and the student's row go into ``table``.
+    ``teacher.method: stego`` without a ``model_uri`` teaches with the STEGO model this pipeline trained."""
     plan = {f.name: getattr(cfg.selftrain, f.name) for f in dataclasses.fields(SelfTrainPlan)}
+    teacher = plan["teacher"]
+    if teacher.method == "stego" and not teacher.settings.get("model_uri") and not teacher.config:
+        if stego_model is None:
+            raise ValueError("selftrain.teacher.method=stego needs a model: list stego before selftrain in "
+                             "learned, or give selftrain.teacher.settings.model_uri")
+        plan["teacher"] = dataclasses.replace(teacher, settings={**teacher.settings, "model_uri": stego_model})
     result = run_selftrain(derive(SelfTrainConfig, cfg, **plan, engine=engine, output=f"{cfg.output}/selftrain"),
                            nested=True)
     teacher = f"teacher-{cfg.selftrain.teacher.label}"
@@ -158,7 +167,10 @@ def run_main(cfg: MainConfig) -> str:
                                          output=f"{cfg.output}/baseline"), nested=True)
             table[method], runs[method], per_case[method] = result.summary, result.run_id, _rows(result)
         for learned in cfg.learned:
-            runs.update((_stego if learned == "stego" else _selftrain)(cfg, engine, table, per_case))
+            if learned == "stego":
+                runs.update(_stego(cfg, engine, table, per_case))
+            else:
+                runs.update(_selftrain(cfg, engine, table, per_case, runs.get("stego_model")))
 
         text = format_table(table)
         key = {m: m.replace("+", "_") for m in {**table, **runs}}  # MLflow keys allow no '+'
