@@ -122,3 +122,19 @@ def test_pipeline_selftrains_on_the_stego_it_trained(tmp_path, mlflow_store, mon
     experiment = client.get_experiment_by_name("selftrain-tests")
     (run,) = client.search_runs([experiment.experiment_id], "tags.step = 'selftrain'")
     assert run.data.tags["teacher"] == "stego" and run.data.params["teacher.settings.model_uri"]
+
+
+def test_ablation_rows_take_selftrain_variants_by_alias(tmp_path):
+    from stego_core.config import AblationConfig, from_dict
+    from stego_core.steps.ablation import ablation_rows
+
+    student = {"steps": 6, "eval_every": 3, "crop": 32, "batch": 2, "channels": [8, 16]}
+    cfg = from_dict(AblationConfig, {
+        "datasets": [{"root": str(tmp_path / "ph"), "phantom": {"n_volumes": 1, "shape": [48, 48, 24]}}],
+        "progress": False, "variants": [{"name": "none"}],
+        "methods": [{"name": "percentile", "alias": "teacher"},
+                    {"name": "selftrain", "alias": "student",
+                     "settings": {"teacher": {"method": "percentile"}, "student": student}}]})
+    rows = ablation_rows(cfg)
+    assert [r["method"] for r in rows] == ["teacher", "student"]
+    assert all(0.0 <= r["dice"] <= 1.0 for r in rows)
