@@ -46,21 +46,29 @@ def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
 
 
 @contextlib.contextmanager
-def handle_signals() -> Iterator[None]:
-    """Within the block, SIGTERM and SIGINT raise :class:`Interrupted`; the previous handlers come back after.
-
-    Does nothing outside the main thread (Python only delivers signals there).
-    """
+def _signal_handlers(handler: Any) -> Iterator[None]:
+    """``handler`` for SIGTERM and SIGINT within the block, the previous handlers after it (a no-op outside the
+    main thread, where Python delivers no signal)."""
     try:
-        previous = {s: signal.signal(s, _raise_interrupted) for s in _SIGNALS}
+        previous = {s: signal.signal(s, handler) for s in _SIGNALS}
     except ValueError:  # not the main thread
         yield
         return
     try:
         yield
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        for s, prev in previous.items():
+            signal.signal(s, prev)
+
+
+@contextlib.contextmanager
+def handle_signals() -> Iterator[None]:
+    """Within the block, SIGTERM and SIGINT raise :class:`Interrupted`; the previous handlers come back after.
+
+    Does nothing outside the main thread (Python only delivers signals there).
+    """
+    with _signal_handlers(_raise_interrupted):
+        yield
 
 
 @contextlib.contextmanager
@@ -72,16 +80,8 @@ def deferred_signals() -> Iterator[None]:
     saved on interruption is that of a whole number of steps. Does nothing outside the main thread.
     """
     received: list[int] = []
-    try:
-        previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in _SIGNALS}
-    except ValueError:  # not the main thread
+    with _signal_handlers(lambda signum, frame: received.append(signum)):
         yield
-        return
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
     if received:
         signal.raise_signal(received[0])
 
