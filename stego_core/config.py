@@ -793,8 +793,10 @@ class SelfTrainPlan:
 @dataclass(frozen=True)
 class SelfTrainConfig(SelfTrainPlan, EvaluateConfig):
     """The ``selftrain`` entry point: a student network trained on a teacher's pseudo-labels
-    (:class:`SelfTrainPlan`), evaluated on the ``split`` volumes beside its teacher."""
+    (:class:`SelfTrainPlan`), evaluated on the ``split`` volumes beside its teacher. ``model_uri`` (a selftrain
+    run id) applies that run's logged students instead of training (what ``reconstruct`` does with them)."""
 
+    model_uri: str = ""
     log_model: bool = True
     output: str = "outputs/selftrain"
 

@@ -273,8 +273,9 @@ class SelfTrainMethod:
         return tuple(self.student.views or (self.student.axis,))
 
     def fit(self, cases: Sequence[PreparedCase]) -> None:
-        """Inductive: one student on the training volumes' pseudo-labels; transductive: nothing here."""
-        if self.mode != "inductive":
+        """Inductive: one student per view on the training volumes' pseudo-labels (kept when already loaded
+        from a run); transductive: nothing here."""
+        if self.mode != "inductive" or self.models:
             return
         from stego_core.selftrain import pseudo_labels, train_student
 
@@ -316,10 +317,10 @@ def _selftrain(settings: Mapping[str, Any], engine: EngineConfig) -> Method:
     from stego_core.config import SelfTrainSettings, TeacherConfig, from_dict
 
     settings = dict(settings)
-    unknown = set(settings) - {"teacher", "student", "mode", "skull_strip", "on_step"}
+    unknown = set(settings) - {"teacher", "student", "mode", "skull_strip", "on_step", "model_uri"}
     if unknown:
         raise ValueError(f"unknown setting(s) {sorted(unknown)} for method 'selftrain'; valid settings: "
-                         "['teacher', 'student', 'mode', 'skull_strip']")
+                         "['teacher', 'student', 'mode', 'skull_strip', 'model_uri']")
     teacher = settings.get("teacher") or TeacherConfig()
     teacher = teacher if isinstance(teacher, TeacherConfig) else from_dict(TeacherConfig, teacher,
                                                                             prefix="teacher.")
@@ -329,8 +330,26 @@ def _selftrain(settings: Mapping[str, Any], engine: EngineConfig) -> Method:
                                                                                prefix="student.")
     if student.axis != engine.axis:
         student = student.replace(axis=engine.axis)
-    return SelfTrainMethod(build_method(teacher.method, teacher.settings, engine), teacher.postprocess, student,
-                           engine, mode=settings.get("mode", "transductive"), on_step=settings.get("on_step"))
+    method = SelfTrainMethod(build_method(teacher.method, teacher.settings, engine), teacher.postprocess, student,
+                             engine, mode=settings.get("mode", "transductive"), on_step=settings.get("on_step"))
+    if settings.get("model_uri"):  # a selftrain run's logged students, applied without training
+        method.models = load_students(settings["model_uri"])
+        method.mode = "inductive"
+        if len(method.models) != len(method.views):
+            raise ValueError(f"model_uri={settings['model_uri']!r} holds {len(method.models)} student(s) but "
+                             f"student.views asks for {len(method.views)}: use that run's plan.yaml")
+    return method
+
+
+def load_students(run_id: str) -> list[Any]:
+    """The students a ``selftrain`` run logged (one per view, tag ``model_uris``), in eval mode."""
+    from stego_core import tracking
+
+    try:
+        uris = tracking.client().get_run(run_id).data.tags["model_uris"].split(",")
+    except Exception as exc:
+        raise ValueError(f"model_uri={run_id!r} is not a selftrain run with logged students ({exc})") from None
+    return [tracking.load_pytorch_model(uri).eval() for uri in uris]
 
 
 register_method(MethodEntry("selftrain", "learned", _selftrain,

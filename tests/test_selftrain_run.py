@@ -44,6 +44,18 @@ def test_selftrain_run_scores_student_beside_teacher(tmp_path, mlflow_store, mon
     out = model(__import__("torch").zeros(1, cfg.student.in_channels, 32, 32))
     assert out.shape[-2:] == (32, 32) and np.isfinite(out.detach().numpy()).all()
 
+    # reused like STEGO: `reconstruct model_uri=<selftrain run>` applies the logged student with that run's plan
+    from stego_core.config import ReconstructConfig
+    from stego_core.steps.evaluation import run_reconstruct
+
+    again = run_reconstruct(ReconstructConfig(data=cfg.data, split="all", progress=False, experiment=cfg.experiment,
+                                              output=str(tmp_path / "again"), model_uri=result.run_id))
+    reused = client.get_run(again.run_id)
+    assert reused.data.tags["students_from_run"] == result.run_id and reused.data.tags["method"] == "selftrain"
+    assert reused.data.tags["training_run_id"] == result.run_id and "model_uris" not in reused.data.tags
+    assert {r["case_id"] for r in again.rows} == {r["case_id"] for r in result.rows}
+    assert all(0.0 <= r["dice"] <= 1.0 for r in again.rows)
+
 
 def test_teacher_preset_must_match_the_skull_strip(tmp_path):
     from stego_core.config import TeacherConfig

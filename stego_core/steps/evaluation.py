@@ -130,8 +130,37 @@ def run_baseline(cfg: BaselineConfig, *, nested: bool = False, tags: dict[str, s
                           params=params, tags={"kind": "baseline" if kind == "classical" else kind, **(tags or {})})
 
 
+def _selftrain_run(model_uri: str) -> str | None:
+    """The run id when ``model_uri`` is a bare id of a ``selftrain`` run (tag ``method``), else None."""
+    import re
+
+    if not re.fullmatch(r"[0-9a-f]{32}", model_uri or ""):
+        return None
+    try:
+        tags = tracking.client().get_run(model_uri).data.tags
+    except Exception:
+        return None
+    return model_uri if tags.get("method") == "selftrain" else None
+
+
 def run_reconstruct(cfg: ReconstructConfig, *, nested: bool = False) -> EvaluationResult:
-    """Evaluate a trained model with the same engine and metric keys as the baselines, linked to its training run."""
+    """Evaluate a trained model with the same engine and metric keys as the baselines, linked to its training run.
+
+    ``model_uri`` may also name a ``selftrain`` run: its logged students and its plan (teacher, combination)
+    are applied to this config's volumes (:func:`~stego_core.steps.selftrain.run_selftrain` with
+    ``model_uri``), so a self-trained segmenter is reused like STEGO."""
+    student_run = _selftrain_run(cfg.model_uri)
+    if student_run is not None:
+        from stego_core.config import SelfTrainConfig, derive, load_config
+        from stego_core.steps.selftrain import run_selftrain
+
+        plan = tracking.download_artifacts(f"runs:/{student_run}/{tracking.PLAN_ARTIFACT}",
+                                           Path(cfg.output) / "plans" / student_run)
+        trained = load_config(SelfTrainConfig, plan)
+        own = {f.name: getattr(trained, f.name) for f in dataclasses.fields(trained)
+               if f.name in ("teacher", "student", "mode")}
+        return run_selftrain(derive(SelfTrainConfig, cfg, **own, model_uri=student_run), nested=nested,
+                             tags={"training_run_id": student_run})
     method = build_method("stego", {"model_uri": cfg.model_uri, "device": cfg.device, "amp": cfg.amp,
                                     "compile": cfg.compile}, cfg.engine)
     model = method.segmenter.model

@@ -67,7 +67,8 @@ def run_selftrain(cfg: SelfTrainConfig, *, nested: bool = False, tags: dict[str,
 
     teacher = cfg.teacher.resolved(cfg.data.skull_strip)  # a preset's recipe read in; fails before any work
     method = build_method("selftrain", {"teacher": teacher, "student": cfg.student, "mode": cfg.mode,
-                                        "skull_strip": cfg.data.skull_strip, "on_step": _Curves()}, cfg.engine)
+                                        "skull_strip": cfg.data.skull_strip, "on_step": _Curves(),
+                                        "model_uri": cfg.model_uri}, cfg.engine)
     description = (f"Self-training ({cfg.mode}): a {cfg.student.dims} U-Net learns the confident voxels of "
                    f"teacher {teacher.label}; dice_mean vs teacher_dice_mean, curves selftrain/*, stepped "
                    "image selftrain/slices, predictions/<case>_selftrain_pred.nii.gz.")
@@ -79,7 +80,9 @@ def run_selftrain(cfg: SelfTrainConfig, *, nested: bool = False, tags: dict[str,
                                                           teacher.settings.items()})
         cases = select_cases(cfg)
         tracking.log_dataset(cases, name=Path(cfg.data.root).name, context="evaluation", source=cfg.data.root)
-        if cfg.mode == "inductive":
+        if cfg.model_uri:
+            tracking.set_tags({"students_from_run": cfg.model_uri})
+        elif cfg.mode == "inductive":
             train = split_cases(ensure_cases(cfg.data), cfg.test_fraction, seed=cfg.split_seed,
                                 test_ids=cfg.test_cases)[0]
             if cfg.split == "all" or not train:
@@ -108,7 +111,7 @@ def run_selftrain(cfg: SelfTrainConfig, *, nested: bool = False, tags: dict[str,
                                                       title=f"{prepared.case_id}: teacher {teacher.label} -> "
                                                             "student"), "selftrain/slices", step=shown)
             shown += 1
-            if cfg.mode == "transductive":
+            if cfg.mode == "transductive" and not cfg.model_uri:
                 _save_students(method, checkpoints, f"student_{prepared.case_id}")
 
         rows = evaluate_cases(method, cases, cfg, run.output_dir, after_case=after_case)
@@ -125,12 +128,13 @@ def run_selftrain(cfg: SelfTrainConfig, *, nested: bool = False, tags: dict[str,
             txt, csv = write_results(scored, run.output_dir, method="selftrain")
             tracking.log_artifact(txt)
             tracking.log_artifact(csv)
-        if cfg.log_model and method.models:  # the first view's student (each view's weights: checkpoints/)
+        if cfg.log_model and method.models and not cfg.model_uri:  # the (last) students, one model per view
             channels = cfg.student.in_channels
             example = np.zeros((1, channels, cfg.student.crop, cfg.student.crop), dtype=np.float32)
-            model_uri = tracking.log_pytorch_model(method.models[0].cpu(), name="model", input_example=example,
-                                                   metadata={
-                "method": "selftrain", "teacher": teacher.label, "mode": cfg.mode,
-                "student": dataclasses.asdict(cfg.student)})
-            tracking.set_tags({"model_uri": model_uri})
+            uris = [tracking.log_pytorch_model(model.cpu(), name="model" if i == 0 else f"model_axis{view}",
+                                               input_example=example, metadata={
+                                                   "method": "selftrain", "teacher": teacher.label, "axis": view,
+                                                   "mode": cfg.mode, "student": dataclasses.asdict(cfg.student)})
+                    for i, (model, view) in enumerate(zip(method.models, method.views))]
+            tracking.set_tags({"model_uri": uris[0], "model_uris": ",".join(uris)})
         return EvaluationResult(run_id=run.run_id, rows=rows, summary=summary, output_dir=run.output_dir)
