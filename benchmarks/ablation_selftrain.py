@@ -1,4 +1,4 @@
-"""Self-training ablation on the five shared real cases (issue 21): teacher alone vs student variants.
+"""Self-training ablation on the five shared real cases: teacher alone vs student variants.
 
 Transductive (each volume's student is trained on that volume's pseudo-labels) unless a variant says
 ``inductive``: leave-one-out within the convention (trained on the other cases' crops, applied to this one).
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.selftrain_cache import CACHE, CASES, cache_case
+from benchmarks.selftrain_cache import CASES, cache_case
 
 OUT = Path(__file__).resolve().parents[1] / "outputs" / "selftrain"
 LUMEN = [c for c, t in CASES.items() if t == "best_mra"]
@@ -195,7 +195,7 @@ def table() -> None:
                     worst_d_cldice=("d_cldice", "min"), seconds=("seconds", "mean"))
                .reset_index())
     with open(OUT / "ablation.md", "w") as fh:
-        fh.write("# Self-training ablation (issue 21)\n\n## Per case\n\n")
+        fh.write("# Self-training ablation\n\n## Per case\n\n")
         fh.write(_markdown(df))
         fh.write("\n\n## Means per convention\n\n")
         fh.write(_markdown(summary))

@@ -1,4 +1,4 @@
-"""Cache the self-training teachers' outputs on the shared real cases (issue 21).
+"""Cache the self-training teachers' outputs on the shared real cases.
 
 For each case: ``image.npy`` (the preprocessed image, 0 outside the mask), ``full.npy`` (the same
 standardisation applied to the unmasked image, for a student that may look past the mask), ``brain_mask.npy``,

@@ -535,7 +535,7 @@ def write_results(
 
 # ------------------------------------------------------------------------- topology, vessel size, surfaces
 #
-# Analysis metrics beside METRIC_KEYS (DESIGN.md section 14); not part of evaluate_segmentation. Topology
+# Analysis metrics beside METRIC_KEYS; not part of evaluate_segmentation. Topology
 # follows the TopCoW 2023 binary task (Yang et al., "Benchmarking the CoW with the TopCoW Challenge:
 # Topology-Aware Anatomical Segmentation of the Circle of Willis for CTA and MRA", arXiv:2312.17670, and its
 # evaluation code github.com/CoWBenchmark/TopCoW_Eval_Metrics, ``betti_number``).

@@ -1,4 +1,4 @@
-"""Self-training: a small learned vessel segmenter trained on a label-free teacher's pseudo-labels (issue 21).
+"""Self-training: a small learned vessel segmenter trained on a label-free teacher's pseudo-labels.
 
 A teacher (any label-free method: a classical preset, a STEGO reconstruction) gives vessel probabilities and a
 mask; :func:`pseudo_labels` turns them into a target and a per-voxel weight (vessel where the teacher is
@@ -48,17 +48,6 @@ __all__ = [
     "self_train",
     "train_student",
 ]
-
-
-
-#: One fixed recipe per label convention (issue 21), measured on the five shared cases by
-#: ``benchmarks/ablation_selftrain.py``; never tuned per volume.
-#: ``lumen`` (teacher ``best_mra``): one axial 2.5D student, one-voxel ring ignored; the teacher's voxels the
-#: student keeps (> 0.5), then the teacher's own "largest trees" step (>= 5 % of the largest).
-#: ``tree`` (teacher ``best_mra_tree``): three 2.5D students (one per axis) averaged, no ring; the teacher's
-#: voxel count of the highest ``0.3 * student + 0.7 * teacher`` scores, then the teacher's own small-component
-#: step (< 10 voxels dropped).
-
 
 # ----------------------------------------------------------------------------------------------------------
 # pseudo-labels

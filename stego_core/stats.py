@@ -1,7 +1,7 @@
 """Statistics across cases: bootstrap confidence intervals and paired comparisons of methods.
 
 A comparison of segmentation methods scores each method on the same cases (volumes), so the unit of
-replication is the case and the comparisons are paired (DESIGN.md section 14):
+replication is the case and the comparisons are paired:
 
 - :func:`bootstrap_ci`: percentile bootstrap CI of a mean over cases (Efron & Tibshirani 1993, ch. 13).
 - :func:`paired_comparison`: the mean of the per-case differences a - b, its bootstrap CI, and the two-sided

@@ -1,4 +1,4 @@
-"""Topology, vessel-size and surface metrics against hand-computed tiny volumes (DESIGN.md section 14).
+"""Topology, vessel-size and surface metrics against hand-computed tiny volumes.
 
 Betti numbers of cubes, shells, rings and blobs; radius bins of straight tubes whose discretised cross-sections
 have known distance-transform radii; HD95 and ASSD of offset cubes worked out voxel by voxel.

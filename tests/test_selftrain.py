@@ -1,4 +1,4 @@
-"""Self-training (issue 21): pseudo-labels, the masked loss, combination rules, a tiny end-to-end run."""
+"""Self-training: pseudo-labels, the masked loss, combination rules, a tiny end-to-end run."""
 
 import inspect
 
