@@ -22,7 +22,9 @@ def analysis_metrics(pred: np.ndarray, label: np.ndarray, spacing_mm: Sequence[f
     HD95 / ASSD in mm when the voxel size in mm is known (omitted otherwise: no made-up millimetres)."""
     row: dict[str, float] = dict(betti_errors(pred, label))
     radius = radius_recall(pred, label, spacing=spacing_mm)
-    row.update({f"recall_{b}": float(radius[f"recall_{b}"]) for b in RADIUS_BINS})
+    # a bin without label voxels has no recall (NaN): left out of the row rather than logged as a gap
+    row.update({f"recall_{b}": float(radius[f"recall_{b}"]) for b in RADIUS_BINS
+                if np.isfinite(radius[f"recall_{b}"])})
     if spacing_mm is not None:
         row.update(surface_distances(pred, label, spacing_mm))
     return row

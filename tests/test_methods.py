@@ -91,7 +91,7 @@ def test_analysis_metrics_in_the_evaluation_row(tmp_path):
     case = preprocess_case(ensure_cases(data)[0], data)
     prob = build_method("percentile").predict(case)
     _, row = evaluate_case(prob, case, analysis=True)
-    assert {"betti0_error", "betti1_error", "recall_thin", "recall_medium", "recall_thick"} <= set(row)
+    assert {"betti0_error", "betti1_error", "recall_thin"} <= set(row)  # an empty radius bin is left out
     # phantom headers say mm: surface distances in mm; a header with an unknown unit gives none
     assert ("hd95_mm" in row) == (case.spacing_mm is not None)
     _, plain = evaluate_case(prob, case)
