@@ -47,17 +47,8 @@ def spawn(*args: str, **kw) -> subprocess.Popen:
 
 def wait_for(pattern: str, proc: subprocess.Popen, timeout: float = 60.0) -> Path:
     """The first file matching ``pattern`` (glob under the cwd) once it exists."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        found = sorted(Path().glob(pattern))
-        if found:
-            return found[0]
-        if proc.poll() is not None:
-            out, err = proc.communicate()
-            pytest.fail(f"process ended {proc.returncode} before {pattern} appeared:\n{out}\n{err[-3000:]}")
-        time.sleep(0.2)
-    proc.kill()
-    pytest.fail(f"{pattern} did not appear within {timeout} s")
+    return wait_until(lambda: next(iter(sorted(Path().glob(pattern))), None), proc, f"{pattern} appeared",
+                      timeout)
 
 
 def wait_until(condition, proc: subprocess.Popen, what: str, timeout: float = 120.0):
