@@ -46,11 +46,13 @@ def select_cases(cfg: EvaluateConfig) -> list[Case]:
 
 
 def evaluate_cases(method: Method, cases: list[Case], cfg: EvaluateConfig, out_dir: Path, *,
-                   log_to_mlflow: bool = True, after_case: Callable[[PreparedCase, Any, dict], None] | None = None
-                   ) -> list[dict[str, Any]]:
+                   log_to_mlflow: bool = True, after_case: Callable[[PreparedCase, Any, dict], None] | None = None,
+                   name: str | None = None) -> list[dict[str, Any]]:
     """Reconstruct every case with ``method``, write predictions under ``out_dir``, and return one metrics row
     per case (:func:`~stego_core.scoring.evaluate_case`). ``after_case(prepared, post, row)`` may add keys to
-    the row (e.g. a teacher's scores) and log more pictures before the row is logged."""
+    the row (e.g. a teacher's scores) and log more pictures before the row is logged. Predictions are named
+    ``<case>_<name>_pred.nii.gz``, ``name`` the run's method tag (default ``method.name``)."""
+    name = name or method.name
     from stego_core.visualize import mip_figure
 
     steps = cfg.postprocess_steps()
@@ -70,12 +72,12 @@ def evaluate_cases(method: Method, cases: list[Case], cfg: EvaluateConfig, out_d
                                   crf_settings=cfg.crf_settings, analysis=cfg.analysis)
         if after_case is not None:
             after_case(prepared, post, row)
-        pred_path = save_volume(out_dir / "predictions" / f"{case.case_id}_{method.name}_pred.nii.gz",
+        pred_path = save_volume(out_dir / "predictions" / f"{case.case_id}_{name}_pred.nii.gz",
                                 post.mask.astype(np.uint8), prepared.affine, prepared.header)
         if log_to_mlflow:
             tracking.log_artifact(pred_path, "predictions")
         if cfg.save_probabilities:
-            prob_path = save_volume(out_dir / "predictions" / f"{case.case_id}_{method.name}_prob.nii.gz", post.prob,
+            prob_path = save_volume(out_dir / "predictions" / f"{case.case_id}_{name}_prob.nii.gz", post.prob,
                                     prepared.affine, prepared.header)
             if log_to_mlflow:
                 tracking.log_artifact(prob_path, "predictions")
@@ -108,7 +110,7 @@ def run_evaluation(method_impl: Method, cfg: EvaluateConfig, *, method: str, run
         tracking.log_plan(config, run.output_dir, params=params)
         cases = select_cases(cfg)
         tracking.log_dataset(cases, name=Path(cfg.data.root).name, context="evaluation", source=cfg.data.root)
-        rows = evaluate_cases(method_impl, cases, cfg, run.output_dir)
+        rows = evaluate_cases(method_impl, cases, cfg, run.output_dir, name=method)
         summary: dict[str, float] = {}
         scored = [r for r in rows if "dice" in r]
         if scored:
