@@ -54,9 +54,10 @@ class PreparedCase:
     def spacing_mm(self) -> tuple[float, float, float] | None:
         """:attr:`spacing` when the header says its unit is mm (or m / um), else None: a header whose spatial
         unit is 'unknown' holds a placeholder, and distances in mm would be made up."""
-        if self.header is None or self.header.get_xyzt_units()[0] not in ("mm", "meter", "micron"):
+        unit = None if self.header is None else self.header.get_xyzt_units()[0]
+        scale = {"mm": 1.0, "meter": 1000.0, "micron": 0.001}.get(unit)
+        if scale is None:
             return None
-        scale = {"mm": 1.0, "meter": 1000.0, "micron": 0.001}[self.header.get_xyzt_units()[0]]
         return None if self.spacing is None else tuple(s * scale for s in self.spacing)  # type: ignore[return-value]
 
     @property

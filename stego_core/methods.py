@@ -172,6 +172,13 @@ for _name, _cls in SEGMENTERS.items():
 # --------------------------------------------------------------------------------------- learned methods
 
 
+def is_run_id(text: str) -> bool:
+    """Whether ``text`` is a bare MLflow run id (32 hex digits)."""
+    import re
+
+    return re.fullmatch(r"[0-9a-f]{32}", text or "") is not None
+
+
 def resolve_model_uri(model_uri: str) -> str:
     """Accept a bare training run id as ``runs:/<id>/model``; other URIs (``runs:/``, ``models:/<name>/<version>``,
     ``models:/<name>@<alias>``) and local model folders pass through.
@@ -179,9 +186,7 @@ def resolve_model_uri(model_uri: str) -> str:
     >>> resolve_model_uri("0123456789abcdef0123456789abcdef")
     'runs:/0123456789abcdef0123456789abcdef/model'
     """
-    import re
-
-    return f"runs:/{model_uri}/model" if re.fullmatch(r"[0-9a-f]{32}", model_uri) else model_uri
+    return f"runs:/{model_uri}/model" if is_run_id(model_uri) else model_uri
 
 
 def load_model_segmenter(model_uri: str, *, device: str = "auto", amp: bool = False, compile: bool = False) -> Any:

@@ -21,7 +21,7 @@ from stego_core import tracking
 from stego_core.config import BaselineConfig, EvaluateConfig, ReconstructConfig
 from stego_core.data import PreparedCase, ensure_cases, preprocess_case, split_cases
 from stego_core.io import Case, save_volume
-from stego_core.methods import METHODS, Method, build_method, resolve_model_uri
+from stego_core.methods import METHODS, Method, build_method, is_run_id, resolve_model_uri
 from stego_core.metrics import summarize, write_results
 from stego_core.postprocess import steps_tag
 from stego_core.scoring import evaluate_case
@@ -134,9 +134,7 @@ def run_baseline(cfg: BaselineConfig, *, nested: bool = False, tags: dict[str, s
 
 def _selftrain_run(model_uri: str) -> str | None:
     """The run id when ``model_uri`` is a bare id of a ``selftrain`` run (tag ``method``), else None."""
-    import re
-
-    if not re.fullmatch(r"[0-9a-f]{32}", model_uri or ""):
+    if not is_run_id(model_uri):
         return None
     try:
         tags = tracking.client().get_run(model_uri).data.tags
