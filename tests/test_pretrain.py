@@ -131,3 +131,19 @@ def test_clear_errors_for_missing_or_incompatible_backbones(pretrained, tmp_path
 def test_pretrain_refuses_a_non_trainable_backbone(phantom1, tmp_path):
     with pytest.raises(ValueError, match="not an in-domain ViT"):
         run_pretrain(_pretrain_config(phantom1, tmp_path, backbone="classical"))
+
+
+def test_a_probe_is_logged_at_the_start_every_n_steps_and_at_the_end(phantom1, tmp_path):
+    seen: list[tuple[bool, float]] = []
+
+    def probe(backbone: torch.nn.Module) -> dict[str, float]:
+        first = next(backbone.parameters())
+        seen.append((backbone.training, float(first.detach().sum())))
+        return {"probe/value": float(len(seen))}
+
+    result = run_pretrain(_pretrain_config(phantom1, tmp_path, max_steps=5, figure_every=0), probe=probe,
+                          probe_every=2)
+    history = tracking.client().get_metric_history(result.run_id, "probe/value")
+    assert [(m.step, m.value) for m in history] == [(0, 1.0), (2, 2.0), (4, 3.0), (5, 4.0)]
+    assert not any(training for training, _ in seen)  # the teacher is probed in eval mode
+    assert seen[0][1] != seen[-1][1]  # ... and it is the teacher being trained, not a copy taken once

@@ -29,6 +29,7 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -228,10 +229,17 @@ def resume_state(cfg: PretrainConfig) -> dict[str, Any]:
 
 
 def run_pretrain(cfg: PretrainConfig, *, nested: bool = False, run_name: str | None = None,
-                 tags: dict[str, str] | None = None) -> PretrainResult:
+                 tags: dict[str, str] | None = None,
+                 probe: Callable[[torch.nn.Module], Mapping[str, float]] | None = None,
+                 probe_every: int = 100) -> PretrainResult:
     """DINO pretraining of ``cfg.backbone`` as one MLflow run (or continuing run ``cfg.resume``; see the module
     docstring). SIGTERM / SIGINT (:class:`stego_core.faults.Interrupted`) stop it between two steps with
-    ``checkpoints/interrupted.pt`` written and logged; the run ends KILLED and ``resume=<run id>`` continues it."""
+    ``checkpoints/interrupted.pt`` written and logged; the run ends KILLED and ``resume=<run id>`` continues it.
+
+    ``probe`` (optional, for studies of the pretraining itself) is called with the teacher backbone (in eval
+    mode) before the first step of a new run, every ``probe_every`` steps and at the end; the metrics it returns
+    are logged at that step. The step itself never sees what the probe reads (a label-scored probe stays a
+    measurement: ``benchmarks/dino_probe.py``)."""
     spec = get_spec(cfg.backbone)
     if spec.kind != "vit" or not spec.trainable:
         raise ValueError(f"pretrain.backbone={cfg.backbone!r} is not an in-domain ViT; choose one of "
@@ -309,6 +317,19 @@ def run_pretrain(cfg: PretrainConfig, *, nested: bool = False, run_name: str | N
                    desc="pretrain")
         t0, done, last, logged = time.time(), 0, {}, True
         step = start
+
+        def run_probe(at: int) -> None:
+            if probe is None:
+                return
+            was_training = model.teacher_backbone.training
+            model.teacher_backbone.eval()
+            try:
+                tracking.log_metrics(dict(probe(model.teacher_backbone)), step=at)
+            finally:
+                model.teacher_backbone.train(was_training)
+
+        if start == 0:
+            run_probe(0)
         end_reason = f"max_steps={cfg.max_steps} reached"
         model.train()
         try:
@@ -351,6 +372,8 @@ def run_pretrain(cfg: PretrainConfig, *, nested: bool = False, run_name: str | N
                     save_checkpoint(step)
                 if cfg.figure_every > 0 and step % cfg.figure_every == 0:
                     log_figure(step)
+                if probe_every > 0 and step % probe_every == 0:
+                    run_probe(step)
         except faults.Interrupted:
             bar.close()
             with faults.deferred_signals():  # a second signal waits until the checkpoint is safe
@@ -366,6 +389,8 @@ def run_pretrain(cfg: PretrainConfig, *, nested: bool = False, run_name: str | N
         ckpt_path = save_checkpoint(step)
         if cfg.figure_every > 0 and step % cfg.figure_every != 0:
             log_figure(step)
+        if probe_every <= 0 or step % probe_every != 0:
+            run_probe(step)
         entropy_max = math.log(cfg.out_dim)
         summary = {"final/steps": float(step), "final/teacher_entropy_ratio":
                    float(last.get("pretrain/teacher_entropy", float("nan")) / entropy_max),
