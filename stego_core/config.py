@@ -369,7 +369,6 @@ class TrainSettings:
     val_every_n_steps: int = 500
     log_every_n_steps: int = 10
     accelerator: str = "auto"
-    precision: str = "32-true"
     #: crops per backbone pass when caching features; null: chosen from the backbone and the memory
     #: (``backbones.forward_batch_size``)
     feature_batch_size: int | None = None
@@ -397,7 +396,45 @@ class TrainSettings:
         for name in ("lr_head", "lr_cluster", "lr_linear"):
             check_range(getattr(self, name), f"train.{name}", 0.0, low_inclusive=False)
         check_choice(self.accelerator, "train.accelerator", ("auto", "cpu", "cuda", "gpu"))
-        check_choice(self.precision, "train.precision", ("32-true", "bf16-mixed", "16-mixed"))
+
+
+#: ``trainer.strategy`` values: ``auto`` is one process for one device and DDP for more.
+STRATEGIES = ("auto", "ddp")
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed")
+
+
+@dataclass(frozen=True)
+class TrainerSettings:
+    """How many processes a learned step runs on (Lightning's ``Trainer`` arguments of the same names).
+
+    ``devices`` processes per machine (one per GPU; CPU processes with ``train.accelerator=cpu``) on
+    ``num_nodes`` machines. More than one process is launched from outside, one command per machine:
+    ``torchrun --nproc_per_node <devices> [--nnodes <num_nodes> ...] -m experiments.<step> ...`` or ``srun``
+    (SLURM, one task per device); :mod:`stego_core.distributed` joins them, rank 0 alone logs to MLflow and
+    writes the run's files. ``strategy: auto`` is a single process for one device and DDP (gradients averaged
+    over ranks, the batch size per process) for more. ``precision: auto`` is each step's own default (STEGO:
+    ``32-true``; DINO: bf16 autocast on a GPU, float32 on CPU).
+    """
+
+    devices: int = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_range(self.devices, "trainer.devices", 1)
+        check_range(self.num_nodes, "trainer.num_nodes", 1)
+        check_choice(self.strategy, "trainer.strategy", STRATEGIES)
+        check_choice(self.precision, "trainer.precision", PRECISIONS)
+
+    @property
+    def world_size(self) -> int:
+        """Processes in all: ``devices * num_nodes``."""
+        return self.devices * self.num_nodes
+
+    def lightning_strategy(self) -> str:
+        """The Lightning strategy: ``ddp`` for more than one process under ``auto``, else as given."""
+        return "ddp" if self.strategy == "auto" and self.world_size > 1 else self.strategy
 
 
 @dataclass(frozen=True)
@@ -411,6 +448,7 @@ class StegoSettings:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainSettings = field(default_factory=TrainSettings)
+    trainer: TrainerSettings = field(default_factory=TrainerSettings)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     val_stride: int | None = None
     log_model: bool = True

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
+from stego_core import distributed
 from stego_core.backbones import Backbone
 from stego_core.config import TrainConfig
 from stego_core.data import (CropSet, PreparedCase, ensure_cases, make_crop_set, preprocess_case, split_cases,
@@ -140,16 +141,21 @@ class StegoDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Batches drawn by the sampling weights (with replacement) when ``sampling.method`` weights crops and
         every crop was kept (no ``sampling.max_crops``, or no more crops than it); uniformly shuffled otherwise
-        (the ``sampling.max_crops`` subset was already drawn by weight)."""
+        (the ``sampling.max_crops`` subset was already drawn by weight).
+
+        Under DDP every rank draws the same global batches of ``train.batch_size x world size`` crops and keeps
+        its share (:class:`~stego_core.distributed.ShardedBatchSampler`): one process with the global batch
+        size sees the same crops in the same order."""
         cfg = self.cfg.train
         generator = torch.Generator().manual_seed(cfg.seed)
         if self.cfg.sampling.method != "none" and len(self.train_set) == self.n_candidate_crops:
             sampler = WeightedRandomSampler(torch.from_numpy(self.sample_weights), num_samples=len(self.dataset),
                                             replacement=True, generator=generator)
-            return DataLoader(self.dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
-                              num_workers=0)
-        return DataLoader(self.dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
-                          generator=generator, num_workers=0)
+        else:
+            sampler = torch.utils.data.RandomSampler(self.dataset, generator=generator)
+        batches = distributed.ShardedBatchSampler(sampler, cfg.batch_size, rank=distributed.global_rank(),
+                                                  world_size=distributed.world_size())
+        return DataLoader(self.dataset, batch_sampler=batches, num_workers=0)
 
     def mapping_data(self, with_labels: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Features, crops and (when ``with_labels`` and allowed) labels of the crops clusters are mapped on."""

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from stego_core.distributed import all_gather_with_grad
 from stego_core.features import draw_knn_partners
 from stego_core.config import LossConfig
 from stego_core.stego import ClusterProbe, LinearProbe, StegoHead, correspondence_loss
@@ -78,6 +79,12 @@ class StegoModule(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         feats, knn_feats = batch["features"], batch["knn_features"]
         codes, knn_codes = self.head(feats), self.head(knn_feats)
+        # Under DDP every rank computes the loss of the whole global batch (STEGO's loss is not a mean of
+        # per-crop terms: negatives, centring and sampling grids span the batch); the gather's backward and
+        # DDP's mean then give each parameter the gradient of one process holding that batch.
+        feats, codes, knn_feats, knn_codes = (all_gather_with_grad(t) for t in (feats, codes, knn_feats, knn_codes))
+        if "labels" in batch:
+            batch = {**batch, "labels": all_gather_with_grad(batch["labels"])}
         loss, terms = correspondence_loss(feats, codes, knn_feats, knn_codes, self.loss_config,
                                           generator=self._points_generator())
         cluster_loss, _ = self.cluster_probe(codes.detach())

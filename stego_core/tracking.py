@@ -8,6 +8,7 @@ any password masked; outputs are scoped by run id. The tracking store defaults t
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from stego_core import faults
+from stego_core import distributed, faults
 from stego_core.io import Case
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -33,6 +34,16 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 PLAN_ARTIFACT = "plan.yaml"
 _PARAM_VALUE_MAX = 6000
 log = logging.getLogger(__name__)
+
+
+def _main_only(fn: Any) -> Any:
+    """Run ``fn`` on rank 0 only (:mod:`stego_core.distributed`); the other ranks of a launched run get None."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs) if distributed.is_main() else None
+
+    return wrapper
 
 
 def tracking_uri() -> str:
@@ -156,6 +167,14 @@ def start_run(experiment: str, *, run_name: str | None = None, tags: Mapping[str
     Under ``mlflow run`` the project's run is adopted unless it landed in "Default" by default (see
     :func:`_project_run_to_adopt`): runs always land in ``experiment`` or the one chosen on the command line.
     """
+    if distributed.world_size() > 1:
+        distributed.init_from_env()
+        if not distributed.is_main():  # rank 0 opens the run; the others get its id and write nothing
+            run_id, experiment_id = distributed.broadcast_object(None)
+            handle = RunHandle(run_id, experiment_id, Path(output_root) / run_id)
+            handle.output_dir.mkdir(parents=True, exist_ok=True)
+            yield handle
+            return
     _ensure_tracking()
     redirected_from = None
     if run_id is None:
@@ -181,6 +200,8 @@ def start_run(experiment: str, *, run_name: str | None = None, tags: Mapping[str
             mlflow.set_tag(NOTE_TAG, description)
         handle = RunHandle(run.info.run_id, run.info.experiment_id, Path(output_root) / run.info.run_id)
         handle.output_dir.mkdir(parents=True, exist_ok=True)
+        if distributed.world_size() > 1:
+            distributed.broadcast_object((handle.run_id, handle.experiment_id))
         try:
             yield handle
         except (RunKilled, faults.Interrupted) as exc:
@@ -231,6 +252,7 @@ def _mark_model_training(exp: Any) -> None:
             MlflowClient().set_experiment_tag(exp.experiment_id, "mlflow.experimentKind", "custom_model_development")
 
 
+@_main_only
 def set_description(text: str) -> None:
     """Set the active run's markdown description (the run page's "Description", ``mlflow.note.content``)."""
     mlflow.set_tag(NOTE_TAG, text)
@@ -259,6 +281,7 @@ def param_text(value: Any) -> str:
     return text[:_PARAM_VALUE_MAX]
 
 
+@_main_only
 def log_params(params: Mapping[str, Any]) -> None:
     """Log params in batches; long values are truncated to MLflow's limit, URLs masked."""
     items = [(key, param_text(value)) for key, value in params.items()]
@@ -266,6 +289,7 @@ def log_params(params: Mapping[str, Any]) -> None:
         mlflow.log_params(dict(items[i:i + 100]))
 
 
+@_main_only
 def log_plan(config: Any, output_dir: str | Path, *, params: Mapping[str, Any] | None = None,
              exclude: Iterable[str] = ()) -> Path:
     """Log a run's resolved plan: flattened into params (plus ``params``, less the keys in ``exclude``) and
@@ -283,6 +307,7 @@ def log_plan(config: Any, output_dir: str | Path, *, params: Mapping[str, Any] |
     return path
 
 
+@_main_only
 def log_metrics(metrics: Mapping[str, float], *, step: int | None = None) -> None:
     """Log numeric metrics (non-finite values are skipped with a warning)."""
     finite = {}
@@ -295,10 +320,12 @@ def log_metrics(metrics: Mapping[str, float], *, step: int | None = None) -> Non
     mlflow.log_metrics(finite, step=step)
 
 
+@_main_only
 def set_tags(tags: Mapping[str, Any]) -> None:
     mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
 
+@_main_only
 def delete_tags(keys: Iterable[str]) -> None:
     """Remove tags of the active run (those it does not have are skipped), e.g. a previous attempt's end."""
     c = MlflowClient()
@@ -309,6 +336,7 @@ def delete_tags(keys: Iterable[str]) -> None:
             c.delete_tag(run_id, key)
 
 
+@_main_only
 def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
     """Log a file or a whole folder."""
     path = Path(path)
@@ -322,7 +350,8 @@ def log_figure(figure: Any, artifact_file: str) -> None:
     """Log a matplotlib figure as a PNG and close it."""
     import matplotlib.pyplot as plt
 
-    mlflow.log_figure(figure, artifact_file)
+    if distributed.is_main():
+        mlflow.log_figure(figure, artifact_file)
     plt.close(figure)
 
 
@@ -342,10 +371,17 @@ def figure_array(figure: Any) -> Any:
 def log_image(figure: Any, key: str, *, step: int) -> None:
     """Log a matplotlib figure (or an image array) as the stepped image ``key`` at ``step``: the run page's
     image panel then shows one card per key with a step slider."""
+    if not distributed.is_main():  # another rank of a launched run: nothing to draw or log
+        if not hasattr(figure, "shape"):
+            import matplotlib.pyplot as plt
+
+            plt.close(figure)
+        return
     image = figure if hasattr(figure, "shape") else figure_array(figure)
     mlflow.log_image(image, key=key, step=step)
 
 
+@_main_only
 def log_text(text: str, artifact_file: str) -> None:
     mlflow.log_text(text, artifact_file)
 
@@ -356,6 +392,7 @@ def source_uri(source: str | Path) -> str:
     return text if "://" in text else Path(text).resolve().as_uri()
 
 
+@_main_only
 def log_dataset(cases: list[Case], *, name: str, context: str, source: str) -> None:
     """Log the data manifest (case ids, paths, content digests) as an MLflow dataset input.
 
@@ -412,6 +449,7 @@ def download_artifacts(uri: str, dst: str | Path | None = None) -> Path:
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst) if dst else None))
 
 
+@_main_only
 def log_pytorch_model(model: Any, *, name: str = "model", input_example: Any = None,
                       metadata: Mapping[str, Any] | None = None, code_paths: list[str] | None = None,
                       serialization_format: str = "pickle") -> str:
@@ -473,6 +511,7 @@ def run_of_model(model_uri: str) -> str | None:
     return None
 
 
+@_main_only
 def register_model(model_uri: str, name: str, *, tags: Mapping[str, Any] | None = None,
                    description: str | None = None) -> str:
     """Register ``model_uri`` in the model registry as a new version of ``name`` (created if missing), with

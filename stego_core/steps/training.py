@@ -29,7 +29,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from stego_core import faults, tracking
+from stego_core import distributed, faults, tracking
 from stego_core.backbones import build_backbone, resolve_weights
 from stego_core.config import TrainConfig
 from stego_core.datamodule import StegoDataModule, ValidationData
@@ -203,7 +203,11 @@ def resume_checkpoint(resume_from: str, scratch: Path) -> str | None:
 def run_train(cfg: TrainConfig, *, report: Callable[[int, dict[str, float]], None] | None = None,
               nested: bool = False, run_name: str | None = None, tags: dict[str, str] | None = None
               ) -> TrainResult:
-    """Train STEGO as one MLflow run; returns the run id, the logged model's URI and the final val metrics."""
+    """Train STEGO as one MLflow run; returns the run id, the logged model's URI and the final val metrics.
+
+    Launched as several processes (``trainer.devices`` x ``trainer.num_nodes``, :class:`TrainerSettings`), each
+    trains on ``train.batch_size`` crops of every global batch with DDP; rank 0 logs and writes."""
+    distributed.init_from_env(devices=cfg.trainer.devices, num_nodes=cfg.trainer.num_nodes)
     device = _device(cfg.train.accelerator)
     description = (f"STEGO training: {cfg.model.backbone} backbone, {cfg.model.n_clusters} clusters, "
                    f"{cfg.train.max_steps} steps on {Path(cfg.data.root).name}; curves val/*, stepped images "
@@ -222,7 +226,8 @@ def run_train(cfg: TrainConfig, *, report: Callable[[int, dict[str, float]], Non
                                   standardize=cfg.model.classical_standardize)
 
         data = StegoDataModule(cfg, backbone, device=device)
-        data.setup("fit")
+        with distributed.main_first():  # rank 0 generates phantoms and writes the feature cache, the others read
+            data.setup("fit")
         tracking.log_dataset(data.train_cases, name=Path(cfg.data.root).name, context="training",
                              source=cfg.data.root)
         tracking.log_dataset(data.test_cases, name=Path(cfg.data.root).name + "-val", context="validation",
@@ -272,9 +277,11 @@ def run_train(cfg: TrainConfig, *, report: Callable[[int, dict[str, float]], Non
         # SIGTERM / SIGINT (faults.Interrupted) save checkpoints/interrupted.ckpt: train.resume_from=<this run id>
         on_interrupt = L.pytorch.callbacks.OnExceptionCheckpoint(run.output_dir / "checkpoints", "interrupted")
         trainer = L.Trainer(max_steps=cfg.train.max_steps, max_epochs=-1,
-                            accelerator="gpu" if device == "cuda" else "cpu", devices=1,
-                            precision=cfg.train.precision, logger=tracking.lightning_logger(run.run_id,
-                                                                                             cfg.experiment),
+                            accelerator="gpu" if device == "cuda" else "cpu", devices=cfg.trainer.devices,
+                            num_nodes=cfg.trainer.num_nodes, strategy=cfg.trainer.lightning_strategy(),
+                            use_distributed_sampler=False,  # the datamodule shards the global batches itself
+                            precision="32-true" if cfg.trainer.precision == "auto" else cfg.trainer.precision,
+                            logger=tracking.lightning_logger(run.run_id, cfg.experiment),
                             callbacks=[validation, checkpoints, on_interrupt],
                             log_every_n_steps=cfg.train.log_every_n_steps,
                             enable_progress_bar=cfg.train.progress and sys.stderr.isatty(),
@@ -301,9 +308,10 @@ def run_train(cfg: TrainConfig, *, report: Callable[[int, dict[str, float]], Non
         # Summary values named to sort after the curves (train/*, val/*) in the run's charts and columns.
         tracking.log_metrics({k.replace("val/", "val_final/"): v for k, v in final.items()})
         best = {Path(k).name: float(v) for k, v in checkpoints.best_k_models.items()}
-        (run.output_dir / "checkpoints" / "best_k.json").write_text(json.dumps(
-            {"monitor": "val/cldice", "best_k": best, "best": Path(checkpoints.best_model_path).name or None},
-            indent=2))
+        if distributed.is_main():
+            (run.output_dir / "checkpoints" / "best_k.json").write_text(json.dumps(
+                {"monitor": "val/cldice", "best_k": best, "best": Path(checkpoints.best_model_path).name or None},
+                indent=2))
         tracking.log_artifact(run.output_dir / "checkpoints", "checkpoints")
         model_uri = None
         if cfg.log_model:
@@ -312,7 +320,7 @@ def run_train(cfg: TrainConfig, *, report: Callable[[int, dict[str, float]], Non
                 "patch_size": cfg.slicing.patch_size, "axis": cfg.slicing.axis, "backbone": cfg.model.backbone,
                 "weights_id": backbone.weights_id, "mapping_rule": model.mapping_rule,
                 "skull_strip": cfg.data.skull_strip, "standardize": cfg.data.standardize})
-            if cfg.register:
+            if cfg.register and model_uri is not None:  # None on ranks other than 0
                 model_uri = tracking.register_model(
                     model_uri, cfg.model_name, tags={**{k.replace("val/", ""): f"{v:.4f}" for k, v in final.items()},
                                                      "backbone": cfg.model.backbone, "train_run_id": run.run_id},

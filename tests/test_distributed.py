@@ -1,0 +1,144 @@
+"""Several processes, one run: the trainer settings, sharding, and real ``torchrun`` jobs of 2 gloo ranks on CPU
+compared with one process (training: the same weights and losses at the same global batch)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from stego_core import distributed
+from stego_core.config import TrainConfig, TrainerSettings, load_config
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+#: STEGO on tiny phantoms with the weight-free featurizer. Dropout off and the nearest neighbour as the kNN
+#: partner: the two draws that come from per-process random streams (the rest is the same global batch).
+TINY_TRAIN = ["data.root=data/tiny", "data.phantom.shape=[32,32,24]", "data.phantom.n_volumes=3",
+              "slicing.patch_size=16", "slicing.stride=8", "model.backbone=classical", "model.res=8",
+              "model.code_dim=16", "model.dropout=0", "loss.knn_rank_max=1", "train.max_steps=4",
+              "train.val_every_n_steps=4", "train.log_every_n_steps=1", "train.progress=false",
+              "train.accelerator=cpu", "train.system_metrics=false", "log_model=false", "experiment=dist"]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(module: str, *args: str, nproc: int = 2, timeout: float = 240.0) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node <nproc> -m <module> <args>`` on this machine (gloo), checked."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+           "127.0.0.1", "--master_port", str(_free_port()), "-m", module, *args]
+    out = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
+    return out
+
+
+def python_m(module: str, *args: str, timeout: float = 240.0) -> subprocess.CompletedProcess:
+    out = subprocess.run([sys.executable, "-m", module, *args], env=_env(), capture_output=True, text=True,
+                         timeout=timeout)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
+    return out
+
+
+def _runs(experiment: str) -> list:
+    from stego_core import tracking
+
+    c = tracking.client()
+    exp = c.get_experiment_by_name(experiment)
+    return [] if exp is None else c.search_runs([exp.experiment_id])
+
+
+def _artifacts(run_id: str, path: str | None = None) -> list[str]:
+    from stego_core import tracking
+
+    out: list[str] = []
+    for info in tracking.client().list_artifacts(run_id, path):
+        out += _artifacts(run_id, info.path) if info.is_dir else [info.path]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- settings
+
+
+def test_trainer_settings_defaults_and_errors() -> None:
+    t = TrainerSettings()
+    assert (t.devices, t.num_nodes, t.strategy, t.precision, t.world_size) == (1, 1, "auto", "auto", 1)
+    assert t.lightning_strategy() == "auto"
+    assert TrainerSettings(devices=2).lightning_strategy() == "ddp"
+    assert TrainerSettings(devices=4, num_nodes=2).world_size == 8
+    with pytest.raises(ValueError, match=r"trainer\.devices=0"):
+        load_config(TrainConfig, None, ["trainer.devices=0"])
+    with pytest.raises(ValueError, match=r"trainer\.strategy='dpp'.*did you mean 'ddp'"):
+        load_config(TrainConfig, None, ["trainer.strategy=dpp"])
+    with pytest.raises(ValueError, match=r"trainer\.precision"):
+        load_config(TrainConfig, None, ["trainer.precision=64"])
+
+
+def test_more_devices_without_a_launcher_names_the_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("WORLD_SIZE", "RANK", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.init_from_env(devices=1) == 1
+    with pytest.raises(ValueError, match=r"trainer\.devices=2 .* `torchrun --nproc_per_node 2"):
+        distributed.init_from_env(devices=2)
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ValueError, match="launcher started 3"):
+        distributed.init_from_env(devices=2)
+
+
+def test_shard_and_sharded_batches_cover_the_single_process_batches() -> None:
+    items = list(range(11))
+    parts = [distributed.shard(items, rank=r, world_size=3) for r in range(3)]
+    assert sorted(sum(parts, [])) == items and parts[1] == [1, 4, 7, 10]
+    stream = torch.randperm(50, generator=torch.Generator().manual_seed(0)).tolist()
+    one = list(distributed.ShardedBatchSampler(stream, 8))
+    ranks = [list(distributed.ShardedBatchSampler(stream, 4, rank=r, world_size=2)) for r in range(2)]
+    assert len(one) == len(ranks[0]) == len(ranks[1]) == 6
+    assert all(a + b == c for a, b, c in zip(ranks[0], ranks[1], one))
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+
+def _ckpt(output: Path) -> dict[str, torch.Tensor]:
+    (path,) = output.glob("*/checkpoints/last.ckpt")
+    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+
+
+@pytest.mark.slow
+def test_ddp_training_equals_one_process_with_the_global_batch(mlflow_store: str, tmp_path: Path) -> None:
+    """2 gloo ranks x batch 4 (torchrun, DDP) against 1 process x batch 8: the same weights after 4 steps and
+    the same loss curve, one MLflow run each, rank 0's artifacts only."""
+    python_m("experiments.train", *TINY_TRAIN, "train.batch_size=8", "output=out1", "train.cache_dir=cache1")
+    torchrun("experiments.train", *TINY_TRAIN, "train.batch_size=4", "trainer.devices=2", "output=out2",
+             "train.cache_dir=cache2")
+    runs = _runs("dist")
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    one, two = _ckpt(tmp_path / "out1"), _ckpt(tmp_path / "out2")
+    assert one.keys() == two.keys()
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6, msg=key)
+    by_dir = {r.info.run_id: r for r in runs}
+    (id2,) = [p.name for p in (tmp_path / "out2").iterdir()]
+    (id1,) = [p.name for p in (tmp_path / "out1").iterdir()]
+    from stego_core import tracking
+
+    c = tracking.client()
+    loss1 = [m.value for m in sorted(c.get_metric_history(id1, "train/loss"), key=lambda m: m.step)]
+    loss2 = [m.value for m in sorted(c.get_metric_history(id2, "train/loss"), key=lambda m: m.step)]
+    assert len(loss1) == 4 and np.allclose(loss2, loss1, rtol=1e-5, atol=1e-6), (loss1, loss2)
+    assert by_dir[id2].data.params["trainer.devices"] == "2"
+    arts = _artifacts(id2)
+    assert len(arts) == len(set(arts)) and "checkpoints/last.ckpt" in arts
