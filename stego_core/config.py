@@ -887,8 +887,10 @@ class PretrainConfig(DataSettings, RunSettings):
     weight decay 0.04 -> 0.4, clipping 3.0, last layer frozen at first) with a smaller prototype count for CPUs.
     ``max_minutes > 0`` stops earlier (schedules still span ``max_steps``; tagged ``stopped_early``).
     ``resume=<run id>`` continues that pretraining run from its latest checkpoint (last or interrupted).
-    ``precision: auto`` uses bf16
-    autocast on a GPU, float32 on CPU.
+    ``trainer`` (:class:`TrainerSettings`): under several processes ``batch_size`` is per process, each draws
+    its own crops, gradients are averaged and the teacher's centre is the mean over all ranks, so the student,
+    the EMA teacher and the centre stay the same on every rank; ``lr`` scales with the global batch.
+    ``trainer.precision: auto`` (or ``bf16-mixed``) uses bf16 autocast on a GPU, float32 on CPU.
     """
 
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -919,7 +921,7 @@ class PretrainConfig(DataSettings, RunSettings):
     n_figure_crops: int = 8
     checkpoint_every: int = 200
     accelerator: str = "auto"
-    precision: str = "auto"
+    trainer: TrainerSettings = field(default_factory=TrainerSettings)
     progress: bool = True
     resume: str = ""
     output: str = "outputs/pretrain"
@@ -939,7 +941,7 @@ class PretrainConfig(DataSettings, RunSettings):
         check_range(self.center_momentum, "center_momentum", 0.0, 1.0)
         check_range(self.momentum, "momentum", 0.0, 1.0)
         check_choice(self.accelerator, "accelerator", ("auto", "cpu", "cuda", "gpu"))
-        check_choice(self.precision, "precision", ("auto", "bf16", "32"))
+        check_choice(self.trainer.precision, "trainer.precision", ("auto", "bf16-mixed", "32-true"))
 
 
 # ----------------------------------------------------------------------------------- the whole pipeline

@@ -211,7 +211,8 @@ class DinoModel(nn.Module):
 
 def dino_step(model: DinoModel, criterion: nn.Module, optimizer: torch.optim.Optimizer, views: list[torch.Tensor],
               *, n_global: int, step: int, teacher_temp: float, momentum: float, clip_grad: float = 0.0,
-              bf16: bool = False) -> tuple[torch.Tensor, float]:
+              bf16: bool = False,
+              sync_gradients: Callable[[list[nn.Parameter]], None] | None = None) -> tuple[torch.Tensor, float]:
     """One DINO update on a batch's multi-crop views (the learning rate and weight decay are set by the caller).
 
     Teacher on the ``n_global`` global views, student on all of them, ``criterion`` (lightly's ``DINOLoss``,
@@ -235,6 +236,12 @@ def dino_step(model: DinoModel, criterion: nn.Module, optimizer: torch.optim.Opt
         Gradient-norm clip of the student (0: none).
     bf16 : bool
         Forward passes under bfloat16 autocast (CUDA).
+    sync_gradients : callable, optional
+        Called with the student's parameters after the backward pass, before clipping: under several processes
+        it averages the gradients over the ranks
+        (:func:`stego_core.distributed.average_gradients`), so every rank takes the same step and the EMA
+        teacher stays the same everywhere. (The centre is averaged over the ranks by lightly's ``DINOLoss``
+        itself once ``torch.distributed`` is initialised, as in DINO's reference code.)
 
     Returns
     -------
@@ -258,9 +265,11 @@ def dino_step(model: DinoModel, criterion: nn.Module, optimizer: torch.optim.Opt
         raise RuntimeError(f"pretraining loss is {loss.item()} at step {step}; lower pretrain.lr")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    params = [*model.student_backbone.parameters(), *model.student_head.parameters()]
+    if sync_gradients is not None:
+        sync_gradients(params)
     if clip_grad > 0:
-        torch.nn.utils.clip_grad_norm_([*model.student_backbone.parameters(), *model.student_head.parameters()],
-                                       clip_grad)
+        torch.nn.utils.clip_grad_norm_(params, clip_grad)
     model.student_head.cancel_last_layer_gradients(step)
     optimizer.step()
     model.update_teacher(momentum)

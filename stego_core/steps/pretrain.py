@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from stego_core import faults, tracking
+from stego_core import distributed, faults, tracking
 from stego_core.backbones import WEIGHTS_ARTIFACT, create_vit, get_spec, normalize_input
 from stego_core.config import PretrainConfig, flatten, to_dict
 from stego_core.data import ensure_cases, make_crop_set, preprocess_case
@@ -62,7 +62,8 @@ CHECKPOINTS = ("last.pt", "interrupted.pt")
 #: Settings of one attempt, recorded as tags (current after a resume) rather than params (which cannot change).
 ATTEMPT_TAGS = ("max_steps", "max_minutes")
 #: Settings that may differ between the run and a resume of it; any other difference refuses the resume.
-RESUMABLE = (*ATTEMPT_TAGS, "resume", "progress", "accelerator", "precision", "output", "experiment", "log_every",
+RESUMABLE = (*ATTEMPT_TAGS, "resume", "progress", "accelerator", "trainer.precision", "trainer.strategy", "output",
+             "experiment", "log_every",
              "figure_every", "n_figure_crops", "checkpoint_every")
 #: Tags describing how an attempt ended, removed when the run is resumed.
 _END_TAGS = ("end_reason", "error", "stopped_early", "collapse_warning", "resume_with", "interrupted_at_step")
@@ -75,6 +76,9 @@ class PretrainResult:
     weights_uri: str
     metrics: dict[str, float]
     output_dir: Path
+    #: the trained student and EMA teacher, and the teacher's centre ``(1, out_dim)``, as this process holds them
+    model: DinoModel | None = None
+    center: torch.Tensor | None = None
 
 
 def _device(accelerator: str) -> str:
@@ -244,9 +248,12 @@ def run_pretrain(cfg: PretrainConfig, *, nested: bool = False, run_name: str | N
     if spec.kind != "vit" or not spec.trainable:
         raise ValueError(f"pretrain.backbone={cfg.backbone!r} is not an in-domain ViT; choose one of "
                          f"{', '.join(n for n in _trainable_names())}")
+    n_ranks = distributed.init_from_env(devices=cfg.trainer.devices, num_nodes=cfg.trainer.num_nodes)
+    rank = distributed.global_rank()
     device = _device(cfg.accelerator)
     resume = cfg.resume or None
-    state = resume_state(cfg) if resume is not None else None  # every check before the run is touched
+    with distributed.main_first():  # rank 0 fetches a logged checkpoint; the others then read it
+        state = resume_state(cfg) if resume is not None else None  # every check before the run is touched
     description = (f"DINO pretraining of {cfg.backbone} on unlabelled crops of {Path(cfg.data.root).name}; "
                    f"curves pretrain/*, stepped figures of attention and feature PCA, checkpoints/, the teacher "
                    f"backbone as `backbone/teacher_backbone.safetensors` (use it as model.weights=runs:/<this run "
@@ -261,7 +268,8 @@ def run_pretrain(cfg: PretrainConfig, *, nested: bool = False, run_name: str | N
         tracking.log_plan(cfg, run.output_dir, exclude=(*ATTEMPT_TAGS, "resume"))
         tracking.set_tags({k: getattr(cfg, k) for k in ATTEMPT_TAGS})
         torch.manual_seed(cfg.seed)
-        crops_np, weights_np, cases = pretraining_crops(cfg)
+        with distributed.main_first():  # rank 0 writes generated phantoms; the others read them
+            crops_np, weights_np, cases = pretraining_crops(cfg)
         if resume is None:
             tracking.log_dataset(cases, name=Path(cfg.data.root).name, context="pretraining", source=cfg.data.root)
         tracking.set_tags({"device": device, "sampling": cfg.sampling.method, "n_crops": str(len(crops_np))})
@@ -279,34 +287,46 @@ def run_pretrain(cfg: PretrainConfig, *, nested: bool = False, run_name: str | N
                              center_momentum=cfg.center_momentum).to(device)
         student_params = torch.nn.ModuleList([model.student_backbone, model.student_head])
         optimizer = torch.optim.AdamW(_param_groups(student_params), lr=0.0)
-        base_lr = cfg.lr * cfg.batch_size / 256.0
-        generator = torch.Generator().manual_seed(cfg.seed)
+        base_lr = cfg.lr * cfg.batch_size * n_ranks / 256.0  # DINO: lr x global batch / 256
+        # each rank draws its own crops and views (rank 0 as a single process does)
+        generator = torch.Generator().manual_seed(cfg.seed + 7919 * rank)
+        sync = distributed.average_gradients if n_ranks > 1 else None
         start = 0
         if state is not None:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             criterion.center.copy_(state["center"].to(device))
-            generator.set_state(state["generator"])
             start = int(state["step"])
+            generators = state.get("generators") or [state["generator"]]
+            if len(generators) == n_ranks:
+                generator.set_state(generators[rank])
+            else:  # another world size (or an interrupted rank's own checkpoint): fresh streams per rank
+                generator.manual_seed(cfg.seed + 7919 * rank + start)
             tracking.set_tags({"resumed_at_step": str(start)})
             log.info("pretrain: resuming run %s at step %d", resume, start)
 
         augment = cfg.augment
         fixed = crops[torch.argsort(weights, descending=True)[: cfg.n_figure_crops]].to(device)
-        use_bf16 = device == "cuda" and cfg.precision in ("auto", "bf16")
+        use_bf16 = device == "cuda" and cfg.trainer.precision in ("auto", "bf16-mixed")
         ckpt_dir = run.output_dir / "checkpoints"
 
-        def save_checkpoint(step: int, name: str = "last.pt") -> Path:
+        def save_checkpoint(step: int, name: str = "last.pt", *, all_ranks: bool = True) -> Path:
+            """Rank 0 writes; ``all_ranks`` (every rank calls it) also keeps every rank's data stream."""
             path = ckpt_dir / name
+            generators = distributed.gather_objects(generator.get_state()) if all_ranks else None
+            if not distributed.is_main():
+                return path
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
             torch.save({"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "center": criterion.center.detach().cpu(), "generator": generator.get_state(),
-                        "config": to_dict(cfg)}, tmp)
+                        "generators": generators, "config": to_dict(cfg)}, tmp)
             tmp.replace(path)
             return path
 
         def log_figure(step: int) -> None:
+            if not distributed.is_main():
+                return
             fig = feature_figure(model.teacher_backbone, fixed, to_input, spec.patch_size,
                                  title=f"teacher, step {step}")
             tracking.log_image(fig, "pretrain/teacher_features", step=step)  # stepped image; closes the figure
@@ -334,7 +354,7 @@ def run_pretrain(cfg: PretrainConfig, *, nested: bool = False, run_name: str | N
         model.train()
         try:
             while step < cfg.max_steps:
-                if cfg.max_minutes > 0 and time.time() - t0 > 60.0 * cfg.max_minutes:
+                if cfg.max_minutes > 0 and distributed.broadcast_object(time.time() - t0 > 60.0 * cfg.max_minutes):
                     end_reason = f"time budget {cfg.max_minutes} min at step {step}"
                     tracking.set_tags({"stopped_early": end_reason})
                     break
@@ -354,15 +374,17 @@ def run_pretrain(cfg: PretrainConfig, *, nested: bool = False, run_name: str | N
                     views = [v.to(device) for v in multi_crop(crops[idx], augment, generator)]
                     loss, entropy = dino_step(model, criterion, optimizer, views, n_global=augment.n_global,
                                               step=step, teacher_temp=t_temp, momentum=momentum,
-                                              clip_grad=cfg.clip_grad, bf16=use_bf16)
+                                              clip_grad=cfg.clip_grad, bf16=use_bf16, sync_gradients=sync)
                     step += 1
                     done += 1
+                    logged = step % cfg.log_every == 0 or step == cfg.max_steps
+                    if logged and n_ranks > 1:  # the mean over ranks: the global batch's loss
+                        loss = torch.stack(distributed.gather_objects(loss.detach().cpu())).mean()
                     last = {"pretrain/loss": float(loss.detach()), "pretrain/teacher_entropy": entropy,
                             "pretrain/center_norm": float(criterion.center.norm()), "pretrain/lr": lr,
                             "pretrain/momentum": momentum, "pretrain/teacher_temp": t_temp,
                             "pretrain/weight_decay": wd,
-                            "pretrain/crops_per_s": done * cfg.batch_size / max(time.time() - t0, 1e-9)}
-                    logged = step % cfg.log_every == 0 or step == cfg.max_steps
+                            "pretrain/crops_per_s": done * cfg.batch_size * n_ranks / max(time.time() - t0, 1e-9)}
                     if logged:
                         tracking.log_metrics(last, step=step)
                 bar.update(1)
@@ -377,7 +399,8 @@ def run_pretrain(cfg: PretrainConfig, *, nested: bool = False, run_name: str | N
         except faults.Interrupted:
             bar.close()
             with faults.deferred_signals():  # a second signal waits until the checkpoint is safe
-                path = save_checkpoint(step, "interrupted.pt")
+                # this rank may stop a step before the others: no collective here
+                path = save_checkpoint(step, "interrupted.pt", all_ranks=False)
                 tracking.log_artifact(path, "checkpoints")
                 tracking.set_tags({"interrupted_at_step": str(step), "resume_with": f"resume={run.run_id}"})
                 log.warning("pretrain: interrupted at step %d; checkpoint %s (continue with resume=%s)", step,
@@ -394,20 +417,23 @@ def run_pretrain(cfg: PretrainConfig, *, nested: bool = False, run_name: str | N
         entropy_max = math.log(cfg.out_dim)
         summary = {"final/steps": float(step), "final/teacher_entropy_ratio":
                    float(last.get("pretrain/teacher_entropy", float("nan")) / entropy_max),
-                   "final/crops_per_s": done * cfg.batch_size / max(time.time() - t0, 1e-9)}
+                   "final/crops_per_s": done * cfg.batch_size * n_ranks / max(time.time() - t0, 1e-9)}
         tracking.log_metrics(summary)
         ratio = summary["final/teacher_entropy_ratio"]
         if ratio > 0.95 or ratio < 0.05:
             tracking.set_tags({"collapse_warning": f"teacher entropy {ratio:.2f} of log(K): "
                                                    + ("near uniform" if ratio > 0.95 else "one prototype")})
-        path = save_backbone(model.teacher_backbone, spec.name, spec.res, run.output_dir / WEIGHTS_ARTIFACT,
-                             {"pretrain_run_id": run.run_id, "steps": step})
+        path = run.output_dir / WEIGHTS_ARTIFACT
+        if distributed.is_main():
+            save_backbone(model.teacher_backbone, spec.name, spec.res, path,
+                          {"pretrain_run_id": run.run_id, "steps": step})
         tracking.log_artifact(path, "backbone")
         tracking.log_artifact(path.parent / "spec.json", "backbone")
         tracking.log_artifact(ckpt_path, "checkpoints")
         tracking.set_tags({"end_reason": end_reason})
         return PretrainResult(run_id=run.run_id, weights_path=path, weights_uri=f"runs:/{run.run_id}",
-                              metrics={**last, **summary}, output_dir=run.output_dir)
+                              metrics={**last, **summary}, output_dir=run.output_dir, model=model,
+                              center=criterion.center.detach().cpu())
 
 
 class _InputTransform:
