@@ -9,6 +9,9 @@ replication is the case and the comparisons are paired:
   test to reach significance at all (:func:`wilcoxon_min_p`: with 5 cases no two-sided p is below 0.0625).
 - :func:`compare_methods`: one row per method (n, mean, std, median, CI) and its paired comparison against
   the best method by mean; :func:`comparison_markdown` renders the rows as a Markdown table.
+- :func:`comparison_tables`: a per-case table of several metrics (method -> case -> metric -> value) as the
+  ``comparison.csv`` text and the ``comparison.md`` text (one :func:`comparison_markdown` section per metric),
+  shared by the pipeline, the ablation and the sweep parent runs.
 
 Missing values
 --------------
@@ -32,6 +35,7 @@ __all__ = [
     "bootstrap_ci",
     "compare_methods",
     "comparison_markdown",
+    "comparison_tables",
     "paired_comparison",
     "wilcoxon_min_p",
 ]
@@ -336,7 +340,8 @@ def _p(value: float) -> str:
     return f"{value:.3g}"
 
 
-def comparison_markdown(rows: Sequence[Mapping[str, object]], metric: str, *, digits: int = 4) -> str:
+def comparison_markdown(rows: Sequence[Mapping[str, object]], metric: str, *, digits: int = 4,
+                        unit: str = "case") -> str:
     """Markdown table of :func:`compare_methods` rows for one metric, notes below it.
 
     Parameters
@@ -347,6 +352,9 @@ def comparison_markdown(rows: Sequence[Mapping[str, object]], metric: str, *, di
         Metric name for the heading (``dice``, ``cldice``, ...).
     digits : int, keyword-only
         Decimals of the scores (p-values get 3 significant digits).
+    unit : str, keyword-only
+        What the values are paired over, singular (``case``; ``seed`` when a sweep compares trials over seeds):
+        the heading says "across <unit>s".
 
     Returns
     -------
@@ -366,8 +374,8 @@ def comparison_markdown(rows: Sequence[Mapping[str, object]], metric: str, *, di
     level = rows[0].get("ci", 0.95)
     pct = f"{100 * float(level):g} %"
     lines = [
-        (f"**{metric}** across cases: mean, std (ddof=0), median, {pct} bootstrap CI of the mean; "
-         "Δ = method − best, paired over the cases both have, with its bootstrap CI and the two-sided "
+        (f"**{metric}** across {unit}s: mean, std (ddof=0), median, {pct} bootstrap CI of the mean; "
+         f"Δ = method − best, paired over the {unit}s both have, with its bootstrap CI and the two-sided "
          "Wilcoxon signed-rank p."),
         "",
         f"| method | n | mean | std | median | {pct} CI | Δ vs best | {pct} CI of Δ | Wilcoxon p |",
@@ -392,3 +400,66 @@ def comparison_markdown(rows: Sequence[Mapping[str, object]], metric: str, *, di
     if notes:
         text += "\n\n" + "\n".join(notes)
     return text + "\n"
+
+
+def comparison_tables(per_case: Mapping[str, Mapping[str, Mapping[str, float]]],
+                      keys: Sequence[str] = ("dice", "cldice"), *, lower_is_better: Sequence[str] = (),
+                      unit: str = "case", n_boot: int = 10000, seed: int = 0, alpha: float = 0.05
+                      ) -> tuple[str, str]:
+    """The per-case table as CSV and the statistics across cases as Markdown, for several metrics.
+
+    Parameters
+    ----------
+    per_case : mapping method -> (mapping case id -> (mapping metric -> value))
+        Every method's scores per case (a sweep passes trials as methods, and seeds as cases when its trials
+        have no per-case scores). A missing case or metric is NaN in the CSV and left out of the statistics.
+    keys : sequence of str
+        Metrics to compare, in order (metrics no method has are left out of both tables).
+    lower_is_better : sequence of str, keyword-only
+        Metrics whose best method has the lowest mean (HD95, ASSD, Betti errors).
+    unit : str, keyword-only
+        What the rows are (``case`` or ``seed``), as in :func:`comparison_markdown`.
+    n_boot, seed, alpha : keyword-only
+        As in :func:`compare_methods`.
+
+    Returns
+    -------
+    csv_text : str
+        Header ``<unit>_id,<method>/<metric>,...`` and one row per case (first-seen order), values with 4
+        decimals, ``nan`` where missing.
+    markdown : str
+        One :func:`comparison_markdown` section per metric (each with its notes, e.g. when n is too small for the
+        Wilcoxon test to reach ``alpha``), separated by blank lines; ``""`` when no method has any of ``keys``.
+
+    Examples
+    --------
+    >>> csv_text, md = comparison_tables({"otsu": {"a": {"dice": 0.6}, "b": {"dice": 0.5}},
+    ...                                   "stego": {"a": {"dice": 0.7}, "b": {"dice": 0.6}}}, n_boot=200)
+    >>> print(csv_text.splitlines()[0])
+    case_id,otsu/dice,stego/dice
+    >>> md.startswith("**dice** across cases")
+    True
+    """
+    import csv
+    import io
+
+    lower = set(lower_is_better)
+    keys = [k for k in keys if any(k in row for rows in per_case.values() for row in rows.values())]
+    cases = list(dict.fromkeys(str(c) for rows in per_case.values() for c in rows))
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow([f"{unit}_id", *(f"{m}/{k}" for m in per_case for k in keys)])
+    for case in cases:
+        cells = []
+        for method in per_case:
+            row = per_case[method].get(case, {})
+            cells += [f"{float(row[k]):.4f}" if k in row else "nan" for k in keys]
+        writer.writerow([case, *cells])
+    sections = []
+    for key in keys:
+        table = {m: {str(c): float(r[key]) for c, r in rows.items() if key in r} for m, rows in per_case.items()}
+        if not any(table.values()):
+            continue
+        rows = compare_methods(table, higher_is_better=key not in lower, n_boot=n_boot, seed=seed, alpha=alpha)
+        sections.append(comparison_markdown(rows, key, unit=unit))
+    return buffer.getvalue(), "\n".join(sections)

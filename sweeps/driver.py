@@ -571,7 +571,7 @@ def summarize(study: optuna.Study, cfg: SweepConfig, parent_run_id: str, *, stor
             indent=2, default=str), "best_trial.json")
     with contextlib.suppress(Exception):  # an empty study has no table
         tracking.log_text(study.trials_dataframe().to_csv(index=False), "trials.csv")
-    tracking.set_description(sweep_note(study, cfg))
+    tracking.set_description(sweep_note(study, cfg) + compare_best_trials(study, cfg))
     if best is not None:
         with contextlib.suppress(Exception):  # the best trial's scores as this row's own columns
             metrics = tracking.client().get_run(best.user_attrs[RUN_ATTR]).data.metrics
@@ -600,6 +600,99 @@ def sweep_note(study: optuna.Study, cfg: SweepConfig, top: int = 10) -> str:
     for t in complete[:top]:
         lines.append(f"| {t.number} | {t.value:.4f} | " + " | ".join(str(t.params.get(n, "")) for n in names) + " |")
     return "\n".join(lines)
+
+
+def _seed_runs(trial: optuna.trial.FrozenTrial) -> dict[str, str]:
+    """The trial's seed runs by seed (``"single"`` without seeds), from its user attributes."""
+    return {k.split("/", 1)[1].removeprefix("seed_"): v for k, v in trial.user_attrs.items()
+            if k.startswith("run_id/")}
+
+
+def trial_scores(trial: optuna.trial.FrozenTrial, cfg: SweepConfig) -> tuple[dict[str, dict[str, float]], str]:
+    """A trial's scores for :func:`stego_core.steps.comparison.log_comparison`: ``(rows, unit)``.
+
+    A baseline trial's seed runs are evaluations that log per-case scores (``<metric>/<case_id>``): rows are
+    cases (``unit = "case"``), each value the mean over the trial's seeds. A STEGO trial validates on one
+    held-out volume, so it has no per-case scores: rows are its seeds (``unit = "seed"``), each with the seed
+    run's final ``dice`` / ``cldice`` (``val_final/*``, else ``val/*``) or, without them, the objective value
+    the trial recorded for that seed.
+    """
+    from stego_core.steps.comparison import COMPARISON_KEYS
+
+    runs = _seed_runs(trial)
+    metrics = {seed: tracking.client().get_run(run_id).data.metrics for seed, run_id in runs.items()}
+    per_case: dict[str, dict[str, list[float]]] = {}
+    for values in metrics.values():
+        for key, value in values.items():
+            name, sep, case = key.partition("/")
+            if sep and name in COMPARISON_KEYS and case:
+                per_case.setdefault(case, {}).setdefault(name, []).append(float(value))
+    if per_case:
+        return {case: {k: float(np.mean(v)) for k, v in row.items()} for case, row in per_case.items()}, "case"
+    per_seed_objective = trial.user_attrs.get("objective_per_seed", {})
+    rows: dict[str, dict[str, float]] = {}
+    for seed, values in metrics.items():
+        row = {}
+        for k in ("dice", "cldice"):
+            found = [values[f] for f in (f"val_final/{k}", f"val/{k}", f"{k}_mean") if f in values]
+            if found:
+                row[k] = float(found[0])
+        if cfg.objective not in row and seed in per_seed_objective:
+            row[cfg.objective] = float(per_seed_objective[seed])
+        rows[f"seed {seed}"] = row
+    if not rows and trial.value is not None:
+        rows["single"] = {cfg.objective: float(trial.value)}
+    return rows, "seed"
+
+
+#: How many of the best completed trials the sweep parent compares.
+TOP_TRIALS = 5
+
+
+def compare_best_trials(study: optuna.Study, cfg: SweepConfig, top: int = TOP_TRIALS) -> str:
+    """Statistics across cases (or seeds) of the ``top`` best completed trials, logged on the active parent run
+    (``comparison.csv`` / ``comparison.md`` / the ``comparison/ci`` image); returns the note's section.
+
+    Trials are paired by case when their runs record per-case scores (baseline sweeps), otherwise by seed (a
+    STEGO trial validates on one volume): the section says which, and that a seed comparison measures the
+    variation over seeds, not over volumes.
+    """
+    from stego_core.steps.comparison import log_comparison
+
+    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
+    complete.sort(key=lambda t: t.value, reverse=cfg.direction == "maximize")
+    best = complete[:top]
+    if len(best) < 2:
+        return ""
+    scored = {f"trial {t.number}": trial_scores(t, cfg) for t in best}
+    units = {unit for _, unit in scored.values()}
+    unit = "case" if units == {"case"} else "seed"
+    if unit == "seed":  # some trials lack per-case scores: compare every trial over its seeds
+        scored = {name: (rows, u) if u == "seed" else trial_scores_by_seed(t, cfg)
+                  for (name, (rows, u)), t in zip(scored.items(), best)}
+    per_case = {name: rows for name, (rows, _) in scored.items()}
+    if unit == "case":
+        title = f"The {len(best)} best trials across cases (seeds averaged)"
+    else:
+        title = f"The {len(best)} best trials across seeds"
+    section = log_comparison(per_case, unit=unit, title=title,
+                             note_keys=tuple(dict.fromkeys((cfg.objective, "dice", "cldice"))))
+    if not section:
+        return ""
+    if unit == "seed":
+        section = section.replace(
+            "\n\n", "\n\nThe trials record no per-case scores (a STEGO trial validates on one held-out volume): "
+            "they are compared over their seeds, paired by seed; this is the variation over training seeds, not "
+            "over volumes.\n\n", 1)
+    return "\n\n" + section
+
+
+def trial_scores_by_seed(trial: optuna.trial.FrozenTrial, cfg: SweepConfig
+                         ) -> tuple[dict[str, dict[str, float]], str]:
+    """A trial's objective per seed (``objective_per_seed``; its value alone without seeds), for a comparison
+    of trials over seeds when not all of them have per-case scores."""
+    per_seed = trial.user_attrs.get("objective_per_seed") or {"single": trial.value}
+    return {f"seed {s}": {cfg.objective: float(v)} for s, v in per_seed.items()}, "seed"
 
 
 def retrain_command(cfg: SweepConfig, trial: optuna.trial.FrozenTrial) -> str:

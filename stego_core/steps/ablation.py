@@ -25,6 +25,7 @@ from stego_core.methods import build_method
 from stego_core.metrics import summarize
 from stego_core.postprocess import steps_tag
 from stego_core.scoring import evaluate_case
+from stego_core.steps.comparison import log_comparison
 
 #: Columns of ``ablation.csv`` after the identifying ones.
 _SCORES = ("dice", "cldice", "precision", "recall", "n_components_pred", "n_components_gt",
@@ -124,6 +125,21 @@ def _markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n\nCells: Dice / clDice.\n"
 
 
+def log_statistics_note(groups: dict[tuple[str, str, str], list[dict[str, Any]]], *, n_rows: int) -> str:
+    """Log the statistics across cases of every (method, skull strip, variant) against the best one
+    (:func:`stego_core.steps.comparison.log_comparison`: ``comparison.csv``, ``comparison.md``, the chart) and
+    return the ablation run's note: what the run holds, then those statistics."""
+    per_case = {"|".join(key): {r["case_id"]: {k: float(v) for k, v in r.items()
+                                               if k not in ("case_id", "method", "skull_strip", "variant", "tag")
+                                               and isinstance(v, (int, float))}
+                                for r in group if "dice" in r}
+                for key, group in groups.items()}
+    head = (f"**Post-processing ablation**: {len(groups)} variants (method|skull strip|post-processing), "
+            f"{n_rows} rows; the per-case grid is `ablation.md` / `ablation.csv`, one nested run per variant.")
+    section = log_comparison(per_case, title="Statistics across cases (each variant against the best)")
+    return head + ("\n\n" + section if section else "\n\nNo labels: no statistics across cases.")
+
+
 def run_ablation(cfg: AblationConfig) -> str:
     """One parent MLflow run with the table, one nested run per (method, skull strip, variant)."""
     with tracking.start_run(cfg.experiment, run_name="ablation", output_root=cfg.output,
@@ -138,6 +154,7 @@ def run_ablation(cfg: AblationConfig) -> str:
         groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
         for r in rows:
             groups.setdefault((r["method"], r["skull_strip"], r["variant"]), []).append(r)
+        tracking.set_description(log_statistics_note(groups, n_rows=len(rows)))
         for (method, mode, variant), group in groups.items():
             tag = group[0]["tag"]
             with tracking.start_run(cfg.experiment, run_name=f"{method}|{mode}|{variant}", nested=True,

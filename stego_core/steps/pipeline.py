@@ -15,6 +15,7 @@ from stego_core import tracking
 from stego_core.config import (BaselineConfig, DataSettings, EngineConfig, MainConfig, PrepareConfig,
                                ReconstructConfig, RunSettings, SelfTrainConfig, SelfTrainPlan, TrainConfig, derive)
 from stego_core.metrics import SCORE_KEYS
+from stego_core.steps.comparison import log_comparison
 from stego_core.steps.evaluation import run_baseline, run_reconstruct
 from stego_core.steps.pretrain import run_pretrain
 from stego_core.steps.selftrain import run_selftrain
@@ -66,28 +67,6 @@ def markdown_table(table: dict[str, dict[str, float]], runs: dict[str, str], exp
             "No labels: no scores.", "", "Per-method metrics of this row: `<method>/dice`, `<method>/cldice`; "
             "figure: artifacts `comparison.png`."]
     return "\n".join(head + lines + tail)
-
-
-def comparison_statistics(per_case: dict[str, dict[str, dict[str, float]]], keys: tuple[str, ...] = ("dice", "cldice")
-                          ) -> tuple[str, str]:
-    """Per-case table (CSV) and statistics across cases (markdown): per method n, mean, std, median, bootstrap
-    95 % CI, and the paired comparison against the best method (Wilcoxon signed-rank, CI of the difference),
-    with a note when n is too small for the test to reach p < 0.05."""
-    import csv
-    import io
-
-    from stego_core.stats import compare_methods, comparison_markdown
-
-    cases = list(dict.fromkeys(c for rows in per_case.values() for c in rows))
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["case_id", *(f"{m}/{k}" for m in per_case for k in keys)])
-    for case in cases:
-        writer.writerow([case, *(f"{per_case[m].get(case, {}).get(k, float('nan')):.4f}" for m in per_case
-                                 for k in keys)])
-    sections = [comparison_markdown(compare_methods({m: {c: r[k] for c, r in rows.items() if k in r}
-                                                     for m, rows in per_case.items()}), k) for k in keys]
-    return buffer.getvalue(), "\n\n".join(sections) + "\n"
 
 
 def _rows(result: Any, prefix: str = "") -> dict[str, dict[str, float]]:
@@ -182,10 +161,7 @@ def run_main(cfg: MainConfig) -> str:
         tracking.log_figure(comparison_bar_figure(means, keys=("dice", "cldice")), "comparison.png")
         note = markdown_table(table, runs, parent.experiment_id)
         if per_case and any(per_case.values()):
-            csv_text, stats_md = comparison_statistics(per_case)
-            tracking.log_text(csv_text, "comparison.csv")
-            tracking.log_text(stats_md, "comparison.md")
+            note += "\n\n" + log_comparison(per_case, title="Statistics across the held-out volumes")
             tracking.log_figure(per_case_figure(per_case), "comparison_cases.png")
-            note += "\n\n" + stats_md
         tracking.set_description(note)
     return text
