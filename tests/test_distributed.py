@@ -178,3 +178,33 @@ def test_ddp_pretraining_keeps_centre_and_teacher_equal_on_every_rank(mlflow_sto
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
     assert state["step"] == 3 and len(state["generators"]) == 2
     assert not torch.equal(state["generators"][0], state["generators"][1])
+
+
+# ------------------------------------------------------------------------------------------ reconstruction
+
+TINY_BASELINE = ["data.root=data/tiny4", "data.phantom.shape=[32,32,24]", "data.phantom.n_volumes=4",
+                 "split=all", "method=otsu", "progress=false", "analysis=false"]
+
+
+@pytest.mark.slow
+def test_distributed_evaluation_of_four_phantoms_equals_one_process(mlflow_store: str, tmp_path: Path) -> None:
+    """4 phantoms split over 2 gloo ranks: the same per-volume scores as one process, in one run holding every
+    case's metrics, prediction and figure once."""
+    python_m("experiments.baseline", *TINY_BASELINE, "experiment=eval1", "output=out1")
+    torchrun("experiments.baseline", *TINY_BASELINE, "experiment=eval2", "output=out2")
+    (one,), (two,) = _runs("eval1"), _runs("eval2")
+    assert one.info.status == two.info.status == "FINISHED"
+    per_case = {k: v for k, v in one.data.metrics.items() if "/phantom_" in k}
+    assert len([k for k in per_case if k.startswith("dice/")]) == 4
+    assert {k: two.data.metrics.get(k) for k in per_case} == pytest.approx(per_case, rel=1e-12, abs=0)
+    assert two.data.metrics["dice_mean"] == pytest.approx(one.data.metrics["dice_mean"], rel=1e-12)
+    arts = _artifacts(two.info.run_id)
+    assert len(arts) == len(set(arts))
+    assert sorted(a for a in arts if a.startswith(("predictions/", "figures/"))) == sorted(
+        a for a in _artifacts(one.info.run_id) if a.startswith(("predictions/", "figures/")))
+    assert len([a for a in arts if a.startswith("predictions/")]) == 4
+    assert len([a for a in arts if a.startswith("figures/")]) == 4
+    assert (tmp_path / "out2" / two.info.run_id / "evaluation_results.txt").read_text().count("phantom_") == 4
+    # rank 1 evaluated every second case and handed its figures to rank 0 as files
+    assert sorted(p.name for p in (tmp_path / "out2" / two.info.run_id / "figures").iterdir()) == [
+        "phantom_001_mip.png", "phantom_003_mip.png"]

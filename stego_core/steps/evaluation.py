@@ -2,7 +2,9 @@
 
 Each run logs, whatever the method: its params, a ``method`` tag, the data manifest as a dataset input,
 per-volume metrics ``<key>/<case_id>``, their ``<key>_mean`` and ``<key>_std``, ``evaluation_results.txt`` and
-``.csv``, the predicted NIfTI volumes (source affine and header kept), and a MIP / error figure per volume.
+``.csv``, the predicted NIfTI volumes (source affine and header kept), a MIP / error figure per volume, and
+(``viewer: true``) ``viewer/<case>.html``: a self-contained page to scroll through the volume's slices with the
+prediction and label overlaid (:mod:`stego_core.viewer`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from stego_core import tracking
+from stego_core import distributed, tracking
 from stego_core.config import BaselineConfig, EvaluateConfig, ReconstructConfig
 from stego_core.data import PreparedCase, ensure_cases, preprocess_case, split_cases
 from stego_core.io import Case, save_volume
@@ -51,22 +53,29 @@ def evaluate_cases(method: Method, cases: list[Case], cfg: EvaluateConfig, out_d
     """Reconstruct every case with ``method``, write predictions under ``out_dir``, and return one metrics row
     per case (:func:`~stego_core.scoring.evaluate_case`). ``after_case(prepared, post, row)`` may add keys to
     the row (e.g. a teacher's scores) and log more pictures before the row is logged. Predictions are named
-    ``<case>_<name>_pred.nii.gz``, ``name`` the run's method tag (default ``method.name``)."""
+    ``<case>_<name>_pred.nii.gz``, ``name`` the run's method tag (default ``method.name``).
+
+    Launched as several processes (:mod:`stego_core.distributed`), each rank takes every ``world size``-th case
+    and writes its predictions; rank 0 logs every case's scores, tags, predictions and figure into the one run,
+    and every rank returns all rows in case order."""
     name = name or method.name
     from stego_core.visualize import mip_figure
 
     steps = cfg.postprocess_steps()
     rows = []
-    for case in tqdm(cases, desc=f"evaluate {method.name}", unit="vol", disable=None if cfg.progress else True):
+    mine = distributed.shard(list(enumerate(cases)))
+    for index, case in tqdm(mine, desc=f"evaluate {method.name}", unit="vol",
+                            disable=None if cfg.progress else True):
         prepared = preprocess_case(case, cfg.data)
+        out = _CaseOutputs()  # what this case logs (rank 0 logs it now; another rank's goes to rank 0 at the end)
         if log_to_mlflow and prepared.mask_warning:
-            tracking.set_tags({"skull_strip_implausible": "true",
-                               f"skull_strip_warning/{case.case_id}": prepared.mask_warning[:4000]})
+            out.tag({"skull_strip_implausible": "true",
+                     f"skull_strip_warning/{case.case_id}": prepared.mask_warning[:4000]})
         if prepared.label is not None and not np.any(prepared.label):
             log.warning("case %s: the label %s is all zero; its scores (Dice 0 or 1 by convention) are "
                         "meaningless", case.case_id, case.label)
             if log_to_mlflow:
-                tracking.set_tags({"label_empty": "true", f"label_empty/{case.case_id}": "true"})
+                out.tag({"label_empty": "true", f"label_empty/{case.case_id}": "true"})
         prob = method.predict(prepared, progress=cfg.progress)
         post, row = evaluate_case(prob, prepared, steps, threshold=method.threshold, slice_axis=cfg.engine.axis,
                                   crf_settings=cfg.crf_settings, analysis=cfg.analysis)
@@ -74,20 +83,74 @@ def evaluate_cases(method: Method, cases: list[Case], cfg: EvaluateConfig, out_d
             after_case(prepared, post, row)
         pred_path = save_volume(out_dir / "predictions" / f"{case.case_id}_{name}_pred.nii.gz",
                                 post.mask.astype(np.uint8), prepared.affine, prepared.header)
-        if log_to_mlflow:
-            tracking.log_artifact(pred_path, "predictions")
+        out.artifacts.append((str(pred_path), "predictions"))
         if cfg.save_probabilities:
             prob_path = save_volume(out_dir / "predictions" / f"{case.case_id}_{name}_prob.nii.gz", post.prob,
                                     prepared.affine, prepared.header)
-            if log_to_mlflow:
-                tracking.log_artifact(prob_path, "predictions")
+            out.artifacts.append((str(prob_path), "predictions"))
         if log_to_mlflow:
-            tracking.log_metrics({f"{k}/{case.case_id}": v for k, v in row.items() if k != "case_id"})
+            out.metrics = {f"{k}/{case.case_id}": v for k, v in row.items() if k != "case_id"}
             fig = mip_figure(prepared.image, prepared.label, post.mask, axis=cfg.engine.axis,
                              title=f"{method.name} on {case.case_id}")
-            tracking.log_figure(fig, f"figures/{case.case_id}_mip.png")
-        rows.append(row)
-    return rows
+            if distributed.is_main():
+                tracking.log_figure(fig, f"figures/{case.case_id}_mip.png")
+            else:  # drawn here, logged by rank 0 from the file
+                out.artifacts.append((_save_figure(fig, out_dir / "figures" / f"{case.case_id}_mip.png"), "figures"))
+            if cfg.viewer:
+                out.artifacts.append((str(write_viewer(prepared, post.mask, name, out_dir)), "viewer"))
+            if distributed.is_main():
+                out.log()
+        rows.append((index, row, out))
+    gathered = sorted((item for part in distributed.gather_objects(rows) for item in part), key=lambda t: t[0])
+    if log_to_mlflow and distributed.is_main() and distributed.world_size() > 1:
+        for index, _, out in gathered:
+            if index % distributed.world_size() != 0:  # the other ranks' cases
+                out.log()
+    return [row for _, row, _ in gathered]
+
+
+@dataclass
+class _CaseOutputs:
+    """What one evaluated case logs into the run: tags, metrics and ``(file, artifact folder)`` pairs."""
+
+    tags: dict[str, str] = dataclasses.field(default_factory=dict)
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    artifacts: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+
+    def tag(self, tags: dict[str, str]) -> None:
+        """Set ``tags`` now (rank 0; before the case's prediction, which may fail) and keep them for :meth:`log`."""
+        tracking.set_tags(tags)
+        self.tags.update(tags)
+
+    def log(self) -> None:
+        if self.tags:
+            tracking.set_tags(self.tags)
+        for path, folder in self.artifacts:
+            tracking.log_artifact(path, folder)
+        if self.metrics:
+            tracking.log_metrics(self.metrics)
+
+
+def _save_figure(fig: Any, path: Path) -> str:
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return str(path)
+
+
+def write_viewer(prepared: PreparedCase, mask: np.ndarray, name: str, out_dir: Path) -> Path:
+    """Write ``viewer/<case>.html`` under ``out_dir``: the case's slices with ``mask`` against its label
+    (:func:`~stego_core.viewer.viewer_html`, one self-contained page that MLflow's artifact pane shows)."""
+    from stego_core.viewer import viewer_html
+
+    page = viewer_html(prepared.image, {name: mask}, prepared.label, spacing_mm=prepared.spacing,
+                       title=f"{name} on {prepared.case_id}")
+    path = out_dir / "viewer" / f"{prepared.case_id}.html"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(page, encoding="utf-8")
+    return path
 
 
 def run_evaluation(method_impl: Method, cfg: EvaluateConfig, *, method: str, run_name: str | None = None,
@@ -108,7 +171,8 @@ def run_evaluation(method_impl: Method, cfg: EvaluateConfig, *, method: str, run
                             description=description,
                             tags={"method": method, "step": "evaluate", **(tags or {})}) as run:
         tracking.log_plan(config, run.output_dir, params=params)
-        cases = select_cases(cfg)
+        with distributed.main_first():  # rank 0 writes generated phantoms; the others read them
+            cases = select_cases(cfg)
         tracking.log_dataset(cases, name=Path(cfg.data.root).name, context="evaluation", source=cfg.data.root)
         rows = evaluate_cases(method_impl, cases, cfg, run.output_dir, name=method)
         summary: dict[str, float] = {}
@@ -116,9 +180,10 @@ def run_evaluation(method_impl: Method, cfg: EvaluateConfig, *, method: str, run
         if scored:
             summary = summarize([{k: v for k, v in r.items() if k != "case_id"} for r in scored])
             tracking.log_metrics(summary)
-            txt, csv = write_results(scored, run.output_dir, method=method)
-            tracking.log_artifact(txt)
-            tracking.log_artifact(csv)
+            if distributed.is_main():
+                txt, csv = write_results(scored, run.output_dir, method=method)
+                tracking.log_artifact(txt)
+                tracking.log_artifact(csv)
         return EvaluationResult(run_id=run.run_id, rows=rows, summary=summary, output_dir=run.output_dir)
 
 
