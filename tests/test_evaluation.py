@@ -100,6 +100,7 @@ def test_baseline_run_is_tracked(baseline_runs, phantom_data, method):
     for cid in expected_ids:
         assert f"predictions/{cid}_{method}_pred.nii.gz" in artifacts
         assert f"figures/{cid}_mip.png" in artifacts
+        assert f"viewer/{cid}.html" in artifacts  # the self-contained slice viewer (tests/test_viewer.py)
     assert {"evaluation_results.txt", "evaluation_results.csv", "plan.yaml"} <= artifacts
     assert not any(a.startswith("predictions/") and a.endswith("_prob.nii.gz") for a in artifacts)
 
@@ -218,6 +219,12 @@ def test_unlabelled_cases_give_rows_but_no_scores(tmp_path, tiny_case):
     artifacts = _artifacts(tracking.client(), result.run_id)
     assert "evaluation_results.txt" not in artifacts
     assert {"predictions/u1_percentile_pred.nii.gz", "predictions/u1_percentile_prob.nii.gz"} <= artifacts
+    viewer = Path(tracking.client().download_artifacts(result.run_id, "viewer/u1.html", str(tmp_path)))
+    assert '"labelled":false' in viewer.read_text(encoding="utf-8")  # predictions drawn without a label
+    quiet = run_baseline(BaselineConfig(data=data, method="percentile", split="all", engine=WHOLE_SLICES,
+                                        experiment=EXPERIMENT, output=str(tmp_path / "out"), progress=False,
+                                        viewer=False))
+    assert not any(a.startswith("viewer/") for a in _artifacts(tracking.client(), quiet.run_id))
 
 
 def test_config_validation():
