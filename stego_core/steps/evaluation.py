@@ -2,7 +2,9 @@
 
 Each run logs, whatever the method: its params, a ``method`` tag, the data manifest as a dataset input,
 per-volume metrics ``<key>/<case_id>``, their ``<key>_mean`` and ``<key>_std``, ``evaluation_results.txt`` and
-``.csv``, the predicted NIfTI volumes (source affine and header kept), and a MIP / error figure per volume.
+``.csv``, the predicted NIfTI volumes (source affine and header kept), a MIP / error figure per volume, and
+(``viewer: true``) ``viewer/<case>.html``: a self-contained page to scroll through the volume's slices with the
+prediction and label overlaid (:mod:`stego_core.viewer`).
 """
 
 from __future__ import annotations
@@ -94,6 +96,8 @@ def evaluate_cases(method: Method, cases: list[Case], cfg: EvaluateConfig, out_d
                 tracking.log_figure(fig, f"figures/{case.case_id}_mip.png")
             else:  # drawn here, logged by rank 0 from the file
                 out.artifacts.append((_save_figure(fig, out_dir / "figures" / f"{case.case_id}_mip.png"), "figures"))
+            if cfg.viewer:
+                out.artifacts.append((str(write_viewer(prepared, post.mask, name, out_dir)), "viewer"))
             if distributed.is_main():
                 out.log()
         rows.append((index, row, out))
@@ -136,6 +140,19 @@ def _save_figure(fig: Any, path: Path) -> str:
     return str(path)
 
 
+def write_viewer(prepared: PreparedCase, mask: np.ndarray, name: str, out_dir: Path) -> Path:
+    """Write ``viewer/<case>.html`` under ``out_dir``: the case's slices with ``mask`` against its label
+    (:func:`~stego_core.viewer.viewer_html`, one self-contained page that MLflow's artifact pane shows)."""
+    from stego_core.viewer import viewer_html
+
+    page = viewer_html(prepared.image, {name: mask}, prepared.label, spacing_mm=prepared.spacing,
+                       title=f"{name} on {prepared.case_id}")
+    path = out_dir / "viewer" / f"{prepared.case_id}.html"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(page, encoding="utf-8")
+    return path
+
+
 def run_evaluation(method_impl: Method, cfg: EvaluateConfig, *, method: str, run_name: str | None = None,
                    params: dict[str, Any] | None = None, tags: dict[str, str] | None = None,
                    config: Any = None, nested: bool = False) -> EvaluationResult:
@@ -149,7 +166,8 @@ def run_evaluation(method_impl: Method, cfg: EvaluateConfig, *, method: str, run
     suffix = steps_tag(cfg.postprocess_steps())  # e.g. "+crf", "+smooth+largest"
     method, run_name = f"{method}{suffix}", f"{run_name}{suffix}"
     description = (f"Evaluation of {method} on the {cfg.split} volumes of {Path(cfg.data.root).name}: "
-                   f"dice_mean / cldice_mean, per volume <key>/<case>, MIP and error overlays in figures/.")
+                   f"dice_mean / cldice_mean, per volume <key>/<case>, MIP and error overlays in figures/"
+                   + (", a slice viewer per volume in viewer/ (open <case>.html)." if cfg.viewer else "."))
     with tracking.start_run(cfg.experiment, run_name=run_name, output_root=cfg.output, nested=nested,
                             description=description,
                             tags={"method": method, "step": "evaluate", **(tags or {})}) as run:
