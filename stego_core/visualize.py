@@ -22,6 +22,7 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
 from stego_core._checks import as_binary, check_ndim, check_range, check_same_shape
+from stego_core.metrics import RADIUS_BINS
 
 __all__ = [
     "ERROR_COLOURS",
@@ -29,6 +30,8 @@ __all__ = [
     "error_overlay",
     "mask_outline_figure",
     "mip_figure",
+    "per_case_figure",
+    "radius_recall_figure",
     "slice_panel_figure",
 ]
 
@@ -401,8 +404,15 @@ def per_case_figure(per_case: Mapping[str, Mapping[str, Mapping[str, float]]],
     Parameters
     ----------
     per_case : mapping method -> mapping case id -> mapping metric key -> float
+        A case a method lacks (or a key its row lacks) is NaN: no dot, and out of the box.
     keys : sequence of str
         Metrics to draw, one panel each.
+
+    Returns
+    -------
+    Figure
+        One panel per key (titled with it): methods on the x axis, a box per method and, per case, one line
+        labelled with the case id through its values of every method.
     """
     if not per_case:
         raise ValueError("per_case is empty; expected at least one method")
@@ -425,4 +435,60 @@ def per_case_figure(per_case: Mapping[str, Mapping[str, Mapping[str, float]]],
         ax.set_title(key)
         ax.grid(axis="y", alpha=0.3)
     axes[-1].legend(fontsize=7, loc="lower right")
+    return fig
+
+
+def radius_recall_figure(per_case: Mapping[str, Mapping[str, Mapping[str, float]]],
+                         bins: Sequence[str] = RADIUS_BINS) -> Figure:
+    """Recall per vessel-radius bin, thin to thick: one line per method (the mean over cases), with each
+    case's value as a faint dot.
+
+    Parameters
+    ----------
+    per_case : mapping method -> mapping case id -> mapping metric key -> float
+        Rows of the evaluations, holding ``recall_<bin>`` (:func:`stego_core.metrics.radius_recall` via
+        :func:`stego_core.scoring.analysis_metrics`); a bin without label voxels in a case is absent from its
+        row and left out of that bin's mean; a method without any ``recall_<bin>`` key draws no line.
+    bins : sequence of str
+        Bin names, in x order (default :data:`stego_core.metrics.RADIUS_BINS`).
+
+    Returns
+    -------
+    Figure
+        One axes: x the bins, y the recall in [0, 1]; ``ax.get_lines()`` holds one line per method drawn,
+        labelled with the method, in the order of ``per_case``.
+    """
+    if not per_case:
+        raise ValueError("per_case is empty; expected at least one method")
+    bins = tuple(bins)
+    if not bins:
+        raise ValueError("bins is empty; expected at least one radius bin")
+    keys = [f"recall_{b}" for b in bins]
+    fig = Figure(figsize=(max(4.5, 1.6 * len(bins) + 2.0), 3.8), layout="constrained")
+    ax = fig.subplots()
+    colours = matplotlib.colormaps["tab10" if len(per_case) <= 10 else "tab20"]
+    x = np.arange(len(bins), dtype=float)
+    drawn = 0
+    for i, (method, rows) in enumerate(per_case.items()):
+        values = np.array([[float(r.get(k, np.nan)) for k in keys] for r in rows.values()]).reshape(-1, len(bins))
+        if not np.isfinite(values).any():
+            continue
+        colour = colours(i % colours.N)
+        jitter = (drawn - (len(per_case) - 1) / 2) * 0.03  # dots of different methods side by side
+        for row in values:
+            ax.scatter(x + jitter, row, s=10, color=colour, alpha=0.35, linewidths=0)
+        with np.errstate(invalid="ignore"):
+            counts = np.isfinite(values).sum(axis=0)
+            means = np.where(counts > 0, np.nansum(values, axis=0) / np.maximum(counts, 1), np.nan)
+        ax.plot(x, means, "o-", color=colour, linewidth=1.5, markersize=5, label=method)
+        drawn += 1
+    ax.set_xticks(x, list(bins))
+    ax.set_xlim(-0.4, len(bins) - 0.6)
+    ax.set_ylim(0.0, 1.05)
+    ax.set_xlabel("vessel radius bin (label skeleton)")
+    ax.set_ylabel("recall")
+    ax.set_title("recall by vessel radius: mean over cases (line), cases (dots)", fontsize=10)
+    ax.grid(alpha=0.3)
+    if drawn:
+        ax.legend(fontsize=7, loc="lower right", ncols=2 if drawn > 5 else 1)
     return fig

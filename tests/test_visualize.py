@@ -12,6 +12,8 @@ from stego_core.visualize import (
     error_overlay,
     mask_outline_figure,
     mip_figure,
+    per_case_figure,
+    radius_recall_figure,
     slice_panel_figure,
 )
 
@@ -128,3 +130,50 @@ def test_mask_outline_figure(volumes, tmp_path):
     assert len(fig.axes[0].collections) == 1  # the outline contour
     _png_ok(fig, tmp_path / "mask.png")
     assert len(mask_outline_figure(image, brain, None, axis=0).axes) == 4
+
+
+PER_CASE = {  # method -> case -> row, as the pipeline collects them
+    "otsu": {"c1": {"dice": 0.5, "cldice": 0.6, "recall_thin": 0.1, "recall_medium": 0.5, "recall_thick": 0.9},
+             "c2": {"dice": 0.7, "cldice": 0.8, "recall_medium": 0.7, "recall_thick": 1.0}},  # c2: no thin vessel
+    "stego": {"c1": {"dice": 0.6, "cldice": 0.7, "recall_thin": 0.3, "recall_medium": 0.6, "recall_thick": 0.8},
+              "c2": {"dice": 0.8, "cldice": 0.9, "recall_thin": 0.5, "recall_medium": 0.8, "recall_thick": 0.9}},
+    "frangi": {"c1": {"dice": 0.4, "cldice": 0.5}},  # evaluated without the analysis keys
+}
+
+
+def test_per_case_figure_dots_per_case_and_boxes_per_method(tmp_path):
+    fig = per_case_figure(PER_CASE)
+    axes = fig.get_axes()
+    assert [ax.get_title() for ax in axes] == ["dice", "cldice"]
+    for ax, key in zip(axes, ("dice", "cldice")):
+        cases = {line.get_label(): line for line in ax.get_lines() if line.get_label() in ("c1", "c2")}
+        assert set(cases) == {"c1", "c2"}  # one dotted line per case, joining its methods
+        np.testing.assert_allclose(cases["c1"].get_ydata(), [PER_CASE[m]["c1"][key] for m in PER_CASE])
+        c2 = np.asarray(cases["c2"].get_ydata(), float)
+        assert c2.shape == (3,) and np.isnan(c2[2])  # frangi has no c2
+        assert [t.get_text() for t in ax.get_xticklabels()] == list(PER_CASE)
+        medians = [line for line in ax.get_lines() if line.get_label().startswith("_") and len(line.get_xdata()) == 2
+                   and line.get_ydata()[0] == line.get_ydata()[1]]
+        assert medians  # the boxes (medians, caps) are drawn
+    _png_ok(fig, tmp_path / "cases.png")
+    with pytest.raises(ValueError, match="per_case is empty"):
+        per_case_figure({})
+
+
+def test_radius_recall_figure_one_line_per_method(tmp_path):
+    fig = radius_recall_figure(PER_CASE)
+    (ax,) = fig.get_axes()
+    lines = ax.get_lines()
+    assert [line.get_label() for line in lines] == ["otsu", "stego"]  # frangi has no radius keys: no line
+    np.testing.assert_allclose(lines[0].get_xdata(), [0, 1, 2])
+    np.testing.assert_allclose(lines[0].get_ydata(), [0.1, 0.6, 0.95])  # thin: only c1 has thin vessels
+    np.testing.assert_allclose(lines[1].get_ydata(), [0.4, 0.7, 0.85])
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["thin", "medium", "thick"]
+    dots = sum(len(c.get_offsets()) for c in ax.collections)
+    assert dots == 2 * 3 + 2 * 3  # every case of every method drawn (NaN offsets included, not shown)
+    assert ax.get_ylabel() == "recall" and ax.get_legend() is not None
+    _png_ok(fig, tmp_path / "radius.png")
+    (ax2,) = radius_recall_figure({"frangi": PER_CASE["frangi"]}).get_axes()
+    assert ax2.get_lines() == [] and ax2.get_legend() is None
+    with pytest.raises(ValueError, match="bins is empty"):
+        radius_recall_figure(PER_CASE, bins=())
