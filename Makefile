@@ -23,8 +23,9 @@ test: $(STAMP)
 
 UI_HOST ?= 127.0.0.1
 UI_PORT ?= 5000
+UI_WORKERS ?= 1
 
-# Prints (and tries to open) the demo's runs table in the model-training view, then serves the UI.
+# Prints the runs-table link of each existing experiment (model-training view, per-method columns), then
+# serves the UI: `mlflow ui` with one worker and no job runner (MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false).
 ui: $(STAMP)
-	@$(BIN)/python -m stego_core.tracking ui --base http://$(UI_HOST):$(UI_PORT) stego-vessels stego-vessels-sweeps
-	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host $(UI_HOST) --port $(UI_PORT)
+	@$(BIN)/python -m stego_core.ui --host $(UI_HOST) --port $(UI_PORT) --workers $(UI_WORKERS)

@@ -246,7 +246,10 @@ def reap_dead_runs(client: Any, *, dry_run: bool = False) -> list[str]:
 
 
 def _mark_model_training(exp: Any) -> None:
-    """Tag an experiment as model development so MLflow 3's UI opens it on its runs table, not GenAI pages."""
+    """Tag an experiment ``mlflow.experimentKind=custom_model_development`` (MLflow's own record of the kind).
+
+    MLflow 3.17.2's UI does not read this tag to pick its view (the GenAI / model-training switch, kept in the
+    browser, decides; see :mod:`stego_core.ui`); MLflow's APIs and other UI versions do."""
     if exp.tags.get("mlflow.experimentKind") != "custom_model_development":
         with contextlib.suppress(Exception):
             MlflowClient().set_experiment_tag(exp.experiment_id, "mlflow.experimentKind", "custom_model_development")
@@ -256,16 +259,6 @@ def _mark_model_training(exp: Any) -> None:
 def set_description(text: str) -> None:
     """Set the active run's markdown description (the run page's "Description", ``mlflow.note.content``)."""
     mlflow.set_tag(NOTE_TAG, text)
-
-
-def ui_url(experiment: str, *, base: str = "http://127.0.0.1:5000") -> str:
-    """The UI page of ``experiment``'s runs table in the model-training view (created if missing)."""
-    _ensure_tracking()
-    c = MlflowClient()
-    exp = c.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp is not None else c.create_experiment(experiment)
-    _mark_model_training(c.get_experiment(exp_id))
-    return f"{base.rstrip('/')}/#/experiments/{exp_id}/runs?workflowType=machine_learning"
 
 
 def active_run_id() -> str | None:
@@ -534,30 +527,3 @@ def lightning_logger(run_id: str, experiment: str) -> Any:
 
     return MLFlowLogger(experiment_name=experiment, tracking_uri=tracking_uri(), run_id=run_id,
                         log_model=False)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m stego_core.tracking ui [--base URL] [--open] EXPERIMENT...``: print the runs-table URL of
-    each experiment (model-training view) in the store of ``MLFLOW_TRACKING_URI`` (``make ui`` calls this)."""
-    import argparse
-    import webbrowser
-
-    parser = argparse.ArgumentParser(prog="python -m stego_core.tracking")
-    sub = parser.add_subparsers(dest="command", required=True)
-    ui = sub.add_parser("ui", help="print the UI URL of each experiment's runs table")
-    ui.add_argument("experiments", nargs="+")
-    ui.add_argument("--base", default="http://127.0.0.1:5000")
-    ui.add_argument("--open", action="store_true", help="also open the first URL in a browser")
-    args = parser.parse_args(argv)
-    urls = [ui_url(name, base=args.base) for name in args.experiments]
-    for name, url in zip(args.experiments, urls):
-        print(f"{name}: {url}")
-    print("(the UI starts now; open the first link once it says it is listening)")
-    if args.open:
-        with contextlib.suppress(Exception):
-            webbrowser.open(urls[0])
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -306,12 +306,6 @@ def test_project_run_in_default_is_replaced_in_the_configured_experiment(monkeyp
     assert adopted.run_id == project.info.run_id and adopted.experiment_id == chosen
 
 
-def test_ui_url_points_at_the_model_training_runs_table():
-    url = tracking.ui_url("exp-ui", base="http://127.0.0.1:5123/")
-    exp = tracking.client().get_experiment_by_name("exp-ui")
-    assert url == f"http://127.0.0.1:5123/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"
-
-
 def test_log_image_is_stepped():
     import matplotlib.figure
 

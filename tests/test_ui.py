@@ -1,0 +1,121 @@
+"""The MLflow UI path (``make ui`` = ``python -m stego_core.ui``): links to existing experiments only, the saved view
+with the per-method columns, a real ``mlflow ui`` with one worker and no job runner, and (with chromium) the
+link opening the runs table with those columns in a headless browser."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+from stego_core import tracking, ui
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def demo_like_store() -> str:
+    """A ``stego-vessels`` experiment holding a pipeline row with per-method scores and one nested step."""
+    with tracking.start_run("stego-vessels", run_name="pipeline", tags={"step": "pipeline"}) as parent:
+        tracking.log_metrics({"otsu/dice": 0.61, "otsu/cldice": 0.55, "stego/dice": 0.72, "stego/cldice": 0.70})
+        with tracking.start_run("stego-vessels", run_name="baseline-otsu", nested=True):
+            tracking.log_metrics({"dice_mean": 0.61, "cldice_mean": 0.55, "dice/case_1": 0.61})
+    return parent.experiment_id
+
+
+def links_of(output: str) -> dict[str, str]:
+    return {line.split(": ", 1)[0]: line.split(": ", 1)[1] for line in output.splitlines() if ": " in line
+            and not line.startswith(("MLflow", "starting"))}
+
+
+def test_links_only_existing_experiments_with_the_methods_view(capsys):
+    experiment_id = demo_like_store()
+    client = tracking.client()
+    before = {e.name for e in client.search_experiments()}
+    assert ui.main(["--print-only", "--port", "5123"]) == 0
+    assert {e.name for e in client.search_experiments()} == before  # nothing created
+    out = capsys.readouterr().out
+    links = links_of(out)
+    url = urlsplit(links["stego-vessels"])
+    assert f"{url.scheme}://{url.netloc}" == "http://127.0.0.1:5123"
+    route, _, query = url.fragment.partition("?")
+    assert route == f"/experiments/{experiment_id}/runs"
+    assert parse_qs(query) == {"viewStateShareKey": [ui.VIEW_KEY], "workflowType": ["machine_learning"]}
+    assert "not linked" in links["stego-vessels-sweeps"] and "not linked" in links["stego-vessels-ablation"]
+    assert "'Model training'" in out  # how to stay in the model-training view
+
+    tags = client.get_experiment(experiment_id).tags
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+    view = json.loads(tags[ui.SHARED_VIEW_PREFIX + ui.VIEW_KEY])
+    assert view["name"] == ui.VIEW_NAME and isinstance(view["createdAt"], int)
+    assert json.loads(view["state"])["selectedColumns"] == [
+        "metrics.`otsu/dice`", "metrics.`otsu/cldice`", "metrics.`stego/dice`", "metrics.`stego/cldice`"]
+
+
+def test_server_command_is_one_worker_without_job_runner():
+    argv, env = ui.server_command("sqlite:///x.db", host="127.0.0.1", port=5001)
+    assert argv[1:4] == ["-m", "mlflow", "ui"] and argv[argv.index("--workers") + 1] == "1"
+    assert env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_health(port: int, proc: subprocess.Popen, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the UI exited with {proc.returncode}: {proc.stdout.read()}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"no answer on port {port} after {timeout_s} s")
+
+
+@pytest.mark.slow
+def test_make_ui_serves_the_link_with_two_processes(tmp_path):
+    import psutil
+
+    experiment_id = demo_like_store()
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "stego_core.ui", "--port", str(port)], cwd=REPO_ROOT,
+                            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        link = proc.stdout.readline().split(": ", 1)[1].strip()
+        assert link == ui.runs_link(f"http://127.0.0.1:{port}", experiment_id, view_key=ui.VIEW_KEY)
+        wait_for_health(port, proc)
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        commands = [" ".join(p.cmdline()) for p in tree]
+        assert len(tree) == 2, commands  # the mlflow CLI and one uvicorn worker; `mlflow ui` alone starts 15
+        assert not any("_job_runner" in c or "huey" in c for c in commands), commands
+
+        chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+        if chromium is None:
+            pytest.skip("chromium is not installed (.ci/run installs it)")
+        browse = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=2400,900",
+                  "--virtual-time-budget=15000"]
+        dom = subprocess.run([*browse, "--dump-dom", link], capture_output=True, text=True, timeout=120).stdout
+        for text in ("pipeline", ui.VIEW_NAME, "otsu/dice", "otsu/cldice", "stego/dice", "stego/cldice"):
+            assert text in dom, text  # the runs table, opened on the saved view, shows the per-method columns
+        shot = tmp_path / "runs_table.png"
+        subprocess.run([*browse, f"--screenshot={shot}", link], capture_output=True, timeout=120, check=True)
+        assert shot.stat().st_size > 10_000
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
