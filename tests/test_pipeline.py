@@ -72,6 +72,14 @@ def test_run_main_on_tiny_phantoms(tmp_path, monkeypatch, mlflow_store, server_s
 
     assert {"comparison.png", "comparison.txt", "comparison.csv", "comparison.md",
             "comparison_cases.png"} <= _artifact_names(client, parent.info.run_id)
+    assert "comparison_radius.png" in _artifact_names(client, parent.info.run_id)  # recall by vessel radius
+    # one slice viewer per held-out case on the parent, switching between every scored method
+    viewers = [a.path for a in client.list_artifacts(parent.info.run_id, "viewer")]
+    assert viewers and all(v.startswith("viewer/") and v.endswith(".html") for v in viewers)
+    page = Path(client.download_artifacts(parent.info.run_id, viewers[0], str(tmp_path))).read_text()
+    methods = set(rows)
+    assert all(f'"{m}":[{{"slices":"data:image/png;base64,' in page for m in methods)
+    assert "viewer/" in parent.data.tags["mlflow.note.content"]
     stats = (Path(client.download_artifacts(parent.info.run_id, "comparison.md", str(tmp_path)))).read_text()
     assert "dice" in stats and "n" in stats  # one held-out phantom: the note says n is too small for a test
     local = client.download_artifacts(parent.info.run_id, "comparison.txt", str(tmp_path))

@@ -2,19 +2,21 @@
 
 prepare -> every classical baseline -> STEGO training -> STEGO reconstruction, all on the same volumes and
 split. Each step is its own MLflow run, nested under one ``pipeline`` run that holds the comparison table and
-bar chart.
+bar chart, the per-case Dice / clDice plot, the recall by vessel radius, and per held-out volume one slice viewer
+(``viewer/<case>.html``) that switches between the methods' predictions.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+from pathlib import Path
 from typing import Any
 
 from stego_core import tracking
 from stego_core.config import (BaselineConfig, DataSettings, EngineConfig, MainConfig, PrepareConfig,
                                ReconstructConfig, RunSettings, SelfTrainConfig, SelfTrainPlan, TrainConfig, derive)
-from stego_core.metrics import SCORE_KEYS
+from stego_core.metrics import RADIUS_BINS, SCORE_KEYS
 from stego_core.steps.comparison import log_comparison
 from stego_core.steps.evaluation import run_baseline, run_reconstruct
 from stego_core.steps.pretrain import run_pretrain
@@ -67,6 +69,37 @@ def markdown_table(table: dict[str, dict[str, float]], runs: dict[str, str], exp
             "No labels: no scores.", "", "Per-method metrics of this row: `<method>/dice`, `<method>/cldice`; "
             "figure: artifacts `comparison.png`."]
     return "\n".join(head + lines + tail)
+
+
+def log_viewers(cfg: MainConfig, methods: list[str], runs: dict[str, str], out_dir: Path) -> list[str]:
+    """Log ``viewer/<case>.html`` on the active run for every volume ``cfg`` evaluates: the image as stored and
+    its label, with each method's prediction (``predictions/<case>_<method>_pred.nii.gz`` of the run
+    ``runs[method]``) behind one method selector (:func:`~stego_core.viewer.viewer_html`). A prediction that
+    cannot be fetched is skipped with a warning. Returns the case ids with a viewer."""
+    from stego_core.config import EvaluateConfig
+    from stego_core.io import load_case, load_volume
+    from stego_core.steps.evaluation import select_cases
+    from stego_core.viewer import viewer_html
+
+    logged = []
+    for case in select_cases(derive(EvaluateConfig, cfg)):
+        predictions = {}
+        for method in methods:
+            uri = f"runs:/{runs[method]}/predictions/{case.case_id}_{method}_pred.nii.gz"
+            try:
+                path = tracking.download_artifacts(uri, out_dir / "predictions" / method)
+            except Exception as exc:  # noqa: BLE001 - a missing file leaves this method out of the viewer
+                log.warning("viewer of %s: no prediction of %s (%s): %s", case.case_id, method, uri, exc)
+                continue
+            predictions[method] = load_volume(path).data > 0
+        if not predictions:
+            continue
+        loaded = load_case(case)
+        page = viewer_html(loaded.image.data, predictions, loaded.label, spacing_mm=loaded.image.spacing_mm,
+                           title=f"{case.case_id}: {len(predictions)} methods")
+        tracking.log_text(page, f"viewer/{case.case_id}.html")
+        logged.append(case.case_id)
+    return logged
 
 
 def _rows(result: Any, prefix: str = "") -> dict[str, dict[str, float]]:
@@ -128,7 +161,7 @@ def run_main(cfg: MainConfig) -> str:
     The pipeline run (under ``mlflow run -e main``: the project's own run) logs the table and the bar chart.
     """
     from stego_core.steps.prepare import run_prepare
-    from stego_core.visualize import comparison_bar_figure, per_case_figure
+    from stego_core.visualize import comparison_bar_figure, per_case_figure, radius_recall_figure
 
     engine = EngineConfig(axis=cfg.slicing.axis)  # each method's own window along the crops' axis
     with tracking.start_run(cfg.experiment, run_name="pipeline", output_root=f"{cfg.output}/pipeline",
@@ -163,5 +196,14 @@ def run_main(cfg: MainConfig) -> str:
         if per_case and any(per_case.values()):
             note += "\n\n" + log_comparison(per_case, title="Statistics across the held-out volumes")
             tracking.log_figure(per_case_figure(per_case), "comparison_cases.png")
+            figures = ["`comparison_cases.png` (Dice and clDice per case and method)"]
+            if any(f"recall_{b}" in row for rows in per_case.values() for row in rows.values() for b in RADIUS_BINS):
+                tracking.log_figure(radius_recall_figure(per_case), "comparison_radius.png")
+                figures.append("`comparison_radius.png` (recall by vessel radius, one line per method)")
+            note += "\n\nFigures: " + ", ".join(figures) + "."
+        viewers = log_viewers(cfg, [m for m in table if m in runs], runs, parent.output_dir)
+        if viewers:
+            note += ("\n\nSlice viewers (image, label and every method's prediction; TP grey, FP red, FN cyan): "
+                     + ", ".join(f"`viewer/{c}.html`" for c in viewers) + ".")
         tracking.set_description(note)
     return text
