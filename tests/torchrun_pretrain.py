@@ -27,8 +27,8 @@ def main(out: str, overrides: list[str]) -> None:
     if distributed.is_main():
         diffs = {k: max(float((r[k] - every[0][k]).abs().max()) for r in every) for k in mine}
         moved = float((every[0]["center"]).abs().max())  # the centre left its zero start
-        json.dump({"ranks": len(every), "max_diff": diffs, "center_abs_max": moved, "run_id": result.run_id},
-                  open(out, "w"))
+        with open(out, "w") as f:
+            json.dump({"ranks": len(every), "max_diff": diffs, "center_abs_max": moved, "run_id": result.run_id}, f)
 
 
 if __name__ == "__main__":
