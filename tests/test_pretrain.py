@@ -79,6 +79,7 @@ def test_pretrain_logs_curves_figures_and_the_teacher_backbone(pretrained):
     assert {WEIGHTS_ARTIFACT, "backbone/spec.json"} <= arts
     images = [a.path for a in client.list_artifacts(pretrained.run_id, "images")]  # stepped image (UI slider)
     assert any("teacher_features" in p and p.endswith(".png") for p in images), images
+    assert any(p.startswith("images/pretrain~teacher_features+step+0+") for p in images), images  # cards open at 0
     assert pretrained.weights_path.suffix == ".safetensors"
 
 

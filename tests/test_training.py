@@ -113,8 +113,9 @@ def test_train_run_records_everything(e2e, data3):
 
     loss = client.get_metric_history(trained.run_id, "train/loss")
     assert len({m.step for m in loss}) >= 5 and all(np.isfinite(m.value) for m in loss)
-    assert [m.step for m in client.get_metric_history(trained.run_id, "val/dice")] == [10, 20]
-    assert len(client.get_metric_history(trained.run_id, "val/cluster_miou")) == 2
+    # a validation before the first update (step 0), then every val_every_n_steps
+    assert [m.step for m in client.get_metric_history(trained.run_id, "val/dice")] == [0, 10, 20]
+    assert len(client.get_metric_history(trained.run_id, "val/cluster_miou")) == 3
     metrics = run.data.metrics
     for key in ("dice", "cldice", "precision", "recall", "cluster_miou", "linear_miou"):
         assert metrics[f"val_final/{key}"] == pytest.approx(trained.metrics[f"val/{key}"])
@@ -123,11 +124,12 @@ def test_train_run_records_everything(e2e, data3):
 
     artifacts = _artifacts(client, trained.run_id)
     assert {"plan.yaml", "checkpoints/last.ckpt", "checkpoints/best_k.json"} <= artifacts
-    # stepped images (the run page's image cards with a step slider), one per validation
+    # stepped images (the run page's image cards with a step slider), one per validation, from step 0 (where
+    # MLflow's image cards open)
     for key in ("val~crops", "val~volume_mip"):  # MLflow's file name of the key val/...
         steps = sorted(int(a.split("+step+")[1].split("+")[0]) for a in artifacts
                        if a.startswith(f"images/{key}+step+") and a.endswith(".png"))
-        assert steps == [10, 20], key
+        assert steps == [0, 10, 20], key
     assert any(a.startswith("checkpoints/best-step") for a in artifacts)  # top-k by val/cldice
     assert run.data.tags["mlflow.note.content"].startswith("STEGO training")
     assert trained.model_uri == f"runs:/{trained.run_id}/model"

@@ -350,6 +350,8 @@ def run_pretrain(cfg: PretrainConfig, *, nested: bool = False, run_name: str | N
 
         if start == 0:
             run_probe(0)
+            if cfg.figure_every > 0:  # the untrained teacher: MLflow's image cards open on step 0
+                log_figure(0)
         end_reason = f"max_steps={cfg.max_steps} reached"
         model.train()
         try:

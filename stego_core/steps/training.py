@@ -74,12 +74,19 @@ class VolumeValidation(L.Callback):
         self.last_model: StegoSegmenterModel | None = None
         self.last_probabilities: np.ndarray | None = None
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Step 0, before the first update (not on a resume): the curves start from the untrained head, and the
+        # stepped images exist at step 0, where MLflow's image cards open. Not reported to a sweep's pruner.
+        if trainer.global_step == 0:
+            self.validate(trainer, pl_module, 0, report=False)
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step
         if step % self.every == 0 or step >= self.max_steps:
             self.validate(trainer, pl_module, step)
 
-    def validate(self, trainer: L.Trainer, pl_module: StegoModule, step: int) -> dict[str, float]:
+    def validate(self, trainer: L.Trainer, pl_module: StegoModule, step: int, *, report: bool = True
+                 ) -> dict[str, float]:
         was_training = pl_module.training
         pl_module.eval()
         model = self.make_model()  # maps clusters to vessel once per validation
@@ -98,7 +105,7 @@ class VolumeValidation(L.Callback):
                  ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k in VAL_LOG_KEYS))
         pl_module.train(was_training)
         self.last, self.last_model, self.last_probabilities = metrics, model, prob
-        if self.report is not None:
+        if report and self.report is not None:
             self.report(step, metrics)
         return metrics
 
