@@ -46,7 +46,7 @@ def case() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _payload(page: str) -> dict:
-    match = re.search(r'<script type="application/json" id="viewer-data">(.*?)</script>', page, re.S)
+    match = re.search(r'<script type="application/json" id="viewer-data">(.*?)</script>', page, re.DOTALL)
     assert match, "no data block"
     return json.loads(match.group(1))
 
