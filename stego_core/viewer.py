@@ -283,7 +283,7 @@ _TEMPLATE = """<!doctype html>
 <style>
 body{margin:0;font:13px system-ui,sans-serif;background:#fff;color:#222}
 #bar{display:flex;flex-wrap:wrap;gap:4px 14px;align-items:center;padding:6px 8px;border-bottom:1px solid #ddd}
-#views{display:flex;gap:12px;padding:8px;align-items:flex-start}
+#views{display:flex;flex-wrap:wrap;gap:12px;padding:8px;align-items:flex-start}
 figure{margin:0}figcaption{color:#555;font-size:12px}
 canvas{image-rendering:pixelated;background:#000;display:block}
 .sw{display:inline-block;width:10px;height:10px;border:1px solid #888;margin-right:2px}
@@ -306,7 +306,7 @@ canvas{image-rendering:pixelated;background:#000;display:block}
 const D = JSON.parse(document.getElementById("viewer-data").textContent);
 const CODES = %CODES%, $ = id => document.getElementById(id), names = Object.keys(D.methods);
 const S = {axis: 2, slice: null, method: names[0], overlay: true, tp: true, fp: true, fn: true};
-const images = new Map(), VIEW_PX = 440;
+const images = new Map();
 function load(src) {  // decoded images by data URL; a redraw when one arrives
   if (!images.has(src)) { const im = new Image(); im.onload = draw; im.src = src; images.set(src, im); }
   const im = images.get(src); return im.complete && im.naturalWidth ? im : null;
@@ -340,7 +340,8 @@ function draw() {
   if (S.slice === null) S.slice = Math.floor(n / 2);
   S.slice = Math.max(0, Math.min(n - 1, Math.round(S.slice)));
   const k = Math.min(a.n - 1, Math.floor(S.slice / f)), m = D.methods[S.method];
-  const z = VIEW_PX / Math.max(a.w * a.sx, a.h * a.sy);
+  const px = Math.max(200, Math.min(440, (window.innerWidth - 36) / 2));  // two views side by side, up to 440 px
+  const z = px / Math.max(a.w * a.sx, a.h * a.sy);
   for (const [cv, src, ov, kk, cols] of [[$("cs"), a.image, m && m[S.axis].slices, k, a.cols],
                                          [$("cm"), a.mip, m && m[S.axis].mip, 0, 1]]) {
     cv.width = a.w; cv.height = a.h;
@@ -367,6 +368,7 @@ $("axis").onchange = e => { S.axis = +e.target.value; S.slice = null; draw(); wr
 $("slice").oninput = e => { S.slice = +e.target.value; writeHash(); draw(); };
 for (const key of ["overlay", "tp", "fp", "fn"]) $(key).onchange = e => { S[key] = e.target.checked; writeHash(); draw(); };
 window.addEventListener("hashchange", () => { readHash(); draw(); });
+window.addEventListener("resize", draw);
 readHash(); draw();
 </script></body></html>
 """
