@@ -169,6 +169,8 @@ BACKBONES: Mapping[str, BackboneSpec] = MappingProxyType({
              "https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/dinov2_vits14_pretrain.pth"),
         # In-domain ViTs (no published weights: pretrain them with `pretrain`, or weights="random").
         _mra_vit("mra_vit_t4_p2", 2, 4, 192, 3),
+        # pixel-fine tokens: patch 1 on 16-pixel crops, one token per voxel (16 x 16 tokens, as the p2 on 32)
+        _mra_vit("mra_vit_t4_p1", 1, 4, 192, 3, res=16),
         _mra_vit("mra_vit_t4_p4", 4, 4, 192, 3),
         _mra_vit("mra_vit_t12_p4", 4, 12, 192, 3),
         _mra_vit("mra_vit_s12_p8", 8, 12, 384, 6, res=64),

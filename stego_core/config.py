@@ -41,7 +41,9 @@ FUSION_MODES = ("mean", "max")
 SAMPLING_METHODS = ("none", "bright")
 #: Upper bound of ``model.n_clusters`` (vessel tokens are ~1 % of a crop: K of 64-256 isolates them).
 MAX_CLUSTERS = 4096
-CLUSTER_RULES = ("auto", "hungarian", "majority", "dice", "brightness")
+CLUSTER_RULES = ("auto", "hungarian", "majority", "dice", "brightness", "bright_cut")
+#: The cluster rules that read no label (allowed on the volumes being evaluated).
+LABEL_FREE_RULES = ("brightness", "bright_cut")
 
 
 # ------------------------------------------------------------------------------------------- shared sections
@@ -276,6 +278,8 @@ class ModelConfig:
     cluster softmax behind the vessel probability (STEGO evaluates at 2); the 0.5 decision does not depend on
     it, but the dense CRF does: with K = 64 clusters the probabilities stay near 0.5 and the CRF erases the
     thin vessels (demo phantom, Dice 0.69 without CRF: with CRF 0.0 at alpha 2 and 10, 0.35 at 30, 0.51 at 100).
+    ``bright_quantile``: the bright-voxel cut of the label-free ``bright_cut`` rule, a percentile of the mapping
+    crops' brain intensities (every cluster whose mean intensity reaches it is vessel).
     """
 
     backbone: str = "vit_small_patch8_dino"
@@ -289,6 +293,7 @@ class ModelConfig:
     cluster_fit: str = "probe"
     threshold: float = 0.5
     alpha: float = 100.0
+    bright_quantile: float = 99.0
 
     def __post_init__(self) -> None:
         check_range(self.code_dim, "model.code_dim", 1)
@@ -301,6 +306,8 @@ class ModelConfig:
         check_choice(self.classical_standardize, "model.classical_standardize", ("crop", "fixed"))
         check_range(self.threshold, "model.threshold", 0.0, 1.0)
         check_range(self.alpha, "model.alpha", 0.0, low_inclusive=False)
+        check_range(self.bright_quantile, "model.bright_quantile", 0.0, 100.0, low_inclusive=False,
+                    high_inclusive=False)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,8 +2,9 @@
 
 Rules: with labelled *training* volumes, Hungarian matching (K = 2) or a class-balanced
 majority vote (K > 2), or (``dice``, asked for by name) the union of clusters that maximises Dice; without
-labels, or when the training volumes are also evaluated, the unsupervised
-brightness rule (the cluster with the highest mean intensity). :func:`choose_mapping_rule` refuses label
+labels, or when the training volumes are also evaluated, a label-free rule: ``brightness`` (the cluster with
+the highest mean intensity) or ``bright_cut`` (every cluster whose mean intensity reaches the crops' own
+bright-voxel cut, for many clusters where a vessel spans several). :func:`choose_mapping_rule` refuses label
 rules on evaluated volumes; the rule a run used is recorded by the caller.
 """
 
@@ -18,8 +19,7 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
-from stego_core.config import CLUSTER_RULES
-
+from stego_core.config import CLUSTER_RULES, LABEL_FREE_RULES
 from stego_core.stego import ClusterProbe
 
 if TYPE_CHECKING:
@@ -31,9 +31,11 @@ __all__ = [
     "choose_mapping_rule",
     "cluster_maps",
     "cluster_vessel_probability",
+    "bright_cut",
     "fit_vessel_mapping",
     "refit_centroids",
     "token_clusters",
+    "map_clusters_bright_cut",
     "map_clusters_dice",
     "map_clusters_hungarian",
     "map_clusters_majority",
@@ -206,30 +208,101 @@ def map_clusters_unsupervised(cluster_ids: np.ndarray, intensities: np.ndarray,
     return vessel, "brightness"
 
 
+def bright_cut(crops: np.ndarray, quantile: float = 99.0) -> float:
+    """The bright-voxel cut of crops: the ``quantile``-th percentile of their brain (non-zero) intensities.
+
+    Parameters
+    ----------
+    crops : (N, P, P) float ndarray in [0, 1]
+        Preprocessed crops; 0 outside the brain mask.
+    quantile : float in (0, 100)
+    """
+    x = np.asarray(crops, dtype=np.float32)
+    brain = x[x > 0]
+    if brain.size == 0:
+        raise ValueError("the crops hold no brain voxel (every intensity is 0): no bright-voxel cut")
+    return float(np.percentile(brain, quantile))
+
+
+def map_clusters_bright_cut(cluster_ids: np.ndarray, intensities: np.ndarray, n_clusters: int, *, cut: float,
+                            min_fraction: float = 1e-3) -> tuple[np.ndarray, str]:
+    """Without labels, several clusters: every cluster whose mean intensity is at least ``cut``.
+
+    With many clusters (K >= 128) a vessel spans several of them, while the single brightest cluster is
+    either the vessel cores only or, with few clusters, vessel and bright tissue together. ``cut`` is the
+    volume's own bright-voxel cut (:func:`bright_cut`, the 99th brain percentile: TOF vessels are about 1 % of
+    the brain). Clusters under ``min_fraction`` of the pixels are not candidates; if no candidate reaches the
+    cut, the brightest candidate alone is vessel (the ``brightness`` rule).
+
+    Parameters
+    ----------
+    cluster_ids : (...) int ndarray
+        Cluster of each pixel or token.
+    intensities : (...) float ndarray, same size
+        Preprocessed intensity of each pixel (mean over the token's pixels for tokens).
+    n_clusters : int
+    cut : float
+        Intensity a cluster's mean must reach.
+
+    Returns
+    -------
+    vessel : (K,) bool ndarray
+        At least one True.
+    rule : str
+        ``"bright_cut"``.
+
+    Examples
+    --------
+    >>> ids = np.array([0, 0, 1, 1, 2, 2, 3])
+    >>> x = np.array([0.1, 0.2, 0.8, 0.9, 0.7, 0.75, 0.95])
+    >>> map_clusters_bright_cut(ids, x, 4, cut=0.7, min_fraction=0.2)[0].tolist()
+    [False, True, True, False]
+    """
+    ids = _check_ids(cluster_ids, n_clusters)
+    x = np.asarray(intensities, dtype=np.float64).ravel()
+    if x.shape != ids.shape:
+        raise ValueError(f"intensities has {x.size} values but cluster_ids has {ids.size}")
+    if not ids.size or not np.isfinite(x).all():
+        raise ValueError("intensities must be non-empty and finite")
+    counts = np.bincount(ids, minlength=n_clusters)
+    candidates = counts >= max(1.0, min_fraction * ids.size)
+    if not candidates.any():
+        candidates = counts > 0
+    means = np.where(candidates, np.bincount(ids, weights=x, minlength=n_clusters) / np.maximum(counts, 1), -np.inf)
+    vessel = means >= cut
+    if not vessel.any():
+        vessel[int(np.argmax(means))] = True
+    return vessel, "bright_cut"
+
+
 def vessel_clusters(rule: str, *, cluster_ids: np.ndarray, n_clusters: int, labels: np.ndarray | None = None,
-                    intensities: np.ndarray | None = None, balanced: bool = False) -> tuple[np.ndarray, str]:
+                    intensities: np.ndarray | None = None, balanced: bool = False,
+                    cut: float | None = None) -> tuple[np.ndarray, str]:
     """Decide which clusters are vessel, and say which rule decided.
 
     Parameters
     ----------
-    rule : {"auto", "hungarian", "majority", "dice", "brightness"}
+    rule : {"auto", "hungarian", "majority", "dice", "brightness", "bright_cut"}
         ``"auto"``: with labels, Hungarian for ``K = 2`` and majority for ``K > 2``; without labels,
-        brightness. ``"dice"``: :func:`map_clusters_dice`.
+        brightness. ``"dice"``: :func:`map_clusters_dice`. ``"bright_cut"``: :func:`map_clusters_bright_cut`.
     cluster_ids : (...) int ndarray
         Cluster of each pixel (e.g. of the labelled training crops, at label resolution).
     n_clusters : int
     labels : (...) int ndarray, optional
         1 vessel, 0 background, -1 unlabelled; required by "hungarian" and "majority".
     intensities : (...) float ndarray, optional
-        Required by "brightness" (and by "auto" without labels).
+        Required by the label-free rules (and by "auto" without labels).
     balanced : bool
         Passed to :func:`map_clusters_majority`.
+    cut : float, optional
+        Required by "bright_cut".
 
     Returns
     -------
     vessel : (K,) bool ndarray
     rule_name : str
-        The rule actually applied (``"hungarian"``, ``"majority"`` or ``"brightness"``): record it with the run.
+        The rule actually applied (``"hungarian"``, ``"majority"``, ``"dice"``, ``"brightness"`` or
+        ``"bright_cut"``): record it with the run.
     """
     if rule not in CLUSTER_RULES:
         raise ValueError(f"rule={rule!r}; expected one of {CLUSTER_RULES}")
@@ -244,7 +317,11 @@ def vessel_clusters(rule: str, *, cluster_ids: np.ndarray, n_clusters: int, labe
     if rule == "majority":
         return map_clusters_majority(cluster_ids, labels, n_clusters, balanced=balanced), rule
     if intensities is None:
-        raise ValueError("rule 'brightness' needs intensities")
+        raise ValueError(f"rule {rule!r} needs intensities")
+    if rule == "bright_cut":
+        if cut is None:
+            raise ValueError("rule 'bright_cut' needs the bright-voxel cut")
+        return map_clusters_bright_cut(cluster_ids, intensities, n_clusters, cut=cut)
     return map_clusters_unsupervised(cluster_ids, intensities, n_clusters)
 
 
@@ -383,16 +460,17 @@ def refit_centroids(module: StegoModule, features: np.ndarray, n_clusters: int, 
 
 
 def fit_vessel_mapping(module: StegoModule, features: np.ndarray, crops: np.ndarray, labels: np.ndarray | None,
-                       rule: str, n_clusters: int, *, probe: ClusterProbe | None = None) -> tuple[torch.Tensor, str]:
+                       rule: str, n_clusters: int, *, probe: ClusterProbe | None = None,
+                       bright_quantile: float = 99.0) -> tuple[torch.Tensor, str]:
     """Which clusters are vessel, decided on training crops by ``rule`` (``label`` = Hungarian for K = 2, else
-    majority; ``hungarian``; ``majority``; ``dice``; or ``brightness``); ``probe`` replaces the module's cluster
-    probe.
+    majority; ``hungarian``; ``majority``; ``dice``; ``brightness``; or ``bright_cut`` at the crops'
+    ``bright_quantile``-th brain percentile); ``probe`` replaces the module's cluster probe.
 
-    Label rules compare pixel cluster maps with the labels. The brightness rule compares clusters at the
+    Label rules compare pixel cluster maps with the labels. The label-free rules compare clusters at the
     codes' own resolution: each token's cluster against the mean intensity of its pixels (average pooling), so
     a cluster's brightness is that of the tokens the head put in it, not of interpolated borders.
     """
-    if rule != "brightness":
+    if rule not in LABEL_FREE_RULES:
         ids, _ = cluster_maps(module, features, crops.shape[-1], probe=probe)
         # balanced majority: vessels are a tiny minority, so a plain majority vote would mark no cluster
         mask, name = vessel_clusters("auto" if rule == "label" else rule, cluster_ids=ids, n_clusters=n_clusters,
@@ -401,8 +479,9 @@ def fit_vessel_mapping(module: StegoModule, features: np.ndarray, crops: np.ndar
         ids = token_clusters(module, features, probe=probe)
         grid = ids.shape[-1]
         intensities = F.adaptive_avg_pool2d(torch.from_numpy(np.asarray(crops, dtype=np.float32))[:, None], grid)
-        mask, name = vessel_clusters("brightness", cluster_ids=ids, n_clusters=n_clusters,
-                                     intensities=intensities[:, 0].numpy())
+        cut = bright_cut(crops, bright_quantile) if rule == "bright_cut" else None
+        mask, name = vessel_clusters(rule, cluster_ids=ids, n_clusters=n_clusters,
+                                     intensities=intensities[:, 0].numpy(), cut=cut)
     return torch.as_tensor(mask, dtype=torch.bool), name
 
 

@@ -12,7 +12,9 @@ import torch.nn.functional as F
 
 from stego_core.config import LossConfig
 from stego_core.mapping import (
+    bright_cut,
     cluster_vessel_probability,
+    map_clusters_bright_cut,
     map_clusters_dice,
     map_clusters_hungarian,
     map_clusters_majority,
@@ -467,3 +469,26 @@ def test_brightness_rule_ignores_tiny_clusters():
     assert rule == "brightness" and vessel.tolist() == [False, True, False]
     vessel, _ = map_clusters_unsupervised(ids, intensities, 3, min_fraction=0.0)
     assert vessel.tolist() == [False, False, True]
+
+
+def test_bright_cut_rule_takes_every_cluster_at_or_above_the_cut():
+    # a vessel split over clusters 1 and 2 (K large), bright tissue in 3 below the cut, 4 too small to count
+    ids = np.repeat([0, 1, 2, 3, 4], [9005, 400, 400, 190, 5])
+    intensities = np.select([ids == 1, ids == 2, ids == 3, ids == 4], [0.9, 0.8, 0.6, 1.0], 0.2)
+    vessel, rule = map_clusters_bright_cut(ids, intensities, 6, cut=0.75)
+    assert rule == "bright_cut" and vessel.tolist() == [False, True, True, False, False, False]
+    # nothing reaches the cut: the brightest candidate alone (the brightness rule), never an empty mapping
+    vessel, _ = map_clusters_bright_cut(ids, intensities, 6, cut=0.95)
+    assert vessel.tolist() == [False, True, False, False, False, False]
+    assert vessel_clusters("bright_cut", cluster_ids=ids, n_clusters=6, intensities=intensities,
+                           cut=0.75)[0].sum() == 2
+    with pytest.raises(ValueError, match="cut"):
+        vessel_clusters("bright_cut", cluster_ids=ids, n_clusters=6, intensities=intensities)
+
+
+def test_bright_cut_is_a_percentile_of_the_brain_voxels_only():
+    crops = np.zeros((2, 4, 4), np.float32)  # zeros are outside the brain: they do not lower the cut
+    crops[0, :2] = np.arange(1, 9).reshape(2, 4) / 10.0
+    assert bright_cut(crops, 50.0) == pytest.approx(np.percentile(np.arange(1, 9) / 10.0, 50.0))
+    with pytest.raises(ValueError, match="no brain voxel"):
+        bright_cut(np.zeros((1, 4, 4)), 99.0)

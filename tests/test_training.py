@@ -231,6 +231,15 @@ def test_single_case_uses_brightness_and_refuses_label_rules(data1, tmp_path):
     assert len(failed) == 1 and "overlap" in failed[0].data.tags["error"]
 
 
+def test_bright_cut_rule_maps_several_clusters_without_labels(data1, tmp_path):
+    result = run_train(_train_config(data1, tmp_path, **{"train.max_steps": 2, "model.n_clusters": 16,
+                                                       "model.cluster_fit": "kmeans",
+                                                       "model.cluster_rule": "bright_cut"}))
+    run = tracking.client().get_run(result.run_id)
+    assert run.data.tags["cluster_mapping_rule"] == "bright_cut" == result.mapping_rule
+    assert run.data.params["model.bright_quantile"] == "99.0"
+
+
 def test_requested_label_rule_is_the_one_applied(data3, tmp_path):
     # model.cluster_rule=majority with K=2 must not silently become Hungarian matching (what 'auto' picks)
     result = run_train(_train_config(data3, tmp_path, **{"model.cluster_rule": "majority", "train.max_steps": 2}))

@@ -31,7 +31,7 @@ import torch
 
 from stego_core import distributed, faults, tracking
 from stego_core.backbones import build_backbone, resolve_weights
-from stego_core.config import TrainConfig
+from stego_core.config import LABEL_FREE_RULES, TrainConfig
 from stego_core.datamodule import StegoDataModule, ValidationData
 from stego_core.inference import StegoSegmenterModel
 from stego_core.mapping import (binary_iou_accuracy, choose_mapping_rule, cluster_maps, fit_vessel_mapping,
@@ -251,8 +251,8 @@ def run_train(cfg: TrainConfig, *, report: Callable[[int, dict[str, float]], Non
         module = StegoModule(head, ClusterProbe(cfg.model.code_dim, cfg.model.n_clusters),
                              LinearProbe(cfg.model.code_dim, 2), cfg.loss, lr_head=cfg.train.lr_head,
                              lr_cluster=cfg.train.lr_cluster, lr_linear=cfg.train.lr_linear, seed=cfg.train.seed)
-        map_features, map_crops, map_labels = data.mapping_data(with_labels=rule != "brightness")
-        if rule != "brightness" and (map_labels is None or not np.any(map_labels)):
+        map_features, map_crops, map_labels = data.mapping_data(with_labels=rule not in LABEL_FREE_RULES)
+        if rule not in LABEL_FREE_RULES and (map_labels is None or not np.any(map_labels)):
             # all-empty labels would map every cluster to background: a model that predicts nothing
             log.warning("model.cluster_rule=%r: the training labels are all empty; falling back to the "
                         "unsupervised 'brightness' rule", rule)
@@ -266,7 +266,8 @@ def run_train(cfg: TrainConfig, *, report: Callable[[int, dict[str, float]], Non
             if cfg.model.cluster_fit == "kmeans":  # centroids re-fitted to the current codes at every mapping
                 probe = refit_centroids(module, map_features, cfg.model.n_clusters, seed=cfg.train.seed)
             vessel, name = fit_vessel_mapping(module, map_features, map_crops, map_labels, rule,
-                                              cfg.model.n_clusters, probe=probe)
+                                              cfg.model.n_clusters, probe=probe,
+                                              bright_quantile=cfg.model.bright_quantile)
             return StegoSegmenterModel(backbone, module.head, probe, vessel,
                                        patch_size=cfg.slicing.patch_size, threshold=cfg.model.threshold,
                                        alpha=cfg.model.alpha,
