@@ -1057,7 +1057,9 @@ class MainConfig(StegoSettings, DataSettings, RunSettings):
     STEGO model with dense-CRF refinement (when pydensecrf2 is installed). ``pretrain`` (a
     :class:`PretrainConfig` mapping; its ``data``, ``slicing``, ``experiment`` and ``output`` are taken from
     this config) first pretrains ``pretrain.backbone`` with DINO on the same volumes without labels, and STEGO
-    then trains on that backbone (``model.weights=runs:/<id>``)."""
+    then trains on that backbone (``model.weights=runs:/<id>``). ``engine``: the sliding window every method
+    reconstructs with (:class:`EngineConfig`; its ``axis`` is ``slicing.axis``), e.g. ``stride: 16`` for
+    16-pixel crops without overlap."""
 
     split: str = "test"
     baselines: tuple[str, ...] = ("percentile", "otsu", "multiotsu", "kmeans", "gmm", "frangi", "sato")
@@ -1065,6 +1067,7 @@ class MainConfig(StegoSettings, DataSettings, RunSettings):
     pretrain: PretrainConfig | None = None
     stego_crf: bool = True
     selftrain: SelfTrainPlan = field(default_factory=SelfTrainPlan)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     output: str = "outputs"
 
     def __post_init__(self) -> None:

@@ -163,7 +163,7 @@ def run_main(cfg: MainConfig) -> str:
     from stego_core.steps.prepare import run_prepare
     from stego_core.visualize import comparison_bar_figure, per_case_figure, radius_recall_figure
 
-    engine = EngineConfig(axis=cfg.slicing.axis)  # each method's own window along the crops' axis
+    engine = dataclasses.replace(cfg.engine, axis=cfg.slicing.axis)  # every method's window, along the crops
     with tracking.start_run(cfg.experiment, run_name="pipeline", output_root=f"{cfg.output}/pipeline",
                             tags={"step": "pipeline", "method": "pipeline"},
                             description="The whole demo: prepare, classical baselines, STEGO training and "
