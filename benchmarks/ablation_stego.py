@@ -123,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cluster-fit", default="kmeans", choices=["probe", "kmeans"])
     p.add_argument("--alpha", type=float, default=None, help="model.alpha (default: the config's)")
     p.add_argument("--val-stride", type=int, default=32)
+    p.add_argument("--vit", default=VIT, help="the in-domain ViT of the dino and random rows (mra_vit_t4_p1: one "
+                   "token per voxel, with --patch-size 16)")
+    p.add_argument("--cluster-rule", default="", help="model.cluster_rule of every fold (default: dice on the "
+                   "rotation's training volumes, brightness on the single volume)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", default="outputs/feature_cache")
     p.add_argument("--output", default="outputs/ablation")
@@ -151,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             if "dino" in args.variants and fold.dataset not in pretrained:
                 t0 = time.time()
                 pcfg = load_config(PretrainConfig, None, {
-                    "backbone": VIT, "max_steps": 2000, "max_minutes": args.pretrain_minutes,
+                    "backbone": args.vit, "max_steps": 2000, "max_minutes": args.pretrain_minutes,
                     "batch_size": args.pretrain_batch, "augment.n_local": 4, "figure_every": 50,
                     "slicing.patch_size": args.patch_size, "augment.global_size": args.patch_size,
                     "augment.local_size": args.patch_size // 2, "seed": args.seed,
@@ -166,13 +170,13 @@ def main(argv: list[str] | None = None) -> int:
                               "seconds": time.time() - t0})
             pre = pretrained.get(fold.dataset)
             for variant in args.variants:
-                backbone = {"classical": "classical", "dino": VIT, "random": VIT}[variant]
+                backbone = {"classical": "classical", "dino": args.vit, "random": args.vit}[variant]
                 weights = {"classical": "none", "dino": pre.weights_uri if pre else "", "random": "random"}[variant]
                 for sampling in args.samplings:
                     t1 = time.time()
                     over = {"model.backbone": backbone, "model.weights": weights, "model.code_dim": 32,
                             "model.n_clusters": args.n_clusters, "model.cluster_fit": args.cluster_fit,
-                            "model.cluster_rule": fold.cluster_rule, "train.max_steps": args.max_steps,
+                            "model.cluster_rule": args.cluster_rule or fold.cluster_rule, "train.max_steps": args.max_steps,
                             "train.val_every_n_steps": args.max_steps, "train.progress": False,
                             "train.accelerator": "cpu", "train.cache_dir": args.cache_dir, "train.seed": args.seed,
                             "sampling.method": sampling, "sampling.max_crops": args.max_crops,
