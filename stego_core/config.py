@@ -29,7 +29,7 @@ import numpy as np
 import yaml
 
 from stego_core._checks import check_choice, check_range
-from stego_core.crf import CRFSettings
+from stego_core.crf import CRF_PRESETS, CRFSettings
 from stego_core.postprocess import STEPS
 
 T = TypeVar("T")
@@ -520,7 +520,8 @@ class PostprocessStep:
     ``step`` is one of
 
     - ``smooth``: Gaussian smoothing of the probability, ``sigma_vox`` or ``sigma_mm``;
-    - ``crf``: the dense CRF on every slice along ``engine.axis`` (``crf_settings``);
+    - ``crf``: the dense CRF on every slice along ``engine.axis`` (``crf_settings``, or a named ``preset`` of
+      :data:`stego_core.crf.CRF_PRESETS`: ``thin`` keeps one-to-three-pixel vessels);
     - ``cc``: drop connected components (26-connectivity unless ``connectivity``) smaller than
       ``min_size_vox`` voxels or ``min_size_mm3`` mm^3;
     - ``largest``: keep components of at least ``min_fraction`` times the largest one's size;
@@ -539,6 +540,7 @@ class PostprocessStep:
     sigma_vox: float | None = None
     sigma_mm: float | None = None
     connectivity: int | None = None
+    preset: str | None = None
 
     def __post_init__(self) -> None:
         check_choice(self.step, "postprocess.step", tuple(STEPS))
@@ -552,6 +554,8 @@ class PostprocessStep:
             raise ValueError(f"postprocess step {self.step!r} needs exactly one of {list(spec.one_of)}")
         if self.connectivity is not None:
             check_choice(self.connectivity, "postprocess.connectivity", (6, 18, 26))
+        if self.preset is not None:
+            check_choice(self.preset, "postprocess.preset", tuple(CRF_PRESETS))
         if self.min_fraction is not None:
             check_range(self.min_fraction, "postprocess.min_fraction", 0.0, 1.0, low_inclusive=False)
         for name in ("min_size_vox", "min_size_mm3", "max_size_vox", "max_size_mm3", "sigma_vox", "sigma_mm"):

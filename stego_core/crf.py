@@ -4,6 +4,14 @@ A fully connected CRF (Krähenbühl & Koltun 2011, via ``pydensecrf2``) with the
 iterations, a Gaussian kernel (sxy 1, compat 3) and a bilateral kernel on the 8-bit image (sxy 67, srgb 3,
 compat 4). :func:`stego_core.postprocess.crf_refine` applies it slice by slice as the ``crf`` post-processing
 step of any method (``crf=true`` or ``postprocess: [{step: crf}]``).
+
+Named settings (:data:`CRF_PRESETS`, ``{step: crf, preset: thin}``): ``seed`` is the above, built for wide
+regions; on STEGO's thin, precise vessel probabilities its strong Potts terms (a 67-pixel bilateral reach, Gaussian
+compatibility 3) outvote the weak unaries of one-to-three-pixel vessels and erase them. ``thin`` keeps them:
+a bilateral kernel that reaches about a vessel's width (sxy 3, compatibility 2: pixels of a vessel's own
+intensity along it vote for each other, the darker background beside it hardly) and an almost silent Gaussian
+smoothness term (compatibility 0.1 instead of 3), so that the CRF cleans along intensity edges without voting
+a thin structure away (``benchmarks/RESULTS.md``, offline STEGO ablation: the phantom's held-out Dice).
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from stego_core._checks import check_ndim, check_range, check_same_shape
 
@@ -32,6 +41,32 @@ class CRFSettings:
         check_range(self.n_iterations, "crf.n_iterations", 1)
         for name in ("gaussian_sxy", "bilateral_sxy", "bilateral_srgb"):
             check_range(getattr(self, name), f"crf.{name}", 0.0, low_inclusive=False)
+
+
+#: Named CRF settings (see the module docstring): ``seed`` (the seed's, for wide regions) and ``thin`` (keeps
+#: one-to-three-pixel vessels). Read-only.
+CRF_PRESETS = MappingProxyType({
+    "seed": CRFSettings(),
+    "thin": CRFSettings(gaussian_sxy=1.0, gaussian_compat=0.1, bilateral_sxy=3.0, bilateral_srgb=3.0,
+                        bilateral_compat=2.0),
+})
+
+
+def crf_preset(name: str) -> CRFSettings:
+    """The settings of a named preset of :data:`CRF_PRESETS`.
+
+    Parameters
+    ----------
+    name : str
+        ``seed`` or ``thin``.
+
+    Returns
+    -------
+    CRFSettings
+    """
+    if name not in CRF_PRESETS:
+        raise ValueError(f"unknown CRF preset {name!r}; expected one of {tuple(CRF_PRESETS)}")
+    return CRF_PRESETS[name]
 
 
 def _densecrf():

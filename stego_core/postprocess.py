@@ -6,7 +6,8 @@ no step ever sees a label. Two kinds:
 Probability steps (run first, on the ``(I, J, K)`` float vessel probability)
     ``smooth`` (:func:`smooth_probability`): Gaussian smoothing, in voxels or mm, which removes single-voxel
     noise of voxel-wise rules and thins partial-volume rims of wide intensity classes;
-    ``crf`` (:func:`crf_refine`): the seed's dense CRF (:mod:`stego_core.crf`) slice by slice.
+    ``crf`` (:func:`crf_refine`): the dense CRF (:mod:`stego_core.crf`) slice by slice, the seed's settings or a
+    named ``preset`` (``thin`` keeps one-to-three-pixel vessels).
 Mask steps (after the probability is thresholded at the segmenter's threshold, inside the brain mask)
     ``cc`` (:func:`remove_small_components`): drop connected components smaller than a size in voxels or mm^3;
     ``largest`` (:func:`keep_largest_trees`): keep the components at least a fraction of the largest one
@@ -303,10 +304,14 @@ class StepSpec:
     one_of: tuple[str, ...] = ()
 
 
-def _crf(prob: np.ndarray, ctx: StepContext) -> np.ndarray:
+def _crf(prob: np.ndarray, ctx: StepContext, preset: str | None = None) -> np.ndarray:
+    """The ``crf`` step: a named preset's settings (:data:`stego_core.crf.CRF_PRESETS`) or the run's own."""
+    from stego_core.crf import crf_preset
+
     if ctx.image is None:
         raise ValueError("the crf step needs the image")
-    return crf_refine(prob, ctx.image, axis=ctx.slice_axis, settings=ctx.crf_settings)
+    settings = crf_preset(preset) if preset else ctx.crf_settings
+    return crf_refine(prob, ctx.image, axis=ctx.slice_axis, settings=settings)
 
 
 def _fill_holes(mask: np.ndarray, ctx: StepContext, **params) -> np.ndarray:
@@ -319,7 +324,7 @@ def _fill_holes(mask: np.ndarray, ctx: StepContext, **params) -> np.ndarray:
 STEPS: dict[str, StepSpec] = {
     "smooth": StepSpec("prob", lambda p, ctx, **kw: smooth_probability(p, spacing=ctx.spacing, **kw),
                        ("sigma_vox", "sigma_mm"), ("sigma_vox", "sigma_mm")),
-    "crf": StepSpec("prob", _crf),
+    "crf": StepSpec("prob", _crf, ("preset",)),
     "cc": StepSpec("mask", lambda m, ctx, **kw: remove_small_components(m, spacing=ctx.spacing, **kw),
                    ("min_size_vox", "min_size_mm3", "connectivity"), ("min_size_vox", "min_size_mm3")),
     "largest": StepSpec("mask", lambda m, ctx, **kw: keep_largest_trees(m, **kw), ("min_fraction", "connectivity")),
@@ -409,5 +414,6 @@ def apply_postprocessing(mask_or_prob: np.ndarray, image: np.ndarray | None, ste
 
 
 def steps_tag(steps: Sequence) -> str:
-    """The steps as a method-tag suffix: ``"+smooth+largest"`` (empty for no steps)."""
-    return "".join(f"+{_get(s, 'step')}" for s in steps)
+    """The steps as a method-tag suffix: ``"+smooth+largest"``, a CRF preset as ``"+crf-thin"`` (empty for no
+    steps)."""
+    return "".join(f"+{_get(s, 'step')}" + (f"-{_get(s, 'preset')}" if _get(s, "preset") else "") for s in steps)

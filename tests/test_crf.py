@@ -63,3 +63,48 @@ def test_baseline_run_with_crf_is_tagged(tmp_path):
     assert run.data.tags["method"] == "kmeans+crf"
     assert run.data.params["crf"] == "True" and run.data.params["crf_settings.n_iterations"] == "3"
     assert "dice_mean" in run.data.metrics
+
+
+def _faint_thin_vessels(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Two-pixel and one-pixel vessels of low contrast (0.1 over a noisy background) and a weak, STEGO-like vessel
+    probability (0.58 on the vessels, 0.42 elsewhere)."""
+    rng = np.random.default_rng(seed)
+    truth = np.zeros((48, 48), dtype=bool)
+    truth[:, 23:25] = True
+    truth[10, :] = True
+    image = np.clip(np.where(truth, 0.4, 0.3) + rng.normal(0, 0.05, truth.shape), 0, 1).astype(np.float32)
+    prob = np.clip(np.where(truth, 0.58, 0.42) + rng.normal(0, 0.03, truth.shape), 0, 1).astype(np.float32)
+    return image, prob, truth
+
+
+def test_thin_preset_keeps_faint_thin_vessels_that_the_seed_settings_erase():
+    from stego_core.crf import CRF_PRESETS, crf_preset
+
+    image, prob, truth = _faint_thin_vessels()
+    assert dice(prob > 0.5, truth) > 0.95
+    assert crf_preset("seed") == CRFSettings()
+    assert dice(refine_slice(image, prob, crf_preset("seed")) > 0.5, truth) < 0.1  # the seed's CRF erases them
+    assert dice(refine_slice(image, prob, CRF_PRESETS["thin"]) > 0.5, truth) > 0.7
+    with pytest.raises(ValueError, match="unknown CRF preset 'wide'"):
+        crf_preset("wide")
+
+
+def test_crf_step_takes_a_named_preset():
+    """``{step: crf, preset: thin}``: that preset's settings instead of the run's ``crf_settings``, tagged
+    ``+crf-thin``; a preset is a parameter of the crf step alone."""
+    from stego_core.config import PostprocessStep
+    from stego_core.crf import crf_preset
+    from stego_core.postprocess import apply_postprocessing, crf_refine, steps_tag
+
+    image, prob, _ = _faint_thin_vessels(1)
+    volume, probs = np.stack([image, image], axis=2), np.stack([prob, prob], axis=2)
+    step = PostprocessStep("crf", preset="thin")
+    out = apply_postprocessing(probs, volume, [step], crf_settings=CRFSettings())
+    np.testing.assert_allclose(out.prob, crf_refine(probs, volume, axis=2, settings=crf_preset("thin")))
+    seed = apply_postprocessing(probs, volume, [PostprocessStep("crf")], crf_settings=CRFSettings())
+    assert out.mask.sum() > 10 * max(int(seed.mask.sum()), 1)
+    assert steps_tag([step, PostprocessStep("cc", min_size_vox=3)]) == "+crf-thin+cc"
+    with pytest.raises(ValueError, match="postprocess.preset"):
+        PostprocessStep("crf", preset="wide")
+    with pytest.raises(ValueError, match="takes"):
+        PostprocessStep("cc", min_size_vox=3, preset="thin")
