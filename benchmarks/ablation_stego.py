@@ -14,11 +14,13 @@ For each data set, DINO pretraining of the in-domain ViT once on all its volumes
 time-boxed), shared by its protocols. Variants: STEGO with (a) the classical featurizer, (b) the in-domain DINO
 backbone (``runs:/<pretrain run>``), (c) the same ViT with random weights, each with each ``--samplings``
 (label-free bright-crop sampling and uniform), the bright ones also with the dense CRF on their
-reconstruction (``--crf``: about 3.5 min per real volume on one core); beside the percentile and GMM baselines
-on the same held-out volume.
+reconstruction (``--crf [seed] [thin]``: one row per named setting of :data:`stego_core.crf.CRF_PRESETS`, ``seed``
+alone when no name is given; about 3.5 min per real volume and setting on one core); beside the percentile and
+GMM baselines on the same held-out volume.
 
 Scores are Dice / clDice / precision / recall of the full 3D reconstruction of the held-out volume (STEGO: the
-training run's final validation, stride ``--val-stride``; ``+crf``: the CRF of those probabilities). A variant
+training run's final validation, stride ``--val-stride``; ``-crf`` / ``-crf-thin``: the seed's / the ``thin``
+CRF of those probabilities). A variant
 with precision < 0.2 or recall > 0.98 is tagged ``degenerate=true``. The table goes to the parent run
 (``ablation.md``, ``ablation.json``) and to stdout.
 
@@ -26,6 +28,9 @@ Example (the budget used for the issue's closing note)::
 
     MLFLOW_TRACKING_URI=sqlite:///mlflow.db OMP_NUM_THREADS=1 python benchmarks/ablation_stego.py \\
         --protocols phantoms single rotate --real-root ../shared/data --single-root data/mra_0656 --crf
+
+``--weights <file or runs:/id>`` skips the pretraining: the ``dino`` rows use those teacher weights of ``VIT``
+(e.g. a GPU pretraining's ``teacher_backbone.safetensors``, ``benchmarks/gpu_stego.sh``).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import dataclasses
 import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -42,6 +48,7 @@ import torch
 from stego_core import tracking
 from stego_core.config import (BaselineConfig, DataConfig, EngineConfig, PhantomConfig, PretrainConfig,
                                TrainConfig, load_config)
+from stego_core.crf import CRF_PRESETS, crf_preset
 from stego_core.data import ensure_cases, preprocess_case
 from stego_core.metrics import evaluate_segmentation
 from stego_core.postprocess import crf_refine
@@ -62,6 +69,13 @@ class Fold:
     data: DataConfig
     test_cases: tuple[str, ...] = ()
     cluster_rule: str = "dice"
+
+
+@dataclass(frozen=True)
+class GivenWeights:
+    """Teacher weights given with ``--weights`` (a file or ``runs:/<id>``) in place of a pretraining run."""
+
+    weights_uri: str
 
 
 def is_degenerate(precision: float, recall: float) -> bool:
@@ -95,11 +109,13 @@ def pretrain_data(args: argparse.Namespace, dataset: str, fold: Fold) -> DataCon
     return fold.data if dataset == "phantoms" else DataConfig(source="folder", root=args.real_root)
 
 
-def crf_scores(probabilities: np.ndarray, data: DataConfig, case_id: str, axis: int) -> dict[str, float]:
-    """Dice etc. of the dense CRF of a reconstruction's probabilities on that case's preprocessed image."""
+def crf_scores(probabilities: np.ndarray, data: DataConfig, case_id: str, axis: int,
+               preset: str = "seed") -> dict[str, float]:
+    """Dice etc. of the dense CRF (settings: the named ``preset``) of a reconstruction's probabilities on that
+    case's preprocessed image."""
     (case,) = [c for c in ensure_cases(data) if c.case_id == case_id]
     prepared = preprocess_case(case, data)
-    refined = crf_refine(probabilities, prepared.image, axis=axis) > 0.5
+    refined = crf_refine(probabilities, prepared.image, axis=axis, settings=crf_preset(preset)) > 0.5
     if prepared.brain_mask is not None:
         refined &= prepared.brain_mask
     return {k: float(v) for k, v in evaluate_segmentation(refined, prepared.label).items()}
@@ -134,9 +150,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", nargs="+", default=["classical", "dino", "random"])
     p.add_argument("--samplings", nargs="+", default=["bright", "none"])
     p.add_argument("--baselines", nargs="*", default=["percentile", "gmm"])
-    p.add_argument("--crf", action="store_true", help="also score the dense CRF of every STEGO reconstruction")
+    p.add_argument("--crf", nargs="*", default=None, choices=tuple(CRF_PRESETS), metavar="PRESET",
+                   help="also score the dense CRF of every bright-crop STEGO reconstruction, one row per named "
+                        f"setting ({', '.join(CRF_PRESETS)}; none named: seed)")
+    p.add_argument("--accelerator", default="cpu", choices=["cpu", "cuda", "auto"],
+                   help="train.accelerator of the STEGO rows (the pretraining uses a GPU when one is present)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of this process")
+    p.add_argument("--write", default="", help="also write the table here (ablation.md, ablation.json)")
+    p.add_argument("--weights", default="",
+                   help="teacher weights of the dino rows (a file or runs:/<pretrain run>); skips the pretraining")
     args = p.parse_args(argv)
-    torch.set_num_threads(1)
+    crf_names = [] if args.crf is None else (args.crf or ["seed"])
+    torch.set_num_threads(args.threads)
 
     table: list[dict] = []
     pretrained: dict[str, object] = {}
@@ -152,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
                             tags={"step": "ablation", "method": "ablation"}) as parent:
         tracking.log_params({f"budget.{k}": v for k, v in vars(args).items()})
         for fold in folds(args):
+            if "dino" in args.variants and args.weights:
+                pretrained.setdefault(fold.dataset, GivenWeights(args.weights))
             if "dino" in args.variants and fold.dataset not in pretrained:
                 t0 = time.time()
                 pcfg = load_config(PretrainConfig, None, {
@@ -178,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
                             "model.n_clusters": args.n_clusters, "model.cluster_fit": args.cluster_fit,
                             "model.cluster_rule": args.cluster_rule or fold.cluster_rule, "train.max_steps": args.max_steps,
                             "train.val_every_n_steps": args.max_steps, "train.progress": False,
-                            "train.accelerator": "cpu", "train.cache_dir": args.cache_dir, "train.seed": args.seed,
+                            "train.accelerator": args.accelerator, "train.cache_dir": args.cache_dir, "train.seed": args.seed,
                             "sampling.method": sampling, "sampling.max_crops": args.max_crops,
                             "val_stride": args.val_stride, "slicing.patch_size": args.patch_size,
                             "slicing.stride": args.patch_size // 2, "output": f"{args.output}/train",
@@ -196,14 +223,15 @@ def main(argv: list[str] | None = None) -> int:
                            "mapping": res.mapping_rule, "seconds": time.time() - t1,
                            **{k: res.metrics.get(f"val/{k}", float("nan")) for k in KEYS}}
                     add(row, res.run_id)
-                    if args.crf and sampling == "bright" and res.val_probabilities is not None:
+                    for preset in crf_names if sampling == "bright" and res.val_probabilities is not None else ():
                         t2 = time.time()
                         held = fold.test_cases[0] if fold.test_cases else _first_held_out(cfg)
-                        scores = crf_scores(res.val_probabilities, fold.data, held, cfg.slicing.axis)
+                        scores = crf_scores(res.val_probabilities, fold.data, held, cfg.slicing.axis, preset)
+                        suffix = "" if preset == "seed" else f"_{preset}"
                         for k, v in scores.items():
-                            tracking.client().log_metric(res.run_id, f"val_crf/{k}", v)
-                        add({"dataset": fold.name, "variant": f"stego-{name}-crf", "run_id": res.run_id,
-                             "mapping": res.mapping_rule, "seconds": time.time() - t2,
+                            tracking.client().log_metric(res.run_id, f"val_crf{suffix}/{k}", v)
+                        add({"dataset": fold.name, "variant": f"stego-{name}-crf{suffix.replace('_', '-')}",
+                             "run_id": res.run_id, "mapping": res.mapping_rule, "seconds": time.time() - t2,
                              **{k: scores[k] for k in KEYS}}, None)
             for method in args.baselines:
                 t1 = time.time()
@@ -221,6 +249,11 @@ def main(argv: list[str] | None = None) -> int:
                               if k in r})
         print(format_table(table))
         print(f"parent run {parent.run_id}")
+        if args.write:
+            folder = Path(args.write)
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "ablation.md").write_text(format_table(table))
+            (folder / "ablation.json").write_text(json.dumps(table, indent=2, default=str))
     return 0
 
 
