@@ -363,6 +363,10 @@ class LossConfig:
                 raise ValueError(f"LossConfig.{name}={v!r} must be an integer >= {low}")
 
 
+#: ``train.features`` values: read a disk cache of the features, or compute them in the training step.
+FEATURE_SOURCES = ("cache", "online")
+
+
 @dataclass(frozen=True)
 class TrainSettings:
     """Optimisation and bookkeeping (seed defaults: batch 24, 5000 steps, Adam 5e-4 head / 5e-3 probe)."""
@@ -392,6 +396,10 @@ class TrainSettings:
     #: continue from a checkpoint: a Lightning ``.ckpt`` file or the id of a train run (its ``interrupted.ckpt``,
     #: saved on SIGTERM / SIGINT, else its ``last.ckpt``); "" starts afresh
     resume_from: str = ""
+    #: where the training step gets the frozen backbone's features: ``cache`` (computed once into
+    #: ``cache_dir``, read every step) or ``online`` (computed from the crops inside the training step, no disk;
+    #: the kNN partners come from the crops' pooled features, computed once at setup)
+    features: str = "cache"
 
     def __post_init__(self) -> None:
         check_range(self.max_steps, "train.max_steps", 1)
@@ -403,6 +411,7 @@ class TrainSettings:
         for name in ("lr_head", "lr_cluster", "lr_linear"):
             check_range(getattr(self, name), f"train.{name}", 0.0, low_inclusive=False)
         check_choice(self.accelerator, "train.accelerator", ("auto", "cpu", "cuda", "gpu"))
+        check_choice(self.features, "train.features", FEATURE_SOURCES)
 
 
 #: ``trainer.strategy`` values: ``auto`` is one process for one device and DDP for more.

@@ -4,6 +4,10 @@
 batches of (features, kNN partner's features)``, plus what validation needs (labelled held-out crops and one
 held-out volume's crops, with their cached features) and the crops on which clusters are mapped to vessel.
 :func:`stego_core.steps.training.run_train` builds one, logs what it holds, and hands it to the Trainer.
+
+With ``train.features=online`` nothing is cached: the kNN table comes from the training crops' pooled features
+(computed once at setup), batches hold ``(crop, kNN partner's crop)`` whose features the module computes in the
+training step, and mapping / validation compute the features of their crops when they read them.
 """
 
 from __future__ import annotations
@@ -22,9 +26,10 @@ from stego_core.backbones import Backbone
 from stego_core.config import TrainConfig
 from stego_core.data import (CropSet, PreparedCase, ensure_cases, make_crop_set, preprocess_case, split_cases,
                              subset_crop_set)
-from stego_core.features import crops_digest, feature_bytes_per_crop, knn_table, load_or_compute_features
+from stego_core.features import (OnlineFeatures, compute_pooled_features, crops_digest, feature_bytes_per_crop,
+                                 knn_table, load_or_compute_features)
 from stego_core.io import Case
-from stego_core.module import CropFeatureDataset
+from stego_core.module import CropFeatureDataset, CropPairDataset
 from stego_core.sampling import draw_crops, select_crops
 from stego_core.slicing import crop_index, take_crops
 
@@ -80,10 +85,19 @@ class StegoDataModule(L.LightningDataModule):
         self.train_cases: list[Case] = []
         self.test_cases: list[Case] = []
 
+    @property
+    def online(self) -> bool:
+        """Whether features are computed when needed (``train.features=online``) rather than cached on disk."""
+        return self.cfg.train.features == "online"
+
     def features_for(self, crops: np.ndarray) -> np.ndarray:
         """Features of ``crops`` from the shared, content-addressed cache (computed once per backbone and
-        crop set)."""
+        crop set); with ``train.features=online`` an :class:`~stego_core.features.OnlineFeatures` that computes
+        them when indexed (nothing written)."""
         cfg, bb = self.cfg.train, self.backbone
+        if self.online:
+            return OnlineFeatures(bb, crops, batch_size=cfg.feature_batch_size, device=self.device,
+                                  amp=cfg.feature_amp)
         digest = crops_digest(crops)
         path = Path(cfg.cache_dir) / f"{bb.name}_r{bb.spec.res}_{digest[:20]}.npy"
         features, _ = load_or_compute_features(bb, crops, path, batch_size=cfg.feature_batch_size,
@@ -109,11 +123,18 @@ class StegoDataModule(L.LightningDataModule):
         pick = self._fit_cache_budget(pick)
         self.train_set: CropSet = subset_crop_set(train_set, pick) if len(pick) < len(train_set) else train_set
         self.features = self.features_for(self.train_set.crops)
-        self.knn = knn_table(self.features, k=cfg.loss.knn_k)
+        if self.online:  # the feature bank: pooled features, computed once, nothing cached
+            bank = compute_pooled_features(self.backbone, self.train_set.crops,
+                                           batch_size=cfg.train.feature_batch_size, device=self.device,
+                                           amp=cfg.train.feature_amp, progress=cfg.train.progress)
+            self.knn = knn_table(bank, k=cfg.loss.knn_k)
+        else:
+            self.knn = knn_table(self.features, k=cfg.loss.knn_k)
         self.overlap = bool({c.case_id for c in self.train_cases} & {c.case_id for c in self.test_cases})
         self.train_labels = self.train_set.labels if not self.overlap else None
-        self.dataset = CropFeatureDataset(self.features, self.knn, self.train_labels,
-                                          rank_max=cfg.loss.knn_rank_max, seed=cfg.train.seed)
+        dataset = CropPairDataset if self.online else CropFeatureDataset
+        self.dataset = dataset(self.train_set.crops if self.online else self.features, self.knn,
+                               self.train_labels, rank_max=cfg.loss.knn_rank_max, seed=cfg.train.seed)
         if len(self.dataset) < cfg.train.batch_size:
             raise ValueError(f"only {len(self.dataset)} training crops for train.batch_size="
                              f"{cfg.train.batch_size}")
@@ -124,7 +145,7 @@ class StegoDataModule(L.LightningDataModule):
         """``pick``, or as many of its crops as ``train.cache_max_gb`` holds, drawn by their sampling weights."""
         self.cache_bytes_per_crop = feature_bytes_per_crop(self.backbone, self.cfg.slicing.patch_size)
         budget = self.cfg.train.cache_max_gb * 1e9
-        n_fit = int(budget // self.cache_bytes_per_crop) if budget > 0 else len(pick)
+        n_fit = int(budget // self.cache_bytes_per_crop) if budget > 0 and not self.online else len(pick)
         if n_fit >= len(pick):
             return pick
         if n_fit < self.cfg.train.batch_size:
@@ -161,7 +182,8 @@ class StegoDataModule(L.LightningDataModule):
         """Features, crops and (when ``with_labels`` and allowed) labels of the crops clusters are mapped on."""
         pick = self.mapping_pick
         labels = self.train_labels[pick] if (with_labels and self.train_labels is not None) else None
-        return self.features[pick], self.train_set.crops[pick], labels
+        crops = self.train_set.crops[pick]
+        return (self.features_for(crops) if self.online else self.features[pick]), crops, labels
 
     def _validation(self, test_cases: list[PreparedCase]) -> ValidationData:
         """Held-out labelled crops (up to ``train.max_val_crops``) and the first held-out volume's crops."""

@@ -29,7 +29,9 @@ from stego_core.backbones import Backbone, forward_batch_size
 
 __all__ = [
     "FeatureCacheMeta",
+    "OnlineFeatures",
     "compute_features",
+    "compute_pooled_features",
     "crops_digest",
     "draw_knn_partners",
     "feature_bytes_per_crop",
@@ -319,6 +321,81 @@ def pool_features(features: np.ndarray, *, chunk: int = 1024) -> np.ndarray:
     for start in range(0, features.shape[0], chunk):
         out[start:start + chunk] = np.asarray(features[start:start + chunk], dtype=np.float32).mean(axis=(2, 3))
     return out
+
+
+def compute_pooled_features(backbone: Backbone, crops: np.ndarray, *, batch_size: int | None = None,
+                            device: str = "cpu", amp: bool = False, chunk: int = 1024,
+                            progress: bool = True) -> np.ndarray:
+    """Global-average-pooled backbone features ``(N, C)`` of every crop, never holding more than ``chunk`` crops'
+    feature maps: the feature bank that :func:`knn_table` ranks when training without a cache.
+
+    Each chunk's maps are stored as float16 before pooling, exactly as :func:`load_or_compute_features` caches
+    them, so the kNN table (and hence every partner drawn) is the cached path's.
+
+    Parameters
+    ----------
+    backbone, crops, batch_size, device, amp, progress
+        As in :func:`compute_features`.
+    chunk : int
+        Crops whose full feature maps are held at once.
+
+    Returns
+    -------
+    pooled : (N, C) float32 ndarray
+    """
+    _check_crops(crops)
+    out = np.empty((crops.shape[0], backbone.output_shape(crops.shape[1])[0]), dtype=np.float32)
+    for start in range(0, crops.shape[0], chunk):
+        maps = compute_features(backbone, crops[start:start + chunk], batch_size=batch_size, device=device,
+                                dtype=np.float16, amp=amp, progress=progress)
+        out[start:start + len(maps)] = pool_features(maps)
+    return out
+
+
+class OnlineFeatures:
+    """Backbone features of ``crops`` computed when indexed, never stored: an array-like stand-in for a cached
+    ``(N, C, h, w)`` feature array (``len``, ``shape``, ``features[i]``, ``features[a:b]``, ``features[index]``),
+    float32.
+
+    Parameters
+    ----------
+    backbone : Backbone
+        The frozen backbone.
+    crops : (N, P, P) float32 ndarray
+        Preprocessed crops in [0, 1].
+    batch_size, device, amp
+        As in :func:`compute_features`.
+    """
+
+    def __init__(self, backbone: Backbone, crops: np.ndarray, *, batch_size: int | None = None,
+                 device: str = "cpu", amp: bool = False) -> None:
+        self.backbone, self.crops = backbone, crops
+        self.batch_size, self.device, self.amp = batch_size, device, amp
+        self.dtype = np.dtype(np.float32)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.crops), *self.backbone.output_shape(self.crops.shape[1]))
+
+    @property
+    def ndim(self) -> int:
+        return 4
+
+    def __len__(self) -> int:
+        return len(self.crops)
+
+    def __getitem__(self, key: int | slice | np.ndarray) -> np.ndarray:
+        crops = self.crops[key]
+        if crops.ndim == 2:  # one crop
+            return self[np.array([key])][0]
+        if len(crops) == 0:
+            return np.empty((0, *self.shape[1:]), dtype=np.float32)
+        return compute_features(self.backbone, crops, batch_size=self.batch_size, device=self.device,
+                                dtype=np.float32, amp=self.amp, progress=False)
+
+    def __array__(self, dtype: np.dtype | None = None, copy: bool | None = None) -> np.ndarray:
+        out = self[:]
+        return out if dtype is None else out.astype(dtype, copy=False)
 
 
 def knn_table(features: np.ndarray, *, k: int = 30) -> np.ndarray:

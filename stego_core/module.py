@@ -34,13 +34,26 @@ class CropFeatureDataset(Dataset):
     def __len__(self) -> int:
         return len(self.features)
 
+    def _pair(self, i: int, j: int) -> dict[str, torch.Tensor]:
+        return {"features": torch.from_numpy(np.asarray(self.features[i], dtype=np.float32)),
+                "knn_features": torch.from_numpy(np.asarray(self.features[j], dtype=np.float32))}
+
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         j = int(draw_knn_partners(self.knn, np.array([i]), rank_max=self.rank_max, rng=self.rng)[0])
-        item = {"features": torch.from_numpy(np.asarray(self.features[i], dtype=np.float32)),
-                "knn_features": torch.from_numpy(np.asarray(self.features[j], dtype=np.float32))}
+        item = self._pair(i, j)
         if self.labels is not None:
             item["labels"] = torch.from_numpy(self.labels[i].astype(np.int64))
         return item
+
+
+class CropPairDataset(CropFeatureDataset):
+    """Training crops ``(1, P, P)`` (``crops``, ``knn_crops``), each paired with one of its k nearest neighbours
+    as :class:`CropFeatureDataset` pairs their features (same table, same draws): for ``train.features=online``,
+    where :class:`StegoModule` computes the features in the training step."""
+
+    def _pair(self, i: int, j: int) -> dict[str, torch.Tensor]:
+        return {"crops": torch.from_numpy(np.asarray(self.features[i:i + 1], dtype=np.float32)),
+                "knn_crops": torch.from_numpy(np.asarray(self.features[j:j + 1], dtype=np.float32))}
 
 
 class StegoModule(L.LightningModule):
@@ -49,12 +62,18 @@ class StegoModule(L.LightningModule):
     Head, probes and loss settings are injected; head, cluster probe and linear probe each have their own Adam
     learning rate (parameter groups of one optimiser). The probes see detached codes, so their losses never
     reach the head.
+
+    Batches hold cached ``features`` / ``knn_features``, or ``crops`` / ``knn_crops`` whose features the frozen
+    ``backbone`` computes in the step (``train.features=online``; bfloat16 autocast on CUDA with
+    ``feature_amp``). The backbone is not a submodule: it is neither trained, checkpointed nor wrapped by DDP.
     """
 
     def __init__(self, head: StegoHead, cluster_probe: ClusterProbe, linear_probe: LinearProbe,
                  loss_config: LossConfig, *, lr_head: float, lr_cluster: float, lr_linear: float,
-                 seed: int = 0) -> None:
+                 seed: int = 0, backbone: torch.nn.Module | None = None, feature_amp: bool = False) -> None:
         super().__init__()
+        self._frozen: tuple[torch.nn.Module, ...] = (backbone,) if backbone is not None else ()
+        self.feature_amp = feature_amp
         self.head = head
         self.cluster_probe = cluster_probe
         self.linear_probe = linear_probe
@@ -76,8 +95,23 @@ class StegoModule(L.LightningModule):
             self._generator = torch.Generator(device=self.device).manual_seed(self.seed)
         return self._generator
 
+    @torch.no_grad()
+    def batch_features(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's features and its kNN partners' features: cached, or computed by the frozen backbone from
+        the crops in one forward pass."""
+        if "features" in batch:
+            return batch["features"], batch["knn_features"]
+        if not self._frozen:
+            raise ValueError("a batch of crops (train.features=online) needs StegoModule(backbone=...)")
+        backbone = self._frozen[0].to(self.device)
+        crops = torch.cat([batch["crops"], batch["knn_crops"]])
+        with torch.autocast(self.device.type, dtype=torch.bfloat16,
+                            enabled=self.feature_amp and self.device.type == "cuda"):
+            feats = backbone(crops).float()
+        return feats[:len(batch["crops"])], feats[len(batch["crops"]):]
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        feats, knn_feats = batch["features"], batch["knn_features"]
+        feats, knn_feats = self.batch_features(batch)
         codes, knn_codes = self.head(feats), self.head(knn_feats)
         # Under DDP every rank computes the loss of the whole global batch (STEGO's loss is not a mean of
         # per-crop terms: negatives, centring and sampling grids span the batch); the gather's backward and

@@ -1,4 +1,5 @@
-"""The ``train`` step: STEGO trained with Lightning on cached backbone features, as one MLflow run.
+"""The ``train`` step: STEGO trained with Lightning on cached backbone features (or on features computed in the
+training step, ``train.features=online``), as one MLflow run.
 
 :func:`run_train` is the wiring, read top to bottom: the backbone (missing weights fail first) -> a
 :class:`~stego_core.datamodule.StegoDataModule` (crops, cached features, kNN, validation data) ->
@@ -243,14 +244,16 @@ def run_train(cfg: TrainConfig, *, report: Callable[[int, dict[str, float]], Non
                            "sampling": cfg.sampling.method,
                            "n_train_crops": f"{len(data.train_set)} of {data.n_candidate_crops}",
                            "feature_cache_bytes_per_crop": str(data.cache_bytes_per_crop),
-                           "feature_cache_mb": f"{len(data.train_set) * data.cache_bytes_per_crop / 1e6:.1f}"})
+                           "feature_cache_mb": "0 (train.features=online)" if data.online else
+                           f"{len(data.train_set) * data.cache_bytes_per_crop / 1e6:.1f}"})
         rule = choose_mapping_rule(cfg.model.cluster_rule, labels_available=data.train_set.labels is not None,
                                    overlaps_evaluation=data.overlap)
 
         head = StegoHead(backbone.feature_dim, cfg.model.code_dim, dropout=cfg.model.dropout)
         module = StegoModule(head, ClusterProbe(cfg.model.code_dim, cfg.model.n_clusters),
                              LinearProbe(cfg.model.code_dim, 2), cfg.loss, lr_head=cfg.train.lr_head,
-                             lr_cluster=cfg.train.lr_cluster, lr_linear=cfg.train.lr_linear, seed=cfg.train.seed)
+                             lr_cluster=cfg.train.lr_cluster, lr_linear=cfg.train.lr_linear, seed=cfg.train.seed,
+                             backbone=backbone if data.online else None, feature_amp=cfg.train.feature_amp)
         map_features, map_crops, map_labels = data.mapping_data(with_labels=rule not in LABEL_FREE_RULES)
         if rule not in LABEL_FREE_RULES and (map_labels is None or not np.any(map_labels)):
             # all-empty labels would map every cluster to background: a model that predicts nothing
