@@ -152,6 +152,44 @@ def _point_project_run(project_run: str, run: Any) -> dict[str, str]:
     return {k: v for k, v in project.data.tags.items() if k.startswith(_PROJECT_TAG_PREFIXES)}
 
 
+#: Tags of a launched run (several processes) that record which rank ended it first, and how: the first rank
+#: to fail or be interrupted decides FAILED or KILLED, the ranks torn down after it keep that status.
+END_RANK_TAG, END_STATUS_TAG = "ended_by_rank", "end_status"
+
+
+def _end_status(exc: BaseException) -> str:
+    """KILLED for a signal (:class:`stego_core.faults.Interrupted`) or :class:`RunKilled`, FAILED otherwise."""
+    return "KILLED" if isinstance(exc, (RunKilled, faults.Interrupted)) else "FAILED"
+
+
+def _claim_end(run_id: str, exc: BaseException) -> str | None:
+    """Record that this rank ends launched run ``run_id`` because of ``exc``, unless another rank did first.
+
+    When one rank of a job fails or is signalled, the others are torn down after it (torchrun sends them
+    SIGTERM; a collective with the gone rank raises), so their exceptions are consequences: the first rank's
+    status and error stand. Returns the status another rank ended the run with, or None when this rank is the
+    first (its status and error are then recorded: ``error`` and ``error.txt``, or ``end_reason``, prefixed with
+    the rank; a rank other than 0 also ends the run, which rank 0 alone would otherwise do).
+    """
+    c = client()
+    tags = c.get_run(run_id).data.tags
+    if END_STATUS_TAG in tags and tags.get(END_RANK_TAG) != str(distributed.global_rank()):
+        return tags[END_STATUS_TAG]
+    rank, status = distributed.global_rank(), _end_status(exc)
+    c.set_tag(run_id, END_RANK_TAG, str(rank))
+    c.set_tag(run_id, END_STATUS_TAG, status)
+    if rank != 0:
+        message = f"rank {rank}: {type(exc).__name__}: {exc}"[:4000]
+        with contextlib.suppress(Exception):
+            if status == "KILLED":
+                c.set_tag(run_id, "end_reason", message)
+            else:
+                c.log_text(run_id, f"rank {rank}\n{traceback.format_exc()}", "error.txt")
+                c.set_tag(run_id, "error", message)
+        c.set_terminated(run_id, status=status)
+    return None
+
+
 @contextlib.contextmanager
 def start_run(experiment: str, *, run_name: str | None = None, tags: Mapping[str, str] | None = None,
               nested: bool = False, output_root: str | Path = "outputs", run_id: str | None = None,
@@ -166,14 +204,24 @@ def start_run(experiment: str, *, run_name: str | None = None, tags: Mapping[str
     ``log_system_metrics`` samples CPU / memory / GPU while the run is open (when ``psutil`` is installed).
     Under ``mlflow run`` the project's run is adopted unless it landed in "Default" by default (see
     :func:`_project_run_to_adopt`): runs always land in ``experiment`` or the one chosen on the command line.
+
+    Launched as several processes, rank 0 opens and ends the run and the others only get its id, but the first
+    rank to fail or be signalled decides how it ends (:func:`_claim_end`): a failure on any rank ends it FAILED
+    with that rank's error, a SIGTERM to any rank KILLED, whatever the ranks torn down after it raise.
     """
-    if distributed.world_size() > 1:
+    launched = distributed.world_size() > 1
+    if launched:
         distributed.init_from_env()
         if not distributed.is_main():  # rank 0 opens the run; the others get its id and write nothing
             run_id, experiment_id = distributed.broadcast_object(None)
             handle = RunHandle(run_id, experiment_id, Path(output_root) / run_id)
             handle.output_dir.mkdir(parents=True, exist_ok=True)
-            yield handle
+            try:
+                yield handle
+            except BaseException as exc:
+                with contextlib.suppress(Exception):
+                    _claim_end(run_id, exc)
+                raise
             return
     _ensure_tracking()
     redirected_from = None
@@ -204,16 +252,22 @@ def start_run(experiment: str, *, run_name: str | None = None, tags: Mapping[str
             distributed.broadcast_object((handle.run_id, handle.experiment_id))
         try:
             yield handle
-        except (RunKilled, faults.Interrupted) as exc:
-            with contextlib.suppress(Exception):
-                mlflow.set_tag("end_reason", f"{type(exc).__name__}: {exc}"[:4000])
-            mlflow.end_run(status="KILLED")
-            raise
         except BaseException as exc:
-            with contextlib.suppress(Exception):
-                mlflow.log_text(traceback.format_exc(), "error.txt")
-                mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:4000])
-            mlflow.end_run(status="FAILED")
+            ended = None
+            if launched:
+                with contextlib.suppress(Exception):
+                    ended = _claim_end(handle.run_id, exc)
+            if ended is not None:  # another rank failed or was signalled first: its status stands
+                mlflow.end_run(status=ended)
+            elif _end_status(exc) == "KILLED":
+                with contextlib.suppress(Exception):
+                    mlflow.set_tag("end_reason", f"{type(exc).__name__}: {exc}"[:4000])
+                mlflow.end_run(status="KILLED")
+            else:
+                with contextlib.suppress(Exception):
+                    mlflow.log_text(traceback.format_exc(), "error.txt")
+                    mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:4000])
+                mlflow.end_run(status="FAILED")
             raise
 
 

@@ -208,3 +208,65 @@ def test_distributed_evaluation_of_four_phantoms_equals_one_process(mlflow_store
     # rank 1 evaluated every second case and handed its figures to rank 0 as files
     assert sorted(p.name for p in (tmp_path / "out2" / two.info.run_id / "figures").iterdir()) == [
         "phantom_001_mip.png", "phantom_003_mip.png"]
+
+
+# ------------------------------------------------------------------------------------------------ faults
+
+FAULT_SCRIPT = str(REPO_ROOT / "tests" / "torchrun_train_fault.py")
+
+
+def _torchrun_cmd(*args: str, nproc: int = 2) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+            "127.0.0.1", "--master_port", str(_free_port()), *args]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rank", [1, 0])
+def test_a_failing_rank_ends_the_run_failed(mlflow_store: str, tmp_path: Path, rank: int) -> None:
+    """One rank raises in its third training step: the job fails and the one run ends FAILED with that rank's
+    error (not KILLED by torchrun tearing the other rank down, nor hanging in Lightning's exception checkpoint,
+    nor RUNNING)."""
+    cmd = _torchrun_cmd(FAULT_SCRIPT, "fail", str(rank), str(tmp_path / "fault"), *TINY_TRAIN, "train.max_steps=50",
+                        "train.val_every_n_steps=50", "train.batch_size=4", "trainer.devices=2", "output=out",
+                        "train.cache_dir=cache")
+    out = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=80, check=False)
+    assert out.returncode != 0
+    assert f"injected failure on rank {rank}" in out.stdout + out.stderr
+    (run,) = _runs("dist")
+    assert run.info.status == "FAILED", (run.info.status, run.data.tags, out.stderr[-4000:])
+    assert f"injected failure on rank {rank}" in run.data.tags["error"]
+    assert run.data.tags["ended_by_rank"] == str(rank)
+    assert any(a.startswith("error") for a in _artifacts(run.info.run_id))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rank", [1, 0])
+def test_sigterm_to_a_rank_ends_the_run_killed(mlflow_store: str, tmp_path: Path, rank: int) -> None:
+    """SIGTERM to one rank in the middle of training: the job stops and the one run ends KILLED (not FAILED by
+    the other rank's broken collective, nor hanging in Lightning's SIGTERM handler, nor RUNNING)."""
+    import signal
+    import time
+
+    folder = tmp_path / "fault"
+    cmd = _torchrun_cmd(FAULT_SCRIPT, "signal", str(rank), str(folder), *TINY_TRAIN, "train.max_steps=5000",
+                        "train.val_every_n_steps=5000", "train.batch_size=4", "trainer.devices=2", "output=out",
+                        "train.cache_dir=cache")
+    with open(tmp_path / "job.log", "w") as log:
+        job = subprocess.Popen(cmd, env=_env(), stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 60
+            step = folder / f"rank{rank}.step"
+            while not (step.is_file() and step.read_text().strip() and int(step.read_text()) >= 2):
+                assert job.poll() is None and time.monotonic() < deadline, (tmp_path / "job.log").read_text()[-4000:]
+                time.sleep(0.2)
+            os.kill(int((folder / f"rank{rank}.pid").read_text()), signal.SIGTERM)
+            returncode = job.wait(timeout=60)
+        finally:
+            if job.poll() is None:
+                job.kill()
+    text = (tmp_path / "job.log").read_text()
+    assert returncode != 0, text[-4000:]
+    (run,) = _runs("dist")
+    assert run.info.status == "KILLED", (run.info.status, run.data.tags, text[-4000:])
+    assert "SIGTERM" in run.data.tags.get("end_reason", ""), run.data.tags
+    assert run.data.tags["ended_by_rank"] == str(rank) and "error" not in run.data.tags

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,6 +111,35 @@ class VolumeValidation(L.Callback):
         if report and self.report is not None:
             self.report(step, metrics)
         return metrics
+
+
+class ExceptionCheckpoint(L.pytorch.callbacks.OnExceptionCheckpoint):
+    """Lightning's ``OnExceptionCheckpoint`` (``<dirpath>/<filename>.ckpt`` when ``fit`` raises) without its
+    barrier: the exception is this rank's alone (its failure, or a signal to this process) and the other ranks
+    may be waiting in a collective of the training step, so waiting for them would hang the job until the process
+    group's timeout. Rank 0 writes the checkpoint (every DDP rank holds the same weights), the others nothing.
+    """
+
+    def on_exception(self, trainer: L.Trainer, *_: Any, **__: Any) -> None:
+        if trainer.is_global_zero:
+            checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)  # no collective
+            trainer.strategy.save_checkpoint(checkpoint, self.ckpt_path)
+
+
+class RankSignals(L.Callback):
+    """Under DDP, SIGTERM handled by this rank alone: the handler in force when the callback was made
+    (:func:`stego_core.faults.handle_signals`: :class:`~stego_core.faults.Interrupted`) replaces Lightning's once
+    training starts. Lightning's handler broadcasts from rank 0 inside the handler, which a signal to another rank
+    turns into a collective no other rank joins: the job hangs until the process group's timeout.
+    """
+
+    def __init__(self) -> None:
+        self.handler = signal.getsignal(signal.SIGTERM)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if (trainer.world_size > 1 and callable(self.handler)
+                and threading.current_thread() is threading.main_thread()):
+            signal.signal(signal.SIGTERM, self.handler)
 
 
 @torch.no_grad()
@@ -286,14 +317,14 @@ def run_train(cfg: TrainConfig, *, report: Callable[[int, dict[str, float]], Non
                                                           filename="best-step{step:06d}",
                                                           auto_insert_metric_name=False)
         # SIGTERM / SIGINT (faults.Interrupted) save checkpoints/interrupted.ckpt: train.resume_from=<this run id>
-        on_interrupt = L.pytorch.callbacks.OnExceptionCheckpoint(run.output_dir / "checkpoints", "interrupted")
+        on_interrupt = ExceptionCheckpoint(run.output_dir / "checkpoints", "interrupted")
         trainer = L.Trainer(max_steps=cfg.train.max_steps, max_epochs=-1,
                             accelerator="gpu" if device == "cuda" else "cpu", devices=cfg.trainer.devices,
                             num_nodes=cfg.trainer.num_nodes, strategy=cfg.trainer.lightning_strategy(),
                             use_distributed_sampler=False,  # the datamodule shards the global batches itself
                             precision="32-true" if cfg.trainer.precision == "auto" else cfg.trainer.precision,
                             logger=tracking.lightning_logger(run.run_id, cfg.experiment),
-                            callbacks=[validation, checkpoints, on_interrupt],
+                            callbacks=[validation, checkpoints, on_interrupt, RankSignals()],
                             log_every_n_steps=cfg.train.log_every_n_steps,
                             enable_progress_bar=cfg.train.progress and sys.stderr.isatty(),
                             enable_model_summary=False,
@@ -304,8 +335,9 @@ def run_train(cfg: TrainConfig, *, report: Callable[[int, dict[str, float]], Non
         try:
             trainer.fit(module, datamodule=data, ckpt_path=resume)
         except faults.Interrupted:
-            tracking.log_artifact(run.output_dir / "checkpoints", "checkpoints")
-            tracking.set_tags({"resume_with": f"train.resume_from={run.run_id}"})
+            if (run.output_dir / "checkpoints").is_dir():  # none when the signal came before any was written
+                tracking.log_artifact(run.output_dir / "checkpoints", "checkpoints")
+                tracking.set_tags({"resume_with": f"train.resume_from={run.run_id}"})
             raise
         # last.ckpt is the final state, whatever step the last periodic checkpoint fell on
         trainer.save_checkpoint(run.output_dir / "checkpoints" / "last.ckpt")
