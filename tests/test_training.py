@@ -15,9 +15,13 @@ from stego_core import tracking
 from stego_core.config import DataConfig, PhantomConfig, load_config
 from stego_core.data import ensure_cases, split_cases
 from stego_core.methods import load_model_segmenter as load_segmenter
-from stego_core.steps.evaluation import (BaselineConfig, ReconstructConfig, run_baseline,
-                                   run_reconstruct)
 from stego_core.reconstruction import EngineConfig
+from stego_core.steps.evaluation import (
+    BaselineConfig,
+    ReconstructConfig,
+    run_baseline,
+    run_reconstruct,
+)
 from stego_core.steps.training import TrainConfig, choose_mapping_rule, run_train
 
 pytestmark = pytest.mark.usefixtures("mlflow_store")
