@@ -150,3 +150,35 @@ def test_ablation_rows_take_selftrain_variants_by_alias(tmp_path):
     rows = ablation_rows(cfg)
     assert [r["method"] for r in rows] == ["teacher", "student"]
     assert all(0.0 <= r["dice"] <= 1.0 for r in rows)
+
+
+@pytest.mark.slow
+def test_stego_to_student_row_of_the_shipped_preset(tmp_path, mlflow_store, monkeypatch):
+    """``selftrain_stego.yaml`` (the self-training ablation's STEGO -> student row) at tiny size on phantoms:
+    the pipeline trains STEGO, the student learns that very model's confident voxels, and the comparison holds
+    the reference, STEGO, STEGO as the teacher and the student."""
+    import mlflow.models
+
+    from stego_core.config import MainConfig
+    from stego_core.steps.pipeline import run_main
+
+    monkeypatch.setattr(mlflow.models, "infer_pip_requirements",
+                        lambda model_uri, flavor, fallback=None, **kwargs: fallback)
+    cfg = load_config(MainConfig, REPO_ROOT / "experiments/configs/selftrain_stego.yaml", [
+        "data.source=phantom", f"data.root={tmp_path / 'phantoms'}", "data.phantom.shape=[48, 48, 24]",
+        "data.phantom.n_volumes=2", "slicing.patch_size=16", "slicing.stride=8", "val_stride=8",
+        "model.code_dim=8", "model.n_clusters=8", "train.max_steps=4", "train.val_every_n_steps=4",
+        "train.batch_size=8", "train.progress=false", "train.accelerator=cpu", "sampling.max_crops=60",
+        f"train.cache_dir={tmp_path / 'cache'}", *(f"selftrain.{o}" for o in TINY[4:9]),
+        f"output={tmp_path / 'outputs'}", "experiment=selftrain-tests"])
+    assert cfg.learned == ("stego", "selftrain") and cfg.selftrain.teacher.method == "stego"
+    text = run_main(cfg)
+    rows = {line.split()[0] for line in text.splitlines()[2:]}
+    assert rows == {"percentile", "stego", "teacher-stego", "selftrain"}
+    client = tracking.client()
+    experiment = client.get_experiment_by_name("selftrain-tests")
+    (training,) = client.search_runs([experiment.experiment_id], "tags.step = 'train'")
+    (student,) = client.search_runs([experiment.experiment_id], "tags.step = 'selftrain'")
+    assert training.info.run_id in student.data.params["teacher.settings.model_uri"]  # the STEGO trained here
+    for key in ("dice_mean", "teacher_dice_mean"):
+        assert 0.0 <= student.data.metrics[key] <= 1.0
