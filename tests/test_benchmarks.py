@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import csv
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -36,3 +42,38 @@ def test_gemm_peak_and_machine_line():
     rate = peak.gemm_peak("cpu", sizes=(64,), repeats=2)
     assert 1e6 < rate < 1e14  # FLOP/s
     assert peak.machine_line("engine", 0.8123) == "engine_fraction_of_peak=0.812"
+
+
+@pytest.mark.slow
+def test_gpu_stego_dry_run_returns_weights_curves_and_the_rotation(tmp_path, mlflow_store):
+    """``benchmarks/gpu_stego.sh --dry-run``: the GPU session's script end to end on CPU at tiny sizes
+    (calibration, DINO pretraining through the pretrain entry point, the curves, the rotation on the returned
+    teacher weights), leaving under ``$OUT`` the files the device tool brings back."""
+    from stego_core import tracking
+    from stego_core.backbones import build_backbone
+
+    root = Path(__file__).resolve().parents[1]
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = {**os.environ, "OUT": str(out), "WORK": str(work), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
+           "MLFLOW_TRACKING_URI": mlflow_store}
+    proc = subprocess.run(["bash", str(root / "benchmarks" / "gpu_stego.sh"), "--dry-run"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=900, check=False)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["teacher_backbone.safetensors", "spec.json", "curves.csv", "curves.png", "rotation.md", "rotation.json",
+         "summary.json", "log.txt"])  # the device tool returns at most 8 files
+    weights = out / "teacher_backbone.safetensors"
+    build_backbone("mra_vit_t4_p2", weights=str(weights))  # a teacher backbone the engine loads by file
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == summary["max_steps"] >= 2  # the calibrated number of steps ran
+    with open(out / "curves.csv") as fh:
+        curves = list(csv.DictReader(fh))
+    assert [int(r["step"]) for r in curves] == list(range(1, summary["max_steps"] + 1))
+    assert all(float(r["pretrain/loss"]) > 0 and float(r["pretrain/teacher_entropy"]) >= 0 for r in curves)
+    rows = json.loads((out / "rotation.json").read_text())
+    assert {(r["dataset"], r["variant"]) for r in rows} == {("rotate-phantom_002", "stego-dino-none"),
+                                                            ("rotate-phantom_002", "percentile")}
+    assert all(0.0 <= r["dice"] <= 1.0 for r in rows)
+    (dino,) = [r for r in rows if r["variant"] == "stego-dino-none"]
+    assert tracking.client().get_run(dino["run_id"]).data.params["model.weights"] == str(weights)
+    assert "stego-dino-none" in (out / "rotation.md").read_text()
