@@ -16,14 +16,12 @@ a thin structure away (``benchmarks/RESULTS.md``, offline STEGO ablation: the ph
 
 from __future__ import annotations
 
-
-import numpy as np
-
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from stego_core._checks import check_ndim, check_range, check_same_shape
+import numpy as np
 
+from stego_core._checks import check_ndim, check_range, check_same_shape
 
 
 @dataclass(frozen=True)

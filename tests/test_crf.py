@@ -50,8 +50,8 @@ def test_bad_settings_name_the_parameter():
 @pytest.mark.usefixtures("mlflow_store")
 def test_baseline_run_with_crf_is_tagged(tmp_path):
     from stego_core.config import DataConfig, PhantomConfig
-    from stego_core.steps.evaluation import BaselineConfig, run_baseline
     from stego_core.reconstruction import EngineConfig
+    from stego_core.steps.evaluation import BaselineConfig, run_baseline
     from stego_core.tracking import client
 
     data = DataConfig(root=str(tmp_path / "ph"), phantom=PhantomConfig(n_volumes=2, shape=(32, 32, 24)))
