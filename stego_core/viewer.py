@@ -230,8 +230,9 @@ def viewer_html(
     Returns
     -------
     str
-        The HTML document (UTF-8 text, no external reference). About 2.5 MB for one 320 x 320 x 247
-        MRA volume with one method at the defaults, plus about 0.1 MB per further method.
+        The HTML document (UTF-8 text, no external reference). About 2.2-2.4 MB for one 320 x 320 x 247
+        volume with one method at the defaults, plus 0.15-0.2 MB per further method (``benchmarks/RESULTS.md``,
+        HTML slice viewer).
     """
     image = np.asarray(image)
     check_ndim(image, 3, "image")
