@@ -104,7 +104,7 @@ def block_max(volume: np.ndarray, factor: int) -> np.ndarray:
     Examples
     --------
     >>> block_max(np.arange(27).reshape(3, 3, 3), 2)[..., 0].tolist()
-    [[12, 15], [21, 24]]
+    [[13, 16], [22, 25]]
     """
     volume = np.asarray(volume)
     check_ndim(volume, 3, "volume")
