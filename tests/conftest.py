@@ -1,4 +1,5 @@
-"""Shared pytest fixtures: MLflow isolation, the real case, and tiny synthetic case folders."""
+"""Shared pytest fixtures and helpers: MLflow isolation, the real case, tiny synthetic case folders, a real MLflow
+server, free ports and headless chromium."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import contextlib
 import os
 import shutil
 import sqlite3
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -137,12 +139,54 @@ def tiny_case(tmp_path: Path) -> Callable[..., Path]:
     return make
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on the loopback interface (for a server or a torchrun rendezvous a test starts)."""
     import socket
 
     with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_for_health(url: str, proc: subprocess.Popen, *, timeout_s: float = 90.0,
+                    output: Callable[[], str] = lambda: "") -> None:
+    """Poll ``<url>/health`` until an MLflow server started as ``proc`` answers 200; RuntimeError (with the
+    tail of ``output()``) when ``proc`` exits first or ``timeout_s`` passes."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            state = f"exited with {proc.returncode}" if proc.poll() is not None else f"no answer after {timeout_s} s"
+            raise RuntimeError(f"server at {url}: {state}: {output()[-2000:]}")
+        time.sleep(0.5)
+
+
+#: Debian's ``chromium`` (or another Chromium build) for the headless-browser tests; None when absent.
+CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (Debian: apt-get install "
+                                                             "chromium; .ci/run installs it)")
+
+
+def headless_chromium(url: str, *args: str, window: tuple[int, int], profile: Path, budget_ms: int = 4000,
+                      timeout: float = 120.0) -> subprocess.CompletedProcess:
+    """Run headless :data:`CHROMIUM` on ``url`` with ``args`` (``--dump-dom``, ``--screenshot=<file>``), checked.
+
+    ``window`` is (width, height) in CSS pixels at scale 1, ``profile`` a fresh user-data folder, ``budget_ms``
+    the virtual time the page gets to load and draw before the dump or the screenshot."""
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed (.ci/run installs it)")
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--mute-audio",
+           "--force-device-scale-factor=1", f"--virtual-time-budget={budget_ms}", "--allow-file-access-from-files",
+           f"--user-data-dir={profile}", f"--window-size={window[0]},{window[1]}", *args, url]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=True)
 
 
 @pytest.fixture(scope="session")
@@ -152,15 +196,12 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory, _mlflow_template_db:
     Its SQLite store starts from the migrated template; artifacts are served (``mlflow-artifacts:``) from a
     folder of the session. Tests talk to it over REST, as a user's tracking server would be used.
     """
-    import subprocess
     import sys
-    import time
-    import urllib.request
 
     folder = tmp_path_factory.mktemp("mlflow_server")
     db = folder / "server.db"
     shutil.copyfile(_mlflow_template_db, db)
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = (folder / "server.log").open("w")
     mlflow_cli = Path(sys.executable).with_name("mlflow")
@@ -169,17 +210,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory, _mlflow_template_db:
                              "--port", str(port), "--workers", "1"], cwd=folder, stdout=log,
                             stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow server did not start: {(folder / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.5)
+        wait_for_health(url, proc, timeout_s=90, output=(folder / "server.log").read_text)
         yield url
     finally:
         proc.terminate()

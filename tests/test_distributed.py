@@ -4,7 +4,6 @@ compared with one process (training: the same weights and losses at the same glo
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,11 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPO_ROOT, free_port
 
 from stego_core import distributed
 from stego_core.config import TrainConfig, TrainerSettings, load_config
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 #: STEGO on tiny phantoms with the weight-free featurizer. Dropout off and the nearest neighbour as the kNN
 #: partner: the two draws that come from per-process random streams (the rest is the same global batch).
@@ -31,17 +29,16 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _torchrun_cmd(*args: str, nproc: int = 2) -> list[str]:
+    """``torchrun --nproc_per_node <nproc> <args>`` on this machine (loopback rendezvous on a free port)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+            "127.0.0.1", "--master_port", str(free_port()), *args]
 
 
 def torchrun(target: str, *args: str, nproc: int = 2, module: bool = True, timeout: float = 240.0
              ) -> subprocess.CompletedProcess:
     """``torchrun --nproc_per_node <nproc> [-m] <target> <args>`` on this machine (gloo), checked."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-           "127.0.0.1", "--master_port", str(_free_port()), *(["-m"] if module else []), target, *args]
+    cmd = _torchrun_cmd(*(["-m"] if module else []), target, *args, nproc=nproc)
     out = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout, check=False)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
     return out
@@ -213,11 +210,6 @@ def test_distributed_evaluation_of_four_phantoms_equals_one_process(mlflow_store
 # ------------------------------------------------------------------------------------------------ faults
 
 FAULT_SCRIPT = str(REPO_ROOT / "tests" / "torchrun_train_fault.py")
-
-
-def _torchrun_cmd(*args: str, nproc: int = 2) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-            "127.0.0.1", "--master_port", str(_free_port()), *args]
 
 
 @pytest.mark.slow

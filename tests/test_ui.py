@@ -6,21 +6,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
-from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+from conftest import REPO_ROOT, free_port, headless_chromium, wait_for_health
 
 from stego_core import tracking, ui
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def demo_like_store() -> str:
@@ -67,26 +61,6 @@ def test_server_command_is_one_worker_without_job_runner():
     assert env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_health(port: int, proc: subprocess.Popen, timeout_s: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"the UI exited with {proc.returncode}: {proc.stdout.read()}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise AssertionError(f"no answer on port {port} after {timeout_s} s")
-
-
 @pytest.mark.slow
 def test_make_ui_serves_the_link_with_two_processes(tmp_path):
     import psutil
@@ -99,22 +73,19 @@ def test_make_ui_serves_the_link_with_two_processes(tmp_path):
     try:
         link = proc.stdout.readline().split(": ", 1)[1].strip()
         assert link == ui.runs_link(f"http://127.0.0.1:{port}", experiment_id, view_key=ui.VIEW_KEY)
-        wait_for_health(port, proc)
+        wait_for_health(f"http://127.0.0.1:{port}", proc, timeout_s=120,
+                        output=lambda: proc.stdout.read() if proc.poll() is not None else "")
         tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
         commands = [" ".join(p.cmdline()) for p in tree]
         assert len(tree) == 2, commands  # the mlflow CLI and one uvicorn worker; `mlflow ui` alone starts 15
         assert not any("_job_runner" in c or "huey" in c for c in commands), commands
 
-        chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-        if chromium is None:
-            pytest.skip("chromium is not installed (.ci/run installs it)")
-        browse = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=2400,900",
-                  "--virtual-time-budget=15000"]
-        dom = subprocess.run([*browse, "--dump-dom", link], capture_output=True, text=True, timeout=120).stdout
+        browse = {"window": (2400, 900), "profile": tmp_path / "profile", "budget_ms": 15000}
+        dom = headless_chromium(link, "--dump-dom", **browse).stdout
         for text in ("pipeline", ui.VIEW_NAME, "otsu/dice", "otsu/cldice", "stego/dice", "stego/cldice"):
             assert text in dom, text  # the runs table, opened on the saved view, shows the per-method columns
         shot = tmp_path / "runs_table.png"
-        subprocess.run([*browse, f"--screenshot={shot}", link], capture_output=True, timeout=120, check=True)
+        headless_chromium(link, f"--screenshot={shot}", **browse)
         assert shot.stat().st_size > 10_000
     finally:
         os.killpg(proc.pid, signal.SIGTERM)

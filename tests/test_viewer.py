@@ -13,12 +13,12 @@ import html
 import io
 import json
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import headless_chromium, needs_chromium
 from PIL import Image
 
 from stego_core.viewer import ERROR_CODES, block_max, error_codes, mosaic, viewer_html
@@ -149,17 +149,11 @@ def test_page_reduces_large_volumes_and_checks_its_inputs(case):
 
 # ---------------------------------------------------------------------------------------------- browser
 
-CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
 WINDOW = (1100, 620)
-needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (Debian: apt-get install "
-                                                             "chromium; .ci/run installs it)")
 
 
 def _chromium(url: str, tmp: Path, *args: str) -> subprocess.CompletedProcess:
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--mute-audio",
-           "--force-device-scale-factor=1", "--virtual-time-budget=4000", "--allow-file-access-from-files",
-           f"--user-data-dir={tmp / 'profile'}", f"--window-size={WINDOW[0]},{WINDOW[1]}", *args, url]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True)
+    return headless_chromium(url, *args, window=WINDOW, profile=tmp / "profile")
 
 
 def _screenshot(url: str, tmp: Path, name: str) -> np.ndarray:
