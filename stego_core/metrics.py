@@ -409,17 +409,17 @@ def evaluate_segmentation(
 # ---------------------------------------------------------------------------------------- results tables
 
 
-def _metric_matrix(rows: Sequence[Mapping[str, float]]) -> np.ndarray:
-    """(n_rows, len(METRIC_KEYS)) float64 matrix, naming the row and key of anything missing."""
+def _metric_matrix(rows: Sequence[Mapping[str, float]], keys: Sequence[str] = METRIC_KEYS) -> np.ndarray:
+    """(n_rows, len(keys)) float64 matrix, naming the row and key of anything missing."""
     if len(rows) == 0:
         raise ValueError("rows is empty; expected at least one dict of metrics")
-    matrix = np.empty((len(rows), len(METRIC_KEYS)))
+    matrix = np.empty((len(rows), len(keys)))
     for i, row in enumerate(rows):
-        missing = [key for key in METRIC_KEYS if key not in row]
+        missing = [key for key in keys if key not in row]
         if missing:
             who = f" (case_id {row['case_id']!r})" if "case_id" in row else ""
-            raise ValueError(f"rows[{i}]{who} lacks metric keys {missing}; expected all of {list(METRIC_KEYS)}")
-        matrix[i] = [float(row[key]) for key in METRIC_KEYS]
+            raise ValueError(f"rows[{i}]{who} lacks metric keys {missing}; expected all of {list(keys)}")
+        matrix[i] = [float(row[key]) for key in keys]
     return matrix
 
 
@@ -459,8 +459,8 @@ def _format(value: float) -> str:
     return f"{value:.4f}"
 
 
-def _table_rows(rows: Sequence[Mapping[str, float]]) -> list[list[str]]:
-    matrix = _metric_matrix(rows)
+def _table_rows(rows: Sequence[Mapping[str, float]], keys: Sequence[str] = METRIC_KEYS) -> list[list[str]]:
+    matrix = _metric_matrix(rows, keys)
     case_ids = [str(row.get("case_id", f"volume_{i:03d}")) for i, row in enumerate(rows)]
     table = [[case_id, *map(_format, values)] for case_id, values in zip(case_ids, matrix)]
     table.append(["mean", *map(_format, matrix.mean(axis=0))])
@@ -469,7 +469,7 @@ def _table_rows(rows: Sequence[Mapping[str, float]]) -> list[list[str]]:
 
 
 def write_results(
-    rows: Sequence[Mapping[str, float]], out_dir: str | Path, *, method: str
+    rows: Sequence[Mapping[str, float]], out_dir: str | Path, *, method: str, extra_keys: Sequence[str] = ()
 ) -> tuple[Path, Path]:
     """Write the per-volume results table as text and as CSV.
 
@@ -482,6 +482,9 @@ def write_results(
         Folder to write into (created if missing), normally scoped by run id.
     method : str, keyword-only
         Segmentation method name (``stego``, ``otsu``, ...), written in both files.
+    extra_keys : sequence of str, keyword-only
+        Further columns after :data:`METRIC_KEYS` that every row holds (e.g. the analysis keys:
+        Betti-number errors, recall per radius bin).
 
     Returns
     -------
@@ -502,10 +505,11 @@ def write_results(
     for path in (txt_path, csv_path):
         if path.exists():
             raise FileExistsError(f"{path} already exists; refusing to overwrite earlier results")
-    table = _table_rows(rows)  # validates before anything is written
+    keys = (*METRIC_KEYS, *extra_keys)
+    table = _table_rows(rows, keys)  # validates before anything is written
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    header = ["case_id", *METRIC_KEYS]
+    header = ["case_id", *keys]
     widths = [max(len(r[j]) for r in [header, *table]) for j in range(len(header))]
 
     def line(cells: Iterable[str]) -> str:
@@ -521,7 +525,7 @@ def write_results(
     with open(txt_path, "x", encoding="utf-8") as f:
         f.write("\n".join(text) + "\n")
 
-    matrix = _metric_matrix(rows)
+    matrix = _metric_matrix(rows, keys)
     stats = {"mean": matrix.mean(axis=0), "std": matrix.std(axis=0)}
     with open(csv_path, "x", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)

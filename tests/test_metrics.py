@@ -301,3 +301,13 @@ def test_real_label_against_itself():
     result = evaluate_segmentation(label, label)
     assert result["dice"] == 1.0 and result["cldice"] == 1.0
     assert result["n_components_gt"] == 19.0  # the case holds 19 components at 26-connectivity
+
+
+def test_write_results_extra_columns(tmp_path):
+    rows = [{**_row("a", 0.5), "betti0_error": 2.0}, {**_row("b", 1.0), "betti0_error": 4.0}]
+    _, csv_path = write_results(rows, tmp_path, method="otsu", extra_keys=["betti0_error"])
+    with open(csv_path, newline="") as f:
+        table = list(csv.DictReader(f))
+    assert list(table[0])[-1] == "betti0_error" and float(table[2]["betti0_error"]) == 3.0
+    with pytest.raises(ValueError, match="lacks metric keys"):
+        write_results(rows[:1], tmp_path / "again", method="otsu", extra_keys=["recall_thin"])

@@ -26,7 +26,7 @@ from stego_core.io import Case, save_volume
 from stego_core.methods import METHODS, Method, build_method, is_run_id, resolve_model_uri
 from stego_core.metrics import summarize, write_results
 from stego_core.postprocess import steps_tag
-from stego_core.scoring import evaluate_case
+from stego_core.scoring import ANALYSIS_KEYS, evaluate_case
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,8 @@ def run_evaluation(method_impl: Method, cfg: EvaluateConfig, *, method: str, run
             summary = summarize([{k: v for k, v in r.items() if k != "case_id"} for r in scored])
             tracking.log_metrics(summary)
             if distributed.is_main():
-                txt, csv = write_results(scored, run.output_dir, method=method)
+                extra = [k for k in ANALYSIS_KEYS if all(k in r for r in scored)]  # a bin may be absent
+                txt, csv = write_results(scored, run.output_dir, method=method, extra_keys=extra)
                 tracking.log_artifact(txt)
                 tracking.log_artifact(csv)
         return EvaluationResult(run_id=run.run_id, rows=rows, summary=summary, output_dir=run.output_dir)
