@@ -126,8 +126,8 @@ def log_comparison(per_case: PerCase, *, keys: Sequence[str] = COMPARISON_KEYS,
     tracking.log_text(csv_text, f"{folder}comparison.csv")
     tracking.log_text(md, f"{folder}comparison.md")
     _, note_md = comparison_tables(table, note_keys, lower_is_better=lower_is_better, unit=unit)
-    figure = comparison_figure(table, note_keys, unit=unit)
+    figure = comparison_figure(table, note_keys, unit=unit)  # drawn once: the stepped image and the PNG
     tracking.log_image(tracking.figure_array(figure), IMAGE_KEY, step=0)
-    tracking.log_figure(comparison_figure(table, note_keys, unit=unit), f"{folder}comparison_ci.png")
+    tracking.log_figure(figure, f"{folder}comparison_ci.png")
     n_units = max(len(rows) for rows in table.values())
     return comparison_note(note_md or md, n_units=n_units, unit=unit, title=title)
