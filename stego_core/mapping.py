@@ -168,6 +168,23 @@ def map_clusters_dice(cluster_ids: np.ndarray, labels: np.ndarray, n_clusters: i
     return vessel
 
 
+def _candidate_means(cluster_ids: np.ndarray, intensities: np.ndarray, n_clusters: int,
+                     min_fraction: float) -> np.ndarray:
+    """(K,) mean intensity of each cluster holding at least ``min_fraction`` of the pixels (every non-empty one
+    when none does); ``-inf`` for the others."""
+    ids = _check_ids(cluster_ids, n_clusters)
+    x = np.asarray(intensities, dtype=np.float64).ravel()
+    if x.shape != ids.shape:
+        raise ValueError(f"intensities has {x.size} values but cluster_ids has {ids.size}")
+    if not ids.size or not np.isfinite(x).all():
+        raise ValueError("intensities must be non-empty and finite")
+    counts = np.bincount(ids, minlength=n_clusters)
+    candidates = counts >= max(1.0, min_fraction * ids.size)
+    if not candidates.any():
+        candidates = counts > 0
+    return np.where(candidates, np.bincount(ids, weights=x, minlength=n_clusters) / np.maximum(counts, 1), -np.inf)
+
+
 def map_clusters_unsupervised(cluster_ids: np.ndarray, intensities: np.ndarray,
                               n_clusters: int, *, min_fraction: float = 1e-3) -> tuple[np.ndarray, str]:
     """Without labels: the cluster with the highest mean intensity is vessel (bright TOF-MRA vessels).
@@ -191,18 +208,7 @@ def map_clusters_unsupervised(cluster_ids: np.ndarray, intensities: np.ndarray,
     rule : str
         ``"brightness"``.
     """
-    ids = _check_ids(cluster_ids, n_clusters)
-    x = np.asarray(intensities, dtype=np.float64).ravel()
-    if x.shape != ids.shape:
-        raise ValueError(f"intensities has {x.size} values but cluster_ids has {ids.size}")
-    if not ids.size or not np.isfinite(x).all():
-        raise ValueError("intensities must be non-empty and finite")
-    counts = np.bincount(ids, minlength=n_clusters)
-    sums = np.bincount(ids, weights=x, minlength=n_clusters)
-    candidates = counts >= max(1.0, min_fraction * ids.size)
-    if not candidates.any():
-        candidates = counts > 0
-    means = np.where(candidates, sums / np.maximum(counts, 1), -np.inf)
+    means = _candidate_means(cluster_ids, intensities, n_clusters, min_fraction)
     vessel = np.zeros(n_clusters, dtype=bool)
     vessel[int(np.argmax(means))] = True
     return vessel, "brightness"
@@ -258,17 +264,7 @@ def map_clusters_bright_cut(cluster_ids: np.ndarray, intensities: np.ndarray, n_
     >>> map_clusters_bright_cut(ids, x, 4, cut=0.7, min_fraction=0.2)[0].tolist()
     [False, True, True, False]
     """
-    ids = _check_ids(cluster_ids, n_clusters)
-    x = np.asarray(intensities, dtype=np.float64).ravel()
-    if x.shape != ids.shape:
-        raise ValueError(f"intensities has {x.size} values but cluster_ids has {ids.size}")
-    if not ids.size or not np.isfinite(x).all():
-        raise ValueError("intensities must be non-empty and finite")
-    counts = np.bincount(ids, minlength=n_clusters)
-    candidates = counts >= max(1.0, min_fraction * ids.size)
-    if not candidates.any():
-        candidates = counts > 0
-    means = np.where(candidates, np.bincount(ids, weights=x, minlength=n_clusters) / np.maximum(counts, 1), -np.inf)
+    means = _candidate_means(cluster_ids, intensities, n_clusters, min_fraction)
     vessel = means >= cut
     if not vessel.any():
         vessel[int(np.argmax(means))] = True
