@@ -37,9 +37,12 @@ def crops():
 def test_spec_table():
     assert list_backbones() == sorted(["vit_small_patch8_dino", "vit_small_patch16_dino", "vit_base_patch8_dino",
                                        "vit_base_patch16_dino", "vit_small_patch14_dinov2", "classical",
-                                       "mra_vit_t4_p2", "mra_vit_t4_p4", "mra_vit_t12_p4", "mra_vit_s12_p8"])
+                                       "mra_vit_t4_p1", "mra_vit_t4_p2", "mra_vit_t4_p4", "mra_vit_t12_p4",
+                                       "mra_vit_s12_p8"])
     mra = BACKBONES["mra_vit_t4_p2"]
     assert (mra.patch_size, mra.embed_dim, mra.res, mra.grid, mra.trainable) == (2, 192, 32, 16, True)
+    fine = BACKBONES["mra_vit_t4_p1"]  # one token per voxel of a 16-px crop
+    assert (fine.patch_size, fine.res, fine.grid, fine.trainable) == (1, 16, 16, True)
     assert not BACKBONES["vit_small_patch8_dino"].trainable
     spec = BACKBONES["vit_small_patch8_dino"]
     assert (spec.timm_name, spec.patch_size, spec.embed_dim, spec.res, spec.grid) == (
