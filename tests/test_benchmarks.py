@@ -14,14 +14,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-_PEAK = Path(__file__).resolve().parents[1] / "benchmarks" / "peak.py"
+_BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _bench_module(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", _BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
 
 
 def _peak_module():
-    spec = importlib.util.spec_from_file_location("bench_peak", _PEAK)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _bench_module("peak")
 
 
 def test_count_flops_counts_the_cpu_attention_kernel():
@@ -42,6 +47,14 @@ def test_gemm_peak_and_machine_line():
     rate = peak.gemm_peak("cpu", sizes=(64,), repeats=2)
     assert 1e6 < rate < 1e14  # FLOP/s
     assert peak.machine_line("engine", 0.8123) == "engine_fraction_of_peak=0.812"
+
+
+def test_ablation_degenerate_flag_is_noise_or_everything_not_a_high_recall():
+    """A row marking noise (precision < .2) or nearly everything (recall > .98 at precision < .5) is degenerate;
+    a near-complete recall at a useful precision (the percentile row on mra_mni_0656: .998 / .69) is not."""
+    flag = _bench_module("ablation_stego").is_degenerate
+    assert flag(0.15, 0.5) and flag(0.3, 0.99)
+    assert not flag(0.69, 0.998) and not flag(0.81, 0.988) and not flag(0.35, 0.65)
 
 
 @pytest.mark.slow
