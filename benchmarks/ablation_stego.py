@@ -20,9 +20,8 @@ GMM baselines on the same held-out volume.
 
 Scores are Dice / clDice / precision / recall of the full 3D reconstruction of the held-out volume (STEGO: the
 training run's final validation, stride ``--val-stride``; ``-crf`` / ``-crf-thin``: the seed's / the ``thin``
-CRF of those probabilities). A variant
-with precision < 0.2, or recall > 0.98 at precision < 0.5, is tagged ``degenerate=true``. The table goes to the parent run
-(``ablation.md``, ``ablation.json``) and to stdout.
+CRF of those probabilities). A variant with precision < 0.2, or recall > 0.98 at precision < 0.5, is tagged
+``degenerate=true``. The table goes to the parent run (``ablation.md``, ``ablation.json``) and to stdout.
 
 Example (the budget used for the issue's closing note)::
 
