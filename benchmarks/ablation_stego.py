@@ -28,6 +28,11 @@ Example (the budget used for the issue's closing note)::
     MLFLOW_TRACKING_URI=sqlite:///mlflow.db OMP_NUM_THREADS=1 python benchmarks/ablation_stego.py \\
         --protocols phantoms single rotate --real-root ../shared/data --single-root data/mra_0656 --crf
 
+The rotation per labelling convention (``benchmarks/RESULTS.md``, "STEGO at its ceiling offline"): the tree
+cases from a folder holding only them, ``--real-root <tree cases> --n-clusters 1024``; the lumen case 0656 with
+``--rotate-cases mra_mni_0656 --cluster-rule bright_cut`` (both with ``--vit mra_vit_t4_p1 --patch-size 16
+--val-stride 16 --variants random --samplings none``).
+
 ``--weights <file or runs:/id>`` skips the pretraining: the ``dino`` rows use those teacher weights of ``VIT``
 (e.g. a GPU pretraining's ``teacher_backbone.safetensors``, ``benchmarks/gpu_stego.sh``).
 """
