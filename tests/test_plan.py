@@ -161,3 +161,13 @@ def test_shipped_configs_state_only_what_differs(path):
 def test_redundancy_check_can_fail():
     assert _redundant({"slicing": {"patch_size": 32, "stride": 8}}, C.TrainConfig) == ["slicing.patch_size"]
     assert _deliberate("a: 1  # deliberate: a, b.c (why)\n") == {"a", "b.c"}
+
+
+def test_stego_teacher_preset_trains_stego_as_mra_offline_does():
+    """``selftrain_stego.yaml`` says its STEGO is trained exactly as ``mra_offline.yaml``'s (YAML files have no
+    inheritance, and the copy drifted once: ViT/2 and K = 64 after mra_offline moved to ViT/1 and K = 256)."""
+    configs = REPO_ROOT / "experiments" / "configs"
+    offline, teacher = (C.load_config(C.MainConfig, configs / name, [])
+                        for name in ("mra_offline.yaml", "selftrain_stego.yaml"))
+    for section in ("slicing", "engine", "model", "train", "sampling", "val_stride", "stego_crf"):
+        assert getattr(teacher, section) == getattr(offline, section), section
