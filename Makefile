@@ -28,4 +28,4 @@ UI_WORKERS ?= 1
 # Prints the runs-table link of each existing experiment (model-training view, per-method columns), then
 # serves the UI: `mlflow ui` with one worker and no job runner (MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false).
 ui: $(STAMP)
-	@$(BIN)/python -m stego_core.ui --host $(UI_HOST) --port $(UI_PORT) --workers $(UI_WORKERS)
+	@$(BIN)/python -m stego_core.platform.ui --host $(UI_HOST) --port $(UI_PORT) --workers $(UI_WORKERS)

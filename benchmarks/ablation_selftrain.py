@@ -80,7 +80,7 @@ def load(case_id: str) -> dict[str, np.ndarray]:
 
 
 def score(mask: np.ndarray, label: np.ndarray) -> dict[str, float]:
-    from stego_core.metrics import evaluate_segmentation
+    from stego_core.evaluation.metrics import evaluate_segmentation
 
     s = evaluate_segmentation(mask, label)
     return {k: float(s[k]) for k in ("dice", "cldice", "precision", "recall")} | {"voxels": int(mask.sum())}
@@ -108,7 +108,7 @@ def run_variant(name: str, overrides: dict, case_id: str, *, tag: str = "", prog
                 reuse: bool = False) -> list[dict]:
     """Train (or, with ``reuse``, reload) the student of ``case_id`` for a variant; score the recipe's rule and
     the extra rules."""
-    from stego_core.selftrain import combine, predict_student, pseudo_labels, self_train, train_student
+    from stego_core.methods.selftrain import combine, predict_student, pseudo_labels, self_train, train_student
 
     data = load(case_id)
     settings = settings_for(case_id, overrides)

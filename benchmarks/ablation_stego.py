@@ -14,7 +14,7 @@ For each data set, DINO pretraining of the in-domain ViT once on all its volumes
 time-boxed), shared by its protocols. Variants: STEGO with (a) the classical featurizer, (b) the in-domain DINO
 backbone (``runs:/<pretrain run>``), (c) the same ViT with random weights, each with each ``--samplings``
 (label-free bright-crop sampling and uniform), the bright ones also with the dense CRF on their
-reconstruction (``--crf [seed] [thin]``: one row per named setting of :data:`stego_core.crf.CRF_PRESETS`, ``seed``
+reconstruction (``--crf [seed] [thin]``: one row per named setting of :data:`stego_core.engine.crf.CRF_PRESETS`, ``seed``
 alone when no name is given; about 3.5 min per real volume and setting on one core); beside the percentile and
 GMM baselines on the same held-out volume.
 
@@ -49,13 +49,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stego_core import tracking
+from stego_core.platform import tracking
 from stego_core.config import (BaselineConfig, DataConfig, EngineConfig, PhantomConfig, PretrainConfig,
                                TrainConfig, load_config)
-from stego_core.crf import CRF_PRESETS, crf_preset
-from stego_core.data import ensure_cases, preprocess_case
-from stego_core.metrics import evaluate_segmentation
-from stego_core.postprocess import crf_refine
+from stego_core.engine.crf import CRF_PRESETS, crf_preset
+from stego_core.data.cases import ensure_cases, preprocess_case
+from stego_core.evaluation.metrics import evaluate_segmentation
+from stego_core.engine.postprocess import crf_refine
 from stego_core.steps.evaluation import run_baseline
 from stego_core.steps.pretrain import run_pretrain
 from stego_core.steps.training import run_train
@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _first_held_out(cfg: TrainConfig) -> str:
-    from stego_core.data import split_cases
+    from stego_core.data.cases import split_cases
 
     cases = ensure_cases(cfg.data)
     return split_cases(cases, cfg.test_fraction, seed=cfg.split_seed, test_ids=cfg.test_cases)[1][0].case_id

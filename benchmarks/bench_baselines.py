@@ -5,7 +5,7 @@ skimage's per-slice filter, side by side in one run.
     python benchmarks/bench_baselines.py --methods frangi sato --slices 32
 
 Prints each method's wall time through the engine (whole axial slices), the top three functions by own time
-(cProfile), then skimage's ``frangi`` per slice against :func:`stego_core.vesselness.frangi_slices` on the same
+(cProfile), then skimage's ``frangi`` per slice against :func:`stego_core.methods.vesselness.frangi_slices` on the same
 slices with the max |difference|; the last line is ``frangi_speedup=<ratio>``.
 """
 
@@ -19,13 +19,13 @@ import time
 
 import numpy as np
 
-from stego_core.baselines import available_segmenters, build_segmenter
+from stego_core.methods.classical import available_segmenters, build_segmenter
 from stego_core.config import EngineConfig, PhantomConfig
-from stego_core.io import load_volume
-from stego_core.phantom import make_phantom
-from stego_core.preprocess import skull_strip, standardize
-from stego_core.reconstruction import predict_volume
-from stego_core.vesselness import frangi_slices
+from stego_core.data.io import load_volume
+from stego_core.data.phantom import make_phantom
+from stego_core.data.preprocess import skull_strip, standardize
+from stego_core.engine.reconstruction import predict_volume
+from stego_core.methods.vesselness import frangi_slices
 
 
 def top_costs(profile: cProfile.Profile, n: int = 3) -> list[str]:

@@ -2,7 +2,7 @@
 ``trainer.devices=2``) against 1 process x 2 threads, the same global batch, measured side by side.
 
 Each process runs what a DDP rank runs in training: the head on its share of cached features, the gather of the
-global batch (:func:`stego_core.distributed.all_gather_with_grad`), STEGO's loss on it, the backward pass, the
+global batch (:func:`stego_core.runtime.distributed.all_gather_with_grad`), STEGO's loss on it, the backward pass, the
 mean of the gradients over ranks (one flat all-reduce, as DDP) and an Adam step. Printed: crops per second of
 each arrangement, their ratio (distributed / single; 1.0 = no overhead) and each process's peak resident memory.
 The two arrangements alternate ``--rounds`` times (the machine is shared, so the ratio of neighbours is the number
@@ -31,9 +31,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 def run_steps(args: argparse.Namespace, batch: int) -> dict[str, float]:
     """``args.steps`` timed head steps (after 3 warm-up steps) on random features; this process's share ``batch``."""
-    from stego_core import distributed
+    from stego_core.runtime import distributed
     from stego_core.config import LossConfig
-    from stego_core.stego import ClusterProbe, StegoHead, correspondence_loss
+    from stego_core.methods.stego.model import ClusterProbe, StegoHead, correspondence_loss
 
     torch.manual_seed(0)
     device = args.device
@@ -73,8 +73,7 @@ def run_steps(args: argparse.Namespace, batch: int) -> dict[str, float]:
 
 def worker(args: argparse.Namespace) -> None:
     """One rank of the torchrun arrangement: 1 thread, half the global batch; rank 0 writes the result."""
-    from stego_core import distributed
-
+    from stego_core.runtime import distributed
     torch.set_num_threads(1)
     distributed.init_from_env()
     n = distributed.world_size()

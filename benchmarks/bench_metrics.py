@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from stego_core.metrics import cldice, dice, evaluate_segmentation
+from stego_core.evaluation.metrics import cldice, dice, evaluate_segmentation
 
 TARGET_S = 5.0
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from stego_core import tracking
+from stego_core.platform import tracking
 from stego_core.config import MainConfig, load_config
 from stego_core.steps.pipeline import run_main
 

@@ -29,11 +29,11 @@ from pathlib import Path
 
 import numpy as np
 
-from stego_core.baselines import build_segmenter
+from stego_core.methods.classical import build_segmenter
 from stego_core.config import EngineConfig, PhantomConfig
-from stego_core.postprocess import (crf_refine, fill_small_holes, keep_largest_trees, remove_small_components,
+from stego_core.engine.postprocess import (crf_refine, fill_small_holes, keep_largest_trees, remove_small_components,
                                     smooth_probability)
-from stego_core.reconstruction import predict_volume
+from stego_core.engine.reconstruction import predict_volume
 
 SHAPE = (320, 320, 247)
 CC_TARGET_S = 2.0
@@ -55,15 +55,15 @@ def _timed(fn: Callable[[], object], *, memory: bool = False) -> tuple[object, f
 
 def load_volume(image_path: str | None) -> tuple[np.ndarray, np.ndarray, str]:
     """A preprocessed (image in [0, 1], brain mask) pair of shape ~320 x 320 x 247."""
-    from stego_core.preprocess import brain_mask_for, standardize
+    from stego_core.data.preprocess import brain_mask_for, standardize
 
     if image_path and Path(image_path).is_file():
-        from stego_core.io import load_volume as load
+        from stego_core.data.io import load_volume as load
 
         raw = load(image_path).data.astype(np.float32)
         source = image_path
     else:
-        from stego_core.phantom import make_phantom
+        from stego_core.data.phantom import make_phantom
 
         raw = make_phantom(PhantomConfig(shape=SHAPE), seed=0).image.astype(np.float32)
         source = "synthetic phantom"

@@ -1,4 +1,4 @@
-"""DINO pretraining throughput: crops/s of :func:`stego_core.dino.dino_step`, as a fraction of a GEMM peak.
+"""DINO pretraining throughput: crops/s of :func:`stego_core.features.dino.dino_step`, as a fraction of a GEMM peak.
 
 The step ``run_pretrain`` runs (multi-crop augmentation on the CPU, teacher on the global views, student on all
 views, lightly's DINO loss, AdamW, EMA) on random crops with :class:`~stego_core.config.PretrainConfig`'s
@@ -22,9 +22,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peak import count_flops, gemm_peak, machine_line, report  # noqa: E402
 
-from stego_core.backbones import create_vit, get_spec, normalize_input
+from stego_core.features.backbones import create_vit, get_spec, normalize_input
 from stego_core.config import PretrainConfig
-from stego_core.dino import DinoModel, dino_step, multi_crop
+from stego_core.features.dino import DinoModel, dino_step, multi_crop
 
 
 def main() -> None:

@@ -25,14 +25,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peak import count_flops, gemm_peak, machine_line, report  # noqa: E402
 
-from stego_core.backbones import build_backbone
-from stego_core.io import load_volume
-from stego_core.inference import StegoSegmenterModel, TorchSegmenter
-from stego_core.phantom import PhantomConfig, make_phantom
-from stego_core.preprocess import skull_strip, standardize
-from stego_core.reconstruction import EngineConfig, predict_volume
-from stego_core.slicing import CropBlender, crop_index, take_crops
-from stego_core.stego import ClusterProbe, StegoHead
+from stego_core.features.backbones import build_backbone
+from stego_core.data.io import load_volume
+from stego_core.methods.stego.inference import StegoSegmenterModel, TorchSegmenter
+from stego_core.data.phantom import PhantomConfig, make_phantom
+from stego_core.data.preprocess import skull_strip, standardize
+from stego_core.engine.reconstruction import EngineConfig, predict_volume
+from stego_core.data.slicing import CropBlender, crop_index, take_crops
+from stego_core.methods.stego.model import ClusterProbe, StegoHead
 
 
 def naive_reconstruction(model: StegoSegmenterModel, image: np.ndarray, mask: np.ndarray, *, axis: int,

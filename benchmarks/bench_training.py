@@ -20,9 +20,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peak import count_flops, gemm_peak, machine_line, report  # noqa: E402
 
-from stego_core.backbones import build_backbone
+from stego_core.features.backbones import build_backbone
 from stego_core.config import LossConfig
-from stego_core.stego import ClusterProbe, StegoHead, correspondence_loss
+from stego_core.methods.stego.model import ClusterProbe, StegoHead, correspondence_loss
 
 
 def step(head, probe, opt, feats, knn_feats, cfg, gen) -> float:

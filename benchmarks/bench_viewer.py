@@ -1,4 +1,4 @@
-"""Size and build time of the HTML slice viewer (:func:`stego_core.viewer.viewer_html`) on a 320 x 320 x 247 volume.
+"""Size and build time of the HTML slice viewer (:func:`stego_core.report.viewer.viewer_html`) on a 320 x 320 x 247 volume.
 
 Target: <= 5 MB per page. Measured for one method (an evaluation run's ``viewer/<case>.html``) and for several
 methods (the pipeline run's page, one method selector), with the bytes split into the image slices (lossy WebP)
@@ -24,18 +24,18 @@ import time
 
 import numpy as np
 
-from stego_core.viewer import viewer_html
+from stego_core.report.viewer import viewer_html
 
 
 def _volume(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float], str]:
     if args.image:
-        from stego_core.io import load_volume
+        from stego_core.data.io import load_volume
 
         image = load_volume(args.image)
         label = load_volume(args.label).data > 0
         return image.data.astype(np.float32), label, image.spacing_mm, args.image
     from stego_core.config import PhantomConfig
-    from stego_core.phantom import make_phantom
+    from stego_core.data.phantom import make_phantom
 
     phantom = make_phantom(PhantomConfig(shape=tuple(args.shape)), seed=0)
     return phantom.image, phantom.label > 0, (1.0, 1.0, 1.0), f"phantom {tuple(args.shape)}"

@@ -16,18 +16,18 @@ import argparse
 
 import numpy as np
 
-from stego_core.backbones import build_backbone
+from stego_core.features.backbones import build_backbone
 from stego_core.config import DataConfig, SlicingConfig
-from stego_core.features import feature_bytes_per_crop
-from stego_core.slicing import crop_index
+from stego_core.features.cache import feature_bytes_per_crop
+from stego_core.data.slicing import crop_index
 
 BACKBONES = (("vit_small_patch8_dino", 224), ("mra_vit_t4_p2", None), ("mra_vit_s12_p8", None), ("classical", 16))
 
 
 def crops_per_volume(case: str | None, slicing: SlicingConfig) -> tuple[int, str]:
     if case:
-        from stego_core.data import preprocess_case
-        from stego_core.io import make_case
+        from stego_core.data.cases import preprocess_case
+        from stego_core.data.io import make_case
 
         prepared = preprocess_case(make_case(case), DataConfig(source="folder", root=case))
         shape, mask, what = prepared.image.shape, prepared.brain_mask, case

@@ -27,11 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stego_core.backbones import create_vit, get_spec, normalize_input
+from stego_core.features.backbones import create_vit, get_spec, normalize_input
 from stego_core.config import AugmentConfig, DataConfig, PretrainConfig, SlicingConfig
-from stego_core.data import discover_cases, make_crop_set, preprocess_case
-from stego_core.mapping import map_clusters_dice
-from stego_core.sampling import bright_threshold
+from stego_core.data.cases import discover_cases, make_crop_set, preprocess_case
+from stego_core.methods.stego.mapping import map_clusters_dice
+from stego_core.data.sampling import bright_threshold
 from stego_core.steps.pretrain import run_pretrain
 
 
@@ -128,8 +128,7 @@ def main() -> None:
     result = run_pretrain(cfg, probe=probe, probe_every=args.probe_every, run_name="dino-probe")
     print(f"run {result.run_id}: {result.metrics.get('final/steps')} steps, teacher entropy ratio "
           f"{result.metrics.get('final/teacher_entropy_ratio'):.3f}")
-    from stego_core import tracking
-
+    from stego_core.platform import tracking
     client = tracking.client()
     print("| step | " + " | ".join(f"teacher K={k} | random K={k}" for k in args.ks) + " |")
     history = {k: {m.step: m.value for m in client.get_metric_history(result.run_id, f"probe/dice_k{k}")}

@@ -22,7 +22,7 @@ IMGARG=$SHAPE; [ -n "$IMG" ] && IMGARG="--image $IMG"
 export DEVICE FEAT_BATCH TRAIN_BATCH
 python3 - <<'PY'
 import os, time, torch
-from stego_core.backbones import build_backbone
+from stego_core.features.backbones import build_backbone
 dev, n = os.environ["DEVICE"], int(os.environ["FEAT_BATCH"])
 sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
 b = build_backbone("vit_small_patch8_dino", weights="random", res=224).to(dev)
@@ -40,8 +40,8 @@ python3 - <<'PY'
 import os, time, torch, lightning as L
 from torch.utils.data import DataLoader
 from stego_core.config import LossConfig
-from stego_core.stego import StegoHead, ClusterProbe, LinearProbe
-from stego_core.module import StegoModule
+from stego_core.methods.stego.model import StegoHead, ClusterProbe, LinearProbe
+from stego_core.methods.stego.module import StegoModule
 cpu = os.environ["DEVICE"] == "cpu"
 class DS(torch.utils.data.Dataset):
     def __init__(s): s.f = torch.randn(48 if cpu else 480, 384, 28, 28)

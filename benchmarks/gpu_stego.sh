@@ -52,7 +52,7 @@ if [ "$DRY" = 1 ]; then
     ROT_BASELINES=${ROT_BASELINES-percentile}; ROT_VARIANTS=${ROT_VARIANTS:-dino}
     if [ -z "$DATA_ROOT" ]; then  # three tiny phantoms in the layout of a folder of real cases
         DATA_ROOT=$WORK/phantoms
-        "$PY" -c "import sys; from stego_core.config import DataConfig, PhantomConfig; from stego_core.data import ensure_cases; ensure_cases(DataConfig(source='phantom', root=sys.argv[1], phantom=PhantomConfig(n_volumes=3, shape=(48, 48, 24))))" "$DATA_ROOT"
+        "$PY" -c "import sys; from stego_core.config import DataConfig, PhantomConfig; from stego_core.data.cases import ensure_cases; ensure_cases(DataConfig(source='phantom', root=sys.argv[1], phantom=PhantomConfig(n_volumes=3, shape=(48, 48, 24))))" "$DATA_ROOT"
         ROT_CASES=${ROT_CASES-phantom_002}
     fi
 else
@@ -97,8 +97,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from stego_core import tracking
-
+from stego_core.platform import tracking
 run_id, out = sys.argv[1], Path(sys.argv[2])
 client = tracking.client()
 keys = sorted(k for k in client.get_run(run_id).data.metrics if k.startswith(("pretrain/", "probe/")))
@@ -145,8 +144,7 @@ from pathlib import Path
 
 import torch
 
-from stego_core import tracking
-
+from stego_core.platform import tracking
 out, run, rot, device, rate, steps, batch, minutes = sys.argv[1:9]
 t0, t1, t2, t3 = map(int, sys.argv[9:13])
 metrics = tracking.client().get_run(run).data.metrics

@@ -29,9 +29,9 @@ from scipy import ndimage as ndi  # noqa: E402
 from skimage.morphology import skeletonize  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from stego_core.io import load_volume  # noqa: E402
-from stego_core.phantom import PhantomConfig, make_phantom  # noqa: E402
-from stego_core.preprocess import head_mask, label_retention, skull_strip  # noqa: E402
+from stego_core.data.io import load_volume  # noqa: E402
+from stego_core.data.phantom import PhantomConfig, make_phantom  # noqa: E402
+from stego_core.data.preprocess import head_mask, label_retention, skull_strip  # noqa: E402
 
 DEFAULT_REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "mra_mni_0656"
 PERCENTILES = (1, 5, 25, 50, 75, 95, 99)

@@ -32,14 +32,14 @@ CASES = {
 
 def cache_case(case_id: str, *, force: bool = False) -> Path:
     """Run the teacher preset of ``case_id`` once and write its outputs; return the case's cache folder."""
-    from stego_core.baselines import build_segmenter
+    from stego_core.methods.classical import build_segmenter
     from stego_core.config import BaselineConfig, load_config
-    from stego_core.data import ensure_cases, preprocess_case
-    from stego_core.io import load_case
-    from stego_core.metrics import evaluate_segmentation
-    from stego_core.postprocess import apply_postprocessing
-    from stego_core.preprocess import standardize
-    from stego_core.reconstruction import predict_volume
+    from stego_core.data.cases import ensure_cases, preprocess_case
+    from stego_core.data.io import load_case
+    from stego_core.evaluation.metrics import evaluate_segmentation
+    from stego_core.engine.postprocess import apply_postprocessing
+    from stego_core.data.preprocess import standardize
+    from stego_core.engine.reconstruction import predict_volume
 
     out = CACHE / case_id
     if (out / "teacher.json").is_file() and not force:

@@ -3,7 +3,7 @@
 import sys
 
 from experiments import CONFIG_DIR
-from stego_core.cli import run
+from stego_core.platform.cli import run
 from stego_core.config import BaselineConfig
 from stego_core.steps.evaluation import run_baseline
 

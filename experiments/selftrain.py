@@ -4,7 +4,7 @@ evaluated beside its teacher (one MLflow run)."""
 import sys
 
 from experiments import CONFIG_DIR
-from stego_core.cli import run
+from stego_core.platform.cli import run
 from stego_core.config import SelfTrainConfig
 from stego_core.steps.selftrain import run_selftrain
 

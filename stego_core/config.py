@@ -29,8 +29,8 @@ import numpy as np
 import yaml
 
 from stego_core._checks import check_choice, check_range
-from stego_core.crf import CRF_PRESETS, CRFSettings
-from stego_core.postprocess import STEPS
+from stego_core.engine.crf import CRF_PRESETS, CRFSettings
+from stego_core.engine.postprocess import STEPS
 
 T = TypeVar("T")
 
@@ -70,7 +70,7 @@ class RunSettings:
 
 @dataclass(frozen=True)
 class PhantomConfig:
-    """Synthetic TOF-MRA phantoms: how many, their seed, and every generation parameter (:mod:`stego_core.phantom`).
+    """Synthetic TOF-MRA phantoms: how many, their seed, and every generation parameter (:mod:`stego_core.data.phantom`).
 
     Lengths named ``*_vox`` are in units of the finest voxel spacing (``min(spacing_mm)``), those named
     ``*_mm`` in millimetres. Intensities are on a 0-255 scale like the real 8-bit case.
@@ -243,7 +243,7 @@ class PrepareConfig(DataSettings, RunSettings):
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """Label-free crop sampling (:mod:`stego_core.sampling`): crops are weighted by the fraction of their pixels
+    """Label-free crop sampling (:mod:`stego_core.data.sampling`): crops are weighted by the fraction of their pixels
     above the ``quantile``-th percentile of their volume's brain intensities, plus ``floor`` times the mean.
 
     ``method: none`` draws uniformly. ``max_crops`` (STEGO training) keeps that many crops, drawn by weight
@@ -330,7 +330,7 @@ class LossConfig:
         Neighbours kept per crop in the kNN table of pooled backbone features (30).
     knn_rank_max : int
         Neighbours are drawn uniformly from kNN ranks ``1..knn_rank_max`` (7) by the data side
-        (:func:`stego_core.features.draw_knn_partners`).
+        (:func:`stego_core.features.cache.draw_knn_partners`).
     intra_same_points : bool
         True (default, as STEGO's reference code does): the self term compares the image's sampled points with
         themselves. False: with a second, independent grid of the same image.
@@ -426,7 +426,7 @@ class TrainerSettings:
     ``devices`` processes per machine (one per GPU; CPU processes with ``train.accelerator=cpu``) on
     ``num_nodes`` machines. More than one process is launched from outside, one command per machine:
     ``torchrun --nproc_per_node <devices> [--nnodes <num_nodes> ...] -m experiments.<step> ...`` or ``srun``
-    (SLURM, one task per device); :mod:`stego_core.distributed` joins them, rank 0 alone logs to MLflow and
+    (SLURM, one task per device); :mod:`stego_core.runtime.distributed` joins them, rank 0 alone logs to MLflow and
     writes the run's files. ``strategy: auto`` is a single process for one device and DDP (gradients averaged
     over ranks, the batch size per process) for more. ``precision: auto`` is each step's own default (STEGO:
     ``32-true``; DINO: bf16 autocast on a GPU, float32 on CPU).
@@ -523,14 +523,14 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class PostprocessStep:
-    """One label-free post-processing step (:data:`stego_core.postprocess.STEPS`), parameters fixed a priori.
+    """One label-free post-processing step (:data:`stego_core.engine.postprocess.STEPS`), parameters fixed a priori.
     The fields are the union of the registered steps' parameters; each step accepts its own (checked here).
 
     ``step`` is one of
 
     - ``smooth``: Gaussian smoothing of the probability, ``sigma_vox`` or ``sigma_mm``;
     - ``crf``: the dense CRF on every slice along ``engine.axis`` (``crf_settings``, or a named ``preset`` of
-      :data:`stego_core.crf.CRF_PRESETS`: ``thin`` keeps one-to-three-pixel vessels);
+      :data:`stego_core.engine.crf.CRF_PRESETS`: ``thin`` keeps one-to-three-pixel vessels);
     - ``cc``: drop connected components (26-connectivity unless ``connectivity``) smaller than
       ``min_size_vox`` voxels or ``min_size_mm3`` mm^3;
     - ``largest``: keep components of at least ``min_fraction`` times the largest one's size;
@@ -580,7 +580,7 @@ class EvaluateConfig(RunSettings):
     (``test_fraction``, ``split_seed``); ``all`` evaluates every case. ``analysis`` adds the Betti-number errors,
     recall per vessel radius and (voxel size in mm known) HD95 / ASSD per case. ``crf: true`` refines every slice's
     probabilities with a dense CRF (``crf_settings``; needs ``pydensecrf2``) and adds ``+crf`` to the method.
-    ``viewer`` logs ``viewer/<case>.html`` per volume (:mod:`stego_core.viewer`; about 2 MB and a few seconds for
+    ``viewer`` logs ``viewer/<case>.html`` per volume (:mod:`stego_core.report.viewer`; about 2 MB and a few seconds for
     a 320 x 320 x 247 volume).
     """
 
@@ -642,13 +642,13 @@ class ReconstructConfig(EvaluateConfig):
 # ------------------------------------------------------------------------------------- self-training
 
 
-#: Label-free rules that combine a student's probability with its teacher (:func:`stego_core.selftrain.combine`).
+#: Label-free rules that combine a student's probability with its teacher (:func:`stego_core.methods.selftrain.combine`).
 COMBINE_RULES = ("student", "teacher", "union_bright", "topn", "topn_mean", "union", "intersection")
 
 
 @dataclass(frozen=True)
 class SelfTrainSettings:
-    """All knobs of self-training (:mod:`stego_core.selftrain`), each with its default stated once here.
+    """All knobs of self-training (:mod:`stego_core.methods.selftrain`), each with its default stated once here.
 
     Attributes
     ----------
@@ -710,7 +710,7 @@ class SelfTrainSettings:
         the teacher's mask enters on the student's confidence alone.
     keep_trees : float
         After the rule, keep only the components of at least this fraction of the largest one
-        (:func:`~stego_core.postprocess.keep_largest_trees`; 0: off). The lumen teacher ``best_mra``'s own step.
+        (:func:`~stego_core.engine.postprocess.keep_largest_trees`; 0: off). The lumen teacher ``best_mra``'s own step.
     min_size_vox : int
         After the rule, drop components under this many voxels (26-connectivity; 0: off). The tree teacher
         ``best_mra_tree``'s own step.
@@ -840,7 +840,7 @@ class SelfTrainPlan:
 
     ``mode: transductive`` (default) trains one student per evaluated volume on that volume (no label);
     ``inductive`` trains one student on the training volumes of the split and applies it to the evaluated
-    ones. ``student``: every knob of :class:`~stego_core.selftrain.SelfTrainSettings`.
+    ones. ``student``: every knob of :class:`~stego_core.methods.selftrain.SelfTrainSettings`.
     """
 
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -871,7 +871,7 @@ class SelfTrainConfig(SelfTrainPlan, EvaluateConfig):
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """DINO multi-crop views of grey crops (:func:`stego_core.dino.multi_crop`); no colour operations.
+    """DINO multi-crop views of grey crops (:func:`stego_core.features.dino.multi_crop`); no colour operations.
 
     Scales are fractions of the crop's area; sizes are the side of each view in pixels."""
 

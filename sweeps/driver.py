@@ -50,9 +50,11 @@ import optuna
 import yaml
 from optuna.trial import TrialState
 
-from stego_core import faults, tracking
+from stego_core.runtime import faults
+
+from stego_core.platform import tracking
 from stego_core.config import flatten, load_config, parse_overrides, save_config, to_dict
-from stego_core.data import ensure_cases
+from stego_core.data.cases import ensure_cases
 from sweeps.space import SweepConfig, grid_search_space, is_finite, pruner_class, sampler_class, suggest
 
 log = logging.getLogger(__name__)
@@ -64,7 +66,7 @@ PARENT_ATTR = "mlflow_parent_run_id"
 RUN_ATTR = "mlflow_run_id"
 #: How long a process that did not create the study waits for its creator to record the parent run.
 PARENT_WAIT_S = 60.0
-_PARAM_VALUE_MAX = 6000  # MLflow's param length limit, as in stego_core.tracking.log_params
+_PARAM_VALUE_MAX = 6000  # MLflow's param length limit, as in stego_core.platform.tracking.log_params
 
 
 class TrialPrunedRun(optuna.TrialPruned, tracking.RunKilled):

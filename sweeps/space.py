@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 
 from stego_core._checks import check_choice, check_range
-from stego_core.metrics import OBJECTIVE_KEYS
+from stego_core.evaluation.metrics import OBJECTIVE_KEYS
 
 PARAM_TYPES = ("categorical", "int", "float")
 TARGETS = ("stego", "baseline")

@@ -18,7 +18,7 @@ import os
 import shlex
 import sys
 
-from stego_core.faults import STORAGE_ENV, has_password
+from stego_core.runtime.faults import STORAGE_ENV, has_password
 from sweeps.run import DEFAULT_CONFIG, launch
 
 

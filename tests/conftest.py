@@ -122,7 +122,7 @@ def tiny_case(tmp_path: Path) -> Callable[..., Path]:
     optionally ``brain_mask.nii.gz`` under ``<root or tmp_path/cases>/<name>/`` with a non-identity affine
     (0.8 x 0.8 x 1.5 mm, origin (-10, 5, 3)).
     """
-    from stego_core.io import save_volume
+    from stego_core.data.io import save_volume
 
     def make(name: str = "case_000", *, root: str | Path | None = None, label: bool = True,
              brain_mask: bool = False, seed: int = 0, shape: tuple[int, int, int] = TINY_SHAPE,

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from stego_core import backbones
-from stego_core.backbones import (
+from stego_core.features import backbones
+from stego_core.features.backbones import (
     BACKBONES,
     ClassicalFeaturizer,
     build_backbone,
@@ -240,7 +240,7 @@ def test_classical_derivatives_equal_one_convolution_per_derivative():
     """The fast path (one row pass, one grouped column pass per scale) equals separate separable convolutions."""
     import torch.nn.functional as F
 
-    from stego_core.backbones import ClassicalFeaturizer, gaussian_derivative_kernels, get_spec
+    from stego_core.features.backbones import ClassicalFeaturizer, gaussian_derivative_kernels, get_spec
 
     def sep(x, ky, kx):
         ry, rx = ky.numel() // 2, kx.numel() // 2
@@ -263,7 +263,7 @@ def test_in_domain_vit_builds_at_the_crop_scale():
 
 def test_forward_batch_size_keeps_the_largest_activation_in_a_quarter_of_the_cache(monkeypatch):
     """Crops per forward pass shrink as the model's largest activation grows, never below 1 or above the cap."""
-    from stego_core.backbones import activation_bytes_per_crop, cpu_cache_bytes, forward_batch_size
+    from stego_core.features.backbones import activation_bytes_per_crop, cpu_cache_bytes, forward_batch_size
 
     cache = cpu_cache_bytes()
     assert cache > 0

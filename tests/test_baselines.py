@@ -7,11 +7,11 @@ import inspect
 import numpy as np
 import pytest
 
-from stego_core.baselines import SEGMENTERS, available_segmenters, build_segmenter
-from stego_core.metrics import dice
-from stego_core.reconstruction import EngineConfig
-from stego_core.reconstruction import segment_volume as engine_segment_volume
-from stego_core.segmenter import Segmenter
+from stego_core.methods.classical import SEGMENTERS, available_segmenters, build_segmenter
+from stego_core.evaluation.metrics import dice
+from stego_core.engine.reconstruction import EngineConfig
+from stego_core.engine.reconstruction import segment_volume as engine_segment_volume
+from stego_core.engine.segmenter import Segmenter
 
 
 def segment_volume(segmenter, image, brain_mask):
@@ -258,7 +258,7 @@ def test_batched_frangi_equals_skimage_per_slice():
     """The fast path (all slices in one filter call, kernels cut at 8 sigma) equals skimage's per-slice Frangi."""
     from skimage.filters import frangi
 
-    from stego_core.vesselness import frangi_slices
+    from stego_core.methods.vesselness import frangi_slices
 
     rng = np.random.default_rng(0)
     slices = rng.random((3, 40, 48)).astype(np.float32)
@@ -276,7 +276,7 @@ def test_batched_frangi_equals_skimage_per_slice():
 def test_batched_sato_equals_skimage_per_slice():
     from skimage.filters import sato
 
-    from stego_core.vesselness import sato_slices
+    from stego_core.methods.vesselness import sato_slices
 
     rng = np.random.default_rng(1)
     slices = rng.random((2, 36, 30)).astype(np.float32)

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import optuna
 import pytest
 
-from stego_core import tracking
+from stego_core.platform import tracking
 from stego_core.steps.comparison import IMAGE_KEY, log_comparison
 
 PER_CASE = {"otsu": {"a": {"dice": 0.60, "cldice": 0.50}, "b": {"dice": 0.55, "cldice": 0.52},

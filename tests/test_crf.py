@@ -7,8 +7,8 @@ import pytest
 
 pytest.importorskip("pydensecrf", reason="pydensecrf2 is an optional extra (pip install '.[crf]')")
 
-from stego_core.crf import CRFSettings, refine_slice  # noqa: E402
-from stego_core.metrics import dice  # noqa: E402
+from stego_core.engine.crf import CRFSettings, refine_slice  # noqa: E402
+from stego_core.evaluation.metrics import dice  # noqa: E402
 
 
 def _bar_slice(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -32,7 +32,7 @@ def test_refine_slice_removes_speckle_and_follows_the_image():
 
 def test_crf_step_refines_every_slice_along_the_axis():
     """The ``crf`` post-processing step (any method's probabilities) refines each slice like refine_slice."""
-    from stego_core.postprocess import crf_refine
+    from stego_core.engine.postprocess import crf_refine
 
     image, noisy, truth = _bar_slice(1)
     volume, prob = np.stack([image, image], axis=2), np.stack([noisy, noisy], axis=2)
@@ -50,9 +50,9 @@ def test_bad_settings_name_the_parameter():
 @pytest.mark.usefixtures("mlflow_store")
 def test_baseline_run_with_crf_is_tagged(tmp_path):
     from stego_core.config import DataConfig, PhantomConfig
-    from stego_core.reconstruction import EngineConfig
+    from stego_core.engine.reconstruction import EngineConfig
     from stego_core.steps.evaluation import BaselineConfig, run_baseline
-    from stego_core.tracking import client
+    from stego_core.platform.tracking import client
 
     data = DataConfig(root=str(tmp_path / "ph"), phantom=PhantomConfig(n_volumes=2, shape=(32, 32, 24)))
     cfg = BaselineConfig(data=data, engine=EngineConfig(patch_size=None, batch_size=8), method="kmeans", crf=True,
@@ -78,7 +78,7 @@ def _faint_thin_vessels(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarr
 
 
 def test_thin_preset_keeps_faint_thin_vessels_that_the_seed_settings_erase():
-    from stego_core.crf import CRF_PRESETS, crf_preset
+    from stego_core.engine.crf import CRF_PRESETS, crf_preset
 
     image, prob, truth = _faint_thin_vessels()
     assert dice(prob > 0.5, truth) > 0.95
@@ -93,8 +93,8 @@ def test_crf_step_takes_a_named_preset():
     """``{step: crf, preset: thin}``: that preset's settings instead of the run's ``crf_settings``, tagged
     ``+crf-thin``; a preset is a parameter of the crf step alone."""
     from stego_core.config import PostprocessStep
-    from stego_core.crf import crf_preset
-    from stego_core.postprocess import apply_postprocessing, crf_refine, steps_tag
+    from stego_core.engine.crf import crf_preset
+    from stego_core.engine.postprocess import apply_postprocessing, crf_refine, steps_tag
 
     image, prob, _ = _faint_thin_vessels(1)
     volume, probs = np.stack([image, image], axis=2), np.stack([prob, prob], axis=2)

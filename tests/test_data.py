@@ -1,4 +1,4 @@
-"""Tests for stego_core.data: phantom generation and reuse, splits, preprocessing, crop sets."""
+"""Tests for stego_core.data.cases: phantom generation and reuse, splits, preprocessing, crop sets."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from stego_core.config import DataConfig, PhantomConfig, SlicingConfig
-from stego_core.data import ensure_cases, make_crop_set, preprocess_case, split_cases
-from stego_core.io import Case, load_volume, make_case, save_volume
+from stego_core.data.cases import ensure_cases, make_crop_set, preprocess_case, split_cases
+from stego_core.data.io import Case, load_volume, make_case, save_volume
 
 from conftest import TINY_AFFINE, tube_volume
 
@@ -42,12 +42,12 @@ def test_ensure_cases_generates_once_then_reuses(tmp_path, monkeypatch):
     before = _snapshot(root)
 
     # The second call must not generate anything: make generation impossible and call again.
-    import stego_core.phantom
+    import stego_core.data.phantom
 
     def forbidden(*args, **kwargs):
         raise AssertionError("phantoms generated twice")
 
-    monkeypatch.setattr(stego_core.phantom, "write_phantom_cases", forbidden)
+    monkeypatch.setattr(stego_core.data.phantom, "write_phantom_cases", forbidden)
     again = ensure_cases(data)
     assert again == cases  # same ids, paths and content digests
     assert _snapshot(root) == before

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from stego_core.backbones import create_vit, get_spec, normalize_input
+from stego_core.features.backbones import create_vit, get_spec, normalize_input
 from stego_core.config import AugmentConfig
-from stego_core.dino import (DinoModel, cosine_value, lr_at, multi_crop, teacher_entropy,
+from stego_core.features.dino import (DinoModel, cosine_value, lr_at, multi_crop, teacher_entropy,
                              teacher_temperature)
 
 

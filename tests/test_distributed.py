@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import REPO_ROOT, free_port
 
-from stego_core import distributed
+from stego_core.runtime import distributed
 from stego_core.config import TrainConfig, TrainerSettings, load_config
 
 #: STEGO on tiny phantoms with the weight-free featurizer. Dropout off and the nearest neighbour as the kNN
@@ -52,16 +52,14 @@ def python_m(module: str, *args: str, timeout: float = 240.0) -> subprocess.Comp
 
 
 def _runs(experiment: str) -> list:
-    from stego_core import tracking
-
+    from stego_core.platform import tracking
     c = tracking.client()
     exp = c.get_experiment_by_name(experiment)
     return [] if exp is None else c.search_runs([exp.experiment_id])
 
 
 def _artifacts(run_id: str, path: str | None = None) -> list[str]:
-    from stego_core import tracking
-
+    from stego_core.platform import tracking
     out: list[str] = []
     for info in tracking.client().list_artifacts(run_id, path):
         out += _artifacts(run_id, info.path) if info.is_dir else [info.path]
@@ -131,8 +129,7 @@ def test_ddp_training_equals_one_process_with_the_global_batch(mlflow_store: str
     by_dir = {r.info.run_id: r for r in runs}
     (id2,) = [p.name for p in (tmp_path / "out2").iterdir()]
     (id1,) = [p.name for p in (tmp_path / "out1").iterdir()]
-    from stego_core import tracking
-
+    from stego_core.platform import tracking
     c = tracking.client()
     loss1 = [m.value for m in sorted(c.get_metric_history(id1, "train/loss"), key=lambda m: m.step)]
     loss2 = [m.value for m in sorted(c.get_metric_history(id2, "train/loss"), key=lambda m: m.step)]

@@ -14,13 +14,13 @@ import pytest
 from experiments import baseline as baseline_entry
 from experiments import prepare as prepare_entry
 from experiments import CONFIG_DIR
-from stego_core.cli import parse
-from stego_core import tracking
+from stego_core.platform.cli import parse
+from stego_core.platform import tracking
 from stego_core.config import AblationConfig, PrepareConfig, load_config
 from stego_core.steps.evaluation import BaselineConfig, ReconstructConfig
 from stego_core.steps.pipeline import MainConfig
 from stego_core.steps.prepare import load_crop_set
-from stego_core.seed_layout import read_seed_dataset
+from stego_core.data.seed_layout import read_seed_dataset
 from stego_core.steps.training import TrainConfig
 
 from conftest import REPO_ROOT

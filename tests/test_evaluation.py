@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from stego_core import tracking
+from stego_core.platform import tracking
 from stego_core.config import DataConfig, PhantomConfig
-from stego_core.data import ensure_cases, split_cases
-from stego_core.methods import load_model_segmenter as load_segmenter
+from stego_core.data.cases import ensure_cases, split_cases
+from stego_core.methods.registry import load_model_segmenter as load_segmenter
 from stego_core.steps.evaluation import (BaselineConfig, EvaluateConfig, ReconstructConfig,
                                          run_baseline, run_reconstruct, select_cases)
-from stego_core.io import load_volume
-from stego_core.metrics import METRIC_KEYS
-from stego_core.reconstruction import EngineConfig
+from stego_core.data.io import load_volume
+from stego_core.evaluation.metrics import METRIC_KEYS
+from stego_core.engine.reconstruction import EngineConfig
 
 pytestmark = pytest.mark.usefixtures("mlflow_store")
 
@@ -167,7 +167,7 @@ def test_select_cases_matches_the_training_split(phantom_data):
 
 
 def test_failing_run_ends_failed_with_error(phantom_data, monkeypatch, tmp_path):
-    from stego_core.baselines import OtsuSegmenter
+    from stego_core.methods.classical import OtsuSegmenter
 
     def broken(self, slices):
         raise RuntimeError("segmenter exploded on purpose")

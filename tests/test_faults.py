@@ -15,7 +15,9 @@ import optuna
 import pytest
 import yaml
 
-from stego_core import doctor, faults, tracking
+from stego_core.platform import doctor, tracking
+
+from stego_core.runtime import faults
 from stego_core.config import DataConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -223,7 +225,7 @@ def test_pretrain_resume_checks_the_run_first_and_changes_nothing_on_refusal(mlf
 
 
 def test_weights_of_a_run_are_downloaded_once_into_a_cache(mlflow_store: str, tmp_path: Path) -> None:
-    from stego_core.backbones import WEIGHTS_ARTIFACT, create_vit, get_spec
+    from stego_core.features.backbones import WEIGHTS_ARTIFACT, create_vit, get_spec
     from stego_core.steps.pretrain import save_backbone
 
     with tracking.start_run("faults", run_name="pretrain", tags={"step": "pretrain"}) as run:
@@ -232,7 +234,7 @@ def test_weights_of_a_run_are_downloaded_once_into_a_cache(mlflow_store: str, tm
         tracking.log_artifact(path, "backbone")
     scratch = tmp_path / "tmpdir"
     scratch.mkdir()
-    code = ("import sys; from stego_core.backbones import build_backbone, resolve_weights; "
+    code = ("import sys; from stego_core.features.backbones import build_backbone, resolve_weights; "
             "build_backbone('mra_vit_t4_p4', weights=sys.argv[1], res=16); "
             "print(resolve_weights(sys.argv[1], 'mra_vit_t4_p4'))")
     files = []
@@ -284,8 +286,8 @@ THREE = """
 import sys
 import time
 from pathlib import Path
-from stego_core import tracking
-from stego_core.io import Case
+from stego_core.platform import tracking
+from stego_core.data.io import Case
 from sweeps.driver import make_storage
 make_storage("sqlite:///optuna.db", heartbeat_interval_s=0)
 cases = [Case(f"case{i}", f"/data/case{i}/image.nii.gz", digest=f"sha{i}") for i in range(3)]
@@ -336,7 +338,7 @@ def test_three_processes_on_a_fresh_sqlite_store(tmp_path: Path, monkeypatch: py
 HANG = """
 import time
 from pathlib import Path
-from stego_core import tracking
+from stego_core.platform import tracking
 with tracking.start_run("faults", run_name="doomed") as run:
     Path("started").write_text(run.run_id)
     time.sleep(600)
@@ -367,7 +369,7 @@ def test_sigkill_then_cleanup(mlflow_store: str, tmp_path: Path) -> None:
         pass
     dead = tracking.client().get_run(run_id)
     assert dead.info.status == "KILLED" and "is gone" in dead.data.tags["end_reason"]
-    proc = spawn("-m", "stego_core.doctor", "--cache", "outputs", "--data", "data/tiny")
+    proc = spawn("-m", "stego_core.platform.doctor", "--cache", "outputs", "--data", "data/tiny")
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert not partial.exists() and mine.exists()
@@ -376,7 +378,7 @@ def test_sigkill_then_cleanup(mlflow_store: str, tmp_path: Path) -> None:
 
 def test_phantoms_are_renamed_into_place(tmp_path: Path) -> None:
     from stego_core.config import PhantomConfig
-    from stego_core.data import ensure_cases
+    from stego_core.data.cases import ensure_cases
 
     (tmp_path / ".ph.tmp-999999").mkdir()  # a killed generation's leftover
     data = DataConfig(source="phantom", root=str(tmp_path / "ph"),
@@ -390,7 +392,7 @@ def test_phantoms_are_renamed_into_place(tmp_path: Path) -> None:
 
 def test_empty_label_warns_and_tags_the_evaluation(mlflow_store: str, tiny_case, caplog) -> None:
     from stego_core.config import BaselineConfig, EngineConfig
-    from stego_core.io import load_volume, save_volume
+    from stego_core.data.io import load_volume, save_volume
     from stego_core.steps.evaluation import run_baseline
 
     folder = tiny_case("empty", brain_mask=True)
@@ -408,7 +410,7 @@ def test_empty_label_warns_and_tags_the_evaluation(mlflow_store: str, tiny_case,
 def test_non_head_volume_warns_and_constant_image_names_the_case(mlflow_store: str, tmp_path: Path,
                                                                  caplog) -> None:
     from stego_core.config import BaselineConfig, EngineConfig
-    from stego_core.io import save_volume
+    from stego_core.data.io import save_volume
     from stego_core.steps.evaluation import run_baseline
 
     rng = np.random.default_rng(0)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from stego_core import features as feat_mod
-from stego_core.backbones import build_backbone
-from stego_core.features import (
+from stego_core.features import cache as feat_mod
+from stego_core.features.backbones import build_backbone
+from stego_core.features.cache import (
     FeatureCacheMeta,
     compute_features,
     crops_digest,

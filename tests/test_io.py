@@ -1,4 +1,4 @@
-"""Tests for stego_core.io: NIfTI round trips, input validation naming the file, case discovery, manifests."""
+"""Tests for stego_core.data.io: NIfTI round trips, input validation naming the file, case discovery, manifests."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import TINY_AFFINE, TINY_SHAPE, tube_volume
 
-from stego_core.io import (Case, discover_cases, file_digest, load_case, load_volume, make_case, read_manifest,
+from stego_core.data.io import (Case, discover_cases, file_digest, load_case, load_volume, make_case, read_manifest,
                            save_volume, write_manifest)
 
 
@@ -36,7 +36,7 @@ def test_save_load_round_trip_keeps_data_affine_and_zooms(tmp_path):
 
 
 def test_spacing_without_header_comes_from_affine():
-    from stego_core.io import Volume
+    from stego_core.data.io import Volume
 
     affine = np.diag([2.0, 0.5, 3.0, 1.0])
     affine[:3, :3] = affine[:3, :3] @ np.array([[0, 1, 0], [1, 0, 0], [0, 0, 1]])  # permuted axes keep lengths

@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stego_core import methods
+from stego_core.methods import registry as methods
 from stego_core.config import BaselineConfig, DataConfig, EngineConfig, PhantomConfig
-from stego_core.data import ensure_cases, preprocess_case
-from stego_core.methods import EngineMethod, MethodEntry, available_methods, build_method, register_method
-from stego_core.scoring import evaluate_case
+from stego_core.data.cases import ensure_cases, preprocess_case
+from stego_core.methods.registry import EngineMethod, MethodEntry, available_methods, build_method, register_method
+from stego_core.evaluation.scoring import evaluate_case
 
 TINY = DataConfig(phantom=PhantomConfig(n_volumes=2, shape=(32, 32, 24)))
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stego_core import metrics
-from stego_core.metrics import (
+from stego_core.evaluation import metrics
+from stego_core.evaluation.metrics import (
     METRIC_KEYS,
     cldice,
     dice,

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from stego_core import tracking
-from stego_core.backbones import build_backbone
+from stego_core.platform import tracking
+from stego_core.features.backbones import build_backbone
 from stego_core.config import DataConfig, PhantomConfig, TrainConfig, TrainSettings, load_config
-from stego_core.data import ensure_cases
-from stego_core.features import OnlineFeatures, compute_features, compute_pooled_features, pool_features
+from stego_core.data.cases import ensure_cases
+from stego_core.features.cache import OnlineFeatures, compute_features, compute_pooled_features, pool_features
 from stego_core.steps.training import run_train
 
 #: The cache stores features as float16 (relative rounding <= 2**-11 ~ 4.9e-4 per value); the loss, a smooth

@@ -1,4 +1,4 @@
-"""Tests of the synthetic TOF-MRA phantom (stego_core.phantom)."""
+"""Tests of the synthetic TOF-MRA phantom (stego_core.data.phantom)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pytest
 from scipy import ndimage as ndi
 from skimage.morphology import skeletonize
 
-from stego_core.io import discover_cases, load_case
-from stego_core.phantom import Phantom, PhantomConfig, VesselField, grow_tree, make_phantom, write_phantom_cases
+from stego_core.data.io import discover_cases, load_case
+from stego_core.data.phantom import Phantom, PhantomConfig, VesselField, grow_tree, make_phantom, write_phantom_cases
 
 SMALL = PhantomConfig(shape=(48, 48, 32), n_trees=2, max_depth=4)
 

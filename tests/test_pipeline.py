@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stego_core import tracking
+from stego_core.platform import tracking
 from experiments import CONFIG_DIR
 from stego_core.config import MainConfig, load_config
-from stego_core.methods import load_model_segmenter as load_segmenter
+from stego_core.methods.registry import load_model_segmenter as load_segmenter
 from stego_core.steps.pipeline import crf_available, format_table, run_main
 
 pytestmark = pytest.mark.usefixtures("mlflow_store")

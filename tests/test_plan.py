@@ -16,7 +16,6 @@ import yaml
 
 from conftest import REPO_ROOT
 from stego_core import config as C
-
 CONFIG_DIRS = (REPO_ROOT / "experiments" / "configs", REPO_ROOT / "sweeps" / "configs")
 
 #: Which entry point each shipped YAML file is written for (a new file must be listed here).

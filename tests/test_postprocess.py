@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stego_core.baselines import build_segmenter
-from stego_core.vesselness import frangi_response, hessian_eigenvalues
+from stego_core.methods.classical import build_segmenter
+from stego_core.methods.vesselness import frangi_response, hessian_eigenvalues
 from stego_core.config import EngineConfig, PostprocessStep
-from stego_core.postprocess import (apply_postprocessing, component_sizes, fill_small_holes, keep_largest_trees,
+from stego_core.engine.postprocess import (apply_postprocessing, component_sizes, fill_small_holes, keep_largest_trees,
                                     remove_small_components, smooth_probability, steps_tag)
-from stego_core.reconstruction import fuse_probabilities, predict_volume
+from stego_core.engine.reconstruction import fuse_probabilities, predict_volume
 
 from conftest import REPO_ROOT
 
@@ -176,7 +176,7 @@ def test_frangi3d_segmenter_with_mm_scales_on_anisotropic_grid():
 def test_preset_runs_end_to_end_on_a_tiny_phantom(tmp_path, mlflow_store, preset, tag):
     from stego_core.config import BaselineConfig, load_config
     from stego_core.steps.evaluation import run_baseline
-    from stego_core.tracking import client
+    from stego_core.platform.tracking import client
 
     cfg = load_config(BaselineConfig, REPO_ROOT / "experiments" / "configs" / preset,
                       [f"data.root={tmp_path / 'ph'}", "data.phantom.n_volumes=1", "data.phantom.shape=[40,40,32]",
@@ -194,9 +194,9 @@ def test_no_step_reads_the_label(tmp_path):
     import shutil
 
     from stego_core.config import BaselineConfig, DataConfig, EngineConfig as Engine, PhantomConfig
-    from stego_core.data import ensure_cases
-    from stego_core.io import make_case
-    from stego_core.methods import build_method
+    from stego_core.data.cases import ensure_cases
+    from stego_core.data.io import make_case
+    from stego_core.methods.registry import build_method
     from stego_core.steps.evaluation import evaluate_cases
 
     data = DataConfig(root=str(tmp_path / "ph"), phantom=PhantomConfig(n_volumes=2, shape=(32, 32, 24)))
@@ -220,7 +220,7 @@ def test_no_step_reads_the_label(tmp_path):
             rows[name] = evaluate_cases(build_method(method, engine=cfg.engine), group, cfg, out,
                                          log_to_mlflow=False)
         for case in cases:
-            from stego_core.io import load_volume
+            from stego_core.data.io import load_volume
             a = load_volume(tmp_path / f"{method}_orig" / "predictions" / f"{case.case_id}_{method}_pred.nii.gz").data
             b = load_volume(tmp_path / f"{method}_swap" / "predictions" / f"{case.case_id}_{method}_pred.nii.gz").data
             assert np.array_equal(a, b)

@@ -1,4 +1,4 @@
-"""Tests of masks, skull stripping and standardisation (stego_core.preprocess)."""
+"""Tests of masks, skull stripping and standardisation (stego_core.data.preprocess)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from stego_core.phantom import Phantom, PhantomConfig, make_phantom
-from stego_core.preprocess import (
+from stego_core.data.phantom import Phantom, PhantomConfig, make_phantom
+from stego_core.data.preprocess import (
     apply_brain_mask,
     brain_mask_for,
     head_mask,

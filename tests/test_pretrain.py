@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from stego_core import tracking
-from stego_core.backbones import WEIGHTS_ARTIFACT, build_backbone, resolve_weights
+from stego_core.platform import tracking
+from stego_core.features.backbones import WEIGHTS_ARTIFACT, build_backbone, resolve_weights
 from stego_core.config import DataConfig, PhantomConfig, PretrainConfig, TrainConfig, load_config
-from stego_core.data import ensure_cases
+from stego_core.data.cases import ensure_cases
 from stego_core.steps.pretrain import run_pretrain
 from stego_core.steps.training import run_train
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from stego_core.config import DataConfig, SamplingConfig, SlicingConfig
-from stego_core.data import make_crop_set, preprocess_case
-from stego_core.io import make_case
-from stego_core.sampling import bright_threshold, crop_weights, draw_crops, select_crops
+from stego_core.data.cases import make_crop_set, preprocess_case
+from stego_core.data.io import make_case
+from stego_core.data.sampling import bright_threshold, crop_weights, draw_crops, select_crops
 
 
 def test_bright_crops_get_more_weight():
@@ -65,10 +65,10 @@ def test_sampling_never_reads_labels(tiny_case):
 
 def test_cache_budget_subsamples_training_crops(tiny_case, tmp_path):
     """train.cache_max_gb caps the training crops' feature cache: the crops kept fit the budget."""
-    from stego_core.backbones import build_backbone
+    from stego_core.features.backbones import build_backbone
     from stego_core.config import TrainConfig, load_config
-    from stego_core.datamodule import StegoDataModule
-    from stego_core.features import feature_bytes_per_crop
+    from stego_core.methods.stego.datamodule import StegoDataModule
+    from stego_core.features.cache import feature_bytes_per_crop
 
     folder = tiny_case("case_000")
     tiny_case("case_001")

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from stego_core.config import PhantomConfig
-from stego_core.metrics import dice
-from stego_core.phantom import make_phantom
-from stego_core.selftrain import (SelfTrainSettings, build_student, combine, masked_loss, predict_student,
+from stego_core.evaluation.metrics import dice
+from stego_core.data.phantom import make_phantom
+from stego_core.methods.selftrain import (SelfTrainSettings, build_student, combine, masked_loss, predict_student,
                                   pseudo_labels, self_train)
 
 
@@ -103,7 +103,7 @@ def test_tiny_selftrain_on_a_phantom_beats_chance():
 
 
 def test_augment_moves_target_and_weight_with_the_image():
-    from stego_core.selftrain import augment
+    from stego_core.methods.selftrain import augment
 
     gen = torch.Generator().manual_seed(0)
     image = torch.rand(8, 3, 16, 16)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT
-from stego_core import tracking
+from stego_core.platform import tracking
 from stego_core.config import SelfTrainConfig, load_config
 
 TINY = ["data.phantom.n_volumes=2", "data.phantom.shape=[64,64,32]", "split=all", "progress=false",
@@ -76,8 +76,8 @@ def test_teacher_and_student_never_read_the_label(tmp_path):
     import dataclasses
 
     from stego_core.config import DataConfig, PhantomConfig, TeacherConfig
-    from stego_core.data import ensure_cases, preprocess_case
-    from stego_core.methods import build_method
+    from stego_core.data.cases import ensure_cases, preprocess_case
+    from stego_core.methods.registry import build_method
 
     data = DataConfig(root=str(tmp_path / "ph"), phantom=PhantomConfig(n_volumes=1, shape=(48, 48, 24)))
     case = preprocess_case(ensure_cases(data)[0], data)
@@ -94,8 +94,8 @@ def test_teacher_and_student_never_read_the_label(tmp_path):
 
 def test_inductive_student_is_fitted_on_other_volumes(tmp_path):
     from stego_core.config import DataConfig, PhantomConfig, TeacherConfig
-    from stego_core.data import ensure_cases, preprocess_case
-    from stego_core.methods import build_method
+    from stego_core.data.cases import ensure_cases, preprocess_case
+    from stego_core.methods.registry import build_method
 
     data = DataConfig(root=str(tmp_path / "ph"), phantom=PhantomConfig(n_volumes=2, shape=(48, 48, 24)))
     train, test = (preprocess_case(c, data) for c in ensure_cases(data))

@@ -1,11 +1,11 @@
-"""Tests for stego_core.slicing: crop positions, crop extraction and blending back into a volume."""
+"""Tests for stego_core.data.slicing: crop positions, crop extraction and blending back into a volume."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from stego_core.slicing import (CropBlender, blend_crops, blend_weights, crop_index, crop_origins, extract_crops,
+from stego_core.data.slicing import (CropBlender, blend_crops, blend_weights, crop_index, crop_origins, extract_crops,
                                 take_crops, to_slices)
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from stego_core.stats import (
+from stego_core.evaluation.stats import (
     bootstrap_ci,
     compare_methods,
     comparison_markdown,

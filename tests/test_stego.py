@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from stego_core.config import LossConfig
-from stego_core.mapping import (
+from stego_core.methods.stego.mapping import (
     bright_cut,
     cluster_vessel_probability,
     map_clusters_bright_cut,
@@ -21,7 +21,7 @@ from stego_core.mapping import (
     map_clusters_unsupervised,
     vessel_clusters,
 )
-from stego_core.stego import (
+from stego_core.methods.stego.model import (
     ClusterProbe,
     LinearProbe,
     StegoHead,

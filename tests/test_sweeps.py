@@ -18,7 +18,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from stego_core import tracking
+from stego_core.platform import tracking
 from sweeps.driver import load_sweep_config, make_storage, run_sweep, trials_used
 from sweeps.run import apply_space_overrides, split_overrides
 from sweeps.space import SweepConfig, grid_search_space, parse_param, parse_space, suggest
@@ -287,7 +287,7 @@ def postgres_url() -> str:
 
 def worker_setup(tmp: Path, name: str, **values) -> list[str]:
     """A baseline sweep YAML for workers, MLflow's store and the phantoms created up front (no start-up races)."""
-    from stego_core.data import ensure_cases
+    from stego_core.data.cases import ensure_cases
     from sweeps.driver import trial_config
 
     cfg = {"study_name": name, "target": "baseline", "base_config": "experiments/configs/baseline.yaml",

@@ -1,4 +1,4 @@
-"""Tests for stego_core.tracking against a real SQLite MLflow store in the test's temporary folder."""
+"""Tests for stego_core.platform.tracking against a real SQLite MLflow store in the test's temporary folder."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import mlflow
 import numpy as np
 import pytest
 
-from stego_core import tracking
-from stego_core.io import discover_cases
+from stego_core.platform import tracking
+from stego_core.data.io import discover_cases
 
 pytestmark = pytest.mark.usefixtures("mlflow_store")
 
@@ -133,7 +133,7 @@ def test_log_params_masks_password_and_batches():
 
 def test_log_metrics_skips_non_finite(caplog):
     with tracking.start_run("exp-m") as handle:
-        with caplog.at_level(logging.WARNING, logger="stego_core.tracking"):
+        with caplog.at_level(logging.WARNING, logger="stego_core.platform.tracking"):
             tracking.log_metrics({"dice": 0.75, "cldice": float("nan"), "recall": np.float32(0.5),
                                   "bad": float("inf")}, step=3)
         tracking.log_metrics({"dice": 0.8}, step=4)
@@ -185,7 +185,7 @@ def test_log_dataset_digest_follows_content(tmp_path, tiny_case):
 
 
 def test_log_dataset_long_id_list_is_cut(tmp_path):
-    from stego_core.io import Case
+    from stego_core.data.io import Case
 
     cases = [Case(f"case_{i:04d}", f"/d/case_{i:04d}/image.nii.gz", digest=f"{i:012x}") for i in range(120)]
     with tracking.start_run("exp-d") as handle:

@@ -11,11 +11,11 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from stego_core import tracking
+from stego_core.platform import tracking
 from stego_core.config import DataConfig, PhantomConfig, load_config
-from stego_core.data import ensure_cases, split_cases
-from stego_core.methods import load_model_segmenter as load_segmenter
-from stego_core.reconstruction import EngineConfig
+from stego_core.data.cases import ensure_cases, split_cases
+from stego_core.methods.registry import load_model_segmenter as load_segmenter
+from stego_core.engine.reconstruction import EngineConfig
 from stego_core.steps.evaluation import (
     BaselineConfig,
     ReconstructConfig,
@@ -285,7 +285,7 @@ def test_hub_weights_offline_fail_fast_and_run_failed(data1, tmp_path, monkeypat
 
 
 def test_vit_trains_from_a_local_weights_file(data1, tmp_path):
-    from stego_core.backbones import build_backbone
+    from stego_core.features.backbones import build_backbone
 
     random_vit = build_backbone("vit_small_patch16_dino", weights="random", res=32)
     weights = tmp_path / "vit_s16_random.pth"
@@ -308,7 +308,7 @@ def test_vit_trains_from_a_local_weights_file(data1, tmp_path):
 
 def test_kmeans_cluster_fit_maps_with_refitted_centroids(data3, tmp_path):
     """model.cluster_fit=kmeans: the segmenter's centroids are k-means of the codes, not the trained probe."""
-    from stego_core.mapping import refit_centroids
+    from stego_core.methods.stego.mapping import refit_centroids
 
     result = run_train(_train_config(data3, tmp_path, **{"model.cluster_fit": "kmeans", "model.n_clusters": 5,
                                                          "train.max_steps": 4, "train.val_every_n_steps": 4}))

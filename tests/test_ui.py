@@ -1,4 +1,4 @@
-"""The MLflow UI path (``make ui`` = ``python -m stego_core.ui``): links to existing experiments only, the saved view
+"""The MLflow UI path (``make ui`` = ``python -m stego_core.platform.ui``): links to existing experiments only, the saved view
 with the per-method columns, a real ``mlflow ui`` with one worker and no job runner, and (with chromium) the
 link opening the runs table with those columns in a headless browser."""
 
@@ -14,9 +14,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from conftest import REPO_ROOT, free_port, headless_chromium, wait_for_health
 
-from stego_core import tracking, ui
-
-
+from stego_core.platform import tracking, ui
 def demo_like_store() -> str:
     """A ``stego-vessels`` experiment holding a pipeline row with per-method scores and one nested step."""
     with tracking.start_run("stego-vessels", run_name="pipeline", tags={"step": "pipeline"}) as parent:
@@ -67,7 +65,7 @@ def test_make_ui_serves_the_link_with_two_processes(tmp_path):
 
     experiment_id = demo_like_store()
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "stego_core.ui", "--port", str(port)], cwd=REPO_ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "stego_core.platform.ui", "--port", str(port)], cwd=REPO_ROOT,
                             env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:

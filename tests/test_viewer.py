@@ -21,8 +21,8 @@ import pytest
 from conftest import headless_chromium, needs_chromium
 from PIL import Image
 
-from stego_core.viewer import ERROR_CODES, block_max, error_codes, mosaic, viewer_html
-from stego_core.visualize import ERROR_COLOURS
+from stego_core.report.viewer import ERROR_CODES, block_max, error_codes, mosaic, viewer_html
+from stego_core.report.visualize import ERROR_COLOURS
 
 SHAPE = (24, 36, 30)  # (I, J, K), below max_size: no reduction, one canvas pixel per voxel
 TP_BOX = (slice(0, 16), slice(4, 12), slice(4, 12))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
-from stego_core.visualize import (
+from stego_core.report.visualize import (
     ERROR_COLOURS,
     comparison_bar_figure,
     error_overlay,

@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from stego_core import distributed
+from stego_core.runtime import distributed
 from stego_core.config import PretrainConfig, load_config
 from stego_core.steps.pretrain import run_pretrain
 

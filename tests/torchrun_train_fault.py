@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from stego_core.module import StegoModule
+from stego_core.methods.stego.module import StegoModule
 
 
 def inject(mode: str, rank: int, folder: Path) -> None:

@@ -17,14 +17,14 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from stego_core import tracking
+from stego_core.platform import tracking
 from stego_core.config import AblationConfig, AblationMethod
-from stego_core.data import PreparedCase, ensure_cases, preprocess_case, split_cases
-from stego_core.io import Case
-from stego_core.methods import build_method
-from stego_core.metrics import summarize
-from stego_core.postprocess import steps_tag
-from stego_core.scoring import evaluate_case
+from stego_core.data.cases import PreparedCase, ensure_cases, preprocess_case, split_cases
+from stego_core.data.io import Case
+from stego_core.methods.registry import build_method
+from stego_core.evaluation.metrics import summarize
+from stego_core.engine.postprocess import steps_tag
+from stego_core.evaluation.scoring import evaluate_case
 from stego_core.steps.comparison import log_comparison
 
 #: Columns of ``ablation.csv`` after the identifying ones.

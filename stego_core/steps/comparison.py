@@ -5,7 +5,7 @@
 - ``comparison.csv``: the per-case table (one row per case, one column per method and metric);
 - ``comparison.md``: per metric and method n, mean, std, median, bootstrap 95 % CI, and the paired comparison
   with the best method (mean difference, its CI, Wilcoxon signed-rank p), with a note where n is too small for
-  the test to reach p < 0.05 (:func:`stego_core.stats.wilcoxon_min_p`);
+  the test to reach p < 0.05 (:func:`stego_core.evaluation.stats.wilcoxon_min_p`);
 - ``comparison_ci.png`` and the stepped image ``comparison/ci`` (step 0): each method's mean and CI per metric
   with the per-case values, so the run's *Model metrics* tab opens on a chart that compares the methods;
 
@@ -18,9 +18,9 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from stego_core import tracking
-from stego_core.scoring import ANALYSIS_KEYS
-from stego_core.stats import bootstrap_ci, comparison_tables, wilcoxon_min_p
+from stego_core.platform import tracking
+from stego_core.evaluation.scoring import ANALYSIS_KEYS
+from stego_core.evaluation.stats import bootstrap_ci, comparison_tables, wilcoxon_min_p
 
 #: Metrics compared (when present): the headline scores, then the topology / vessel-size / distance metrics.
 COMPARISON_KEYS: tuple[str, ...] = ("dice", "cldice", *ANALYSIS_KEYS)

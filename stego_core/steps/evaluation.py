@@ -4,7 +4,7 @@ Each run logs, whatever the method: its params, a ``method`` tag, the data manif
 per-volume metrics ``<key>/<case_id>``, their ``<key>_mean`` and ``<key>_std``, ``evaluation_results.txt`` and
 ``.csv``, the predicted NIfTI volumes (source affine and header kept), a MIP / error figure per volume, and
 (``viewer: true``) ``viewer/<case>.html``: a self-contained page to scroll through the volume's slices with the
-prediction and label overlaid (:mod:`stego_core.viewer`).
+prediction and label overlaid (:mod:`stego_core.report.viewer`).
 """
 
 from __future__ import annotations
@@ -19,14 +19,16 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from stego_core import distributed, tracking
+from stego_core.runtime import distributed
+
+from stego_core.platform import tracking
 from stego_core.config import BaselineConfig, EvaluateConfig, ReconstructConfig
-from stego_core.data import PreparedCase, ensure_cases, preprocess_case, split_cases
-from stego_core.io import Case, save_volume
-from stego_core.methods import METHODS, Method, build_method, is_run_id, resolve_model_uri
-from stego_core.metrics import summarize, write_results
-from stego_core.postprocess import steps_tag
-from stego_core.scoring import ANALYSIS_KEYS, evaluate_case
+from stego_core.data.cases import PreparedCase, ensure_cases, preprocess_case, split_cases
+from stego_core.data.io import Case, save_volume
+from stego_core.methods.registry import METHODS, Method, build_method, is_run_id, resolve_model_uri
+from stego_core.evaluation.metrics import summarize, write_results
+from stego_core.engine.postprocess import steps_tag
+from stego_core.evaluation.scoring import ANALYSIS_KEYS, evaluate_case
 
 log = logging.getLogger(__name__)
 
@@ -51,15 +53,15 @@ def evaluate_cases(method: Method, cases: list[Case], cfg: EvaluateConfig, out_d
                    log_to_mlflow: bool = True, after_case: Callable[[PreparedCase, Any, dict], None] | None = None,
                    name: str | None = None) -> list[dict[str, Any]]:
     """Reconstruct every case with ``method``, write predictions under ``out_dir``, and return one metrics row
-    per case (:func:`~stego_core.scoring.evaluate_case`). ``after_case(prepared, post, row)`` may add keys to
+    per case (:func:`~stego_core.evaluation.scoring.evaluate_case`). ``after_case(prepared, post, row)`` may add keys to
     the row (e.g. a teacher's scores) and log more pictures before the row is logged. Predictions are named
     ``<case>_<name>_pred.nii.gz``, ``name`` the run's method tag (default ``method.name``).
 
-    Launched as several processes (:mod:`stego_core.distributed`), each rank takes every ``world size``-th case
+    Launched as several processes (:mod:`stego_core.runtime.distributed`), each rank takes every ``world size``-th case
     and writes its predictions; rank 0 logs every case's scores, tags, predictions and figure into the one run,
     and every rank returns all rows in case order."""
     name = name or method.name
-    from stego_core.visualize import mip_figure
+    from stego_core.report.visualize import mip_figure
 
     steps = cfg.postprocess_steps()
     rows = []
@@ -142,8 +144,8 @@ def _save_figure(fig: Any, path: Path) -> str:
 
 def write_viewer(prepared: PreparedCase, mask: np.ndarray, name: str, out_dir: Path) -> Path:
     """Write ``viewer/<case>.html`` under ``out_dir``: the case's slices with ``mask`` against its label
-    (:func:`~stego_core.viewer.viewer_html`, one self-contained page that MLflow's artifact pane shows)."""
-    from stego_core.viewer import viewer_html
+    (:func:`~stego_core.report.viewer.viewer_html`, one self-contained page that MLflow's artifact pane shows)."""
+    from stego_core.report.viewer import viewer_html
 
     page = viewer_html(prepared.image, {name: mask}, prepared.label, spacing_mm=prepared.spacing,
                        title=f"{name} on {prepared.case_id}")

@@ -13,10 +13,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from stego_core import tracking
+from stego_core.platform import tracking
 from stego_core.config import (BaselineConfig, DataSettings, EngineConfig, MainConfig, PrepareConfig,
                                ReconstructConfig, RunSettings, SelfTrainConfig, SelfTrainPlan, TrainConfig, derive)
-from stego_core.metrics import RADIUS_BINS, SCORE_KEYS
+from stego_core.evaluation.metrics import RADIUS_BINS, SCORE_KEYS
 from stego_core.steps.comparison import log_comparison
 from stego_core.steps.evaluation import run_baseline, run_reconstruct
 from stego_core.steps.pretrain import run_pretrain
@@ -74,12 +74,12 @@ def markdown_table(table: dict[str, dict[str, float]], runs: dict[str, str], exp
 def log_viewers(cfg: MainConfig, methods: list[str], runs: dict[str, str], out_dir: Path) -> list[str]:
     """Log ``viewer/<case>.html`` on the active run for every volume ``cfg`` evaluates: the image as stored and
     its label, with each method's prediction (``predictions/<case>_<method>_pred.nii.gz`` of the run
-    ``runs[method]``) behind one method selector (:func:`~stego_core.viewer.viewer_html`). A prediction that
+    ``runs[method]``) behind one method selector (:func:`~stego_core.report.viewer.viewer_html`). A prediction that
     cannot be fetched is skipped with a warning. Returns the case ids with a viewer."""
     from stego_core.config import EvaluateConfig
-    from stego_core.io import load_case, load_volume
+    from stego_core.data.io import load_case, load_volume
     from stego_core.steps.evaluation import select_cases
-    from stego_core.viewer import viewer_html
+    from stego_core.report.viewer import viewer_html
 
     logged = []
     for case in select_cases(derive(EvaluateConfig, cfg)):
@@ -161,7 +161,7 @@ def run_main(cfg: MainConfig) -> str:
     The pipeline run (under ``mlflow run -e main``: the project's own run) logs the table and the bar chart.
     """
     from stego_core.steps.prepare import run_prepare
-    from stego_core.visualize import comparison_bar_figure, per_case_figure, radius_recall_figure
+    from stego_core.report.visualize import comparison_bar_figure, per_case_figure, radius_recall_figure
 
     engine = dataclasses.replace(cfg.engine, axis=cfg.slicing.axis)  # every method's window, along the crops
     with tracking.start_run(cfg.experiment, run_name="pipeline", output_root=f"{cfg.output}/pipeline",

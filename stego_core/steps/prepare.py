@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from stego_core import tracking
+from stego_core.platform import tracking
 from stego_core.config import PrepareConfig
-from stego_core.data import CropSet, PreparedCase, ensure_cases, make_crop_set, preprocess_case, split_cases
-from stego_core.io import write_manifest
-from stego_core.seed_layout import write_seed_dataset
+from stego_core.data.cases import CropSet, PreparedCase, ensure_cases, make_crop_set, preprocess_case, split_cases
+from stego_core.data.io import write_manifest
+from stego_core.data.seed_layout import write_seed_dataset
 
 
 @dataclass
@@ -47,7 +47,7 @@ def load_crop_set(path: str | Path) -> CropSet:
 
 
 def _preview_figures(prepared: list[PreparedCase], crop_set: CropSet) -> dict:
-    from stego_core.visualize import mask_outline_figure, slice_panel_figure
+    from stego_core.report.visualize import mask_outline_figure, slice_panel_figure
 
     figures = {}
     for p in prepared:

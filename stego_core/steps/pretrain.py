@@ -3,7 +3,7 @@
 ``volumes -> preprocessed volumes (labels dropped) -> crops -> label-free crop weights -> multi-crop views ->
 student / EMA teacher -> teacher backbone (.safetensors + spec)``. The teacher backbone plugs into ``train`` as
 ``model.backbone=<name> model.weights=runs:/<this run id>`` (resolved by
-:func:`stego_core.backbones.resolve_weights`) or ``model.weights=<file>.safetensors``.
+:func:`stego_core.features.backbones.resolve_weights`) or ``model.weights=<file>.safetensors``.
 
 Logged: the plan as params and ``plan.yaml``, except :data:`ATTEMPT_TAGS` (``max_steps``, ``max_minutes``),
 which are tags set again by every attempt; curves ``pretrain/loss``, ``pretrain/teacher_entropy`` (collapse
@@ -37,11 +37,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from stego_core import distributed, faults, tracking
-from stego_core.backbones import WEIGHTS_ARTIFACT, create_vit, get_spec, normalize_input
+from stego_core.runtime import distributed, faults
+
+from stego_core.platform import tracking
+from stego_core.features.backbones import WEIGHTS_ARTIFACT, create_vit, get_spec, normalize_input
 from stego_core.config import PretrainConfig, flatten, to_dict
-from stego_core.data import ensure_cases, make_crop_set, preprocess_case
-from stego_core.dino import (
+from stego_core.data.cases import ensure_cases, make_crop_set, preprocess_case
+from stego_core.features.dino import (
     DinoModel,
     cosine_value,
     dino_step,
@@ -49,7 +51,7 @@ from stego_core.dino import (
     multi_crop,
     teacher_temperature,
 )
-from stego_core.sampling import bright_threshold, crop_weights
+from stego_core.data.sampling import bright_threshold, crop_weights
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +239,7 @@ def run_pretrain(cfg: PretrainConfig, *, nested: bool = False, run_name: str | N
                  probe: Callable[[torch.nn.Module], Mapping[str, float]] | None = None,
                  probe_every: int = 100) -> PretrainResult:
     """DINO pretraining of ``cfg.backbone`` as one MLflow run (or continuing run ``cfg.resume``; see the module
-    docstring). SIGTERM / SIGINT (:class:`stego_core.faults.Interrupted`) stop it between two steps with
+    docstring). SIGTERM / SIGINT (:class:`stego_core.runtime.faults.Interrupted`) stop it between two steps with
     ``checkpoints/interrupted.pt`` written and logged; the run ends KILLED and ``resume=<run id>`` continues it.
 
     ``probe`` (optional, for studies of the pretraining itself) is called with the teacher backbone (in eval
@@ -449,6 +451,6 @@ class _InputTransform:
 
 
 def _trainable_names() -> list[str]:
-    from stego_core.backbones import BACKBONES
+    from stego_core.features.backbones import BACKBONES
 
     return sorted(n for n, s in BACKBONES.items() if s.trainable)

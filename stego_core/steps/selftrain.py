@@ -1,7 +1,7 @@
 """The ``selftrain`` step: a student network trained on a label-free teacher's pseudo-labels, as one MLflow run.
 
 :func:`run_selftrain` reads top to bottom: the method from the registry (``selftrain``: teacher + student,
-:mod:`stego_core.selftrain`) -> inductive only: one student fitted on the training volumes -> every evaluated
+:mod:`stego_core.methods.selftrain`) -> inductive only: one student fitted on the training volumes -> every evaluated
 volume through the shared evaluation (:func:`~stego_core.steps.evaluation.evaluate_cases`: predictions named
 ``<case>_selftrain_pred.nii.gz``, metrics, MIP figures) with the teacher scored beside it (``teacher_dice``...) ->
 curves (``selftrain/loss``, ``selftrain/agreement``: the label-free stopping criterion), a stepped image per
@@ -18,12 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from stego_core import tracking
+from stego_core.platform import tracking
 from stego_core.config import SelfTrainConfig
-from stego_core.data import PreparedCase, ensure_cases, preprocess_case, split_cases
-from stego_core.io import save_volume
-from stego_core.methods import build_method
-from stego_core.metrics import METRIC_KEYS, evaluate_segmentation, summarize, write_results
+from stego_core.data.cases import PreparedCase, ensure_cases, preprocess_case, split_cases
+from stego_core.data.io import save_volume
+from stego_core.methods.registry import build_method
+from stego_core.evaluation.metrics import METRIC_KEYS, evaluate_segmentation, summarize, write_results
 from stego_core.steps.evaluation import EvaluationResult, evaluate_cases, select_cases
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ def _save_students(method: Any, folder: Path, stem: str) -> None:
 def run_selftrain(cfg: SelfTrainConfig, *, nested: bool = False, tags: dict[str, str] | None = None
                   ) -> EvaluationResult:
     """Self-train and evaluate on the ``split`` volumes of ``cfg`` as one MLflow run (see the module)."""
-    from stego_core.visualize import teacher_student_figure
+    from stego_core.report.visualize import teacher_student_figure
 
     teacher = cfg.teacher.resolved(cfg.data.skull_strip)  # a preset's recipe read in; fails before any work
     method = build_method("selftrain", {"teacher": teacher, "student": cfg.student, "mode": cfg.mode,

@@ -2,13 +2,13 @@
 training step, ``train.features=online``), as one MLflow run.
 
 :func:`run_train` is the wiring, read top to bottom: the backbone (missing weights fail first) -> a
-:class:`~stego_core.datamodule.StegoDataModule` (crops, cached features, kNN, validation data) ->
-:class:`~stego_core.module.StegoModule` (step logic only) trained by a Lightning ``Trainer`` whose MLflow logger
-writes the training curves into the run -> cluster-to-vessel mapping (:mod:`stego_core.mapping`) -> a
-:class:`~stego_core.inference.StegoSegmenterModel` logged as an MLflow model.
+:class:`~stego_core.methods.stego.datamodule.StegoDataModule` (crops, cached features, kNN, validation data) ->
+:class:`~stego_core.methods.stego.module.StegoModule` (step logic only) trained by a Lightning ``Trainer`` whose MLflow logger
+writes the training curves into the run -> cluster-to-vessel mapping (:mod:`stego_core.methods.stego.mapping`) -> a
+:class:`~stego_core.methods.stego.inference.StegoSegmenterModel` logged as an MLflow model.
 
 Every ``train.val_every_n_steps`` the :class:`VolumeValidation` callback reconstructs a held-out volume from
-cached features with the engine's one sliding window and logs (through :mod:`stego_core.tracking`) its Dice /
+cached features with the engine's one sliding window and logs (through :mod:`stego_core.platform.tracking`) its Dice /
 clDice, crop-level cluster and linear-probe mIoU / accuracy, and two stepped images (``val/crops``: a slice panel,
 ``val/volume_mip``: the volume's MIP with an error overlay) that the run page shows with a step slider. It also
 hands ``val/*`` to Lightning, whose ``ModelCheckpoint`` keeps the ``train.save_top_k`` best checkpoints by
@@ -32,18 +32,20 @@ import lightning as L
 import numpy as np
 import torch
 
-from stego_core import distributed, faults, tracking
-from stego_core.backbones import build_backbone, resolve_weights
+from stego_core.runtime import distributed, faults
+
+from stego_core.platform import tracking
+from stego_core.features.backbones import build_backbone, resolve_weights
 from stego_core.config import LABEL_FREE_RULES, TrainConfig
-from stego_core.datamodule import StegoDataModule, ValidationData
-from stego_core.inference import StegoSegmenterModel
-from stego_core.mapping import (binary_iou_accuracy, choose_mapping_rule, cluster_maps, fit_vessel_mapping,
+from stego_core.methods.stego.datamodule import StegoDataModule, ValidationData
+from stego_core.methods.stego.inference import StegoSegmenterModel
+from stego_core.methods.stego.mapping import (binary_iou_accuracy, choose_mapping_rule, cluster_maps, fit_vessel_mapping,
                                 refit_centroids)
-from stego_core.metrics import METRIC_KEYS
-from stego_core.module import StegoModule
-from stego_core.reconstruction import sliding_window
-from stego_core.scoring import evaluate_case
-from stego_core.stego import ClusterProbe, LinearProbe, StegoHead
+from stego_core.evaluation.metrics import METRIC_KEYS
+from stego_core.methods.stego.module import StegoModule
+from stego_core.engine.reconstruction import sliding_window
+from stego_core.evaluation.scoring import evaluate_case
+from stego_core.methods.stego.model import ClusterProbe, LinearProbe, StegoHead
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +130,7 @@ class ExceptionCheckpoint(L.pytorch.callbacks.OnExceptionCheckpoint):
 
 class RankSignals(L.Callback):
     """Under DDP, SIGTERM handled by this rank alone: the handler in force when the callback was made
-    (:func:`stego_core.faults.handle_signals`: :class:`~stego_core.faults.Interrupted`) replaces Lightning's once
+    (:func:`stego_core.runtime.faults.handle_signals`: :class:`~stego_core.runtime.faults.Interrupted`) replaces Lightning's once
     training starts. Lightning's handler broadcasts from rank 0 inside the handler, which a signal to another rank
     turns into a collective no other rank joins: the job hangs until the process group's timeout.
     """
@@ -146,7 +148,7 @@ class RankSignals(L.Callback):
 def reconstruct_from_features(model: StegoSegmenterModel, val: ValidationData, *, batch_size: int = 256
                               ) -> np.ndarray:
     """Vessel probabilities (I, J, K) of the validation volume from its cached crop features, through the
-    engine's :func:`~stego_core.reconstruction.sliding_window` (Gaussian blending)."""
+    engine's :func:`~stego_core.engine.reconstruction.sliding_window` (Gaussian blending)."""
     assert val.volume is not None and val.volume_features is not None and val.volume_index is not None
     device = next(model.head.parameters()).device
     features = val.volume_features
@@ -187,7 +189,7 @@ def validation_metrics(module: StegoModule, model: StegoSegmenterModel, val: Val
 
 def validation_mip_figure(pred: np.ndarray, val: ValidationData, step: int) -> Any:
     """The validation volume's MIP with the prediction and its errors against the label (as in evaluation)."""
-    from stego_core.visualize import mip_figure
+    from stego_core.report.visualize import mip_figure
 
     assert val.volume is not None
     return mip_figure(val.volume.image, val.volume.label, pred, axis=val.axis,
@@ -195,7 +197,7 @@ def validation_mip_figure(pred: np.ndarray, val: ValidationData, step: int) -> A
 
 
 def validation_figure(module: StegoModule, model: StegoSegmenterModel, val: ValidationData, n: int = 8) -> Any:
-    from stego_core.visualize import slice_panel_figure
+    from stego_core.report.visualize import slice_panel_figure
 
     assert val.features is not None and val.crops is not None
     pick = pick_informative(val.labels, val.crops, n)

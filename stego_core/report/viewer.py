@@ -1,0 +1,375 @@
+"""A self-contained HTML viewer of a volume, its predictions and its label, for MLflow's artifact pane.
+
+:func:`viewer_html` returns one HTML document that needs no network: the volume is reduced by a block maximum
+(an integer factor so that its largest side is at most ``max_size`` voxels; thin bright vessels survive, as in
+a maximum-intensity projection), every slice along each of the three axes is tiled into one mosaic per axis
+and encoded as a lossy WebP image, the error classes as lossless palette PNG mosaics (one per method and axis),
+all embedded as base64 ``data:`` URLs in a JSON block; about a hundred lines of vanilla JavaScript draw the
+chosen slice and the maximum-intensity projection (MIP) along the same axis on two canvases, with the overlay
+on top. MLflow shows ``.html`` artifacts in a sandboxed frame (``sandbox="allow-scripts"``, a blob URL): no
+storage, cookies or same-origin access are used, and ``data:`` images leave canvases readable there.
+
+Controls: a method selector (when there are several predictions), the axis, a slice slider, an overlay
+switch and one switch per error class. The view can be set from the URL hash, which the controls keep up to
+date: ``#axis=0&slice=10&overlay=1&tp=1&fp=0&fn=1&method=otsu``; ``slice`` is a voxel index of the full-size
+volume along ``axis`` (the viewer shows the reduced slice that holds it).
+
+Colours and precedence are those of :func:`stego_core.report.visualize.error_overlay`: true positives light grey,
+false positives red, false negatives cyan; where a reduced voxel (or a projection ray) holds several kinds,
+false positives win over false negatives, and both over true positives. Without a label every predicted
+voxel is drawn in the false-positive colour and the switch reads "prediction". Display orientation follows
+:mod:`stego_core.report.visualize`: of the two in-plane axes the lower-numbered runs left to right and the other
+bottom to top; voxel spacing sets the aspect ratio.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from PIL import Image
+
+from stego_core._checks import as_binary, check_finite, check_ndim, check_range, check_same_shape
+from stego_core.report.visualize import ERROR_COLOURS
+
+__all__ = [
+    "ERROR_CODES",
+    "block_max",
+    "error_codes",
+    "mosaic",
+    "viewer_html",
+]
+
+#: Code of each error class in :func:`error_codes` and in the overlay images' palette; a larger code wins
+#: when voxels are merged (block maximum, projection).
+ERROR_CODES: Mapping[str, int] = {"tp": 1, "fn": 2, "fp": 3}
+
+#: Largest side of a WebP image (libwebp's limit).
+_WEBP_MAX_PX = 16383
+
+
+def error_codes(pred: np.ndarray, target: np.ndarray | None) -> np.ndarray:
+    """Error class of every voxel: 0 background, then :data:`ERROR_CODES` (TP 1, FN 2, FP 3).
+
+    Parameters
+    ----------
+    pred : (I, J, K) bool or {0, 1} ndarray
+        Predicted mask.
+    target : (I, J, K) bool or {0, 1} ndarray or None
+        Reference mask; None codes every predicted voxel as a false positive (no label to compare with).
+
+    Returns
+    -------
+    (I, J, K) uint8 ndarray
+        Values in {0, 1, 2, 3}.
+
+    Examples
+    --------
+    >>> error_codes(np.array([[[1, 1, 0, 0]]]), np.array([[[1, 0, 1, 0]]])).tolist()
+    [[[1, 3, 2, 0]]]
+    """
+    pred = _binary(pred, "pred")
+    codes = np.zeros(pred.shape, np.uint8)
+    if target is None:
+        codes[pred] = ERROR_CODES["fp"]
+        return codes
+    target = _binary(target, "target")
+    check_same_shape(pred, target, "pred", "target")
+    codes[pred & target] = ERROR_CODES["tp"]
+    codes[~pred & target] = ERROR_CODES["fn"]
+    codes[pred & ~target] = ERROR_CODES["fp"]
+    return codes
+
+
+def block_max(volume: np.ndarray, factor: int) -> np.ndarray:
+    """Reduce a volume by an integer factor along every axis, keeping each block's maximum.
+
+    Parameters
+    ----------
+    volume : (I, J, K) ndarray
+        Any real dtype; the last block along an axis may be partial (padded with the volume's minimum).
+    factor : int >= 1
+        Block side in voxels.
+
+    Returns
+    -------
+    (ceil(I / factor), ceil(J / factor), ceil(K / factor)) ndarray
+        Same dtype as ``volume``.
+
+    Examples
+    --------
+    >>> block_max(np.arange(27).reshape(3, 3, 3), 2)[..., 0].tolist()
+    [[13, 16], [22, 25]]
+    """
+    volume = np.asarray(volume)
+    check_ndim(volume, 3, "volume")
+    check_range(factor, "factor", 1)
+    if factor == 1:
+        return volume
+    padded_shape = tuple(-(-n // factor) * factor for n in volume.shape)
+    if padded_shape != volume.shape:
+        padded = np.full(padded_shape, volume.min(), dtype=volume.dtype)
+        padded[tuple(slice(0, n) for n in volume.shape)] = volume
+        volume = padded
+    a, b, c = (n // factor for n in padded_shape)
+    return volume.reshape(a, factor, b, factor, c, factor).max(axis=(1, 3, 5))
+
+
+def _plane(array: np.ndarray) -> np.ndarray:
+    """(B, C) slice -> (C, B) image rows: B left to right, C bottom to top."""
+    return np.ascontiguousarray(np.swapaxes(array, 0, 1)[::-1])
+
+
+def mosaic(volume: np.ndarray, axis: int) -> tuple[np.ndarray, int]:
+    """Tile every slice of ``volume`` along ``axis`` into one image, row by row.
+
+    Parameters
+    ----------
+    volume : (I, J, K) ndarray
+    axis : {0, 1, 2}
+        Slicing axis; each slice is drawn with the lower-numbered remaining axis horizontal and the other
+        vertical, origin at the bottom (tile ``k`` holds slice ``k``).
+
+    Returns
+    -------
+    image : (rows * h, cols * w) ndarray
+        The tiles, ``h`` and ``w`` the slice's height and width; unused tiles are zero.
+    cols : int
+        Tiles per row (``ceil(sqrt(n))`` for ``n`` slices).
+    """
+    volume = np.asarray(volume)
+    check_ndim(volume, 3, "volume")
+    check_range(axis, "axis", 0, 2)
+    slices = np.moveaxis(volume, axis, 0)
+    n, b, c = slices.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    out = np.zeros((rows * c, cols * b), dtype=volume.dtype)
+    for k in range(n):
+        r, q = divmod(k, cols)
+        out[r * c:(r + 1) * c, q * b:(q + 1) * b] = _plane(slices[k])
+    return out, cols
+
+
+def _binary(array: np.ndarray, name: str) -> np.ndarray:
+    array = np.asarray(array)
+    return array if array.dtype == bool else as_binary(array, name)
+
+
+def _data_url(image: Image.Image, fmt: str, **options) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    mime = {"WEBP": "image/webp", "PNG": "image/png"}[fmt]
+    return f"data:{mime};base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _check_size(image: np.ndarray, what: str) -> None:
+    if max(image.shape) > _WEBP_MAX_PX:
+        raise ValueError(f"the {what} mosaic is {image.shape[1]}x{image.shape[0]} px, above the WebP limit of "
+                         f"{_WEBP_MAX_PX}; lower max_size")
+
+
+def _gray_url(image: np.ndarray, quality: int) -> str:
+    _check_size(image, "image")
+    return _data_url(Image.fromarray(image, mode="L"), "WEBP", quality=quality, method=4)
+
+
+def _palette() -> list[int]:
+    rgb = [0, 0, 0] * 4
+    for kind, code in ERROR_CODES.items():
+        rgb[3 * code:3 * code + 3] = [round(255 * v) for v in ERROR_COLOURS[kind]]
+    return rgb
+
+
+def _codes_url(codes: np.ndarray) -> str:
+    _check_size(codes, "overlay")
+    image = Image.fromarray(codes, mode="P")
+    image.putpalette(_palette())
+    return _data_url(image, "PNG", transparency=0, optimize=True)
+
+
+def _hex(rgb: Sequence[float]) -> str:
+    return "#" + "".join(f"{round(255 * v):02x}" for v in rgb)
+
+
+def viewer_html(
+    image: np.ndarray,
+    predictions: Mapping[str, np.ndarray],
+    target: np.ndarray | None = None,
+    *,
+    spacing_mm: Sequence[float] | None = None,
+    max_size: int = 160,
+    quality: int = 75,
+    title: str = "",
+) -> str:
+    """One self-contained HTML page to scroll through a volume with predictions and label as overlays.
+
+    Parameters
+    ----------
+    image : (I, J, K) float ndarray
+        Intensities (any range; shown between the 0.5 and 99.9 percentiles of the reduced volume).
+    predictions : mapping name -> (I, J, K) bool or {0, 1} ndarray
+        Predicted masks by method, in selector order; may be empty (image only).
+    target : (I, J, K) bool or {0, 1} ndarray or None, optional
+        Reference mask; None draws predicted voxels in one colour.
+    spacing_mm : sequence of 3 floats or None, keyword-only
+        Voxel size, for the displayed aspect ratio; None: cubic voxels.
+    max_size : int >= 8, keyword-only
+        Largest side of the reduced volume in voxels: the volume is reduced by the block maximum with factor
+        ``ceil(max(I, J, K) / max_size)``.
+    quality : int in [1, 100], keyword-only
+        WebP quality of the image slices (overlays are lossless).
+    title : str, keyword-only
+        Shown above the views and as the page title.
+
+    Returns
+    -------
+    str
+        The HTML document (UTF-8 text, no external reference). About 2.2-2.4 MB for one 320 x 320 x 247
+        volume with one method at the defaults, plus 0.15-0.2 MB per further method (``benchmarks/RESULTS.md``,
+        HTML slice viewer).
+    """
+    image = np.asarray(image)
+    check_ndim(image, 3, "image")
+    check_finite(image, "image")
+    check_range(max_size, "max_size", 8)
+    check_range(quality, "quality", 1, 100)
+    if spacing_mm is not None:
+        spacing = tuple(float(s) for s in spacing_mm)
+        if len(spacing) != 3 or not all(s > 0 and math.isfinite(s) for s in spacing):
+            raise ValueError(f"spacing_mm must be 3 positive numbers, got {spacing_mm!r}")
+    else:
+        spacing = (1.0, 1.0, 1.0)
+    if target is not None:
+        target = _binary(target, "target")
+        check_same_shape(image, target, "image", "target")
+    for name, pred in predictions.items():
+        check_same_shape(image, np.asarray(pred), "image", f"predictions[{name!r}]")
+
+    factor = max(1, math.ceil(max(image.shape) / max_size))
+    small = block_max(image.astype(np.float32, copy=False), factor)
+    lo, hi = (float(v) for v in np.percentile(small, [0.5, 99.9]))
+    hi = hi if hi > lo else lo + 1.0
+    gray = np.round(np.clip((small - lo) / (hi - lo), 0.0, 1.0) * 255).astype(np.uint8)
+
+    axes = []
+    for axis in range(3):
+        b, c = (a for a in range(3) if a != axis)
+        tiles, cols = mosaic(gray, axis)
+        axes.append({"n": gray.shape[axis], "w": gray.shape[b], "h": gray.shape[c], "cols": cols,
+                     "sx": spacing[b], "sy": spacing[c], "image": _gray_url(tiles, quality),
+                     "mip": _gray_url(_plane(gray.max(axis=axis)), quality)})
+    methods = {}
+    for name, pred in predictions.items():
+        codes = block_max(error_codes(pred, target), factor)
+        methods[str(name)] = [{"slices": _codes_url(mosaic(codes, axis)[0]),
+                               "mip": _codes_url(_plane(codes.max(axis=axis)))} for axis in range(3)]
+    data = {"title": title, "shape": list(image.shape), "factor": factor, "labelled": target is not None,
+            "axes": axes, "methods": methods}
+    payload = json.dumps(data, separators=(",", ":")).replace("<", "\\u003c")
+    colours = {kind: _hex(rgb) for kind, rgb in ERROR_COLOURS.items()}
+    return (_TEMPLATE.replace("%TITLE%", html.escape(title or "volume viewer"))
+            .replace("%TP%", colours["tp"]).replace("%FP%", colours["fp"]).replace("%FN%", colours["fn"])
+            .replace("%CODES%", json.dumps(dict(ERROR_CODES)))
+            .replace("%DATA%", payload))
+
+
+_TEMPLATE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>%TITLE%</title>
+<style>
+body{margin:0;font:13px system-ui,sans-serif;background:#fff;color:#222}
+#bar{display:flex;flex-wrap:wrap;gap:4px 14px;align-items:center;padding:6px 8px;border-bottom:1px solid #ddd}
+#views{display:flex;flex-wrap:wrap;gap:12px;padding:8px;align-items:flex-start}
+figure{margin:0}figcaption{color:#555;font-size:12px}
+canvas{image-rendering:pixelated;background:#000;display:block}
+.sw{display:inline-block;width:10px;height:10px;border:1px solid #888;margin-right:2px}
+</style></head><body>
+<div id="bar"><b>%TITLE%</b>
+<label id="mwrap">method <select id="method"></select></label>
+<span>axis <select id="axis"><option value="0">0 (i)</option><option value="1">1 (j)</option>
+<option value="2">2 (k)</option></select></span>
+<span><input type="range" id="slice" min="0" step="1"> <span id="pos"></span></span>
+<span id="toggles"><label><input type="checkbox" id="overlay"> overlay</label>
+<label id="l-tp"><input type="checkbox" id="tp"><i class="sw" style="background:%TP%"></i>TP</label>
+<label id="l-fp"><input type="checkbox" id="fp"><i class="sw" style="background:%FP%"></i><span id="fpname">FP</span></label>
+<label id="l-fn"><input type="checkbox" id="fn"><i class="sw" style="background:%FN%"></i>FN</label></span>
+</div>
+<div id="views"><figure><canvas id="cs"></canvas><figcaption id="cap">slice</figcaption></figure>
+<figure><canvas id="cm"></canvas><figcaption>maximum-intensity projection</figcaption></figure></div>
+<script type="application/json" id="viewer-data">%DATA%</script>
+<script>
+"use strict";
+const D = JSON.parse(document.getElementById("viewer-data").textContent);
+const CODES = %CODES%, $ = id => document.getElementById(id), names = Object.keys(D.methods);
+const S = {axis: 2, slice: null, method: names[0], overlay: true, tp: true, fp: true, fn: true};
+const images = new Map();
+function load(src) {  // decoded images by data URL; a redraw when one arrives
+  if (!images.has(src)) { const im = new Image(); im.onload = draw; im.src = src; images.set(src, im); }
+  const im = images.get(src); return im.complete && im.naturalWidth ? im : null;
+}
+function readHash() {
+  const p = new URLSearchParams(location.hash.slice(1));
+  if (["0", "1", "2"].includes(p.get("axis"))) S.axis = +p.get("axis");
+  if (p.has("slice") && isFinite(+p.get("slice"))) S.slice = +p.get("slice");
+  if (names.includes(p.get("method"))) S.method = p.get("method");
+  for (const k of ["overlay", "tp", "fp", "fn"]) if (p.has(k)) S[k] = p.get(k) !== "0";
+}
+function writeHash() {
+  const p = new URLSearchParams({axis: S.axis, slice: S.slice, overlay: +S.overlay, tp: +S.tp, fp: +S.fp, fn: +S.fn});
+  if (S.method !== undefined) p.set("method", S.method);
+  try { history.replaceState(null, "", "#" + p); } catch (e) { /* sandboxed frame: no history */ }
+}
+function tile(ctx, im, k, cols, w, h, filter) {  // tile k of a mosaic, overlay classes filtered
+  const sx = (k % cols) * w, sy = Math.floor(k / cols) * h;
+  if (!filter) { ctx.drawImage(im, sx, sy, w, h, 0, 0, w, h); return; }
+  const off = document.createElement("canvas"); off.width = w; off.height = h;
+  const o = off.getContext("2d"); o.drawImage(im, sx, sy, w, h, 0, 0, w, h);
+  const px = o.getImageData(0, 0, w, h), d = px.data;
+  for (let i = 0; i < d.length; i += 4) {  // grey TP, red FP, cyan FN
+    const kind = d[i + 1] < 128 ? "fp" : d[i] < 128 ? "fn" : "tp";
+    if (!S[kind]) d[i + 3] = 0;
+  }
+  o.putImageData(px, 0, 0); ctx.drawImage(off, 0, 0);
+}
+function draw() {
+  const a = D.axes[S.axis], f = D.factor, n = D.shape[S.axis];
+  if (S.slice === null) S.slice = Math.floor(n / 2);
+  S.slice = Math.max(0, Math.min(n - 1, Math.round(S.slice)));
+  const k = Math.min(a.n - 1, Math.floor(S.slice / f)), m = D.methods[S.method];
+  const px = Math.max(200, Math.min(440, (window.innerWidth - 36) / 2));  // two views side by side, up to 440 px
+  const z = px / Math.max(a.w * a.sx, a.h * a.sy);
+  for (const [cv, src, ov, kk, cols] of [[$("cs"), a.image, m && m[S.axis].slices, k, a.cols],
+                                         [$("cm"), a.mip, m && m[S.axis].mip, 0, 1]]) {
+    cv.width = a.w; cv.height = a.h;
+    cv.style.width = a.w * a.sx * z + "px"; cv.style.height = a.h * a.sy * z + "px";
+    const ctx = cv.getContext("2d"), im = load(src), oi = ov && S.overlay ? load(ov) : null;
+    if (im) tile(ctx, im, kk, cols, a.w, a.h, false);
+    if (oi) tile(ctx, oi, kk, cols, a.w, a.h, true);
+  }
+  $("axis").value = S.axis; $("slice").max = n - 1; $("slice").step = f; $("slice").value = S.slice;
+  $("pos").textContent = `slice ${S.slice} / ${n - 1}` + (f > 1 ? ` (voxels ${k * f}-${Math.min(n, k * f + f) - 1}, block max)` : "");
+  $("cap").textContent = `slice ${S.slice} along axis ${S.axis}`;
+  for (const key of ["overlay", "tp", "fp", "fn"]) $(key).checked = S[key];
+  if (S.method !== undefined) $("method").value = S.method;
+  const b = document.body.dataset;  // where the views are, for tests that look at screenshots
+  b.slice = JSON.stringify($("cs").getBoundingClientRect()); b.mip = JSON.stringify($("cm").getBoundingClientRect());
+  b.ready = [...images.values()].every(im => im.complete) ? "1" : "0";
+}
+for (const name of names) $("method").add(new Option(name, name));
+if (names.length < 2) $("mwrap").style.display = "none";
+if (!names.length) $("toggles").style.display = "none";
+if (!D.labelled) { $("l-tp").style.display = $("l-fn").style.display = "none"; $("fpname").textContent = "prediction"; }
+$("method").onchange = e => { S.method = e.target.value; writeHash(); draw(); };
+$("axis").onchange = e => { S.axis = +e.target.value; S.slice = null; draw(); writeHash(); };
+$("slice").oninput = e => { S.slice = +e.target.value; writeHash(); draw(); };
+for (const key of ["overlay", "tp", "fp", "fn"]) $(key).onchange = e => { S[key] = e.target.checked; writeHash(); draw(); };
+window.addEventListener("hashchange", () => { readHash(); draw(); });
+window.addEventListener("resize", draw);
+readHash(); draw();
+</script></body></html>
+"""
