@@ -46,19 +46,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from stego_core.config import load_config
+from stego_core.data.cases import DataConfig, ensure_cases
+from stego_core.data.phantom import PhantomConfig
+from stego_core.engine.crf import CRF_PRESETS
+from stego_core.engine.reconstruction import EngineConfig
 from stego_core.platform import tracking
-from stego_core.config import (BaselineConfig, DataConfig, EngineConfig, PhantomConfig, PretrainConfig,
-                               TrainConfig, load_config)
-from stego_core.engine.crf import CRF_PRESETS, crf_preset
-from stego_core.data.cases import ensure_cases, preprocess_case
-from stego_core.evaluation.metrics import evaluate_segmentation
-from stego_core.engine.postprocess import crf_refine
-from stego_core.steps.evaluation import run_baseline
-from stego_core.steps.pretrain import run_pretrain
-from stego_core.steps.training import run_train
+from stego_core.engine.postprocess import PostprocessStep
+from stego_core.steps.evaluation import BaselineConfig, ReconstructConfig, run_baseline, run_reconstruct
+from stego_core.steps.pretrain import PretrainConfig, run_pretrain
+from stego_core.steps.training import TrainConfig, run_train
 
 KEYS = ("dice", "cldice", "precision", "recall")
 VIT = "mra_vit_t4_p2"
@@ -114,18 +113,6 @@ def folds(args: argparse.Namespace) -> list[Fold]:
 def pretrain_data(args: argparse.Namespace, dataset: str, fold: Fold) -> DataConfig:
     """The volumes a data set's DINO pretraining reads: every real case (labels never read), or the phantoms."""
     return fold.data if dataset == "phantoms" else DataConfig(source="folder", root=args.real_root)
-
-
-def crf_scores(probabilities: np.ndarray, data: DataConfig, case_id: str, axis: int,
-               preset: str = "seed") -> dict[str, float]:
-    """Dice etc. of the dense CRF (settings: the named ``preset``) of a reconstruction's probabilities on that
-    case's preprocessed image."""
-    (case,) = [c for c in ensure_cases(data) if c.case_id == case_id]
-    prepared = preprocess_case(case, data)
-    refined = crf_refine(probabilities, prepared.image, axis=axis, settings=crf_preset(preset)) > 0.5
-    if prepared.brain_mask is not None:
-        refined &= prepared.brain_mask
-    return {k: float(v) for k, v in evaluate_segmentation(refined, prepared.label).items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -216,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
                             "sampling.method": sampling, "sampling.max_crops": args.max_crops,
                             "val_stride": args.val_stride, "slicing.patch_size": args.patch_size,
                             "slicing.stride": args.patch_size // 2, "output": f"{args.output}/train",
-                            "experiment": args.experiment, "log_model": False}
+                            "experiment": args.experiment, "log_model": bool(crf_names)}
                     if backbone == "classical":
                         over["model.res"] = 16
                     if args.alpha is not None:
@@ -230,16 +217,18 @@ def main(argv: list[str] | None = None) -> int:
                            "mapping": res.mapping_rule, "seconds": time.time() - t1,
                            **{k: res.metrics.get(f"val/{k}", float("nan")) for k in KEYS}}
                     add(row, res.run_id)
-                    for preset in crf_names if sampling == "bright" and res.val_probabilities is not None else ():
+                    for preset in crf_names if sampling == "bright" and res.model_uri else ():
+                        # the one evaluation run: the trained model reconstructed on the fold's held-out volume,
+                        # its probabilities refined by the dense CRF of the named preset
                         t2 = time.time()
-                        held = fold.test_cases[0] if fold.test_cases else _first_held_out(cfg)
-                        scores = crf_scores(res.val_probabilities, fold.data, held, cfg.slicing.axis, preset)
-                        suffix = "" if preset == "seed" else f"_{preset}"
-                        for k, v in scores.items():
-                            tracking.client().log_metric(res.run_id, f"val_crf{suffix}/{k}", v)
-                        add({"dataset": fold.name, "variant": f"stego-{name}-crf{suffix.replace('_', '-')}",
-                             "run_id": res.run_id, "mapping": res.mapping_rule, "seconds": time.time() - t2,
-                             **{k: scores[k] for k in KEYS}}, None)
+                        held = fold.test_cases or (_first_held_out(cfg),)
+                        crf = run_reconstruct(ReconstructConfig(
+                            data=fold.data, test_cases=tuple(held), model_uri=res.model_uri, progress=False,
+                            viewer=False, postprocess=(PostprocessStep("crf", preset=preset),),
+                            output=f"{args.output}/crf", experiment=args.experiment), nested=True)
+                        add({"dataset": fold.name, "variant": f"stego-{name}-crf-{preset}", "run_id": crf.run_id,
+                             "mapping": res.mapping_rule, "seconds": time.time() - t2,
+                             **{k: crf.summary.get(f"{k}_mean", float("nan")) for k in KEYS}}, crf.run_id)
             for method in args.baselines:
                 t1 = time.time()
                 bres = run_baseline(BaselineConfig(data=fold.data, method=method, output=f"{args.output}/baseline",

@@ -19,12 +19,11 @@ import time
 
 import numpy as np
 
-from stego_core.methods.classical import available_segmenters, build_segmenter
-from stego_core.config import EngineConfig, PhantomConfig
 from stego_core.data.io import load_volume
-from stego_core.data.phantom import make_phantom
+from stego_core.data.phantom import PhantomConfig, make_phantom
 from stego_core.data.preprocess import skull_strip, standardize
-from stego_core.engine.reconstruction import predict_volume
+from stego_core.engine.reconstruction import EngineConfig, predict_volume
+from stego_core.methods.classical import available_segmenters, build_segmenter
 from stego_core.methods.vesselness import frangi_slices
 
 

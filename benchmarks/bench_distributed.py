@@ -31,9 +31,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 def run_steps(args: argparse.Namespace, batch: int) -> dict[str, float]:
     """``args.steps`` timed head steps (after 3 warm-up steps) on random features; this process's share ``batch``."""
+    from stego_core.methods.stego.model import (
+        ClusterProbe,
+        LossConfig,
+        StegoHead,
+        correspondence_loss,
+    )
     from stego_core.runtime import distributed
-    from stego_core.config import LossConfig
-    from stego_core.methods.stego.model import ClusterProbe, StegoHead, correspondence_loss
 
     torch.manual_seed(0)
     device = args.device

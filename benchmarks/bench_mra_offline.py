@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
+from stego_core.config import load_config
 from stego_core.platform import tracking
-from stego_core.config import MainConfig, load_config
-from stego_core.steps.pipeline import run_main
+from stego_core.steps.pipeline import MainConfig, run_main
 
 PRESET = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "mra_offline.yaml"
 

@@ -29,11 +29,16 @@ from pathlib import Path
 
 import numpy as np
 
+from stego_core.data.phantom import PhantomConfig
+from stego_core.engine.postprocess import (
+    crf_refine,
+    fill_small_holes,
+    keep_largest_trees,
+    remove_small_components,
+    smooth_probability,
+)
+from stego_core.engine.reconstruction import EngineConfig, predict_volume
 from stego_core.methods.classical import build_segmenter
-from stego_core.config import EngineConfig, PhantomConfig
-from stego_core.engine.postprocess import (crf_refine, fill_small_holes, keep_largest_trees, remove_small_components,
-                                    smooth_probability)
-from stego_core.engine.reconstruction import predict_volume
 
 SHAPE = (320, 320, 247)
 CC_TARGET_S = 2.0

@@ -1,7 +1,7 @@
 """DINO pretraining throughput: crops/s of :func:`stego_core.features.dino.dino_step`, as a fraction of a GEMM peak.
 
 The step ``run_pretrain`` runs (multi-crop augmentation on the CPU, teacher on the global views, student on all
-views, lightly's DINO loss, AdamW, EMA) on random crops with :class:`~stego_core.config.PretrainConfig`'s
+views, lightly's DINO loss, AdamW, EMA) on random crops with :class:`~stego_core.steps.pretrain.PretrainConfig`'s
 defaults (batch 64, 2 global + 6 local views), random weights (speed does not depend on them). FLOPs of one
 step (forward and backward) are counted with ``torch.utils.flop_counter``; the yardstick is a GEMM measured in
 the same run (:mod:`benchmarks.peak`). The last lines are machine-readable (``pretrain_fraction_of_peak=...``).
@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peak import count_flops, gemm_peak, machine_line, report  # noqa: E402
 
 from stego_core.features.backbones import create_vit, get_spec, normalize_input
-from stego_core.config import PretrainConfig
 from stego_core.features.dino import DinoModel, dino_step, multi_crop
+from stego_core.steps.pretrain import PretrainConfig
 
 
 def main() -> None:

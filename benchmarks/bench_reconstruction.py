@@ -14,9 +14,8 @@ With ``--naive-slices 0`` only the engine runs (e.g. a full 320x320x247 volume o
 from __future__ import annotations
 
 import argparse
-import time
-
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -25,13 +24,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peak import count_flops, gemm_peak, machine_line, report  # noqa: E402
 
-from stego_core.features.backbones import build_backbone
 from stego_core.data.io import load_volume
-from stego_core.methods.stego.inference import StegoSegmenterModel, TorchSegmenter
 from stego_core.data.phantom import PhantomConfig, make_phantom
 from stego_core.data.preprocess import skull_strip, standardize
-from stego_core.engine.reconstruction import EngineConfig, predict_volume
 from stego_core.data.slicing import CropBlender, crop_index, take_crops
+from stego_core.engine.reconstruction import EngineConfig, predict_volume
+from stego_core.features.backbones import build_backbone
+from stego_core.methods.stego.inference import StegoSegmenterModel, TorchSegmenter
 from stego_core.methods.stego.model import ClusterProbe, StegoHead
 
 

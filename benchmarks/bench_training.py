@@ -9,9 +9,8 @@ number to read). Default: ViT-S/8 at 224 (random weights: speed does not depend 
 from __future__ import annotations
 
 import argparse
-import time
-
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +20,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peak import count_flops, gemm_peak, machine_line, report  # noqa: E402
 
 from stego_core.features.backbones import build_backbone
-from stego_core.config import LossConfig
-from stego_core.methods.stego.model import ClusterProbe, StegoHead, correspondence_loss
+from stego_core.methods.stego.model import (
+    ClusterProbe,
+    LossConfig,
+    StegoHead,
+    correspondence_loss,
+)
 
 
 def step(head, probe, opt, feats, knn_feats, cfg, gen) -> float:

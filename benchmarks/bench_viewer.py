@@ -34,8 +34,7 @@ def _volume(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, tuple[flo
         image = load_volume(args.image)
         label = load_volume(args.label).data > 0
         return image.data.astype(np.float32), label, image.spacing_mm, args.image
-    from stego_core.config import PhantomConfig
-    from stego_core.data.phantom import make_phantom
+    from stego_core.data.phantom import PhantomConfig, make_phantom
 
     phantom = make_phantom(PhantomConfig(shape=tuple(args.shape)), seed=0)
     return phantom.image, phantom.label > 0, (1.0, 1.0, 1.0), f"phantom {tuple(args.shape)}"

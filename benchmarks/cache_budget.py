@@ -16,10 +16,10 @@ import argparse
 
 import numpy as np
 
+from stego_core.data.cases import DataConfig
+from stego_core.data.slicing import SlicingConfig, crop_index
 from stego_core.features.backbones import build_backbone
-from stego_core.config import DataConfig, SlicingConfig
 from stego_core.features.cache import feature_bytes_per_crop
-from stego_core.data.slicing import crop_index
 
 BACKBONES = (("vit_small_patch8_dino", 224), ("mra_vit_t4_p2", None), ("mra_vit_s12_p8", None), ("classical", 16))
 

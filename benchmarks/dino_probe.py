@@ -27,12 +27,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stego_core.features.backbones import create_vit, get_spec, normalize_input
-from stego_core.config import AugmentConfig, DataConfig, PretrainConfig, SlicingConfig
-from stego_core.data.cases import discover_cases, make_crop_set, preprocess_case
-from stego_core.methods.stego.mapping import map_clusters_dice
+from stego_core.data.cases import (
+    DataConfig,
+    discover_cases,
+    make_crop_set,
+    preprocess_case,
+)
 from stego_core.data.sampling import bright_threshold
-from stego_core.steps.pretrain import run_pretrain
+from stego_core.data.slicing import SlicingConfig
+from stego_core.features.backbones import create_vit, get_spec, normalize_input
+from stego_core.features.dino import AugmentConfig
+from stego_core.methods.stego.mapping import map_clusters_dice
+from stego_core.steps.pretrain import PretrainConfig, run_pretrain
 
 
 def probe_crops(root: str, per_case: int, slicing: SlicingConfig) -> tuple[np.ndarray, np.ndarray]:

@@ -39,7 +39,7 @@ python3 benchmarks/bench_training.py --device "$DEVICE" --batch "$TRAIN_BATCH" "
 python3 - <<'PY'
 import os, time, torch, lightning as L
 from torch.utils.data import DataLoader
-from stego_core.config import LossConfig
+from stego_core.methods.stego.model import LossConfig
 from stego_core.methods.stego.model import StegoHead, ClusterProbe, LinearProbe
 from stego_core.methods.stego.module import StegoModule
 cpu = os.environ["DEVICE"] == "cpu"

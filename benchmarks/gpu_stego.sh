@@ -52,7 +52,7 @@ if [ "$DRY" = 1 ]; then
     ROT_BASELINES=${ROT_BASELINES-percentile}; ROT_VARIANTS=${ROT_VARIANTS:-dino}
     if [ -z "$DATA_ROOT" ]; then  # three tiny phantoms in the layout of a folder of real cases
         DATA_ROOT=$WORK/phantoms
-        "$PY" -c "import sys; from stego_core.config import DataConfig, PhantomConfig; from stego_core.data.cases import ensure_cases; ensure_cases(DataConfig(source='phantom', root=sys.argv[1], phantom=PhantomConfig(n_volumes=3, shape=(48, 48, 24))))" "$DATA_ROOT"
+        "$PY" -c "import sys; from stego_core.data.cases import DataConfig, ensure_cases; from stego_core.data.phantom import PhantomConfig; ensure_cases(DataConfig(source='phantom', root=sys.argv[1], phantom=PhantomConfig(n_volumes=3, shape=(48, 48, 24))))" "$DATA_ROOT"
         ROT_CASES=${ROT_CASES-phantom_002}
     fi
 else

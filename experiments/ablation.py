@@ -4,8 +4,7 @@ import sys
 
 from experiments import CONFIG_DIR
 from stego_core.platform.cli import run
-from stego_core.config import AblationConfig
-from stego_core.steps.ablation import run_ablation
+from stego_core.steps.ablation import AblationConfig, run_ablation
 
 #: The entry point's config (its plan); defaults in stego_core.config, the YAML states what differs.
 CONFIG = AblationConfig

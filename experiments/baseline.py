@@ -4,8 +4,7 @@ import sys
 
 from experiments import CONFIG_DIR
 from stego_core.platform.cli import run
-from stego_core.config import BaselineConfig
-from stego_core.steps.evaluation import run_baseline
+from stego_core.steps.evaluation import BaselineConfig, run_baseline
 
 #: The entry point's config (its plan); defaults in stego_core.config, the YAML states what differs.
 CONFIG = BaselineConfig

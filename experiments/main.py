@@ -4,8 +4,7 @@ import sys
 
 from experiments import CONFIG_DIR
 from stego_core.platform.cli import run
-from stego_core.config import MainConfig
-from stego_core.steps.pipeline import run_main
+from stego_core.steps.pipeline import MainConfig, run_main
 
 #: The entry point's config (its plan); defaults in stego_core.config, the YAML states what differs.
 CONFIG = MainConfig

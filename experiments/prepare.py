@@ -4,8 +4,7 @@ import sys
 
 from experiments import CONFIG_DIR
 from stego_core.platform.cli import run
-from stego_core.config import PrepareConfig
-from stego_core.steps.prepare import run_prepare
+from stego_core.steps.prepare import PrepareConfig, run_prepare
 
 #: The entry point's config (its plan); defaults in stego_core.config, the YAML states what differs.
 CONFIG = PrepareConfig

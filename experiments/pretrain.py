@@ -4,8 +4,7 @@ import sys
 
 from experiments import CONFIG_DIR
 from stego_core.platform.cli import run
-from stego_core.config import PretrainConfig
-from stego_core.steps.pretrain import run_pretrain
+from stego_core.steps.pretrain import PretrainConfig, run_pretrain
 
 #: The entry point's config (its plan); defaults in stego_core.config, the YAML states what differs.
 CONFIG = PretrainConfig

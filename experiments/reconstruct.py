@@ -4,8 +4,7 @@ import sys
 
 from experiments import CONFIG_DIR
 from stego_core.platform.cli import run
-from stego_core.config import ReconstructConfig
-from stego_core.steps.evaluation import run_reconstruct
+from stego_core.steps.evaluation import ReconstructConfig, run_reconstruct
 
 #: The entry point's config (its plan); defaults in stego_core.config, the YAML states what differs.
 CONFIG = ReconstructConfig

@@ -5,8 +5,7 @@ import sys
 
 from experiments import CONFIG_DIR
 from stego_core.platform.cli import run
-from stego_core.config import SelfTrainConfig
-from stego_core.steps.selftrain import run_selftrain
+from stego_core.steps.selftrain import SelfTrainConfig, run_selftrain
 
 #: The entry point's config (its plan); defaults in stego_core.config, the YAML states what differs.
 CONFIG = SelfTrainConfig

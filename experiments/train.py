@@ -4,8 +4,7 @@ import sys
 
 from experiments import CONFIG_DIR
 from stego_core.platform.cli import run
-from stego_core.config import TrainConfig
-from stego_core.steps.training import run_train
+from stego_core.steps.training import TrainConfig, run_train
 
 #: The entry point's config (its plan); defaults in stego_core.config, the YAML states what differs.
 CONFIG = TrainConfig

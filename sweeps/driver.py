@@ -50,12 +50,24 @@ import optuna
 import yaml
 from optuna.trial import TrialState
 
-from stego_core.runtime import faults
-
-from stego_core.platform import tracking
-from stego_core.config import flatten, load_config, parse_overrides, save_config, to_dict
+from stego_core.config import (
+    flatten,
+    load_config,
+    parse_overrides,
+    save_config,
+    to_dict,
+)
 from stego_core.data.cases import ensure_cases
-from sweeps.space import SweepConfig, grid_search_space, is_finite, pruner_class, sampler_class, suggest
+from stego_core.platform import tracking
+from stego_core.runtime import faults
+from sweeps.space import (
+    SweepConfig,
+    grid_search_space,
+    is_finite,
+    pruner_class,
+    sampler_class,
+    suggest,
+)
 
 log = logging.getLogger(__name__)
 

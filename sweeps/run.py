@@ -17,10 +17,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from stego_core.platform.cli import parse_args
 from stego_core.config import parse_overrides, plan_yaml
-from stego_core.runtime.faults import Interrupted, handle_signals, resolve_storage
+from stego_core.platform.cli import parse_args
 from stego_core.platform.tracking import mask_secrets
+from stego_core.runtime.faults import Interrupted, handle_signals, resolve_storage
 from sweeps.driver import load_sweep_config, run_sweep
 from sweeps.space import SPEC_FIELDS, SweepConfig
 

@@ -226,3 +226,36 @@ def server_store(mlflow_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
     """Point this test's MLflow at the session's real ``mlflow server`` (REST); returns its URL."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     return mlflow_server
+
+
+# ---------------------------------------------------------------------------------- compositions tests share
+
+
+def extract_crops(volume, *, axis, patch_size, stride, brain_mask=None, min_brain_fraction=0.0):
+    """``(crops (N, P, P), index (N, 3))`` of a volume: the library's crop_index then take_crops."""
+    from stego_core._checks import check_ndim, check_same_shape
+    from stego_core.data.slicing import crop_index, take_crops
+
+    check_ndim(volume, 3, "volume")
+    if brain_mask is not None:
+        check_same_shape(volume, brain_mask, "volume", "brain_mask")
+    index = crop_index(volume.shape, axis=axis, patch_size=patch_size, stride=stride, brain_mask=brain_mask,
+                       min_brain_fraction=min_brain_fraction)
+    return take_crops(volume, index, axis=axis, patch_size=patch_size), index
+
+
+def blend_crops(predictions, index, volume_shape, *, axis, patch_size, blend="constant"):
+    """Per-crop predictions placed back into a volume by the library's CropBlender."""
+    from stego_core.data.slicing import CropBlender
+
+    blender = CropBlender(volume_shape, axis=axis, patch_size=patch_size, blend=blend)
+    blender.add(predictions, index)
+    return blender.result()
+
+
+def segment_volume(segmenter, image, brain_mask, engine, *, progress=False, spacing=None):
+    """Probabilities and the binary mask at the segmenter's own threshold (the engine's predict_volume)."""
+    from stego_core.engine.reconstruction import binarize, predict_volume
+
+    prob = predict_volume(segmenter, image, brain_mask, engine, progress=progress, spacing=spacing)
+    return prob, binarize(prob, float(segmenter.threshold), brain_mask)

@@ -40,12 +40,12 @@ def test_spec_table():
                                        "mra_vit_t4_p1", "mra_vit_t4_p2", "mra_vit_t4_p4", "mra_vit_t12_p4",
                                        "mra_vit_s12_p8"])
     mra = BACKBONES["mra_vit_t4_p2"]
-    assert (mra.patch_size, mra.embed_dim, mra.res, mra.grid, mra.trainable) == (2, 192, 32, 16, True)
+    assert (mra.vit_patch, mra.embed_dim, mra.res, mra.grid, mra.trainable) == (2, 192, 32, 16, True)
     fine = BACKBONES["mra_vit_t4_p1"]  # one token per voxel of a 16-px crop
-    assert (fine.patch_size, fine.res, fine.grid, fine.trainable) == (1, 16, 16, True)
+    assert (fine.vit_patch, fine.res, fine.grid, fine.trainable) == (1, 16, 16, True)
     assert not BACKBONES["vit_small_patch8_dino"].trainable
     spec = BACKBONES["vit_small_patch8_dino"]
-    assert (spec.timm_name, spec.patch_size, spec.embed_dim, spec.res, spec.grid) == (
+    assert (spec.timm_name, spec.vit_patch, spec.embed_dim, spec.res, spec.grid) == (
         "vit_small_patch8_224.dino", 8, 384, 224, 28)
     assert spec.mean == (0.485, 0.456, 0.406) and spec.std == (0.229, 0.224, 0.225)
     assert get_spec("vit_small_patch8_dino", res=112).grid == 14
@@ -240,7 +240,11 @@ def test_classical_derivatives_equal_one_convolution_per_derivative():
     """The fast path (one row pass, one grouped column pass per scale) equals separate separable convolutions."""
     import torch.nn.functional as F
 
-    from stego_core.features.backbones import ClassicalFeaturizer, gaussian_derivative_kernels, get_spec
+    from stego_core.features.backbones import (
+        ClassicalFeaturizer,
+        gaussian_derivative_kernels,
+        get_spec,
+    )
 
     def sep(x, ky, kx):
         ry, rx = ky.numel() // 2, kx.numel() // 2
@@ -263,7 +267,11 @@ def test_in_domain_vit_builds_at_the_crop_scale():
 
 def test_forward_batch_size_keeps_the_largest_activation_in_a_quarter_of_the_cache(monkeypatch):
     """Crops per forward pass shrink as the model's largest activation grows, never below 1 or above the cap."""
-    from stego_core.features.backbones import activation_bytes_per_crop, cpu_cache_bytes, forward_batch_size
+    from stego_core.features.backbones import (
+        activation_bytes_per_crop,
+        cpu_cache_bytes,
+        forward_batch_size,
+    )
 
     cache = cpu_cache_bytes()
     assert cache > 0

@@ -7,11 +7,15 @@ import inspect
 import numpy as np
 import pytest
 
-from stego_core.methods.classical import SEGMENTERS, available_segmenters, build_segmenter
-from stego_core.evaluation.metrics import dice
 from stego_core.engine.reconstruction import EngineConfig
-from stego_core.engine.reconstruction import segment_volume as engine_segment_volume
+from conftest import segment_volume as engine_segment_volume
 from stego_core.engine.segmenter import Segmenter
+from stego_core.evaluation.metrics import dice
+from stego_core.methods.classical import (
+    SEGMENTERS,
+    available_segmenters,
+    build_segmenter,
+)
 
 
 def segment_volume(segmenter, image, brain_mask):

@@ -62,8 +62,8 @@ def test_gpu_stego_dry_run_returns_weights_curves_and_the_rotation(tmp_path, mlf
     """``benchmarks/gpu_stego.sh --dry-run``: the GPU session's script end to end on CPU at tiny sizes
     (calibration, DINO pretraining through the pretrain entry point, the curves, the rotation on the returned
     teacher weights), leaving under ``$OUT`` the files the device tool brings back."""
-    from stego_core.platform import tracking
     from stego_core.features.backbones import build_backbone
+    from stego_core.platform import tracking
 
     root = Path(__file__).resolve().parents[1]
     out, work = tmp_path / "out", tmp_path / "work"

@@ -53,8 +53,8 @@ def test_log_comparison_logs_tables_chart_and_says_n_is_too_small():
 
 
 def test_ablation_parent_compares_variants_across_cases(tmp_path):
-    from stego_core.config import AblationConfig, from_dict
-    from stego_core.steps.ablation import run_ablation
+    from stego_core.config import from_dict
+    from stego_core.steps.ablation import AblationConfig, run_ablation
 
     cfg = from_dict(AblationConfig, {
         "datasets": [{"root": str(tmp_path / "ph"), "phantom": {"n_volumes": 2, "shape": [32, 32, 24]}}],

@@ -9,8 +9,19 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stego_core.config import (DataConfig, PhantomConfig, PrepareConfig, SlicingConfig, check_choice, flatten,
-                               from_dict, load_config, parse_overrides, save_config, to_dict)
+from stego_core._checks import check_choice
+from stego_core.config import (
+    flatten,
+    from_dict,
+    load_config,
+    parse_overrides,
+    save_config,
+    to_dict,
+)
+from stego_core.data.cases import DataConfig
+from stego_core.data.phantom import PhantomConfig
+from stego_core.data.slicing import SlicingConfig
+from stego_core.steps.prepare import PrepareConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -206,13 +217,17 @@ def test_to_dict_is_yaml_safe():
 
 
 def test_save_config_round_trip(tmp_path):
-    cfg = load_config(PrepareConfig, None, ["data.source=folder", "data.root=/x/y", "slicing.axis=0",
+    cfg = load_config(PrepareConfig, None, ["data.source=phantom", "data.root=/x/y", "slicing.axis=0",
                                             "slicing.patch_size=48", "data.phantom.spacing_mm=[0.5,0.5,1.2]"])
     path = save_config(cfg, tmp_path / "run" / "config.yaml")
     assert path.is_file()
     again = load_config(PrepareConfig, path)
     assert again == cfg
     assert again.data.phantom.spacing_mm == (0.5, 0.5, 1.2)
+    # the plan of folders of cases leaves the phantom generator out: it does not run
+    folder = load_config(PrepareConfig, None, ["data.source=folder", "data.root=/x/y"])
+    assert "phantom" not in to_dict(folder)["data"]
+    assert load_config(PrepareConfig, save_config(folder, tmp_path / "f.yaml")) == folder
 
 
 def test_save_config_round_trip_with_none_and_dict(tmp_path):
@@ -256,7 +271,7 @@ def test_shipped_prepare_config_loads():
 
 def test_implausible_cluster_count_fails_before_any_work():
     # a raw allocator error after feature caching and training once; now one line naming the parameter
-    from stego_core.config import TrainConfig
+    from stego_core.steps.training import TrainConfig
 
     with pytest.raises(ValueError, match=r"model.n_clusters=100000 .*\[2, 4096\]"):
         load_config(TrainConfig, None, ["model.n_clusters=100000"])

@@ -49,10 +49,11 @@ def test_bad_settings_name_the_parameter():
 
 @pytest.mark.usefixtures("mlflow_store")
 def test_baseline_run_with_crf_is_tagged(tmp_path):
-    from stego_core.config import DataConfig, PhantomConfig
+    from stego_core.data.cases import DataConfig
+    from stego_core.data.phantom import PhantomConfig
     from stego_core.engine.reconstruction import EngineConfig
-    from stego_core.steps.evaluation import BaselineConfig, run_baseline
     from stego_core.platform.tracking import client
+    from stego_core.steps.evaluation import BaselineConfig, run_baseline
 
     data = DataConfig(root=str(tmp_path / "ph"), phantom=PhantomConfig(n_volumes=2, shape=(32, 32, 24)))
     cfg = BaselineConfig(data=data, engine=EngineConfig(patch_size=None, batch_size=8), method="kmeans", crf=True,
@@ -92,9 +93,13 @@ def test_thin_preset_keeps_faint_thin_vessels_that_the_seed_settings_erase():
 def test_crf_step_takes_a_named_preset():
     """``{step: crf, preset: thin}``: that preset's settings instead of the run's ``crf_settings``, tagged
     ``+crf-thin``; a preset is a parameter of the crf step alone."""
-    from stego_core.config import PostprocessStep
     from stego_core.engine.crf import crf_preset
-    from stego_core.engine.postprocess import apply_postprocessing, crf_refine, steps_tag
+    from stego_core.engine.postprocess import (
+        PostprocessStep,
+        apply_postprocessing,
+        crf_refine,
+        steps_tag,
+    )
 
     image, prob, _ = _faint_thin_vessels(1)
     volume, probs = np.stack([image, image], axis=2), np.stack([prob, prob], axis=2)

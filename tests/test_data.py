@@ -8,12 +8,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from stego_core.config import DataConfig, PhantomConfig, SlicingConfig
-from stego_core.data.cases import ensure_cases, make_crop_set, preprocess_case, split_cases
-from stego_core.data.io import Case, load_volume, make_case, save_volume
-
 from conftest import TINY_AFFINE, tube_volume
+
+from stego_core.data.cases import (
+    DataConfig,
+    ensure_cases,
+    make_crop_set,
+    preprocess_case,
+    split_cases,
+)
+from stego_core.data.io import Case, load_volume, make_case, save_volume
+from stego_core.data.phantom import PhantomConfig
+from stego_core.data.slicing import SlicingConfig
 
 
 def _phantom_config(root: Path, *, n_volumes: int = 2, seed: int = 0,

@@ -8,9 +8,15 @@ import pytest
 import torch
 
 from stego_core.features.backbones import create_vit, get_spec, normalize_input
-from stego_core.config import AugmentConfig
-from stego_core.features.dino import (DinoModel, cosine_value, lr_at, multi_crop, teacher_entropy,
-                             teacher_temperature)
+from stego_core.features.dino import (
+    AugmentConfig,
+    DinoModel,
+    cosine_value,
+    lr_at,
+    multi_crop,
+    teacher_entropy,
+    teacher_temperature,
+)
 
 
 def _direct_dino_loss(teacher: list[torch.Tensor], student: list[torch.Tensor], center: torch.Tensor,

@@ -13,8 +13,10 @@ import pytest
 import torch
 from conftest import REPO_ROOT, free_port
 
+from stego_core.config import load_config
 from stego_core.runtime import distributed
-from stego_core.config import TrainConfig, TrainerSettings, load_config
+from stego_core.runtime.distributed import TrainerSettings
+from stego_core.steps.training import TrainConfig
 
 #: STEGO on tiny phantoms with the weight-free featurizer. Dropout off and the nearest neighbour as the kNN
 #: partner: the two draws that come from per-process random streams (the rest is the same global batch).

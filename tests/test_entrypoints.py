@@ -10,20 +10,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REPO_ROOT
 
+from experiments import CONFIG_DIR
 from experiments import baseline as baseline_entry
 from experiments import prepare as prepare_entry
-from experiments import CONFIG_DIR
-from stego_core.platform.cli import parse
+from stego_core.config import load_config
+from stego_core.data.seed_layout import read_seed_dataset
 from stego_core.platform import tracking
-from stego_core.config import AblationConfig, PrepareConfig, load_config
+from stego_core.platform.cli import parse
+from stego_core.steps.ablation import AblationConfig
 from stego_core.steps.evaluation import BaselineConfig, ReconstructConfig
 from stego_core.steps.pipeline import MainConfig
-from stego_core.steps.prepare import load_crop_set
-from stego_core.data.seed_layout import read_seed_dataset
+from stego_core.steps.prepare import PrepareConfig, load_crop_set
 from stego_core.steps.training import TrainConfig
-
-from conftest import REPO_ROOT
 
 pytestmark = pytest.mark.usefixtures("mlflow_store")
 
@@ -143,13 +143,14 @@ def test_mlproject_commands_resolve_to_valid_configs(project):
                 for name in ENTRY_POINTS}
     assert defaults["prepare"].data.phantom.n_volumes == 3 and defaults["prepare"].slicing.patch_size == 32
     assert defaults["train"].model.backbone == "vit_small_patch8_dino" and defaults["train"].train.max_steps == 5000
-    assert defaults["baseline"].method == "frangi" and defaults["baseline"].settings == {}
+    assert defaults["baseline"].method == "frangi" and defaults["baseline"].settings["rule"] == "otsu"
     assert defaults["reconstruct"].model_uri == "runs:/0123abcd/model"
-    assert defaults["main"].baselines[0] == "percentile"
+    assert list(defaults["main"].methods)[0] == "percentile"
     assert defaults["ablation"].variants[0].name == "none"
     preset = _resolve(project, "baseline", {"config": "experiments/configs/best_mra.yaml", "source": "folder",
                                             "data_root": "cases", "split": "all"})
-    assert preset.method == "gmm" and preset.settings == {"n_components": 4, "min_std": 0.02} and preset.postprocess
+    assert preset.method == "gmm" and preset.postprocess
+    assert {k: preset.settings[k] for k in ("n_components", "min_std")} == {"n_components": 4, "min_std": 0.02}
 
     prepare = _resolve(project, "prepare", {"source": "phantom", "n_volumes": "2", "patch_size": "16",
                                             "extra": "data.phantom.shape=[32,32,24] slicing.stride=4"})

@@ -11,15 +11,20 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from stego_core.platform import tracking
-from stego_core.config import DataConfig, PhantomConfig
-from stego_core.data.cases import ensure_cases, split_cases
-from stego_core.methods.registry import load_model_segmenter as load_segmenter
-from stego_core.steps.evaluation import (BaselineConfig, EvaluateConfig, ReconstructConfig,
-                                         run_baseline, run_reconstruct, select_cases)
+from stego_core.data.cases import DataConfig, ensure_cases, split_cases
 from stego_core.data.io import load_volume
-from stego_core.evaluation.metrics import METRIC_KEYS
+from stego_core.data.phantom import PhantomConfig
 from stego_core.engine.reconstruction import EngineConfig
+from stego_core.evaluation.metrics import METRIC_KEYS
+from stego_core.platform import tracking
+from stego_core.steps.evaluation import (
+    BaselineConfig,
+    EvaluateConfig,
+    ReconstructConfig,
+    run_baseline,
+    run_reconstruct,
+    select_cases,
+)
 
 pytestmark = pytest.mark.usefixtures("mlflow_store")
 
@@ -234,5 +239,5 @@ def test_config_validation():
         run_reconstruct(ReconstructConfig())
     with pytest.raises(ValueError, match="device"):
         ReconstructConfig(model_uri="runs:/abc/model", device="tpu")
-    with pytest.raises(ValueError, match="cannot load model_uri"):
-        load_segmenter("runs:/0123456789abcdef0123456789abcdef/model", device="cpu")
+    with pytest.raises(ValueError, match="no model there"):
+        tracking.load_learned("runs:/0123456789abcdef0123456789abcdef/model")

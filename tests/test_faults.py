@@ -15,10 +15,9 @@ import optuna
 import pytest
 import yaml
 
+from stego_core.data.cases import DataConfig
 from stego_core.platform import doctor, tracking
-
 from stego_core.runtime import faults
-from stego_core.config import DataConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PLANTED = "Pl4ntedS3cret"
@@ -234,9 +233,9 @@ def test_weights_of_a_run_are_downloaded_once_into_a_cache(mlflow_store: str, tm
         tracking.log_artifact(path, "backbone")
     scratch = tmp_path / "tmpdir"
     scratch.mkdir()
-    code = ("import sys; from stego_core.features.backbones import build_backbone, resolve_weights; "
-            "build_backbone('mra_vit_t4_p4', weights=sys.argv[1], res=16); "
-            "print(resolve_weights(sys.argv[1], 'mra_vit_t4_p4'))")
+    code = ("import sys; from stego_core.features.backbones import build_backbone; from stego_core.platform.weights import fetch_weights; "
+            "build_backbone('mra_vit_t4_p4', weights=fetch_weights(sys.argv[1], 'mra_vit_t4_p4'), res=16); "
+            "print(fetch_weights(sys.argv[1], 'mra_vit_t4_p4'))")
     files = []
     for _ in range(2):
         proc = spawn("-c", code, f"runs:/{run.run_id}", env={**env(), "TMPDIR": str(scratch)})
@@ -377,8 +376,8 @@ def test_sigkill_then_cleanup(mlflow_store: str, tmp_path: Path) -> None:
 
 
 def test_phantoms_are_renamed_into_place(tmp_path: Path) -> None:
-    from stego_core.config import PhantomConfig
     from stego_core.data.cases import ensure_cases
+    from stego_core.data.phantom import PhantomConfig
 
     (tmp_path / ".ph.tmp-999999").mkdir()  # a killed generation's leftover
     data = DataConfig(source="phantom", root=str(tmp_path / "ph"),
@@ -391,9 +390,9 @@ def test_phantoms_are_renamed_into_place(tmp_path: Path) -> None:
 
 
 def test_empty_label_warns_and_tags_the_evaluation(mlflow_store: str, tiny_case, caplog) -> None:
-    from stego_core.config import BaselineConfig, EngineConfig
     from stego_core.data.io import load_volume, save_volume
-    from stego_core.steps.evaluation import run_baseline
+    from stego_core.engine.reconstruction import EngineConfig
+    from stego_core.steps.evaluation import BaselineConfig, run_baseline
 
     folder = tiny_case("empty", brain_mask=True)
     label = load_volume(folder / "label.nii.gz")
@@ -409,9 +408,9 @@ def test_empty_label_warns_and_tags_the_evaluation(mlflow_store: str, tiny_case,
 
 def test_non_head_volume_warns_and_constant_image_names_the_case(mlflow_store: str, tmp_path: Path,
                                                                  caplog) -> None:
-    from stego_core.config import BaselineConfig, EngineConfig
     from stego_core.data.io import save_volume
-    from stego_core.steps.evaluation import run_baseline
+    from stego_core.engine.reconstruction import EngineConfig
+    from stego_core.steps.evaluation import BaselineConfig, run_baseline
 
     rng = np.random.default_rng(0)
     stack = (0.3 + 0.05 * rng.standard_normal((32, 32, 24))).astype(np.float32)

@@ -9,8 +9,17 @@ import numpy as np
 import pytest
 from conftest import TINY_AFFINE, TINY_SHAPE, tube_volume
 
-from stego_core.data.io import (Case, discover_cases, file_digest, load_case, load_volume, make_case, read_manifest,
-                           save_volume, write_manifest)
+from stego_core.data.io import (
+    Case,
+    discover_cases,
+    file_digest,
+    load_case,
+    load_volume,
+    make_case,
+    read_manifest,
+    save_volume,
+    write_manifest,
+)
 
 
 def _raw_nifti(path, data, affine=TINY_AFFINE):

@@ -13,7 +13,12 @@ import pytest
 from scipy import ndimage
 from skimage.measure import euler_number
 
-from stego_core.evaluation.metrics import betti_errors, betti_numbers, radius_recall, surface_distances
+from stego_core.evaluation.metrics import (
+    betti_errors,
+    betti_numbers,
+    radius_recall,
+    surface_distances,
+)
 
 # ------------------------------------------------------------------------------------------------ shapes
 

@@ -10,12 +10,19 @@ import numpy as np
 import pytest
 import torch
 
-from stego_core.platform import tracking
+from stego_core.config import load_config
+from stego_core.data.cases import DataConfig, ensure_cases
+from stego_core.data.phantom import PhantomConfig
 from stego_core.features.backbones import build_backbone
-from stego_core.config import DataConfig, PhantomConfig, TrainConfig, TrainSettings, load_config
-from stego_core.data.cases import ensure_cases
-from stego_core.features.cache import OnlineFeatures, compute_features, compute_pooled_features, pool_features
-from stego_core.steps.training import run_train
+from stego_core.features.cache import (
+    OnlineFeatures,
+    compute_features,
+    compute_pooled_features,
+    pool_features,
+)
+from stego_core.methods.stego.settings import TrainSettings
+from stego_core.platform import tracking
+from stego_core.steps.training import TrainConfig, run_train
 
 #: The cache stores features as float16 (relative rounding <= 2**-11 ~ 4.9e-4 per value); the loss, a smooth
 #: function of them, may move by about as much. 1e-3 is twice that; a wrong feature or a different partner moves

@@ -8,7 +8,14 @@ from scipy import ndimage as ndi
 from skimage.morphology import skeletonize
 
 from stego_core.data.io import discover_cases, load_case
-from stego_core.data.phantom import Phantom, PhantomConfig, VesselField, grow_tree, make_phantom, write_phantom_cases
+from stego_core.data.phantom import (
+    Phantom,
+    PhantomConfig,
+    VesselField,
+    grow_tree,
+    make_phantom,
+    write_phantom_cases,
+)
 
 SMALL = PhantomConfig(shape=(48, 48, 32), n_trees=2, max_depth=4)
 

@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stego_core.platform import tracking
 from experiments import CONFIG_DIR
-from stego_core.config import MainConfig, load_config
-from stego_core.methods.registry import load_model_segmenter as load_segmenter
-from stego_core.steps.pipeline import crf_available, format_table, run_main
+from stego_core.config import load_config
+from stego_core.methods.stego.inference import TorchSegmenter
+from stego_core.platform import tracking
+from stego_core.steps.pipeline import MainConfig, crf_available, format_table, run_main
 
 pytestmark = pytest.mark.usefixtures("mlflow_store")
 
@@ -37,33 +37,43 @@ def _artifact_names(client, run_id: str) -> set[str]:
 
 
 def test_run_main_on_tiny_phantoms(tmp_path, monkeypatch, mlflow_store, server_store):
-    """The demo on tiny phantoms against a real `mlflow server` (REST), with the model registered."""
+    """The demo on tiny phantoms against a real `mlflow server` (REST): every row a registered method, STEGO
+    trained once for its two rows, its model reused by ``reconstruct``."""
     import mlflow.models
 
     # skip MLflow's pip-requirement inference subprocess (~20 s on 2 cores); the model is logged all the same
     monkeypatch.setattr(mlflow.models, "infer_pip_requirements",
                         lambda model_uri, flavor, fallback=None, **kwargs: fallback)
+    stego = "methods.stego.settings."
     cfg = load_config(MainConfig, CONFIG_DIR / "main.yaml", [  # the demo's plan, shrunk
         f"data.root={tmp_path / 'phantoms'}", "data.phantom.shape=[32, 32, 24]", "slicing.patch_size=16",
-        "slicing.stride=8", "baselines=[otsu]", "train.max_steps=10", "train.val_every_n_steps=10",
-        "train.batch_size=8", "model.res=16", "model.code_dim=16", "model.n_clusters=8", "train.progress=false",
-        "train.accelerator=cpu", "pretrain.max_steps=2", "pretrain.batch_size=4", "pretrain.augment.global_size=16",
+        "slicing.stride=8", "methods={otsu: {}, stego: {settings: {model: {backbone: mra_vit_t4_p2, code_dim: 16, "
+        "n_clusters: 8, res: 16, cluster_fit: kmeans, cluster_rule: dice}}}, stego+crf: {}}",
+        f"{stego}train.max_steps=10", f"{stego}train.val_every_n_steps=10", f"{stego}train.batch_size=8",
+        f"{stego}train.progress=false", f"{stego}train.accelerator=cpu", f"{stego}train.cache_dir={tmp_path / 'cache'}",
+        "pretrain.max_steps=2", "pretrain.batch_size=4", "pretrain.augment.global_size=16",
         "pretrain.augment.local_size=8", "pretrain.out_dim=64", "pretrain.hidden_dim=32",
-        "pretrain.bottleneck_dim=16", "pretrain.progress=false",
-        f"train.cache_dir={tmp_path / 'cache'}", f"output={tmp_path / 'outputs'}", "experiment=pipeline-tests",
-        "register=true", "model_name=stego-pipeline-tests"])
-    assert cfg.pretrain is not None and cfg.model.backbone == cfg.pretrain.backbone == "mra_vit_t4_p2"
+        "pretrain.bottleneck_dim=16", "pretrain.progress=false", f"output={tmp_path / 'outputs'}",
+        "experiment=pipeline-tests"])
+    assert cfg.pretrain is not None and cfg.methods["stego"].settings.model.backbone == cfg.pretrain.backbone
+    assert cfg.methods["stego+crf"].settings == cfg.methods["stego"].settings  # the row it extends
+    assert cfg.methods["stego"].settings.slicing.patch_size == 16  # the pipeline's crops
+    fits = []
+    from stego_core.methods.stego import method as stego_method
+
+    real = stego_method.train_stego
+    monkeypatch.setattr(stego_method, "train_stego", lambda *a, **k: (fits.append(1), real(*a, **k))[1])
     text = run_main(cfg)
     rows = {line.split()[0]: line for line in text.splitlines()[2:]}
     with_crf = crf_available()
     assert set(rows) == {"otsu", "stego"} | ({"stego+crf"} if with_crf else set())
+    assert len(fits) == 1  # stego and stego+crf share one training
 
     client = tracking.client()
     experiment = client.get_experiment_by_name("pipeline-tests")
     runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
-    assert set(runs) == {"pipeline", "prepare", "baseline-otsu", "pretrain-mra_vit_t4_p2", "stego-mra_vit_t4_p2",
-                         "reconstruct-stego"} | (
-        {"reconstruct-stego+crf"} if with_crf else set())
+    assert set(runs) == {"pipeline", "prepare", "otsu", "pretrain-mra_vit_t4_p2", "stego"} | (
+        {"stego+crf"} if with_crf else set())
     assert all(r.info.status == "FINISHED" for r in runs.values())
     parent = runs["pipeline"]
     for name, run in runs.items():
@@ -84,16 +94,14 @@ def test_run_main_on_tiny_phantoms(tmp_path, monkeypatch, mlflow_store, server_s
     assert "dice" in stats and "n" in stats  # one held-out phantom: the note says n is too small for a test
     local = client.download_artifacts(parent.info.run_id, "comparison.txt", str(tmp_path))
     assert Path(local).read_text() == text + "\n"
-    train, recon, otsu = runs["stego-mra_vit_t4_p2"], runs["reconstruct-stego"], runs["baseline-otsu"]
+    stego_run, otsu = runs["stego"], runs["otsu"]
     # the demo's STEGO trains on the backbone its own DINO pretraining made (hand-off by run id)
     pretrain = runs["pretrain-mra_vit_t4_p2"]
-    assert train.data.params["model.weights"].startswith(f"runs:/{pretrain.info.run_id}")
-    assert train.data.tags["pretrain_run_id"] == pretrain.info.run_id
-    assert parent.data.tags["training_run_id"] == train.info.run_id == recon.data.tags["training_run_id"]
-    assert parent.data.tags["run.otsu"] == otsu.info.run_id and parent.data.tags["run.stego"] == recon.info.run_id
-    assert train.data.params["train.max_steps"] == "10" and train.data.params["data.root"] == cfg.data.root
-    assert train.data.params["slicing.patch_size"] == "16"  # the pipeline's slicing, not train_cpu.yaml's 32
-    for method, run in (("otsu", otsu), ("stego", recon)):
+    assert stego_run.data.params["resolved.model.weights"].startswith(f"runs:/{pretrain.info.run_id}")
+    assert stego_run.data.tags["pretrain_run_id"] == pretrain.info.run_id
+    assert parent.data.tags["run.otsu"] == otsu.info.run_id and parent.data.tags["run.stego"] == stego_run.info.run_id
+    assert stego_run.data.params["resolved.train.max_steps"] == "10"
+    for method, run in (("otsu", otsu), ("stego", stego_run)):
         dice, std = run.data.metrics["dice_mean"], run.data.metrics["dice_std"]
         assert parent.data.metrics[f"{method}/dice"] == pytest.approx(dice)
         assert f"{dice:.3f} ± {std:.3f}" in rows[method]
@@ -106,16 +114,15 @@ def test_run_main_on_tiny_phantoms(tmp_path, monkeypatch, mlflow_store, server_s
     assert all(r.data.tags.get("mlflow.note.content") for r in runs.values())  # every run has a description
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
-    # training: stepped images (step slider), val_final/* summaries, top-k checkpoints
-    images = {a.path for a in client.list_artifacts(train.info.run_id, "images")}
+    # STEGO's run: its training curves, stepped images (step slider), val_final/* summaries, checkpoints
+    images = {a.path for a in client.list_artifacts(stego_run.info.run_id, "images")}
     assert any(a.startswith("images/val~volume_mip+step+10+") and a.endswith(".png") for a in images)
-    assert "val_final/cldice" in train.data.metrics
+    assert "val_final/cldice" in stego_run.data.metrics
 
-    # the registry: version 1 of the model, metrics as tags, reconstructed by models:/ URI, linked to training
-    version = client.get_model_version("stego-pipeline-tests", "1")
-    assert version.run_id == train.info.run_id and float(version.tags["cldice"]) == pytest.approx(
-        train.data.metrics["val_final/cldice"], abs=1e-4)
-    assert recon.data.tags["model_uri"] == "models:/stego-pipeline-tests/1"
-    segmenter = load_segmenter("models:/stego-pipeline-tests/1", device="cpu")
+    # its model, with the settings it was trained with, loads back through the one interface
+    state = tracking.load_learned(stego_run.info.run_id)
+    assert state.method == "stego" and state.settings["train"]["max_steps"] == 10
+    segmenter = TorchSegmenter(state.state, device="cpu")
+
     prob = segmenter.predict_slices(np.random.default_rng(0).random((2, 16, 16), dtype=np.float32))
     assert prob.shape == (2, 16, 16) and np.isfinite(prob).all() and ((prob >= 0) & (prob <= 1)).all()

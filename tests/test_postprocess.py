@@ -4,15 +4,25 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import REPO_ROOT
 
+from stego_core.engine.postprocess import (
+    PostprocessStep,
+    apply_postprocessing,
+    component_sizes,
+    fill_small_holes,
+    keep_largest_trees,
+    remove_small_components,
+    smooth_probability,
+    steps_tag,
+)
+from stego_core.engine.reconstruction import (
+    EngineConfig,
+    fuse_probabilities,
+    predict_volume,
+)
 from stego_core.methods.classical import build_segmenter
 from stego_core.methods.vesselness import frangi_response, hessian_eigenvalues
-from stego_core.config import EngineConfig, PostprocessStep
-from stego_core.engine.postprocess import (apply_postprocessing, component_sizes, fill_small_holes, keep_largest_trees,
-                                    remove_small_components, smooth_probability, steps_tag)
-from stego_core.engine.reconstruction import fuse_probabilities, predict_volume
-
-from conftest import REPO_ROOT
 
 
 def _blobs() -> np.ndarray:
@@ -174,9 +184,9 @@ def test_frangi3d_segmenter_with_mm_scales_on_anisotropic_grid():
 @pytest.mark.parametrize("preset, tag", [("best_mra.yaml", "gmm+smooth+largest"),
                                          ("best_mra_tree.yaml", "frangi3d+cc")])
 def test_preset_runs_end_to_end_on_a_tiny_phantom(tmp_path, mlflow_store, preset, tag):
-    from stego_core.config import BaselineConfig, load_config
-    from stego_core.steps.evaluation import run_baseline
+    from stego_core.config import load_config
     from stego_core.platform.tracking import client
+    from stego_core.steps.evaluation import BaselineConfig, run_baseline
 
     cfg = load_config(BaselineConfig, REPO_ROOT / "experiments" / "configs" / preset,
                       [f"data.root={tmp_path / 'ph'}", "data.phantom.n_volumes=1", "data.phantom.shape=[40,40,32]",
@@ -193,11 +203,12 @@ def test_no_step_reads_the_label(tmp_path):
     """Swapping the labels of two cases leaves every prediction identical (labels only score)."""
     import shutil
 
-    from stego_core.config import BaselineConfig, DataConfig, EngineConfig as Engine, PhantomConfig
-    from stego_core.data.cases import ensure_cases
+    from stego_core.data.cases import DataConfig, ensure_cases
     from stego_core.data.io import make_case
+    from stego_core.data.phantom import PhantomConfig
+    from stego_core.engine.reconstruction import EngineConfig as Engine
     from stego_core.methods.registry import build_method
-    from stego_core.steps.evaluation import evaluate_cases
+    from stego_core.steps.evaluation import BaselineConfig, evaluate_cases
 
     data = DataConfig(root=str(tmp_path / "ph"), phantom=PhantomConfig(n_volumes=2, shape=(32, 32, 24)))
     cases = ensure_cases(data)
@@ -217,7 +228,7 @@ def test_no_step_reads_the_label(tmp_path):
         rows = {}
         for name, group in (("orig", cases), ("swap", swapped)):
             out = tmp_path / f"{method}_{name}"
-            rows[name] = evaluate_cases(build_method(method, engine=cfg.engine), group, cfg, out,
+            rows[name] = evaluate_cases(build_method(method, None, cfg.engine), group, cfg, out,
                                          log_to_mlflow=False)
         for case in cases:
             from stego_core.data.io import load_volume

@@ -7,11 +7,25 @@ import zipfile
 import numpy as np
 import pytest
 
-from stego_core.platform import tracking
-from stego_core.config import DataConfig, PhantomConfig, PrepareConfig, SlicingConfig
-from stego_core.data.cases import CropSet, ensure_cases, make_crop_set, preprocess_case, split_cases
-from stego_core.steps.prepare import crop_names, load_crop_set, run_prepare, save_crop_set
+from stego_core.data.cases import (
+    CropSet,
+    DataConfig,
+    ensure_cases,
+    make_crop_set,
+    preprocess_case,
+    split_cases,
+)
+from stego_core.data.phantom import PhantomConfig
 from stego_core.data.seed_layout import read_seed_dataset
+from stego_core.data.slicing import SlicingConfig
+from stego_core.platform import tracking
+from stego_core.steps.prepare import (
+    PrepareConfig,
+    crop_names,
+    load_crop_set,
+    run_prepare,
+    save_crop_set,
+)
 
 pytestmark = pytest.mark.usefixtures("mlflow_store")
 

@@ -20,6 +20,7 @@ from stego_core.data.preprocess import (
     standardize,
 )
 
+
 @pytest.fixture(scope="module")
 def phantom() -> Phantom:
     return make_phantom(PhantomConfig(), seed=1)

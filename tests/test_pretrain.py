@@ -9,12 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from stego_core.config import load_config
+from stego_core.data.cases import DataConfig, ensure_cases
+from stego_core.data.phantom import PhantomConfig
+from stego_core.features.backbones import WEIGHTS_ARTIFACT, build_backbone
 from stego_core.platform import tracking
-from stego_core.features.backbones import WEIGHTS_ARTIFACT, build_backbone, resolve_weights
-from stego_core.config import DataConfig, PhantomConfig, PretrainConfig, TrainConfig, load_config
-from stego_core.data.cases import ensure_cases
-from stego_core.steps.pretrain import run_pretrain
-from stego_core.steps.training import run_train
+from stego_core.platform.weights import fetch_weights
+from stego_core.steps.pretrain import PretrainConfig, run_pretrain
+from stego_core.steps.training import TrainConfig, run_train
 
 EXPERIMENT = "pretrain-tests"
 
@@ -91,7 +93,7 @@ def test_pretrain_to_train_hand_off_by_run_id(pretrained, phantom1, tmp_path):
     assert run.data.tags["weights_id"].startswith("file:teacher_backbone.safetensors:sha256=")
     # the same weights as the file: features of the train-time backbone equal the teacher's
     a = build_backbone("mra_vit_t4_p4", weights=str(pretrained.weights_path), res=16)
-    b = build_backbone("mra_vit_t4_p4", weights=resolve_weights(f"runs:/{pretrained.run_id}"), res=16)
+    b = build_backbone("mra_vit_t4_p4", weights=fetch_weights(f"runs:/{pretrained.run_id}"), res=16)
     x = torch.rand(2, 1, 16, 16)
     torch.testing.assert_close(a(x), b(x))
 
@@ -121,12 +123,12 @@ def test_clear_errors_for_missing_or_incompatible_backbones(pretrained, tmp_path
     with pytest.raises(ValueError, match=r"\(patch 4, dim 192\) but backbone 'mra_vit_t4_p2' has patch 2"):
         build_backbone("mra_vit_t4_p2", weights=str(pretrained.weights_path))
     with pytest.raises(ValueError, match="use model.backbone=mra_vit_t4_p4"):
-        resolve_weights(f"runs:/{pretrained.run_id}", "mra_vit_t12_p4")
+        fetch_weights(f"runs:/{pretrained.run_id}", "mra_vit_t12_p4")
     with pytest.raises(ValueError, match="cannot fetch"):
-        resolve_weights("runs:/0123456789abcdef0123456789abcdef")
+        fetch_weights("runs:/0123456789abcdef0123456789abcdef")
     with pytest.raises(RuntimeError, match="pretrain"):
         build_backbone("mra_vit_t4_p4", weights="hub")
-    assert resolve_weights("random") == "random"
+    assert fetch_weights("random") == "random"
 
 
 def test_pretrain_refuses_a_non_trainable_backbone(phantom1, tmp_path):

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import numpy as np
+from conftest import segment_volume
 import pytest
 
-from stego_core.engine.reconstruction import EngineConfig, binarize, predict_volume, segment_volume, window
+from stego_core.engine.reconstruction import (
+    EngineConfig,
+    binarize,
+    predict_volume,
+    window,
+)
 from stego_core.engine.segmenter import Segmenter
 
 

@@ -7,10 +7,16 @@ import dataclasses
 import numpy as np
 import pytest
 
-from stego_core.config import DataConfig, SamplingConfig, SlicingConfig
-from stego_core.data.cases import make_crop_set, preprocess_case
+from stego_core.data.cases import DataConfig, make_crop_set, preprocess_case
 from stego_core.data.io import make_case
-from stego_core.data.sampling import bright_threshold, crop_weights, draw_crops, select_crops
+from stego_core.data.sampling import (
+    SamplingConfig,
+    bright_threshold,
+    crop_weights,
+    draw_crops,
+    select_crops,
+)
+from stego_core.data.slicing import SlicingConfig
 
 
 def test_bright_crops_get_more_weight():
@@ -65,10 +71,12 @@ def test_sampling_never_reads_labels(tiny_case):
 
 def test_cache_budget_subsamples_training_crops(tiny_case, tmp_path):
     """train.cache_max_gb caps the training crops' feature cache: the crops kept fit the budget."""
+    from stego_core.config import load_config
     from stego_core.features.backbones import build_backbone
-    from stego_core.config import TrainConfig, load_config
-    from stego_core.methods.stego.datamodule import StegoDataModule
     from stego_core.features.cache import feature_bytes_per_crop
+    from stego_core.data.cases import ensure_cases, preprocess_case, split_cases
+    from stego_core.methods.stego.datamodule import StegoDataModule
+    from stego_core.steps.training import TrainConfig
 
     folder = tiny_case("case_000")
     tiny_case("case_001")
@@ -78,15 +86,20 @@ def test_cache_budget_subsamples_training_crops(tiny_case, tmp_path):
     backbone = build_backbone("classical", weights="random", res=8)
     per_crop = feature_bytes_per_crop(backbone, 16)
     assert per_crop == int(np.prod(backbone.output_shape(16))) * 2
-    full = StegoDataModule(load_config(TrainConfig, None, {**over, "train.cache_max_gb": 0}), backbone)
+    def module(budget: float) -> StegoDataModule:
+        cfg = load_config(TrainConfig, None, {**over, "train.cache_max_gb": budget})
+        train, held = split_cases(ensure_cases(cfg.data), cfg.test_fraction, seed=cfg.split_seed)
+        return StegoDataModule(cfg.stego_settings(), backbone, [preprocess_case(c, cfg.data) for c in train],
+                               [preprocess_case(c, cfg.data) for c in held])
+
+    full = module(0)
     full.setup()
     n_all = len(full.train_set)
     budget = 10 * per_crop / 1e9
-    capped = StegoDataModule(load_config(TrainConfig, None, {**over, "train.cache_max_gb": budget}), backbone)
+    capped = module(budget)
     capped.setup()
     assert n_all > 10 and len(capped.train_set) == len(capped.features) == 10
     assert capped.sample_weights.shape == (10,) and np.isclose(capped.sample_weights.sum(), 1.0)
-    too_small = StegoDataModule(load_config(TrainConfig, None, {**over, "train.cache_max_gb": per_crop / 1e9}),
-                                backbone)
+    too_small = module(per_crop / 1e9)
     with pytest.raises(ValueError, match="train.cache_max_gb"):
         too_small.setup()

@@ -7,7 +7,11 @@ import pytest
 from PIL import Image
 from scipy.io import loadmat, savemat
 
-from stego_core.data.seed_layout import SPLIT_FILES, read_seed_dataset, write_seed_dataset
+from stego_core.data.seed_layout import (
+    SPLIT_FILES,
+    read_seed_dataset,
+    write_seed_dataset,
+)
 
 IDS = ["vol0_s003_r000_c016", "vol0_s004_r000_c016", "vol1_s010_r008_c000", "vol1_s011_r008_c000", "x5"]
 

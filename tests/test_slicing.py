@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import numpy as np
+from conftest import blend_crops, extract_crops
 import pytest
 
-from stego_core.data.slicing import (CropBlender, blend_crops, blend_weights, crop_index, crop_origins, extract_crops,
-                                take_crops, to_slices)
+from stego_core.data.slicing import (
+    CropBlender,
+    blend_weights,
+    crop_index,
+    crop_origins,
+    take_crops,
+    to_slices,
+)
 
 
 @pytest.mark.parametrize("length, patch, stride, expected", [

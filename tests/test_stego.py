@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stego_core.config import LossConfig
 from stego_core.methods.stego.mapping import (
     bright_cut,
     cluster_vessel_probability,
@@ -24,6 +23,7 @@ from stego_core.methods.stego.mapping import (
 from stego_core.methods.stego.model import (
     ClusterProbe,
     LinearProbe,
+    LossConfig,
     StegoHead,
     centre_correlation,
     correspondence_loss,

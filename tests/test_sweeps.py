@@ -21,7 +21,13 @@ from optuna.trial import TrialState
 from stego_core.platform import tracking
 from sweeps.driver import load_sweep_config, make_storage, run_sweep, trials_used
 from sweeps.run import apply_space_overrides, split_overrides
-from sweeps.space import SweepConfig, grid_search_space, parse_param, parse_space, suggest
+from sweeps.space import (
+    SweepConfig,
+    grid_search_space,
+    parse_param,
+    parse_space,
+    suggest,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 #: STEGO on tiny phantoms: ~2 s per seed run on one core.

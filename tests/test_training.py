@@ -11,18 +11,20 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from stego_core.platform import tracking
-from stego_core.config import DataConfig, PhantomConfig, load_config
-from stego_core.data.cases import ensure_cases, split_cases
-from stego_core.methods.registry import load_model_segmenter as load_segmenter
+from stego_core.config import load_config
+from stego_core.data.cases import DataConfig, ensure_cases, split_cases
+from stego_core.data.phantom import PhantomConfig
 from stego_core.engine.reconstruction import EngineConfig
+from stego_core.methods.stego.inference import TorchSegmenter
+from stego_core.methods.stego.mapping import choose_mapping_rule
+from stego_core.platform import tracking
 from stego_core.steps.evaluation import (
     BaselineConfig,
     ReconstructConfig,
     run_baseline,
     run_reconstruct,
 )
-from stego_core.steps.training import TrainConfig, choose_mapping_rule, run_train
+from stego_core.steps.training import TrainConfig, run_train
 
 pytestmark = pytest.mark.usefixtures("mlflow_store")
 
@@ -159,7 +161,7 @@ def test_reconstruct_run_links_training_and_shares_metric_keys(e2e, data3):
     assert tags["method"] == "stego" and tags["step"] == "evaluate"
     assert tags["model_uri"] == trained.model_uri
     assert tags["cluster_mapping_rule"] == "hungarian"
-    assert run.data.params["engine.patch_size"] == "16"  # null -> the model's training crop size
+    assert run.data.params["engine.patch_size"] == "None"  # null: the model's own training crop size (16)
 
     baseline = client.get_run(e2e["baseline"].run_id)
     stego_keys = {k for k in run.data.metrics if k.endswith(("_mean", "_std"))}
@@ -192,7 +194,7 @@ def test_logged_model_loads_and_predicts(e2e, monkeypatch):
     for k in logged:
         torch.testing.assert_close(logged[k], checkpoint[k])
 
-    segmenter = load_segmenter(trained.model_uri, device="cpu")
+    segmenter = TorchSegmenter(tracking.load_pytorch_model(trained.model_uri), device="cpu")
     assert segmenter.name == "stego" and segmenter.threshold == 0.5
     out = segmenter.predict_slices(crops[:, 0].numpy())
     assert out.shape == (3, 16, 16) and out.dtype == np.float32

@@ -15,6 +15,8 @@ import pytest
 from conftest import REPO_ROOT, free_port, headless_chromium, wait_for_health
 
 from stego_core.platform import tracking, ui
+
+
 def demo_like_store() -> str:
     """A ``stego-vessels`` experiment holding a pipeline row with per-method scores and one nested step."""
     with tracking.start_run("stego-vessels", run_name="pipeline", tags={"step": "pipeline"}) as parent:

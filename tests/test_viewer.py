@@ -21,7 +21,13 @@ import pytest
 from conftest import headless_chromium, needs_chromium
 from PIL import Image
 
-from stego_core.report.viewer import ERROR_CODES, block_max, error_codes, mosaic, viewer_html
+from stego_core.report.viewer import (
+    ERROR_CODES,
+    block_max,
+    error_codes,
+    mosaic,
+    viewer_html,
+)
 from stego_core.report.visualize import ERROR_COLOURS
 
 SHAPE = (24, 36, 30)  # (I, J, K), below max_size: no reduction, one canvas pixel per voxel

@@ -9,9 +9,9 @@ import sys
 
 import torch
 
+from stego_core.config import load_config
 from stego_core.runtime import distributed
-from stego_core.config import PretrainConfig, load_config
-from stego_core.steps.pretrain import run_pretrain
+from stego_core.steps.pretrain import PretrainConfig, run_pretrain
 
 
 def main(out: str, overrides: list[str]) -> None:

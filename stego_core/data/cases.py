@@ -7,19 +7,48 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
-from stego_core.config import DataConfig, SlicingConfig, to_dict
-from stego_core.runtime.faults import file_lock
+from stego_core._checks import check_choice
+from stego_core.config import to_dict
 from stego_core.data.io import Case, discover_cases, load_case
-from stego_core.data.slicing import crop_index, take_crops
+from stego_core.data.phantom import PhantomConfig
+from stego_core.data.preprocess import SKULL_STRIP_MODES, STANDARDIZE_METHODS
+from stego_core.data.slicing import SlicingConfig, crop_index, take_crops
+from stego_core.runtime.faults import file_lock
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where volumes come from and how they are preprocessed.
+
+    ``source`` is ``phantom`` (generated into ``root``) or ``folder`` (existing case folders under ``root``).
+    """
+
+    source: str = "phantom"
+    root: str = "data/phantoms"
+    skull_strip: str = "auto"
+    standardize: str = "zscore_minmax"
+    phantom: PhantomConfig = field(default_factory=PhantomConfig)
+
+    def plan_fields(self) -> list[str]:
+        """The fields a plan shows: ``phantom`` only when phantoms are generated."""
+        return [f.name for f in dataclasses.fields(self) if f.name != "phantom" or self.source == "phantom"]
+
+    def __post_init__(self) -> None:
+        check_choice(self.source, "data.source", ("phantom", "folder"))
+        check_choice(self.skull_strip, "data.skull_strip", SKULL_STRIP_MODES)
+        check_choice(self.standardize, "data.standardize", STANDARDIZE_METHODS)
+
+
 
 
 @dataclass
@@ -45,6 +74,8 @@ class PreparedCase:
     label_retention: float | None = None
     #: set when the automatic brain mask is implausible for a head (see :func:`mask_plausibility`)
     mask_warning: str | None = None
+    #: how it was preprocessed (``skull_strip``, ``standardize``): a learned model checks it against its own
+    preprocessing: dict = field(default_factory=dict)
 
     @property
     def case_id(self) -> str:
@@ -108,7 +139,6 @@ def ensure_cases(data: DataConfig, *, require_labels: bool = False) -> list[Case
 
 def _ensure_phantoms(root: Path, data: DataConfig) -> None:
     """Generate the phantoms of ``data`` into ``root`` unless that folder already holds them."""
-    from stego_core.config import PhantomConfig
     from stego_core.data.phantom import write_phantom_cases
 
     settings = to_dict(data.phantom)
@@ -160,7 +190,8 @@ def preprocess_case(case: Case, data: DataConfig) -> PreparedCase:
     retention = label_retention(mask, loaded.label) if loaded.label is not None else None
     return PreparedCase(case=case, image=image01, brain_mask=mask, label=loaded.label,
                         affine=loaded.image.affine, header=loaded.image.header, label_retention=retention,
-                        mask_warning=warning)
+                        mask_warning=warning,
+                        preprocessing={"skull_strip": data.skull_strip, "standardize": data.standardize})
 
 
 #: A head's automatic brain mask keeps between these fractions of the volume / of its brightest voxels.

@@ -32,8 +32,129 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from stego_core._checks import check_range
-from stego_core.config import PhantomConfig
 from stego_core.data.io import save_volume
+
+
+@dataclass(frozen=True)
+class PhantomConfig:
+    """Synthetic TOF-MRA phantoms: how many, their seed, and every generation parameter (:mod:`stego_core.data.phantom`).
+
+    Lengths named ``*_vox`` are in units of the finest voxel spacing (``min(spacing_mm)``), those named
+    ``*_mm`` in millimetres. Intensities are on a 0-255 scale like the real 8-bit case.
+
+    Attributes
+    ----------
+    n_volumes : int
+        How many phantoms ``source: phantom`` generates (``phantom_000``, ``phantom_001``, ...).
+    seed : int
+        Seed of the first phantom; phantom ``i`` uses ``seed + i``.
+    shape : (3,) tuple of int
+        Grid size (I, J, K); K is the axial (inferior -> superior) axis.
+    spacing_mm : (3,) tuple of float
+        Voxel size along each axis, in mm.
+    n_trees : int
+        Number of arterial trees entering from the skull base.
+    max_depth : int
+        Maximum number of bifurcation generations per tree.
+    root_radius_vox : (2,) tuple of float
+        Range (low, high) of root radii.
+    min_radius_vox : float
+        Branches thinner than this are not grown.
+    segment_length_radii : (2,) tuple of float
+        Range of segment lengths between bifurcations, in radii of the segment.
+    bifurcation_angle_deg : (2,) tuple of float
+        Range of the angle between the two children of a bifurcation, in degrees.
+    murray_jitter : float
+        Share of ``r0**3`` given to the first child is drawn from ``0.5 +/- murray_jitter``.
+    tortuosity_deg : float
+        Standard deviation of the random turn per step along a segment, in degrees.
+    sinus : bool
+        Draw a superior sagittal sinus (part of the vessel label, as in the real case).
+    sinus_radius_vox : float
+        Radius of the sinus.
+    head_fill : float
+        Fraction of the field of view spanned by the head in-plane.
+    scalp_mm, skull_mm, csf_rim_mm : float
+        Thickness of the scalp/fat shell, of the skull and of the CSF rim around the brain.
+    vessel_intensity, brain_intensity, csf_intensity, scalp_intensity, skull_intensity, skin_intensity : float
+        Mean intensities of the tissues before bias and noise. The vessel value may exceed 255: the image is
+        clipped to [0, 255], so thick vessels saturate as they do in 8-bit TOF data.
+    texture : float
+        Relative amplitude of the smooth brain and scalp texture.
+    noise_sigma : float
+        Standard deviation of the Gaussian noise in each of the real and imaginary channels (Rician noise).
+    bias_strength : float
+        The bias field spans ``1 +/- bias_strength``.
+    """
+
+    n_volumes: int = 3
+    seed: int = 0
+    shape: tuple[int, int, int] = (96, 96, 64)
+    spacing_mm: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    n_trees: int = 5
+    max_depth: int = 9
+    root_radius_vox: tuple[float, float] = (1.3, 2.5)
+    min_radius_vox: float = 0.3
+    segment_length_radii: tuple[float, float] = (4.0, 10.0)
+    bifurcation_angle_deg: tuple[float, float] = (30.0, 75.0)
+    murray_jitter: float = 0.15
+    tortuosity_deg: float = 15.0
+    sinus: bool = True
+    sinus_radius_vox: float = 2.2
+    head_fill: float = 0.94
+    scalp_mm: float = 4.0
+    skull_mm: float = 3.5
+    csf_rim_mm: float = 1.5
+    vessel_intensity: float = 290.0
+    brain_intensity: float = 125.0
+    csf_intensity: float = 45.0
+    scalp_intensity: float = 175.0
+    skull_intensity: float = 25.0
+    skin_intensity: float = 120.0
+    texture: float = 0.08
+    noise_sigma: float = 10.0
+    bias_strength: float = 0.2
+
+    def __post_init__(self) -> None:
+        check_range(self.n_volumes, "phantom.n_volumes", 1)
+        if len(self.shape) != 3 or any(int(s) != s for s in self.shape) or min(self.shape) < 24:
+            raise ValueError(f"phantom.shape={self.shape!r} must be three sizes >= 24 (integers)")
+        if len(self.spacing_mm) != 3 or not all(np.isfinite(s) and s > 0 for s in self.spacing_mm):
+            raise ValueError(f"phantom.spacing_mm={self.spacing_mm!r} must be 3 positive finite numbers")
+        for name in ("root_radius_vox", "segment_length_radii", "bifurcation_angle_deg"):
+            pair = getattr(self, name)
+            if len(pair) != 2 or not pair[0] <= pair[1]:
+                raise ValueError(f"{name}={pair!r} must be a (low, high) pair with low <= high")
+        check_range(self.n_trees, "n_trees", 1, 16)
+        check_range(self.max_depth, "max_depth", 0, 12)
+        check_range(self.root_radius_vox[0], "root_radius_vox", 0.5, None)
+        check_range(self.root_radius_vox[1], "root_radius_vox", None, 8.0)
+        check_range(self.min_radius_vox, "min_radius_vox", 0.1, self.root_radius_vox[0])
+        check_range(self.segment_length_radii[0], "segment_length_radii", 1.0, None)
+        check_range(self.segment_length_radii[1], "segment_length_radii", None, 40.0)
+        check_range(self.bifurcation_angle_deg[0], "bifurcation_angle_deg", 0.0, None, low_inclusive=False)
+        check_range(self.bifurcation_angle_deg[1], "bifurcation_angle_deg", None, 180.0, high_inclusive=False)
+        check_range(self.murray_jitter, "murray_jitter", 0.0, 0.45)
+        check_range(self.tortuosity_deg, "tortuosity_deg", 0.0, 45.0)
+        check_range(self.sinus_radius_vox, "sinus_radius_vox", 0.5, 8.0)
+        check_range(self.head_fill, "head_fill", 0.5, 1.0)
+        for name in ("scalp_mm", "skull_mm", "csf_rim_mm"):
+            check_range(getattr(self, name), name, 0.0, 30.0)
+        check_range(self.vessel_intensity, "vessel_intensity", 0.0, 400.0)
+        for name in ("brain_intensity", "csf_intensity", "scalp_intensity",
+                     "skull_intensity", "skin_intensity"):
+            check_range(getattr(self, name), name, 0.0, 255.0)
+        check_range(self.texture, "texture", 0.0, 0.5)
+        check_range(self.noise_sigma, "noise_sigma", 0.0, 100.0)
+        check_range(self.bias_strength, "bias_strength", 0.0, 0.9)
+        # the brain must be left with room once the shells are peeled off the head
+        half_min_mm = 0.5 * self.head_fill * min(n * s for n, s in zip(self.shape[:2], self.spacing_mm[:2]))
+        shells = self.scalp_mm + self.skull_mm + self.csf_rim_mm
+        if shells > 0.6 * half_min_mm:
+            raise ValueError(f"scalp_mm + skull_mm + csf_rim_mm = {shells:g} mm leaves no room for a brain in a "
+                             f"head of in-plane half-width {half_min_mm:g} mm; use a larger shape or thinner shells")
+
+
 
 __all__ = ["PhantomConfig", "Phantom", "make_phantom", "write_phantom_cases"]
 

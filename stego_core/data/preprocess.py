@@ -21,7 +21,20 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage.filters import threshold_otsu
 
-from stego_core._checks import as_binary, check_finite, check_ndim, check_range, check_same_shape
+from stego_core._checks import (
+    as_binary,
+    check_finite,
+    check_ndim,
+    check_range,
+    check_same_shape,
+)
+
+SKULL_STRIP_MODES = ("auto", "given", "head", "none")
+
+
+STANDARDIZE_METHODS = ("zscore_minmax", "percentile")
+
+
 
 __all__ = ["BRAIN_MASK_MODES", "STANDARDIZE_METHODS", "apply_brain_mask", "head_mask", "skull_strip",
            "brain_mask_for", "standardize", "label_retention", "bright_percentile"]

@@ -14,11 +14,38 @@ Functions take images, masks and crops; none accepts a label, so a label cannot 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
-from stego_core.config import SAMPLING_METHODS, SamplingConfig
+from stego_core._checks import check_choice, check_range
 from stego_core.data.preprocess import bright_percentile
+
+SAMPLING_METHODS = ("none", "bright")
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Label-free crop sampling (:mod:`stego_core.data.sampling`): crops are weighted by the fraction of their pixels
+    above the ``quantile``-th percentile of their volume's brain intensities, plus ``floor`` times the mean.
+
+    ``method: none`` draws uniformly. ``max_crops`` (STEGO training) keeps that many crops, drawn by weight
+    without replacement, before features are computed; when every crop is kept (0, or no more crops than
+    ``max_crops``) the loader draws batches by weight instead.
+    """
+
+    method: str = "bright"
+    quantile: float = 99.0
+    floor: float = 0.05
+    max_crops: int = 0
+
+    def __post_init__(self) -> None:
+        check_choice(self.method, "sampling.method", SAMPLING_METHODS)
+        check_range(self.quantile, "sampling.quantile", 0.0, 100.0, low_inclusive=False, high_inclusive=False)
+        check_range(self.floor, "sampling.floor", 0.0)
+        check_range(self.max_crops, "sampling.max_crops", 0)
+
+
 
 __all__ = ["SAMPLING_METHODS", "bright_threshold", "crop_weights", "draw_crops", "select_crops"]
 

@@ -6,18 +6,41 @@ cuts image crops, label crops, and places predictions back, so every step stays 
 
 >>> import numpy as np
 >>> vol = np.arange(4 * 4 * 2, dtype=np.float32).reshape(4, 4, 2)
->>> crops, index = extract_crops(vol, axis=2, patch_size=2, stride=2)
+>>> index = crop_index(vol.shape, axis=2, patch_size=2, stride=2)
+>>> crops = take_crops(vol, index, axis=2, patch_size=2)
 >>> crops.shape, index.shape
 ((8, 2, 2), (8, 3))
->>> np.array_equal(blend_crops(crops, index, vol.shape, axis=2, patch_size=2), vol)
+>>> blender = CropBlender(vol.shape, axis=2, patch_size=2)
+>>> blender.add(crops, index)
+>>> np.array_equal(blender.result(), vol)
 True
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from stego_core._checks import check_ndim, check_range, check_same_shape
+from stego_core._checks import check_choice, check_ndim, check_range
+
+
+@dataclass(frozen=True)
+class SlicingConfig:
+    """2D crops cut from slices along ``axis`` (0, 1 or 2; 2 = axial for RAS-like volumes)."""
+
+    axis: int = 2
+    patch_size: int = 32
+    stride: int = 16
+    min_brain_fraction: float = 0.05
+
+    def __post_init__(self) -> None:
+        check_choice(self.axis, "slicing.axis", (0, 1, 2))
+        check_range(self.patch_size, "slicing.patch_size", 4)
+        check_range(self.stride, "slicing.stride", 1, self.patch_size)
+        check_range(self.min_brain_fraction, "slicing.min_brain_fraction", 0.0, 1.0)
+
+
 
 
 def crop_origins(length: int, patch_size: int, stride: int) -> np.ndarray:
@@ -112,21 +135,6 @@ def take_crops(volume: np.ndarray, index: np.ndarray, *, axis: int, patch_size: 
     return np.ascontiguousarray(slices[s, r, c])
 
 
-def extract_crops(volume: np.ndarray, *, axis: int, patch_size: int, stride: int,
-                  brain_mask: np.ndarray | None = None, min_brain_fraction: float = 0.0
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Cut ``volume`` (I, J, K) into 2D crops; returns ``(crops (N, P, P), index (N, 3))``.
-
-    See :func:`crop_index` for the parameters.
-    """
-    check_ndim(volume, 3, "volume")
-    if brain_mask is not None:
-        check_same_shape(volume, brain_mask, "volume", "brain_mask")
-    index = crop_index(volume.shape, axis=axis, patch_size=patch_size, stride=stride, brain_mask=brain_mask,
-                       min_brain_fraction=min_brain_fraction)
-    return take_crops(volume, index, axis=axis, patch_size=patch_size), index
-
-
 def blend_weights(patch_size: int, mode: str = "constant", *, sigma_scale: float = 0.125) -> np.ndarray:
     """Per-pixel weights (P, P) for blending overlapping crops: ``constant`` (ones) or ``gaussian``.
 
@@ -176,11 +184,3 @@ class CropBlender:
         h, w = self._hw
         out = np.divide(self._sum, self._weight, out=np.zeros_like(self._sum), where=self._weight > 0)[:, :h, :w]
         return np.ascontiguousarray(np.moveaxis(out, 0, self.axis))
-
-
-def blend_crops(predictions: np.ndarray, index: np.ndarray, volume_shape: tuple[int, int, int], *, axis: int,
-                patch_size: int, blend: str = "constant") -> np.ndarray:
-    """Place per-crop predictions (N, P, P) back into a volume (I, J, K), averaging overlaps."""
-    blender = CropBlender(volume_shape, axis=axis, patch_size=patch_size, blend=blend)
-    blender.add(predictions, index)
-    return blender.result()

@@ -15,7 +15,7 @@ Mask steps (after the probability is thresholded at the segmenter's threshold, i
     ``fill_holes`` (:func:`fill_small_holes`): fill enclosed cavities up to a size in voxels or mm^3.
 
 :data:`STEPS` registers them (a new step is one function and one line there);
-:func:`apply_postprocessing` runs a list of :class:`~stego_core.config.PostprocessStep` in order, and
+:func:`apply_postprocessing` runs a list of :class:`~stego_core.engine.postprocess.PostprocessStep` in order, and
 :func:`steps_tag` names it for the ``method`` tag (``gmm+smooth+largest``). Components are counted with
 26-connectivity in 3D (8 in 2D), the convention of :func:`stego_core.evaluation.metrics.n_components`.
 
@@ -26,14 +26,69 @@ Mask steps (after the probability is thresholded at the segmenter's threshold, i
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage as ndi
 
-from stego_core._checks import check_ndim, check_range, check_same_shape
-from stego_core.evaluation.metrics import connectivity_structure, foreground_bbox
+from stego_core._arrays import connectivity_structure, foreground_bbox
+from stego_core._checks import check_choice, check_ndim, check_range, check_same_shape
+from stego_core.engine.crf import CRF_PRESETS
+
+
+@dataclass(frozen=True)
+class PostprocessStep:
+    """One label-free post-processing step (:data:`stego_core.engine.postprocess.STEPS`), parameters fixed a priori.
+    The fields are the union of the registered steps' parameters; each step accepts its own (checked here).
+
+    ``step`` is one of
+
+    - ``smooth``: Gaussian smoothing of the probability, ``sigma_vox`` or ``sigma_mm``;
+    - ``crf``: the dense CRF on every slice along ``engine.axis`` (``crf_settings``, or a named ``preset`` of
+      :data:`stego_core.engine.crf.CRF_PRESETS`: ``thin`` keeps one-to-three-pixel vessels);
+    - ``cc``: drop connected components (26-connectivity unless ``connectivity``) smaller than
+      ``min_size_vox`` voxels or ``min_size_mm3`` mm^3;
+    - ``largest``: keep components of at least ``min_fraction`` times the largest one's size;
+    - ``fill_holes``: fill enclosed cavities of at most ``max_size_vox`` voxels or ``max_size_mm3`` mm^3.
+
+    Probability steps (``smooth``, ``crf``) must come before mask steps. In YAML:
+    ``postprocess: [{step: cc, min_size_mm3: 10}, {step: fill_holes, max_size_vox: 8}]``.
+    """
+
+    step: str = "cc"
+    min_size_vox: int | None = None
+    min_size_mm3: float | None = None
+    min_fraction: float | None = None
+    max_size_vox: int | None = None
+    max_size_mm3: float | None = None
+    sigma_vox: float | None = None
+    sigma_mm: float | None = None
+    connectivity: int | None = None
+    preset: str | None = None
+
+    def __post_init__(self) -> None:
+        check_choice(self.step, "postprocess.step", tuple(STEPS))
+        spec = STEPS[self.step]
+        given = {f.name for f in dataclasses.fields(self) if f.name != "step" and getattr(self, f.name) is not None}
+        extra = given - set(spec.params)
+        if extra:
+            raise ValueError(f"postprocess step {self.step!r} takes {sorted(spec.params) or 'no parameters'}; "
+                             f"got {sorted(extra)}")
+        if spec.one_of and len(given & set(spec.one_of)) != 1:
+            raise ValueError(f"postprocess step {self.step!r} needs exactly one of {list(spec.one_of)}")
+        if self.connectivity is not None:
+            check_choice(self.connectivity, "postprocess.connectivity", (6, 18, 26))
+        if self.preset is not None:
+            check_choice(self.preset, "postprocess.preset", tuple(CRF_PRESETS))
+        if self.min_fraction is not None:
+            check_range(self.min_fraction, "postprocess.min_fraction", 0.0, 1.0, low_inclusive=False)
+        for name in ("min_size_vox", "min_size_mm3", "max_size_vox", "max_size_mm3", "sigma_vox", "sigma_mm"):
+            if getattr(self, name) is not None:
+                check_range(getattr(self, name), f"postprocess.{name}", 0.0)
+
+
 
 __all__ = [
     "MASK_STEPS",
@@ -320,7 +375,7 @@ def _fill_holes(mask: np.ndarray, ctx: StepContext, **params) -> np.ndarray:
 
 
 #: The registry of steps: adding one is one function and one line here (its parameters must be fields of
-#: :class:`stego_core.config.PostprocessStep`).
+#: :class:`stego_core.engine.postprocess.PostprocessStep`).
 STEPS: dict[str, StepSpec] = {
     "smooth": StepSpec("prob", lambda p, ctx, **kw: smooth_probability(p, spacing=ctx.spacing, **kw),
                        ("sigma_vox", "sigma_mm"), ("sigma_vox", "sigma_mm")),
@@ -359,7 +414,7 @@ def apply_postprocessing(mask_or_prob: np.ndarray, image: np.ndarray | None, ste
         The preprocessed image; needed by ``crf`` only.
     steps : sequence of PostprocessStep or dict
         Each has ``step`` (a name of :data:`STEPS`) and that step's parameters
-        (:class:`stego_core.config.PostprocessStep`). Probability steps must come before mask steps.
+        (:class:`stego_core.engine.postprocess.PostprocessStep`). Probability steps must come before mask steps.
     spacing : (3,) sequence of float, optional
         Voxel size in mm, for sizes in mm^3 and sigmas in mm.
     threshold : float

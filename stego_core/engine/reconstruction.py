@@ -10,15 +10,61 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from stego_core._checks import check_ndim, check_range, check_same_shape
-from stego_core._checks import check_choice
-from stego_core.config import FUSION_MODES, EngineConfig
-from stego_core.engine.segmenter import Segmenter
+from stego_core._checks import check_choice, check_ndim, check_range, check_same_shape
 from stego_core.data.slicing import CropBlender, crop_index, take_crops
+from stego_core.engine.segmenter import Segmenter
+
+BLEND_MODES = ("constant", "gaussian")
+
+
+FUSION_MODES = ("mean", "max")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Sliding-window settings, one default for every method.
+
+    ``patch_size: null`` (default) is the method's own window: whole slices for the classical methods, the
+    training crop size for a learned model. ``stride`` defaults to half a patch. ``blend`` weights overlapping
+    crops (``constant`` or ``gaussian``); whole slices do not overlap and are taken as they are. ``batch_size``
+    is the number of slices or crops cut and blended at once.
+
+    Tri-planar fusion: ``axes: [0, 1, 2]`` runs the same sliding window along each listed axis (``axis`` is then
+    ignored) and fuses the probabilities voxel by voxel, ``fusion: mean`` (the average: a voxel needs support
+    from the views on average, which suppresses one-view streaks) or ``max`` (any one view suffices: more
+    recall, more false positives). ``axes: null`` (default) slices along ``axis`` only. Volume-level
+    segmenters (``frangi3d``, ``sato3d``) ignore the axes.
+    """
+
+    axis: int = 2
+    patch_size: int | None = None
+    stride: int | None = None
+    batch_size: int = 64
+    blend: str = "gaussian"
+    axes: tuple[int, ...] | None = None
+    fusion: str = "mean"
+
+    def __post_init__(self) -> None:
+        check_choice(self.axis, "engine.axis", (0, 1, 2))
+        check_choice(self.fusion, "engine.fusion", FUSION_MODES)
+        if self.axes is not None:
+            if not self.axes or len(set(self.axes)) != len(self.axes):
+                raise ValueError(f"engine.axes={self.axes!r} must list distinct axes among 0, 1, 2")
+            for a in self.axes:
+                check_choice(a, "engine.axes", (0, 1, 2))
+        check_choice(self.blend, "engine.blend", BLEND_MODES)
+        check_range(self.batch_size, "engine.batch_size", 1)
+        if self.patch_size is not None:
+            check_range(self.patch_size, "engine.patch_size", 4)
+        if self.stride is not None:
+            check_range(self.stride, "engine.stride", 1, self.patch_size)
+
+
 
 
 def window(volume_shape: tuple[int, int, int], engine: EngineConfig) -> tuple[int, int]:
@@ -173,11 +219,3 @@ def binarize(prob: np.ndarray, threshold: float, brain_mask: np.ndarray | None =
     if brain_mask is not None:
         mask &= brain_mask
     return mask
-
-
-def segment_volume(segmenter: Segmenter, image: np.ndarray, brain_mask: np.ndarray, engine: EngineConfig, *,
-                   progress: bool = True, spacing: Sequence[float] | None = None
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """Probabilities and the binary 3D segmentation (thresholded at the segmenter's own a-priori threshold)."""
-    prob = predict_volume(segmenter, image, brain_mask, engine, progress=progress, spacing=spacing)
-    return prob, binarize(prob, float(segmenter.threshold), brain_mask)

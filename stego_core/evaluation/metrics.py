@@ -33,6 +33,7 @@ import numpy as np
 from scipy import ndimage
 from skimage.morphology import skeletonize
 
+from stego_core._arrays import connectivity_structure, foreground_bbox
 from stego_core._checks import as_binary, check_ndim, check_range, check_same_shape
 
 __all__ = [
@@ -75,8 +76,6 @@ SCORE_KEYS: tuple[str, ...] = tuple(k for k in METRIC_KEYS if k in ("dice", "cld
 OBJECTIVE_KEYS: tuple[str, ...] = ("cldice", "dice")
 assert set(OBJECTIVE_KEYS) <= set(SCORE_KEYS)
 
-#: Connectivity (neighbours counted as touching) -> ``generate_binary_structure`` rank, per ndim.
-_CONNECTIVITY_RANK = {2: {4: 1, 8: 2}, 3: {6: 1, 18: 2, 26: 3}}
 
 RESULTS_TXT = "evaluation_results.txt"
 RESULTS_CSV = "evaluation_results.csv"
@@ -200,19 +199,6 @@ def _precision_recall(pred: np.ndarray, target: np.ndarray, empty_score: float) 
 
 
 # ------------------------------------------------------------------------------------------------ skeletons
-
-
-def foreground_bbox(mask: np.ndarray, *, pad: int = 0) -> tuple[slice, ...] | None:
-    """Bounding box of the foreground grown by ``pad`` voxels (``None`` if empty), one projection per axis (no
-    full-volume argwhere)."""
-    box = []
-    for axis in range(mask.ndim):
-        other = tuple(a for a in range(mask.ndim) if a != axis)
-        hits = np.flatnonzero(mask.any(axis=other))
-        if hits.size == 0:
-            return None
-        box.append(slice(max(0, int(hits[0]) - pad), int(hits[-1]) + 1 + pad))
-    return tuple(box)
 
 
 def skeleton(mask: np.ndarray) -> np.ndarray:
@@ -344,18 +330,6 @@ def n_components(mask: np.ndarray, *, connectivity: int | None = None) -> int:
     """
     mask = _mask(mask, "mask")
     return _n_components(mask, connectivity)
-
-
-def connectivity_structure(ndim: int, connectivity: int | None) -> np.ndarray:
-    """The ``scipy.ndimage`` structuring element of ``connectivity`` (None = full: 26 in 3D, 8 in 2D)."""
-    ranks = _CONNECTIVITY_RANK[ndim]
-    if connectivity is None:
-        connectivity = max(ranks)
-    if connectivity not in ranks:
-        raise ValueError(
-            f"connectivity={connectivity!r} is not valid for {ndim}D masks; expected one of {sorted(ranks)}"
-        )
-    return ndimage.generate_binary_structure(ndim, ranks[connectivity])
 
 
 def _n_components(mask: np.ndarray, connectivity: int | None) -> int:
@@ -609,7 +583,9 @@ def betti_numbers(mask: np.ndarray) -> tuple[int, int, int]:
 
 
 def _betti_numbers(mask: np.ndarray) -> tuple[int, int, int]:
-    from skimage.measure import euler_number  # skimage.measure is slow to import; only these metrics need it
+    from skimage.measure import (
+        euler_number,  # skimage.measure is slow to import; only these metrics need it
+    )
 
     padded = _padded_crop(mask)
     if padded is None:

@@ -13,8 +13,14 @@ from typing import Any
 import numpy as np
 
 from stego_core.data.cases import PreparedCase
-from stego_core.evaluation.metrics import RADIUS_BINS, betti_errors, evaluate_segmentation, radius_recall, surface_distances
 from stego_core.engine.postprocess import PostprocessResult, apply_postprocessing
+from stego_core.evaluation.metrics import (
+    RADIUS_BINS,
+    betti_errors,
+    evaluate_segmentation,
+    radius_recall,
+    surface_distances,
+)
 
 
 def analysis_metrics(pred: np.ndarray, label: np.ndarray, spacing_mm: Sequence[float] | None) -> dict[str, float]:
@@ -76,3 +82,34 @@ def evaluate_case(prob: np.ndarray, case: PreparedCase, steps: Sequence = (), *,
         if analysis:
             row.update(analysis_metrics(post.mask, case.label, case.spacing_mm))
     return post, row
+
+
+def score_result(result: Any, case: PreparedCase, steps: Sequence = (), *, threshold: float = 0.5,
+                 slice_axis: int = 2, crf_settings: Any = None, analysis: bool = False
+                 ) -> tuple[PostprocessResult, dict[str, Any]]:
+    """:func:`evaluate_case` of a method's :class:`~stego_core.methods.registry.Result`, plus its mask extras
+    (a self-training teacher's mask...) scored beside it under their name: ``<extra>_dice``, ``<extra>_cldice``...
+    and ``<extra>_predicted_fraction``. The label only scores."""
+    post, row = evaluate_case(result.prob, case, steps, threshold=threshold, slice_axis=slice_axis,
+                              crf_settings=crf_settings, analysis=analysis)
+    for name, mask in result.masks().items():
+        row[f"{name}_predicted_fraction"] = float(mask.mean())
+        if case.label is not None:
+            row.update({f"{name}_{k}": float(v) for k, v in evaluate_segmentation(mask, case.label).items()})
+    return post, row
+
+
+def summarize_rows(rows: Sequence[dict[str, Any]], extras: Sequence[str] = ()) -> dict[str, float]:
+    """``<key>_mean`` / ``<key>_std`` of the metric keys over the scored rows, and the same of each extra's keys
+    as ``<extra>_<key>_mean``... (empty when no row has a label)."""
+    from stego_core.evaluation.metrics import METRIC_KEYS, summarize
+
+    scored = [r for r in rows if "dice" in r]
+    if not scored:
+        return {}
+    summary = summarize([{k: v for k, v in r.items() if k != "case_id"} for r in scored])
+    for name in extras:
+        part = [{k: r[f"{name}_{k}"] for k in METRIC_KEYS} for r in scored if f"{name}_dice" in r]
+        if part:
+            summary.update({f"{name}_{k}": v for k, v in summarize(part).items()})
+    return summary

@@ -16,8 +16,8 @@ Two families share that contract:
 Weights come from exactly one place, chosen by :func:`build_backbone`'s ``weights`` argument: the Hugging
 Face hub (``"hub"``, the default; fails fast offline with instructions), a local file (timm state dict,
 ``.safetensors`` or the original DINO release ``.pth``) or ``"random"`` (explicit, for tests). There is never
-a silent fallback to random weights. :func:`resolve_weights` turns ``runs:/<pretrain run id>`` into such a
-file, downloaded once into a cache keyed by run id (:func:`weights_cache_dir`).
+a silent fallback to random weights. ``runs:/<pretrain run id>`` becomes such a file in the platform
+(:func:`stego_core.platform.weights.fetch_weights`, downloaded once into a cache keyed by run id).
 
 Examples
 --------
@@ -37,9 +37,7 @@ import hashlib
 import logging
 import math
 import os
-import shutil
 import socket
-import tempfile
 import threading
 import urllib.parse
 from collections.abc import Mapping
@@ -67,9 +65,7 @@ __all__ = [
     "list_backbones",
     "load_weights_file",
     "normalize_input",
-    "resolve_weights",
     "to_model_input",
-    "weights_cache_dir",
 ]
 
 logger = logging.getLogger(__name__)
@@ -99,13 +95,13 @@ class BackboneSpec:
         Our name for it (the key of :data:`BACKBONES`).
     timm_name : str or None
         timm architecture with its weight tag (``arch.tag``); None for the classical featurizer.
-    patch_size : int
+    vit_patch : int
         ViT patch size in pixels of the model input; 1 for the classical featurizer.
     embed_dim : int
         Feature channels ``C`` of the output.
     res : int
         Side of the model input in pixels (crops are resized to ``res x res``); the output grid is
-        ``res // patch_size``. For ``classical`` it is the side of the output grid itself.
+        ``res // vit_patch``. For ``classical`` it is the side of the output grid itself.
     mean, std : tuple of float
         Per-channel input normalisation (ImageNet for the ViTs).
     kind : {"vit", "classical"}
@@ -119,7 +115,7 @@ class BackboneSpec:
 
     name: str
     timm_name: str | None
-    patch_size: int
+    vit_patch: int
     embed_dim: int
     res: int = 224
     mean: tuple[float, ...] = IMAGENET_MEAN
@@ -136,20 +132,20 @@ class BackboneSpec:
     @property
     def grid(self) -> int:
         """Side ``h = w`` of the output feature grid."""
-        return self.res // self.patch_size
+        return self.res // self.vit_patch
 
 
-def _vit(name: str, timm_name: str, patch_size: int, embed_dim: int, url: str) -> BackboneSpec:
-    return BackboneSpec(name=name, timm_name=timm_name, patch_size=patch_size, embed_dim=embed_dim,
+def _vit(name: str, timm_name: str, vit_patch: int, embed_dim: int, url: str) -> BackboneSpec:
+    return BackboneSpec(name=name, timm_name=timm_name, vit_patch=vit_patch, embed_dim=embed_dim,
                         weights_url=url)
 
 
-def _mra_vit(name: str, patch_size: int, depth: int, embed_dim: int, heads: int, res: int = 32) -> BackboneSpec:
+def _mra_vit(name: str, vit_patch: int, depth: int, embed_dim: int, heads: int, res: int = 32) -> BackboneSpec:
     """An in-domain ViT at the crop's own scale, to pretrain with DINO (``pretrain``); grey [0, 1] input is
     normalised with mean 0.5 / std 0.25 instead of ImageNet statistics."""
-    return BackboneSpec(name=name, timm_name="vit_tiny_patch16_224", patch_size=patch_size, embed_dim=embed_dim,
+    return BackboneSpec(name=name, timm_name="vit_tiny_patch16_224", vit_patch=vit_patch, embed_dim=embed_dim,
                         res=res, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
-                        timm_kwargs=(("patch_size", patch_size), ("depth", depth), ("embed_dim", embed_dim),
+                        timm_kwargs=(("patch_size", vit_patch), ("depth", depth), ("embed_dim", embed_dim),
                                      ("num_heads", heads)))
 
 
@@ -174,7 +170,7 @@ BACKBONES: Mapping[str, BackboneSpec] = MappingProxyType({
         _mra_vit("mra_vit_t4_p4", 4, 4, 192, 3),
         _mra_vit("mra_vit_t12_p4", 4, 12, 192, 3),
         _mra_vit("mra_vit_s12_p8", 8, 12, 384, 6, res=64),
-        BackboneSpec(name="classical", timm_name=None, patch_size=1,
+        BackboneSpec(name="classical", timm_name=None, vit_patch=1,
                      embed_dim=1 + 5 * len(CLASSICAL_SIGMAS_VOX), res=16, mean=(0.0,), std=(1.0,),
                      kind="classical"),
     )
@@ -201,9 +197,9 @@ def get_spec(name: str, *, res: int | None = None) -> BackboneSpec:
         raise ValueError(f"unknown backbone {name!r}.{hint} Valid names: {', '.join(list_backbones())}")
     spec = BACKBONES[name]
     if res is not None:
-        if isinstance(res, bool) or not isinstance(res, int) or res <= 0 or res % spec.patch_size:
+        if isinstance(res, bool) or not isinstance(res, int) or res <= 0 or res % spec.vit_patch:
             raise ValueError(f"res={res!r} for backbone {name!r} must be a positive multiple of its patch size "
-                             f"{spec.patch_size}")
+                             f"{spec.vit_patch}")
         spec = dataclasses.replace(spec, res=res)
     return spec
 
@@ -593,13 +589,14 @@ def _check_safetensors_spec(path: Path, model: nn.Module, backbone_name: str) ->
 
     with safe_open(str(path), framework="pt") as fh:
         meta = fh.metadata() or {}
-    if "patch_size" not in meta:
+    meta = {**meta, "vit_patch": meta.get("vit_patch", meta.get("patch_size"))}  # files written before the rename
+    if meta["vit_patch"] is None:
         return
     patch = model.patch_embed.proj.kernel_size[0]
     dim = model.patch_embed.proj.out_channels
-    if int(meta["patch_size"]) != patch or int(meta.get("embed_dim", dim)) != dim:
+    if int(meta["vit_patch"]) != patch or int(meta.get("embed_dim", dim)) != dim:
         raise ValueError(f"weights file {path} holds backbone {meta.get('backbone', '?')!r} (patch "
-                         f"{meta['patch_size']}, dim {meta.get('embed_dim')}) but backbone {backbone_name!r} has "
+                         f"{meta['vit_patch']}, dim {meta.get('embed_dim')}) but backbone {backbone_name!r} has "
                          f"patch {patch}, dim {dim}; use model.backbone={meta.get('backbone', '?')}")
 
 
@@ -720,81 +717,6 @@ def _resolve_hub_file(spec: BackboneSpec, hf_hub_id: str) -> Path:
                            f"({type(exc).__name__}: {exc}). {how}") from exc
 
 
-def weights_cache_dir() -> Path:
-    """The folder ``runs:/`` weights are downloaded into: ``$STEGO_WEIGHTS_CACHE``, else
-    :data:`DEFAULT_WEIGHTS_CACHE`. One sub-folder per run id; delete it freely (files come back on demand)."""
-    return Path(os.environ.get(WEIGHTS_CACHE_ENV) or DEFAULT_WEIGHTS_CACHE)
-
-
-def resolve_weights(weights: str | Path, backbone: str | None = None) -> str | Path:
-    """Turn ``runs:/<pretrain run id>[/<artifact path>]`` into a local weights file; anything else unchanged.
-
-    The one place where run ids become weight files (``train`` calls it before :func:`build_backbone`). The
-    artifact (default :data:`WEIGHTS_ARTIFACT`) is downloaded once into :func:`weights_cache_dir` under
-    ``<run id>/<end time of the run>/`` and reused while the run is unchanged (a resumed run's new weights
-    replace the old copy); a download is written to a temporary sibling and renamed into place, so a killed
-    process leaves no half file there. Checks the file's recorded backbone against ``backbone`` when given.
-
-    Raises
-    ------
-    ValueError
-        No such run in the tracking store, the run has no such artifact, or it was pretrained for another
-        backbone.
-    """
-    if not isinstance(weights, str) or not weights.startswith("runs:/"):
-        return weights
-    from stego_core.platform import tracking
-    run_id, _, artifact = weights[len("runs:/"):].strip("/").partition("/")
-    artifact = artifact or WEIGHTS_ARTIFACT
-    where = f"the tracking store {tracking.mask_secrets(tracking.tracking_uri())}"
-    try:
-        run = tracking.client().get_run(run_id)
-    except Exception:  # noqa: BLE001 - MLflow says RESOURCE_DOES_NOT_EXIST in several ways
-        raise ValueError(f"model.weights={weights!r}: cannot fetch weights, there is no run {run_id!r} in "
-                         f"{where}") from None
-    folder = weights_cache_dir() / run_id / str(run.info.end_time or run.info.start_time or 0)
-    local = folder / artifact
-    if not local.exists():
-        try:
-            _download_into(folder, run_id, artifact)
-        except Exception as exc:  # noqa: BLE001 - re-raised with what to do
-            text = (str(exc).strip().splitlines() or [""])[0][:300]
-            raise ValueError(f"model.weights={weights!r}: cannot fetch artifact {artifact!r} of run {run_id!r} "
-                             f"({type(exc).__name__}: {text}); is it a `pretrain` run of {where}?") from None
-    if backbone is not None and local.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(local), framework="pt") as fh:
-            meta = fh.metadata() or {}
-        if meta.get("backbone") and meta["backbone"] != backbone:
-            raise ValueError(f"model.weights={weights!r} holds a pretrained {meta['backbone']!r} (patch "
-                             f"{meta.get('patch_size')}, dim {meta.get('embed_dim')}) but model.backbone="
-                             f"{backbone!r}; use model.backbone={meta['backbone']}")
-    return str(local)
-
-
-def _download_into(folder: Path, run_id: str, artifact: str) -> None:
-    """Download ``runs:/<run_id>/<artifact>`` to ``folder / artifact`` through a temporary sibling folder, then
-    remove the copies of older versions of the run."""
-    from stego_core.platform import tracking
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
-        got = tracking.download_artifacts(f"runs:/{run_id}/{artifact}", tmp)
-        target = folder / artifact
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.replace(got, target)
-        except OSError:  # another process put the same artifact there first (a folder cannot be replaced)
-            if not target.exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    for old in folder.parent.iterdir():
-        if old.name != folder.name and not old.name.startswith("."):
-            shutil.rmtree(old, ignore_errors=True)
-
-
 def create_vit(spec: BackboneSpec, *, seed: int = 0, dynamic_img_size: bool = False) -> nn.Module:
     """The bare timm ViT of ``spec`` (random init with ``seed``; the global RNG is left untouched).
 
@@ -853,7 +775,9 @@ def build_backbone(name: str = DEFAULT_BACKBONE, *, weights: str | Path = "hub",
             logger.info("backbone classical has no weights; weights=%r ignored", str(weights))
         return ClassicalFeaturizer(spec, standardize=standardize)
 
-    weights = resolve_weights(weights, spec.name)
+    if isinstance(weights, str) and weights.startswith("runs:/"):
+        raise ValueError(f"model.weights={weights!r}: a run's weights are fetched by the platform first "
+                         "(stego_core.platform.weights.fetch_weights), then given here as a file")
     model = create_vit(spec, seed=seed)
     if isinstance(weights, str) and weights == "hub" and spec.trainable:
         raise RuntimeError(f"backbone {spec.name!r} is an in-domain ViT without published weights: pretrain it "

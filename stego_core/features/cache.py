@@ -39,7 +39,6 @@ __all__ = [
     "load_features",
     "load_or_compute_features",
     "pool_features",
-    "save_features",
 ]
 
 logger = logging.getLogger(__name__)
@@ -202,23 +201,8 @@ def _publish(tmp: Path, path: Path, meta: FeatureCacheMeta) -> None:
     os.replace(meta_tmp, _meta_path(path))
 
 
-def save_features(path: str | Path, features: np.ndarray, meta: FeatureCacheMeta) -> None:
-    """Write ``features`` to ``path`` (``.npy``) and ``meta`` to the ``.json`` beside it (written last)."""
-    path = Path(path)
-    if path.suffix != ".npy":
-        raise ValueError(f"feature cache path {path} must end in .npy")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _meta_path(path).unlink(missing_ok=True)
-    tmp = _partial_path(path)
-    out = open_memmap(tmp, mode="w+", dtype=features.dtype, shape=features.shape)
-    out[...] = features
-    out.flush()
-    del out
-    _publish(tmp, path, meta)
-
-
 def load_features(path: str | Path, *, mmap: bool = True) -> tuple[np.ndarray, FeatureCacheMeta]:
-    """Read a feature cache written by :func:`save_features` / :func:`load_or_compute_features`.
+    """Read a feature cache written by :func:`load_or_compute_features`.
 
     Returns
     -------

@@ -19,12 +19,47 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stego_core.config import AugmentConfig
+from stego_core._checks import check_range
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """DINO multi-crop views of grey crops (:func:`stego_core.features.dino.multi_crop`); no colour operations.
+
+    Scales are fractions of the crop's area; sizes are the side of each view in pixels."""
+
+    n_global: int = 2
+    n_local: int = 6
+    global_size: int = 32
+    local_size: int = 16
+    global_scale: tuple[float, float] = (0.4, 1.0)
+    local_scale: tuple[float, float] = (0.1, 0.4)
+    flip_p: float = 0.5
+    rotate: bool = True
+    intensity_scale: tuple[float, float] = (0.8, 1.2)
+    intensity_shift: tuple[float, float] = (-0.1, 0.1)
+    gamma: tuple[float, float] = (0.7, 1.5)
+    blur_p: float = 0.3
+    blur_sigma: tuple[float, float] = (0.1, 1.0)
+    noise_std: tuple[float, float] = (0.0, 0.03)
+
+    def __post_init__(self) -> None:
+        check_range(self.n_global, "augment.n_global", 2)
+        check_range(self.n_local, "augment.n_local", 0)
+        check_range(self.global_size, "augment.global_size", 4)
+        check_range(self.local_size, "augment.local_size", 2)
+        for name in ("global_scale", "local_scale"):
+            lo, hi = getattr(self, name)
+            if not 0.0 < lo <= hi <= 1.0:
+                raise ValueError(f"augment.{name}={getattr(self, name)!r} must satisfy 0 < low <= high <= 1")
+
+
 
 __all__ = ["DinoModel", "augment_view", "cosine_value", "dino_step", "lr_at", "multi_crop",
            "teacher_entropy", "teacher_temperature"]

@@ -46,17 +46,29 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 from scipy.cluster.vq import kmeans2
 from skimage.filters import threshold_multiotsu, threshold_otsu
 
-from stego_core._checks import as_binary, check_finite, check_ndim, check_range, check_same_shape
+from stego_core._checks import (
+    as_binary,
+    check_finite,
+    check_ndim,
+    check_range,
+    check_same_shape,
+)
 from stego_core.data.preprocess import bright_percentile
 from stego_core.engine.segmenter import Segmenter
-from stego_core.methods.vesselness import (frangi_response, frangi_slices, hessian_eigenvalues, hessian_slices,
-                                   sato_response, sato_slices)
+from stego_core.methods.vesselness import (
+    frangi_response,
+    frangi_slices,
+    hessian_eigenvalues,
+    hessian_slices,
+    sato_response,
+    sato_slices,
+)
 
 __all__ = [
     "SEGMENTERS",
@@ -804,3 +816,38 @@ def build_segmenter(name: str, **settings: object) -> Segmenter:
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ValueError(f"unknown setting {key!r} for segmenter {name!r}{hint}; valid settings: {valid}")
     return cls(**settings)
+
+
+# ---------------------------------------------------------------------------------------- as registered methods
+
+
+def _entry(name: str) -> Any:
+    """The registry entry of baseline ``name``: settings checked by the segmenter's own constructor; slice-based
+    filters run on the slices the engine feeds them."""
+    from stego_core.methods.registry import BuildContext, MethodEntry, SegmenterMethod
+
+    cls = SEGMENTERS[name]
+    has_axis = "slice_axis" in {f.name for f in dataclasses.fields(cls)}
+
+    def resolve(settings: Mapping[str, Any]) -> dict[str, Any]:
+        full = build_segmenter(name, **dict(settings)).settings()  # validates, names a bad key
+        # the slicing axis is the engine's unless the config pins it
+        return {k: v for k, v in full.items()
+                if k != "slice_axis" or "slice_axis" in settings}
+
+    def build(settings: Mapping[str, Any], context: BuildContext) -> Any:
+        settings, engine = dict(settings), context.engine
+        if has_axis:
+            if engine.axes is not None:  # tri-planar: thresholds fitted on slices along the first axis
+                settings.setdefault("slice_axis", engine.axes[0])
+            elif settings.setdefault("slice_axis", engine.axis) != engine.axis:
+                raise ValueError(f"settings.slice_axis={settings['slice_axis']} differs from engine.axis="
+                                 f"{engine.axis}; the filter must run on the slices the engine feeds it")
+        return SegmenterMethod(build_segmenter(name, **settings), engine, progress=context.progress)
+
+    summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+    return MethodEntry(name, "classical", build, resolve=resolve, summary=summary)
+
+
+#: The classical methods' registry entries (registered in :mod:`stego_core.methods`).
+CLASSICAL = tuple(_entry(name) for name in SEGMENTERS)

@@ -1,16 +1,22 @@
 """One registry of segmentation methods, classical and learned, built by name (timm style).
 
-A method turns a preprocessed volume into vessel probabilities; the evaluation, the pipeline, the ablation and
-the benchmarks all call it the same way::
+Every method is one object with two calls, whatever it is::
 
-    method = build_method("gmm", {"n_components": 4}, engine)
-    method.fit(train_cases)       # optional: classical methods fit nothing, learned ones may train here
-    prob = method.predict(case)   # (I, J, K) float32 vessel probabilities in [0, 1]
+    method = build_method("gmm", {"n_components": 4})
+    method.fit(train_cases)        # classical: nothing; learned: trains (STEGO's head, a self-trained student)
+    result = method.predict(case)  # Result: (I, J, K) vessel probability in [0, 1] and named extras
 
-Labels never enter a method: ``fit`` and ``predict`` read ``image`` and ``brain_mask`` of a
+Everything that evaluates (the pipeline, ``baseline``, ``reconstruct``, the ablation, sweeps, benchmarks) loops
+over method names through this registry and one evaluation loop (:mod:`stego_core.steps.evaluation`). Labels
+never enter a method: ``fit`` and ``predict`` read ``image``, ``brain_mask`` and ``spacing`` of a
 :class:`~stego_core.data.cases.PreparedCase`, never its ``label``.
 
-Adding a method is one builder function and one :func:`register_method` line (see ``docs/design.md``).
+A learned method's state (a ``torch.nn.Module``) is saved with its whole resolved settings and comes back through
+one interface: a settings field ``model_uri`` names a saved state, :func:`build_method` reads it with the
+context's ``load`` (the platform's MLflow reader: nothing here talks to MLflow) and the method never fits again.
+
+Adding a method is one file with its settings dataclass, the method class and a :class:`MethodEntry`, plus one
+:func:`register_method` line in :mod:`stego_core.methods` (see ``docs/design.md``, "Adding a method").
 
 >>> available_methods("classical")[:3]
 ('percentile', 'otsu', 'multiotsu')
@@ -22,20 +28,134 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
+import logging
+import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from stego_core.methods.classical import SEGMENTERS, build_segmenter
-from stego_core.config import EngineConfig
+from stego_core.config import from_dict
 from stego_core.data.cases import PreparedCase
-from stego_core.engine.reconstruction import predict_volume
+from stego_core.engine.reconstruction import EngineConfig, predict_volume
 from stego_core.engine.segmenter import Segmenter
 
-__all__ = ["Method", "MethodEntry", "EngineMethod", "METHODS", "register_method", "available_methods",
-           "build_method"]
+__all__ = ["Result", "CaseRefused", "Monitor", "NullMonitor", "LearnedState", "BuildContext", "Method", "MethodEntry",
+           "SegmenterMethod", "METHODS", "register_method", "available_methods", "resolve_settings",
+           "build_method", "method_kind", "load_plugins", "PLUGINS_ENV", "state_key", "remember_state"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Result:
+    """What a method returns for one volume.
+
+    Attributes
+    ----------
+    prob : (I, J, K) float32 ndarray in [0, 1]
+        Vessel probability; the evaluation post-processes it and cuts it at the method's ``threshold``.
+    extras : dict of str to (I, J, K) ndarray
+        Named by-products: a bool array is a mask scored beside the method (e.g. ``teacher``: a self-training
+        teacher's mask, its row in the comparison), a float array a probability shown in the run's picture.
+    """
+
+    prob: np.ndarray
+    extras: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def masks(self) -> dict[str, np.ndarray]:
+        """The extras that are masks (bool arrays), by name."""
+        return {k: v for k, v in self.extras.items() if v.dtype == bool}
+
+
+class CaseRefused(ValueError):
+    """A method refuses one volume with a reason (e.g. a self-training teacher with an empty mask): the evaluation
+    records the reason for that case and goes on with the others."""
+
+
+@runtime_checkable
+class Monitor(Protocol):
+    """Where a method reports its progress (training curves, pictures, tags) without knowing MLflow."""
+
+    def metrics(self, values: Mapping[str, float], step: int | None = None) -> None: ...
+
+    def image(self, figure: Any, key: str, step: int) -> None: ...
+
+    def tags(self, tags: Mapping[str, str]) -> None: ...
+
+
+class NullMonitor:
+    """A monitor that records nothing (tests, benchmarks, a method used as another's teacher)."""
+
+    def metrics(self, values: Mapping[str, float], step: int | None = None) -> None:
+        """Drop ``values``."""
+
+    def image(self, figure: Any, key: str, step: int) -> None:
+        """Close ``figure``."""
+        import matplotlib.pyplot as plt
+
+        plt.close(figure)
+
+    def tags(self, tags: Mapping[str, str]) -> None:
+        """Drop ``tags``."""
+
+
+@dataclass(frozen=True)
+class LearnedState:
+    """A learned method's saved state as read back: which method, its whole resolved settings, the module."""
+
+    method: str
+    settings: Any
+    state: Any
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """What a method is built with besides its settings: the sliding window, where it reports, and the
+    platform's readers (a method never imports MLflow).
+
+    Attributes
+    ----------
+    engine : EngineConfig
+        The one sliding window (axis, crops, blending, tri-planar fusion).
+    monitor : Monitor
+        Receives training curves and pictures.
+    load : callable, optional
+        ``model_uri -> LearnedState``: reads a saved learned state (``runs:/<id>``, ``models:/...``, a run id).
+    fetch : callable, optional
+        ``(uri, backbone) -> local path``: pretrained backbone weights logged by a run (``runs:/<id>``).
+    device : str
+        ``auto``, ``cpu`` or ``cuda``: where learned methods run.
+    amp, compile : bool
+        bf16 autocast on a GPU; ``torch.compile`` a model before inference.
+    progress : bool
+        Progress bars on a terminal (plain log lines otherwise).
+    workdir : Path, optional
+        A folder a learned method may write checkpoints into (the run's output folder).
+    shared : dict, optional
+        Fitted states by method and settings (:func:`state_key`), shared by the methods built with this context:
+        a learned method whose name and settings equal one fitted before starts from its state (a pipeline's
+        ``stego`` and ``stego+crf`` rows, or a STEGO row and a self-training teacher with the same settings,
+        train once).
+    """
+
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    monitor: Monitor = field(default_factory=NullMonitor)
+    load: Callable[[str], LearnedState] | None = None
+    fetch: Callable[..., Any] | None = None
+    device: str = "auto"
+    amp: bool = False
+    compile: bool = False
+    progress: bool = False
+    workdir: Path | None = None
+    shared: dict | None = None
+
+    def replace(self, **changes: Any) -> BuildContext:
+        return dataclasses.replace(self, **changes)
 
 
 @runtime_checkable
@@ -53,66 +173,89 @@ class Method(Protocol):
     name: str
     threshold: float
 
-    def fit(self, cases: Sequence[PreparedCase]) -> None:
-        """Learn from preprocessed volumes (images and brain masks only); a no-op for methods that need no
-        training."""
+    def fit(self, cases: Sequence[PreparedCase], validation: Sequence[PreparedCase] = ()) -> None:
+        """Learn from the training volumes (images and brain masks only); a no-op for classical methods and for
+        a learned method whose state was loaded. ``validation``: held-out volumes a learned method may
+        reconstruct to draw its training curves (their labels score curves only, never a choice)."""
         ...
 
-    def predict(self, case: PreparedCase, *, progress: bool = False) -> np.ndarray:
-        """(I, J, K) float32 vessel probabilities in [0, 1] of one preprocessed volume."""
+    def predict(self, case: PreparedCase) -> Result:
+        """The vessel probability of one preprocessed volume and its named extras."""
         ...
 
-    def settings(self) -> dict[str, Any]:
-        """Every setting in force, defaults included (logged as ``resolved.*`` params)."""
+    def settings(self) -> Any:
+        """Every setting in force, defaults included (the method's part of the plan)."""
         ...
 
+    def state(self) -> Any | None:
+        """A learned method's trained state (a ``torch.nn.Module``); None for classical methods."""
+        ...
 
-class EngineMethod:
-    """Any engine :class:`~stego_core.engine.segmenter.Segmenter` as a method: nothing to fit across volumes (volume
-    statistics are fitted per volume by the engine), prediction by the one sliding window
-    (:func:`~stego_core.engine.reconstruction.predict_volume`)."""
-
-    def __init__(self, segmenter: Segmenter, engine: EngineConfig) -> None:
-        self.segmenter = segmenter
-        self.engine = engine
-        self.name = segmenter.name
-        self.threshold = float(segmenter.threshold)
-
-    def fit(self, cases: Sequence[PreparedCase]) -> None:
-        """Nothing to learn across volumes."""
-
-    def predict(self, case: PreparedCase, *, progress: bool = False) -> np.ndarray:
-        return predict_volume(self.segmenter, case.image, case.brain_mask, self.engine, progress=progress,
-                              spacing=case.spacing)
-
-    def settings(self) -> dict[str, Any]:
-        get = getattr(self.segmenter, "settings", None)
-        return dict(get()) if callable(get) else {}
+    def load_state(self, state: Any) -> None:
+        """Take a trained state saved by :meth:`state` (nothing to fit afterwards)."""
+        ...
 
 
 @dataclass(frozen=True)
 class MethodEntry:
-    """One registered method: how to build it from its settings and the engine, and what it is."""
+    """One registered method.
+
+    Attributes
+    ----------
+    name : str
+    kind : {"classical", "learned"}
+        Classical methods fit nothing across volumes; learned ones train in ``fit`` or load a saved state.
+    build : callable
+        ``(settings, context) -> Method``; ``settings`` is an instance of ``settings`` (the dataclass), or for
+        ``settings=None`` the resolved mapping of :attr:`resolve`.
+    settings : type, optional
+        The frozen dataclass of its settings (defaults stated there, beside the method).
+    resolve : callable, optional
+        ``mapping -> mapping``: for a method without a settings dataclass (the classical ones), the full settings
+        with defaults, validated (raises ``ValueError`` naming a bad key).
+    summary : str
+        One line for listings.
+    """
 
     name: str
-    kind: str  # "classical" (fits nothing across volumes) or "learned" (fit trains, or a trained model is loaded)
-    build: Callable[[Mapping[str, Any], EngineConfig], Method]
+    kind: str
+    build: Callable[[Any, BuildContext], Method]
+    settings: type | None = None
+    resolve: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None
     summary: str = ""
 
 
 _REGISTRY: dict[str, MethodEntry] = {}
 #: Registered methods by name (read-only view).
 METHODS: Mapping[str, MethodEntry] = _REGISTRY  # type: ignore[assignment]
+#: Environment variable listing extra modules (comma-separated) that register methods when imported: a plugin
+#: outside this package, e.g. ``STEGO_METHOD_PLUGINS=mylab.vessels`` before ``mlflow run``.
+PLUGINS_ENV = "STEGO_METHOD_PLUGINS"
 
 
 def register_method(entry: MethodEntry) -> MethodEntry:
     """Add a method to the registry (a name may be registered once)."""
     if entry.name in _REGISTRY:
+        if _REGISTRY[entry.name] == entry:
+            return entry
         raise ValueError(f"method {entry.name!r} is registered already")
     if entry.kind not in ("classical", "learned"):
         raise ValueError(f"method kind {entry.kind!r} must be 'classical' or 'learned'")
+    if entry.settings is not None and not dataclasses.is_dataclass(entry.settings):
+        raise ValueError(f"method {entry.name!r}: settings must be a dataclass, got {entry.settings!r}")
     _REGISTRY[entry.name] = entry
     return entry
+
+
+def load_plugins(env: Mapping[str, str] | None = None) -> list[str]:
+    """Import the modules named in ``$STEGO_METHOD_PLUGINS`` (each registers its methods); returns them."""
+    names = [n.strip() for n in (env if env is not None else os.environ).get(PLUGINS_ENV, "").split(",") if n.strip()]
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise ValueError(f"{PLUGINS_ENV}: cannot import plugin module {name!r}: {exc}") from None
+    return names
 
 
 def available_methods(kind: str | None = None) -> tuple[str, ...]:
@@ -120,241 +263,138 @@ def available_methods(kind: str | None = None) -> tuple[str, ...]:
     return tuple(n for n, e in _REGISTRY.items() if kind is None or e.kind == kind)
 
 
-def build_method(name: str, settings: Mapping[str, Any] | None = None, engine: EngineConfig | None = None
-                 ) -> Method:
+def _entry(name: str) -> MethodEntry:
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(str(name), list(_REGISTRY), n=3)
+        hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+        raise ValueError(f"unknown method {name!r}{hint}; valid names: {', '.join(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def method_kind(name: str) -> str:
+    """``classical`` or ``learned``."""
+    return _entry(name).kind
+
+
+def resolve_settings(name: str, settings: Any = None, *, prefix: str = "settings.") -> Any:
+    """A method's full settings from what a config gives (a mapping or the dataclass itself), validated.
+
+    Raises
+    ------
+    ValueError
+        Unknown method, unknown key or value out of range, naming the key (``settings.<key>``).
+    """
+    entry = _entry(name)
+    if settings is None:
+        settings = {}
+    if entry.settings is not None:
+        if isinstance(settings, entry.settings):
+            return settings
+        if dataclasses.is_dataclass(settings):
+            settings = dataclasses.asdict(settings)
+        if not isinstance(settings, Mapping):
+            raise ValueError(f"{prefix.rstrip('.')} of method {name!r} must be a mapping, got {settings!r}")
+        try:
+            return from_dict(entry.settings, dict(settings), prefix=prefix)
+        except TypeError as exc:
+            raise ValueError(f"{prefix.rstrip('.')} of method {name!r}: {exc}") from None
+    if not isinstance(settings, Mapping):
+        raise ValueError(f"{prefix.rstrip('.')} of method {name!r} must be a mapping, got {settings!r}")
+    return entry.resolve(settings) if entry.resolve is not None else dict(settings)
+
+
+def state_key(name: str, settings: Any) -> str:
+    """The key of a fitted state in :attr:`BuildContext.shared`: the method's name and its resolved settings."""
+    import json
+
+    from stego_core.config import to_dict
+
+    plain = to_dict(settings) if dataclasses.is_dataclass(settings) else dict(settings or {})
+    return name + ":" + json.dumps(plain, sort_keys=True, default=str)
+
+
+def remember_state(method: Method, context: BuildContext) -> None:
+    """Keep a fitted learned method's state in ``context.shared`` for methods built later with equal settings."""
+    if context.shared is not None and method.state() is not None:
+        context.shared[state_key(method.name, method.settings())] = method.state()
+
+
+def build_method(name: str, settings: Any = None, context: BuildContext | EngineConfig | None = None) -> Method:
     """Build a registered method by name.
 
     Parameters
     ----------
     name : str
         One of :func:`available_methods`.
-    settings : mapping, optional
-        The method's own settings (omitted ones take their documented defaults).
-    engine : EngineConfig, optional
-        The sliding window it predicts with (default: the one engine default).
+    settings : mapping or the method's settings dataclass, optional
+        Omitted keys take their documented defaults. A learned method whose settings name a ``model_uri`` is
+        built from that saved state: its saved settings (the whole plan it was trained with) replace these, and
+        ``fit`` does nothing.
+    context : BuildContext or EngineConfig, optional
+        The sliding window and the platform's readers (default: the one engine default, no reader).
 
     Raises
     ------
     ValueError
-        Unknown name (with close matches), unknown or out-of-range setting (naming it).
+        Unknown name (with close matches), unknown or out-of-range setting (naming it), a ``model_uri`` that
+        holds another method's state or cannot be read.
     """
-    if name not in _REGISTRY:
-        close = difflib.get_close_matches(str(name), list(_REGISTRY), n=3)
-        hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
-        raise ValueError(f"unknown method {name!r}{hint}; valid names: {', '.join(_REGISTRY)}")
-    return _REGISTRY[name].build(dict(settings or {}), engine or EngineConfig())
-
-
-# ------------------------------------------------------------------------------------- classical methods
-
-
-def _classical(name: str) -> Callable[[Mapping[str, Any], EngineConfig], Method]:
-    """The builder of baseline ``name``: slice-based filters run on the slices the engine feeds them."""
-
-    def build(settings: Mapping[str, Any], engine: EngineConfig) -> Method:
-        settings = dict(settings)
-        if "slice_axis" in {f.name for f in dataclasses.fields(SEGMENTERS[name])}:
-            if engine.axes is not None:  # tri-planar: thresholds fitted on slices along the first axis
-                settings.setdefault("slice_axis", engine.axes[0])
-            elif settings.setdefault("slice_axis", engine.axis) != engine.axis:
-                raise ValueError(f"settings.slice_axis={settings['slice_axis']} differs from engine.axis="
-                                 f"{engine.axis}; the filter must run on the slices the engine feeds it")
-        return EngineMethod(build_segmenter(name, **settings), engine)
-
-    return build
-
-
-for _name, _cls in SEGMENTERS.items():
-    register_method(MethodEntry(_name, "classical", _classical(_name),
-                                (_cls.__doc__ or "").strip().splitlines()[0] if _cls.__doc__ else ""))
-
-
-# --------------------------------------------------------------------------------------- learned methods
-
-
-def is_run_id(text: str) -> bool:
-    """Whether ``text`` is a bare MLflow run id (32 hex digits)."""
-    import re
-
-    return re.fullmatch(r"[0-9a-f]{32}", text or "") is not None
-
-
-def resolve_model_uri(model_uri: str) -> str:
-    """Accept a bare training run id as ``runs:/<id>/model``; other URIs (``runs:/``, ``models:/<name>/<version>``,
-    ``models:/<name>@<alias>``) and local model folders pass through.
-
-    >>> resolve_model_uri("0123456789abcdef0123456789abcdef")
-    'runs:/0123456789abcdef0123456789abcdef/model'
-    """
-    return f"runs:/{model_uri}/model" if is_run_id(model_uri) else model_uri
-
-
-def load_model_segmenter(model_uri: str, *, device: str = "auto", amp: bool = False, compile: bool = False) -> Any:
-    """A logged segmentation model (STEGO, a self-trained student) as an engine segmenter."""
-    import torch
-
-    from stego_core.platform import tracking
-    from stego_core.methods.stego.inference import TorchSegmenter
-
-    if not model_uri:
-        raise ValueError("model_uri is required, e.g. model_uri=runs:/<train_run_id>/model")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    model_uri = resolve_model_uri(model_uri)
-    try:
-        model = tracking.load_pytorch_model(model_uri, map_location=device)
-    except Exception as exc:
-        raise ValueError(f"cannot load model_uri={model_uri!r}: {exc}") from exc
-    return TorchSegmenter(model, device=device, amp=amp, compile=compile)
-
-
-def _stego(settings: Mapping[str, Any], engine: EngineConfig) -> Method:
-    """A trained STEGO model (``settings.model_uri``; trained by the ``train`` step): crops of the model's
-    training size unless the engine names another."""
-    settings = dict(settings)
-    unknown = set(settings) - {"model_uri", "device", "amp", "compile"}
-    if unknown:
-        raise ValueError(f"unknown setting(s) {sorted(unknown)} for method 'stego'; valid settings: "
-                         "['model_uri', 'device', 'amp', 'compile']")
-    segmenter = load_model_segmenter(settings.get("model_uri", ""), device=settings.get("device", "auto"),
-                                     amp=bool(settings.get("amp", False)),
-                                     compile=bool(settings.get("compile", False)))
-    if engine.patch_size is None:
-        engine = dataclasses.replace(engine, patch_size=segmenter.model.patch_size)
-    return EngineMethod(segmenter, engine)
-
-
-register_method(MethodEntry("stego", "learned", _stego,
-                            "STEGO: frozen ViT features, correspondence-distilled head, clusters mapped to vessel"))
-
-
-# ------------------------------------------------------------------------------------------- self-training
-
-
-class SelfTrainMethod:
-    """A student network trained on a teacher's confident voxels (:mod:`stego_core.methods.selftrain`).
-
-    ``transductive``: ``predict`` runs the teacher on the volume, trains a student on its pseudo-labels (and
-    ``student.rounds`` rounds) and returns the combined mask. ``inductive``: ``fit`` trains one student on the
-    teachers' pseudo-labels of the training volumes, ``predict`` applies it. The teacher's own output of the
-    last volumes is kept in :attr:`teacher_masks` (for the comparison); no label is read anywhere.
-    """
-
-    name = "selftrain"
-    threshold = 0.5
-
-    def __init__(self, teacher: Method, teacher_steps: Sequence, student: Any, engine: EngineConfig, *,
-                 mode: str = "transductive", on_step: Callable[[str, int, int, int, dict], None] | None = None
-                 ) -> None:
-        self.teacher = teacher
-        self.teacher_steps = tuple(teacher_steps)
-        self.student = student
-        self.engine = engine
-        self.mode = mode
-        self.on_step = on_step
-        self.models: list[Any] = []
-        self.teacher_masks: dict[str, np.ndarray] = {}
-        self.student_probs: dict[str, np.ndarray] = {}
-
-    def teacher_output(self, case: PreparedCase) -> tuple[np.ndarray, np.ndarray]:
-        """The teacher's probability and post-processed mask of ``case``."""
-        from stego_core.engine.postprocess import apply_postprocessing
-
-        prob = self.teacher.predict(case)
-        post = apply_postprocessing(prob, case.image, self.teacher_steps, case.spacing,
-                                    threshold=self.teacher.threshold, brain_mask=case.brain_mask,
-                                    slice_axis=self.engine.axis)
-        return post.prob, post.mask
-
-    def _callback(self, case_id: str) -> Callable[[int, int, int, dict], None] | None:
-        if self.on_step is None:
-            return None
-        on_step = self.on_step
-        return lambda rnd, axis, step, info: on_step(case_id, rnd, axis, step, info)
-
-    @property
-    def views(self) -> tuple[int, ...]:
-        """The slicing axes of the students (one student per axis, their probabilities averaged)."""
-        return tuple(self.student.views or (self.student.axis,))
-
-    def fit(self, cases: Sequence[PreparedCase]) -> None:
-        """Inductive: one student per view on the training volumes' pseudo-labels (kept when already loaded
-        from a run); transductive: nothing here."""
-        if self.mode != "inductive" or self.models:
-            return
-        from stego_core.methods.selftrain import pseudo_labels, train_student
-
-        images, brains, targets, weights = [], [], [], []
-        for case in cases:
-            t_prob, t_mask = self.teacher_output(case)
-            target, weight = pseudo_labels(t_prob, t_mask, case.brain_mask, self.student)
-            images.append(case.image), brains.append(case.brain_mask)
-            targets.append(target), weights.append(weight)
-        callback = self._callback("train")
-        self.models = [train_student(images, brains, targets, weights, self.student.replace(axis=view),
-                                     on_step=None if callback is None else
-                                     (lambda s, i, v=view: callback(1, v, s, i))) for view in self.views]
-
-    def predict(self, case: PreparedCase, *, progress: bool = False) -> np.ndarray:
-        from stego_core.methods.selftrain import combine, predict_student, self_train
-
-        t_prob, t_mask = self.teacher_output(case)
-        self.teacher_masks[case.case_id] = t_mask
-        if self.mode == "inductive":
-            if not self.models:
-                raise ValueError("selftrain mode=inductive: fit the student on training volumes first")
-            s_prob = sum(predict_student(m, case.image, case.brain_mask, self.student.replace(axis=v))
-                         for m, v in zip(self.models, self.views)) / len(self.views)
-            mask = combine(t_prob, t_mask, s_prob, case.image, self.student)
-        else:
-            mask, s_prob, self.models = self_train(case.image, case.brain_mask, t_prob, t_mask, self.student,
-                                                   progress=progress, on_step=self._callback(case.case_id))
-        self.student_probs[case.case_id] = s_prob
-        return (mask & case.brain_mask if self.student.margin_vox == 0 else mask).astype(np.float32)
-
-    def settings(self) -> dict[str, Any]:
-        return {"mode": self.mode, **dataclasses.asdict(self.student)}
-
-
-def _selftrain(settings: Mapping[str, Any], engine: EngineConfig) -> Method:
-    """``settings``: ``teacher`` (a :class:`~stego_core.config.TeacherConfig` mapping), ``student`` (a
-    :class:`~stego_core.methods.selftrain.SelfTrainSettings` mapping), ``mode``, ``skull_strip`` (the data's)."""
-    from stego_core.config import SelfTrainSettings, TeacherConfig, from_dict
-
-    settings = dict(settings)
-    unknown = set(settings) - {"teacher", "student", "mode", "skull_strip", "on_step", "model_uri"}
-    if unknown:
-        raise ValueError(f"unknown setting(s) {sorted(unknown)} for method 'selftrain'; valid settings: "
-                         "['teacher', 'student', 'mode', 'skull_strip', 'model_uri']")
-    teacher = settings.get("teacher") or TeacherConfig()
-    teacher = teacher if isinstance(teacher, TeacherConfig) else from_dict(TeacherConfig, teacher,
-                                                                            prefix="teacher.")
-    teacher = teacher.resolved(settings.get("skull_strip"))
-    student = settings.get("student") or SelfTrainSettings()
-    student = student if isinstance(student, SelfTrainSettings) else from_dict(SelfTrainSettings, student,
-                                                                               prefix="student.")
-    if student.axis != engine.axis:
-        student = student.replace(axis=engine.axis)
-    method = SelfTrainMethod(build_method(teacher.method, teacher.settings, engine), teacher.postprocess, student,
-                             engine, mode=settings.get("mode", "transductive"), on_step=settings.get("on_step"))
-    if settings.get("model_uri"):  # a selftrain run's logged students, applied without training
-        method.models = load_students(settings["model_uri"])
-        method.mode = "inductive"
-        if len(method.models) != len(method.views):
-            raise ValueError(f"model_uri={settings['model_uri']!r} holds {len(method.models)} student(s) but "
-                             f"student.views asks for {len(method.views)}: use that run's plan.yaml")
+    if context is None:
+        context = BuildContext()
+    elif isinstance(context, EngineConfig):
+        context = BuildContext(engine=context)
+    entry = _entry(name)
+    resolved = resolve_settings(name, settings)
+    uri = str(getattr(resolved, "model_uri", "") or "")
+    if entry.kind != "learned":
+        return entry.build(resolved, context)
+    if not uri:
+        method = entry.build(resolved, context)
+        shared = (context.shared or {}).get(state_key(name, resolved))
+        if shared is not None:
+            method.load_state(shared)
+        return method
+    if context.load is None:
+        raise ValueError(f"method {name!r}: model_uri={uri!r} needs a reader of saved models (run it through an "
+                         "entry point, which reads them from MLflow)")
+    loaded = context.load(uri)
+    if loaded.method != name:
+        raise ValueError(f"model_uri={uri!r} holds a {loaded.method!r} model; method {name!r} expects a {name!r} "
+                         f"model (use method={loaded.method} or reconstruct model_uri={uri})")
+    saved = resolve_settings(name, loaded.settings)
+    method = entry.build(dataclasses.replace(saved, model_uri=uri), context)
+    method.load_state(loaded.state)
     return method
 
 
-def load_students(run_id: str) -> list[Any]:
-    """The students a ``selftrain`` run logged (one per view, tag ``model_uris``), in eval mode."""
-    from stego_core.platform import tracking
-    try:
-        uris = tracking.client().get_run(run_id).data.tags["model_uris"].split(",")
-    except Exception as exc:
-        raise ValueError(f"model_uri={run_id!r} is not a selftrain run with logged students ({exc})") from None
-    return [tracking.load_pytorch_model(uri).eval() for uri in uris]
+# ------------------------------------------------------------------------------------ engine segmenters
 
 
-register_method(MethodEntry("selftrain", "learned", _selftrain,
-                            "a small U-Net trained on a label-free teacher's confident voxels (self-training)"))
+class SegmenterMethod:
+    """An engine :class:`~stego_core.engine.segmenter.Segmenter` as a method: nothing to fit across volumes
+    (volume statistics are fitted per volume by the engine), prediction by the one sliding window
+    (:func:`~stego_core.engine.reconstruction.predict_volume`)."""
+
+    def __init__(self, segmenter: Segmenter, engine: EngineConfig, *, progress: bool = False) -> None:
+        self.segmenter = segmenter
+        self.engine = engine
+        self.progress = progress
+        self.name = segmenter.name
+        self.threshold = float(segmenter.threshold)
+
+    def fit(self, cases: Sequence[PreparedCase], validation: Sequence[PreparedCase] = ()) -> None:
+        """Nothing to learn across volumes."""
+
+    def predict(self, case: PreparedCase) -> Result:
+        return Result(predict_volume(self.segmenter, case.image, case.brain_mask, self.engine,
+                                     progress=self.progress, spacing=case.spacing))
+
+    def settings(self) -> dict[str, Any]:
+        get = getattr(self.segmenter, "settings", None)
+        return dict(get()) if callable(get) else {}
+
+    def state(self) -> None:
+        return None
+
+    def load_state(self, state: Any) -> None:
+        raise ValueError(f"method {self.name!r} is classical: it has no trained state to load")

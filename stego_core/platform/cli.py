@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from stego_core.config import load_config, plan_yaml
-from stego_core.runtime.faults import Interrupted, handle_signals
 from stego_core.evaluation.metrics import OBJECTIVE_KEYS
+from stego_core.runtime.faults import Interrupted, handle_signals
 
 T = TypeVar("T")
 #: Metric keys an entry point prints after a run.

@@ -17,9 +17,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from stego_core.platform import tracking
 from stego_core.runtime import faults
 
-from stego_core.platform import tracking
 log = logging.getLogger(__name__)
 
 

@@ -26,8 +26,8 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from stego_core.runtime import distributed, faults
 from stego_core.data.io import Case
+from stego_core.runtime import distributed, faults
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 #: The artifact holding every run's resolved plan (:func:`log_plan`).
@@ -328,10 +328,25 @@ def param_text(value: Any) -> str:
     return text[:_PARAM_VALUE_MAX]
 
 
+#: What MLflow accepts in a metric, param or tag name; anything else becomes ``_`` (:func:`safe_key`).
+_KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-. :/]")
+
+
+def safe_key(name: str) -> str:
+    """``name`` as an MLflow metric / param / tag key: characters MLflow refuses (``+``, ``*``, ``<``...) become
+    ``_`` (a case folder named ``a+b`` logs ``dice/a_b``; tables keep the real name).
+
+    >>> safe_key("dice/<img src=x>"), safe_key("methods.stego+crf.method")
+    ('dice/_img src_x_', 'methods.stego_crf.method')
+    """
+    return _KEY_CHARS.sub("_", str(name))
+
+
 @_main_only
 def log_params(params: Mapping[str, Any]) -> None:
-    """Log params in batches; long values are truncated to MLflow's limit, URLs masked."""
-    items = [(key, param_text(value)) for key, value in params.items()]
+    """Log params in batches; keys made safe (:func:`safe_key`), long values truncated to MLflow's limit, URLs
+    masked."""
+    items = [(safe_key(key), param_text(value)) for key, value in params.items()]
     for i in range(0, len(items), 100):
         mlflow.log_params(dict(items[i:i + 100]))
 
@@ -363,13 +378,13 @@ def log_metrics(metrics: Mapping[str, float], *, step: int | None = None) -> Non
         if v != v or v in (float("inf"), float("-inf")):
             log.warning("metric %s is not finite (%s); not logged", k, v)
             continue
-        finite[k] = v
+        finite[safe_key(k)] = v
     mlflow.log_metrics(finite, step=step)
 
 
 @_main_only
 def set_tags(tags: Mapping[str, Any]) -> None:
-    mlflow.set_tags({k: str(v) for k, v in tags.items()})
+    mlflow.set_tags({safe_key(k): str(v) for k, v in tags.items()})
 
 
 @_main_only
@@ -486,10 +501,6 @@ def log_input(dataset: Any, *, context: str, tags: Mapping[str, str], attempts: 
             time.sleep(0.05 * attempt)
 
 
-def artifact_uri(path: str = "") -> str:
-    return mlflow.get_artifact_uri(path)
-
-
 def download_artifacts(uri: str, dst: str | Path | None = None) -> Path:
     """Download artifacts at ``uri`` (e.g. ``runs:/<id>/checkpoints``) to ``dst`` and return the local path."""
     _ensure_tracking()
@@ -531,11 +542,15 @@ def pinned_requirements() -> list[str]:
 
 
 def load_pytorch_model(model_uri: str, *, map_location: str = "cpu") -> Any:
-    """Load a model logged by :func:`log_pytorch_model` (``runs:/...`` or ``models:/...``)."""
+    """Load a model logged by :func:`log_pytorch_model` (``runs:/...`` or ``models:/...``); the downloaded copy
+    is removed once loaded (nothing is left in the temporary folder)."""
+    import tempfile
+
     import mlflow.pytorch
 
     _ensure_tracking()
-    return mlflow.pytorch.load_model(model_uri, map_location=map_location)
+    with tempfile.TemporaryDirectory(prefix="stego-model-") as tmp:
+        return mlflow.pytorch.load_model(model_uri, dst_path=tmp, map_location=map_location)
 
 
 def run_of_model(model_uri: str) -> str | None:
@@ -575,9 +590,91 @@ def client() -> MlflowClient:
     return MlflowClient(tracking_uri=tracking_uri())
 
 
-def lightning_logger(run_id: str, experiment: str) -> Any:
-    """A Lightning ``MLFlowLogger`` that writes into the already open run ``run_id``."""
-    from lightning.pytorch.loggers import MLFlowLogger
+# ------------------------------------------------------------------------------- learned methods' states
 
-    return MLFlowLogger(experiment_name=experiment, tracking_uri=tracking_uri(), run_id=run_id,
-                        log_model=False)
+
+class RunMonitor:
+    """A method's :class:`~stego_core.methods.registry.Monitor` that writes into the active run (rank 0 only)."""
+
+    def metrics(self, values: Mapping[str, float], step: int | None = None) -> None:
+        log_metrics(values, step=step)
+
+    def image(self, figure: Any, key: str, step: int) -> None:
+        log_image(figure, key, step=step)
+
+    def tags(self, tags: Mapping[str, str]) -> None:
+        set_tags(tags)
+
+
+#: Metadata keys of a logged learned model: the registered method that saved it and its resolved settings.
+METHOD_KEY, SETTINGS_KEY = "stego_method", "stego_settings"
+
+
+def is_run_id(text: str) -> bool:
+    """Whether ``text`` is a bare MLflow run id (32 hex digits)."""
+    return re.fullmatch(r"[0-9a-f]{32}", text or "") is not None
+
+
+def resolve_model_uri(model_uri: str) -> str:
+    """Accept a bare run id as ``runs:/<id>/model``; other URIs (``runs:/``, ``models:/<name>/<version>``,
+    ``models:/<name>@<alias>``) and local model folders pass through.
+
+    >>> resolve_model_uri("0123456789abcdef0123456789abcdef")
+    'runs:/0123456789abcdef0123456789abcdef/model'
+    """
+    return f"runs:/{model_uri}/model" if is_run_id(model_uri) else model_uri
+
+
+@_main_only
+def log_learned(method: str, settings: Any, state: Any, *, name: str = "model") -> str:
+    """Log a learned method's state (a ``torch.nn.Module``) as the run's MLflow model ``name``, with the method's
+    name and whole resolved settings in the model's metadata: what :func:`load_learned` rebuilds it from (no
+    preset file is read again). Returns ``runs:/<id>/<name>``."""
+    import dataclasses
+
+    from stego_core.config import to_dict
+
+    plain = to_dict(settings) if dataclasses.is_dataclass(settings) else dict(settings)
+    return log_pytorch_model(state.cpu() if hasattr(state, "cpu") else state, name=name,
+                             metadata={METHOD_KEY: method, SETTINGS_KEY: json.dumps(plain)})
+
+
+def _model_metadata(model_uri: str) -> dict[str, Any]:
+    from mlflow.models import Model
+
+    _ensure_tracking()
+    try:
+        return dict(Model.load(model_uri).metadata or {})
+    except Exception as exc:  # noqa: BLE001 - MLflow raises several kinds for a missing model
+        text = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise ValueError(f"model_uri={model_uri!r}: no model there ({type(exc).__name__}: {text})") from None
+
+
+def learned_method_of(model_uri: str) -> str:
+    """The registered method that saved the model at ``model_uri`` (a run id, ``runs:/``, ``models:/``); models
+    logged before methods were recorded are STEGO's."""
+    meta = _model_metadata(resolve_model_uri(model_uri))
+    return str(meta.get(METHOD_KEY) or meta.get("method") or "stego")
+
+
+def load_learned(model_uri: str) -> Any:
+    """A learned method's saved state: ``LearnedState(method, settings, state)`` from the model at
+    ``model_uri`` (a run id, ``runs:/<id>/model``, ``models:/<name>/<version>``). Warns when the run that logged
+    it was deleted."""
+    from stego_core.methods.registry import LearnedState
+
+    uri = resolve_model_uri(model_uri)
+    meta = _model_metadata(uri)
+    run = run_of_model(uri)
+    if run:
+        with contextlib.suppress(Exception):
+            if client().get_run(run).info.lifecycle_stage == "deleted":
+                log.warning("model_uri=%s: the run %s that logged it is deleted (its model still loads)", model_uri,
+                            run)
+    state = load_pytorch_model(uri)
+    method = str(meta.get(METHOD_KEY) or meta.get("method") or "stego")
+    settings = json.loads(meta[SETTINGS_KEY]) if SETTINGS_KEY in meta else {}
+    if method == "stego" and SETTINGS_KEY not in meta:  # a model logged before methods were recorded
+        settings = {"slicing": {"patch_size": int(meta.get("patch_size", getattr(state, "patch_size", 32))),
+                                "axis": int(meta.get("axis", 2))}}
+    return LearnedState(method=method, settings=settings, state=state, source=model_uri)

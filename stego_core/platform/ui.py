@@ -36,6 +36,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from stego_core.platform import tracking
+
 #: Key of the saved view :func:`save_methods_view` writes (``?viewStateShareKey=``).
 VIEW_KEY = "stego-methods"
 #: Name of that view in the runs table's *Views* menu.

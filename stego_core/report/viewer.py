@@ -34,7 +34,13 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-from stego_core._checks import as_binary, check_finite, check_ndim, check_range, check_same_shape
+from stego_core._checks import (
+    as_binary,
+    check_finite,
+    check_ndim,
+    check_range,
+    check_same_shape,
+)
 from stego_core.report.visualize import ERROR_COLOURS
 
 __all__ = [

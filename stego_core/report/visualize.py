@@ -368,28 +368,35 @@ def comparison_bar_figure(
     return fig
 
 
-def teacher_student_figure(image: np.ndarray, teacher: np.ndarray, student_prob: np.ndarray, combined: np.ndarray,
-                           *, axis: int = 2, title: str = "") -> Figure:
-    """One slice of a self-trained volume: the image, the teacher's mask (the pseudo-labels' source), the
-    student's probability and the final mask, on the slice along ``axis`` where the teacher finds most vessel.
+def extras_figure(image: np.ndarray, extras: Mapping[str, np.ndarray], mask: np.ndarray, *, axis: int = 2,
+                  title: str = "") -> Figure:
+    """One slice of a volume with a method's named extras beside its final mask (a self-training run: the image,
+    the teacher's mask, the student's probability, the final mask), on the slice along ``axis`` where the first
+    mask extra (else the final mask) holds most vessel.
 
     Parameters
     ----------
-    image, student_prob : (I, J, K) float ndarrays
-    teacher, combined : (I, J, K) bool ndarrays
+    image : (I, J, K) float ndarray
+    extras : mapping of name to (I, J, K) ndarray
+        Bool arrays are drawn as masks (grey), float arrays as probabilities (magma).
+    mask : (I, J, K) bool ndarray
+        The method's final mask.
     """
     check_ndim(image, 3, "image")
-    for arr, name in ((teacher, "teacher"), (student_prob, "student_prob"), (combined, "combined")):
+    for name, arr in (*extras.items(), ("mask", mask)):
         check_same_shape(image, arr, "image", name)
     other = tuple(a for a in range(3) if a != axis)
-    k = int(np.argmax(np.asarray(teacher, bool).sum(axis=other)))
+    guide = next((v for v in extras.values() if v.dtype == bool), mask)
+    k = int(np.argmax(np.asarray(guide, bool).sum(axis=other)))
     take = [slice(None)] * 3
     take[axis] = k
-    panels = (("image", image, "gray"), ("teacher", teacher, "gray"), ("student probability", student_prob, "magma"),
-              ("self-trained mask", combined, "gray"))
-    fig = Figure(figsize=(12, 3.4), dpi=100)
+    panels = [("image", image, "gray")]
+    panels += [(name if arr.dtype == bool else f"{name} probability", arr, "gray" if arr.dtype == bool else "magma")
+               for name, arr in extras.items()]
+    panels.append(("final mask", mask, "gray"))
+    fig = Figure(figsize=(3 * len(panels), 3.4), dpi=100)
     for i, (name, arr, cmap) in enumerate(panels):
-        ax = fig.add_subplot(1, 4, i + 1)
+        ax = fig.add_subplot(1, len(panels), i + 1)
         _show(ax, np.asarray(arr, np.float32)[tuple(take)], cmap=cmap, vmin=0.0, vmax=1.0)
         ax.set_title(f"{name} (slice {k})", fontsize=9)
     if title:

@@ -19,7 +19,52 @@ import contextlib
 import datetime
 import os
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
+
+from stego_core._checks import check_choice, check_range
+
+#: ``trainer.strategy`` values: ``auto`` is one process for one device and DDP for more.
+STRATEGIES = ("auto", "ddp")
+
+
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed")
+
+
+@dataclass(frozen=True)
+class TrainerSettings:
+    """How many processes a learned step runs on (Lightning's ``Trainer`` arguments of the same names).
+
+    ``devices`` processes per machine (one per GPU; CPU processes with ``train.accelerator=cpu``) on
+    ``num_nodes`` machines. More than one process is launched from outside, one command per machine:
+    ``torchrun --nproc_per_node <devices> [--nnodes <num_nodes> ...] -m experiments.<step> ...`` or ``srun``
+    (SLURM, one task per device); :mod:`stego_core.runtime.distributed` joins them, rank 0 alone logs to MLflow and
+    writes the run's files. ``strategy: auto`` is a single process for one device and DDP (gradients averaged
+    over ranks, the batch size per process) for more. ``precision: auto`` is each step's own default (STEGO:
+    ``32-true``; DINO: bf16 autocast on a GPU, float32 on CPU).
+    """
+
+    devices: int = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_range(self.devices, "trainer.devices", 1)
+        check_range(self.num_nodes, "trainer.num_nodes", 1)
+        check_choice(self.strategy, "trainer.strategy", STRATEGIES)
+        check_choice(self.precision, "trainer.precision", PRECISIONS)
+
+    @property
+    def world_size(self) -> int:
+        """Processes in all: ``devices * num_nodes``."""
+        return self.devices * self.num_nodes
+
+    def lightning_strategy(self) -> str:
+        """The Lightning strategy: ``ddp`` for more than one process under ``auto``, else as given."""
+        return "ddp" if self.strategy == "auto" and self.world_size > 1 else self.strategy
+
+
 
 T = TypeVar("T")
 

@@ -11,38 +11,170 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from stego_core.platform import tracking
-from stego_core.config import AblationConfig, AblationMethod
-from stego_core.data.cases import PreparedCase, ensure_cases, preprocess_case, split_cases
+from stego_core._checks import check_choice
+from stego_core.config import to_dict
+from stego_core.data.cases import (
+    DataConfig,
+    PreparedCase,
+    ensure_cases,
+    preprocess_case,
+    split_cases,
+)
 from stego_core.data.io import Case
-from stego_core.methods.registry import build_method
-from stego_core.evaluation.metrics import summarize
-from stego_core.engine.postprocess import steps_tag
+from stego_core.data.preprocess import SKULL_STRIP_MODES
+from stego_core.engine.crf import CRFSettings
+from stego_core.engine.postprocess import PostprocessStep, steps_tag
+from stego_core.engine.reconstruction import FUSION_MODES, EngineConfig
+from stego_core.evaluation.metrics import METRIC_KEYS, summarize
 from stego_core.evaluation.scoring import evaluate_case
+from stego_core.methods import METHODS, BuildContext, build_method
+from stego_core.methods.registry import resolve_settings
+from stego_core.platform import tracking
+from stego_core.steps.base import RunSettings
 from stego_core.steps.comparison import log_comparison
 
-#: Columns of ``ablation.csv`` after the identifying ones.
-_SCORES = ("dice", "cldice", "precision", "recall", "n_components_pred", "n_components_gt",
-           "n_components_before_postprocess", "label_retention", "predicted_fraction")
+
+@dataclass(frozen=True)
+class AblationMethod:
+    """One row family of the ablation: a registered method by name with its settings, the skull-strip modes to
+    run it with, and optionally tri-planar fusion (``axes``, ``fusion``; slice-based methods only). ``alias``
+    names the row (default: the method with the settings as given and the fusion, e.g. ``gmm{n_components=4}``
+    or ``frangi@012mean``). The settings are resolved when the config is loaded (a bad key fails before any run
+    opens; a teacher preset is read once), so the plan shows every setting in force."""
+
+    name: str = "gmm"
+    settings: Any = field(default_factory=dict)
+    skull_strip: tuple[str, ...] = ("auto",)
+    axes: tuple[int, ...] | None = None
+    fusion: str = "mean"
+    alias: str = ""
+
+    def __post_init__(self) -> None:
+        for mode in self.skull_strip:
+            check_choice(mode, "ablation.methods.skull_strip", SKULL_STRIP_MODES)
+        check_choice(self.fusion, "ablation.methods.fusion", FUSION_MODES)
+        if not self.alias:  # named by what the config gave, before the defaults are filled in
+            given = self.settings if isinstance(self.settings, dict) else {}
+            out = self.name + ("{" + ",".join(f"{k}={v}" for k, v in sorted(given.items())) + "}" if given else "")
+            if self.axes is not None:
+                out += "@" + "".join(str(a) for a in self.axes) + self.fusion
+            object.__setattr__(self, "alias", out.replace(" ", ""))
+        object.__setattr__(self, "settings", resolve_settings(self.name, self.settings,
+                                                              prefix=f"methods.{self.alias}.settings."))
+
+    @property
+    def row(self) -> str:
+        """The row's display name."""
+        return self.alias
+
+    @property
+    def cache_key(self) -> str:
+        """The method, every setting in force and the fusion: what its cached probabilities depend on."""
+        plain = to_dict(self.settings) if dataclasses.is_dataclass(self.settings) else self.settings
+        return f"{self.name}{json.dumps(plain, sort_keys=True, default=str)}@{self.axes}{self.fusion}"
 
 
-def _probabilities(method: AblationMethod, prepared: PreparedCase, cfg: AblationConfig, mode: str) -> np.ndarray:
+@dataclass(frozen=True)
+class AblationVariant:
+    """A named post-processing list applied to every method of the ablation (``none``: no step)."""
+
+    name: str = "none"
+    postprocess: tuple[PostprocessStep, ...] = ()
+
+
+def _default_ablation_methods() -> tuple[AblationMethod, ...]:
+    both = ("auto", "head")
+    return (AblationMethod("percentile", skull_strip=both), AblationMethod("otsu"), AblationMethod("multiotsu"),
+            AblationMethod("kmeans"), AblationMethod("gmm", skull_strip=both),
+            AblationMethod("gmm", {"n_components": 4}, skull_strip=both), AblationMethod("frangi"),
+            AblationMethod("sato"), AblationMethod("frangi3d", skull_strip=both))
+
+
+def _default_ablation_variants() -> tuple[AblationVariant, ...]:
+    return (AblationVariant("none"), AblationVariant("cc", (PostprocessStep("cc", min_size_vox=10),)),
+            AblationVariant("largest", (PostprocessStep("largest", min_fraction=0.05),)),
+            AblationVariant("fill_holes", (PostprocessStep("fill_holes", max_size_vox=64),)),
+            AblationVariant("smooth+largest", (PostprocessStep("smooth", sigma_vox=0.5),
+                                               PostprocessStep("largest", min_fraction=0.05))))
+
+
+@dataclass(frozen=True)
+class AblationConfig(RunSettings):
+    """The ``ablation`` step: every method x skull-strip mode x post-processing variant on every case of every
+    data set, one MLflow parent run with one nested run per (method, skull strip, variant).
+
+    Each method's probabilities are computed once per case and mode (and kept in ``cache`` when set, keyed by
+    case, mode and method label, so reruns and new variants are cheap); the variants then post-process them.
+    ``datasets`` are :class:`DataConfig` sections (phantoms, folders of real cases); ``split: test`` keeps only
+    the held-out cases of each.
+    """
+
+    datasets: tuple[DataConfig, ...] = (DataConfig(),)
+    split: str = "all"
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    methods: tuple[AblationMethod, ...] = field(default_factory=_default_ablation_methods)
+    variants: tuple[AblationVariant, ...] = field(default_factory=_default_ablation_variants)
+    crf_settings: CRFSettings = field(default_factory=CRFSettings)
+    cache: str = ""
+    progress: bool = True
+    output: str = "outputs/ablation"
+    experiment: str = "stego-vessels-ablation"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice(self.split, "split", ("test", "all"))
+        if not self.datasets or not self.methods or not self.variants:
+            raise ValueError("ablation needs at least one dataset, method and variant")
+
+
+
+#: Columns of ``ablation.csv`` after the identifying ones: the metric list, then what the case and the
+#: post-processing add.
+_SCORES = (*(k for k in METRIC_KEYS if k not in ("tprec", "tsens")), "n_components_before_postprocess",
+           "label_retention", "predicted_fraction")
+
+
+def _method(method: AblationMethod, cfg: AblationConfig, ds: int, mode: str,
+            built: dict[tuple[int, str, str], Any]) -> Any:
+    """The row family's method for one data set and skull-strip mode, built once; a learned one is fitted on that
+    data set's training volumes (the split's training part; every volume with ``split: all``)."""
+    key = (ds, mode, method.cache_key)
+    if key not in built:
+        engine = dataclasses.replace(cfg.engine, axes=method.axes, fusion=method.fusion)
+        impl = build_method(method.name, method.settings, BuildContext(engine=engine, progress=cfg.progress))
+        if METHODS[method.name].kind == "learned" and impl.state() is None:
+            data = dataclasses.replace(cfg.datasets[ds], skull_strip=mode)
+            cases = ensure_cases(data)
+            train = cases if cfg.split == "all" else split_cases(cases, cfg.test_fraction, seed=cfg.split_seed,
+                                                                 test_ids=cfg.test_cases)[0]
+            if getattr(impl, "needs_disjoint_fit", False) and cfg.split == "all":
+                raise ValueError(f"ablation: method {method.row!r} trains apart from the evaluated volumes; "
+                                 "use split=test")
+            impl.fit([preprocess_case(c, data) for c in train])
+        built[key] = impl
+    return built[key]
+
+
+def _probabilities(method: AblationMethod, impl: Any, prepared: PreparedCase, cfg: AblationConfig, mode: str
+                   ) -> np.ndarray:
     """The method's probability volume for one case and skull-strip mode (from the cache when present)."""
     cache_file = None
-    engine = dataclasses.replace(cfg.engine, axes=method.axes, fusion=method.fusion)
     if cfg.cache:
-        key = f"{prepared.case.image}|{mode}|{engine}|{method.full_label}"
+        engine = dataclasses.replace(cfg.engine, axes=method.axes, fusion=method.fusion)
+        key = f"{prepared.case.image}|{mode}|{engine}|{method.cache_key}"
         digest = hashlib.sha1(key.encode()).hexdigest()[:12]
         cache_file = Path(cfg.cache) / f"{prepared.case_id}__{mode}__{digest}.npy"
         if cache_file.is_file():
             return np.load(cache_file)
-    prob = build_method(method.name, method.settings, engine).predict(prepared)
+    prob = impl.predict(prepared).prob
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_suffix(".tmp.npy")
@@ -67,6 +199,7 @@ def ablation_rows(cfg: AblationConfig, *, csv_path: Path | None = None) -> list[
     Rows are appended to ``csv_path`` as they are computed, so a long run can be watched.
     """
     rows: list[dict[str, Any]] = []
+    built: dict[tuple[int, str, str], Any] = {}
     writer = None
     handle = None
     if csv_path is not None:
@@ -82,12 +215,13 @@ def ablation_rows(cfg: AblationConfig, *, csv_path: Path | None = None) -> list[
                 data = dataclasses.replace(cfg.datasets[ds], skull_strip=mode)
                 prepared = preprocess_case(case, data)
                 for method in (m for m in cfg.methods if mode in m.skull_strip):
-                    prob = _probabilities(method, prepared, cfg, mode)
+                    impl = _method(method, cfg, ds, mode, built)
+                    prob = _probabilities(method, impl, prepared, cfg, mode)
                     for variant in cfg.variants:
-                        post, scores = evaluate_case(prob, prepared, variant.postprocess, threshold=0.5,
+                        post, scores = evaluate_case(prob, prepared, variant.postprocess, threshold=impl.threshold,
                                                      slice_axis=cfg.engine.axis, crf_settings=cfg.crf_settings)
                         row: dict[str, Any] = {
-                            **scores, "method": method.label, "skull_strip": mode, "variant": variant.name,
+                            **scores, "method": method.row, "skull_strip": mode, "variant": variant.name,
                             "tag": method.name + steps_tag(variant.postprocess),
                             "n_components_before_postprocess": float(post.n_components_before),
                             "label_retention": prepared.label_retention}

@@ -18,9 +18,9 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from stego_core.platform import tracking
 from stego_core.evaluation.scoring import ANALYSIS_KEYS
 from stego_core.evaluation.stats import bootstrap_ci, comparison_tables, wilcoxon_min_p
+from stego_core.platform import tracking
 
 #: Metrics compared (when present): the headline scores, then the topology / vessel-size / distance metrics.
 COMPARISON_KEYS: tuple[str, ...] = ("dice", "cldice", *ANALYSIS_KEYS)

@@ -1,36 +1,144 @@
-"""Reconstruct and evaluate any segmenter on held-out volumes, tracked in MLflow with one metric vocabulary.
+"""Evaluate any registered method on held-out volumes, tracked in MLflow with one metric vocabulary.
 
-Each run logs, whatever the method: its params, a ``method`` tag, the data manifest as a dataset input,
-per-volume metrics ``<key>/<case_id>``, their ``<key>_mean`` and ``<key>_std``, ``evaluation_results.txt`` and
-``.csv``, the predicted NIfTI volumes (source affine and header kept), a MIP / error figure per volume, and
-(``viewer: true``) ``viewer/<case>.html``: a self-contained page to scroll through the volume's slices with the
-prediction and label overlaid (:mod:`stego_core.report.viewer`).
+:func:`run_method` is the one evaluation run, whatever the method: its plan, a ``method`` tag, the data manifest
+as a dataset input; a learned method fitted on the training volumes (or loaded from ``model_uri``); then
+:func:`evaluate_cases`, the one loop: per volume ``predict`` -> post-processing and the method's own threshold
+(:func:`~stego_core.evaluation.scoring.score_result`, extras such as a self-training teacher scored beside it) ->
+per-volume metrics ``<key>/<case_id>``, the predicted NIfTI volumes (source affine and header kept), a MIP / error
+figure and (``viewer: true``) ``viewer/<case>.html``; then ``<key>_mean`` / ``<key>_std``,
+``evaluation_results.txt`` and ``.csv``, and a learned method's trained state as the run's model.
+``baseline`` and ``reconstruct`` are this run; the pipeline, the sweeps and the benchmarks call it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from stego_core.runtime import distributed
-
-from stego_core.platform import tracking
-from stego_core.config import BaselineConfig, EvaluateConfig, ReconstructConfig
-from stego_core.data.cases import PreparedCase, ensure_cases, preprocess_case, split_cases
+from stego_core._checks import check_choice
+from stego_core.data.cases import (
+    DataConfig,
+    PreparedCase,
+    ensure_cases,
+    preprocess_case,
+    split_cases,
+)
 from stego_core.data.io import Case, save_volume
-from stego_core.methods.registry import METHODS, Method, build_method, is_run_id, resolve_model_uri
-from stego_core.evaluation.metrics import summarize, write_results
-from stego_core.engine.postprocess import steps_tag
-from stego_core.evaluation.scoring import ANALYSIS_KEYS, evaluate_case
+from stego_core.engine.crf import CRFSettings
+from stego_core.engine.postprocess import STEPS, PostprocessStep, steps_tag
+from stego_core.engine.reconstruction import EngineConfig
+from stego_core.evaluation.metrics import write_results
+from stego_core.evaluation.scoring import ANALYSIS_KEYS, score_result, summarize_rows
+from stego_core.methods import METHODS, BuildContext, build_method
+from stego_core.methods.registry import (
+    CaseRefused,
+    Method,
+    remember_state,
+    resolve_settings,
+)
+from stego_core.platform import tracking
+from stego_core.runtime import distributed
+from stego_core.steps.base import RunSettings
 
 log = logging.getLogger(__name__)
+
+
+def check_data(settings: Any, data: DataConfig) -> None:
+    """A method's settings may require a preprocessing (a self-training teacher chosen with a skull strip)."""
+    check = getattr(settings, "check_data", None)
+    if callable(check):
+        check(data)
+
+
+@dataclass(frozen=True)
+class EvaluateConfig(RunSettings):
+    """Which volumes to evaluate and how to reconstruct them.
+
+    ``split: test`` evaluates the held-out volumes of the same seeded split that training uses
+    (``test_fraction``, ``split_seed``); ``all`` evaluates every case. ``analysis`` adds the Betti-number errors,
+    recall per vessel radius and (voxel size in mm known) HD95 / ASSD per case. ``crf: true`` refines every slice's
+    probabilities with a dense CRF (``crf_settings``; needs ``pydensecrf2``) and adds ``+crf`` to the method.
+    ``viewer`` logs ``viewer/<case>.html`` per volume (:mod:`stego_core.report.viewer`; about 2 MB and a few seconds for
+    a 320 x 320 x 247 volume).
+    """
+
+    data: DataConfig = field(default_factory=DataConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    split: str = "test"
+    output: str = "outputs/evaluate"
+    save_probabilities: bool = False
+    progress: bool = True
+    analysis: bool = True
+    viewer: bool = True
+    crf: bool = False
+    crf_settings: CRFSettings = field(default_factory=CRFSettings)
+    postprocess: tuple[PostprocessStep, ...] = ()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice(self.split, "split", ("test", "all"))
+        seen_mask = False
+        for st in self.postprocess:
+            if STEPS[st.step].kind == "mask":
+                seen_mask = True
+            elif seen_mask:
+                raise ValueError(f"postprocess: probability step {st.step!r} after a mask step; list smooth/crf "
+                                 "first")
+
+    def postprocess_steps(self) -> tuple[PostprocessStep, ...]:
+        """The steps run after the segmenter: ``crf: true`` is a ``crf`` step in front of ``postprocess``."""
+        crf = () if not self.crf or any(s.step == "crf" for s in self.postprocess) else (PostprocessStep("crf"),)
+        return crf + tuple(self.postprocess)
+
+
+@dataclass(frozen=True)
+class BaselineConfig(EvaluateConfig):
+    """The ``baseline`` entry point: any registered method by name with its settings (e.g. ``{q: 99.5}``),
+    resolved and checked when the config is loaded (``--print-config`` shows every setting in force). A learned
+    method is fitted on the training volumes of the split in the same run (or loaded: ``settings.model_uri``).
+    ``log_model``: log a learned method's trained state as the run's model."""
+
+    method: str = "frangi"
+    settings: Any = field(default_factory=dict)
+    log_model: bool = True
+    output: str = "outputs/baseline"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "settings", resolve_settings(self.method, self.settings))
+        check_data(self.settings, self.data)
+
+
+@dataclass(frozen=True)
+class ReconstructConfig(EvaluateConfig):
+    """The ``reconstruct`` entry point: any trained learned method (the run id of a ``train``, ``baseline`` or
+    ``main`` run that logged a model, ``runs:/<id>/model``, ``models:/<name>/<version>``) evaluated on held-out
+    volumes with the settings it was trained with. ``engine.patch_size: null``
+    means the model's own training crop size. ``amp``: bf16 autocast on a GPU; ``compile``: ``torch.compile``
+    the model first (about a minute of compilation; pays off on whole volumes)."""
+
+    model_uri: str = ""
+    device: str = "auto"
+    amp: bool = False
+    compile: bool = False
+    output: str = "outputs/reconstruct"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice(self.device, "device", ("auto", "cpu", "cuda"))
+
+
+
+log = logging.getLogger(__name__)
+
+
 
 
 @dataclass
@@ -39,31 +147,59 @@ class EvaluationResult:
     rows: list[dict[str, Any]]
     summary: dict[str, float]
     output_dir: Path
+    #: the logged model of a learned method fitted in this run (``runs:/<id>/model``), else None
+    model_uri: str | None = None
+    #: the method as evaluated (fitted): a pipeline evaluates it again with other post-processing
+    method: Any = None
 
 
 def select_cases(cfg: EvaluateConfig) -> list[Case]:
-    """The cases an evaluation covers (see :class:`EvaluateConfig`)."""
+    """The cases an evaluation covers (see :class:`EvaluateConfig`); refuses an empty selection."""
+    cases = ensure_cases(cfg.data)
+    if cfg.split != "all":
+        cases = split_cases(cases, cfg.test_fraction, seed=cfg.split_seed, test_ids=cfg.test_cases)[1]
+    if not cases:
+        raise ValueError(f"no volume to evaluate in {cfg.data.root} with split={cfg.split} test_fraction="
+                         f"{cfg.test_fraction}: use split=all, a larger test_fraction or test_cases=<case id>")
+    return cases
+
+
+def training_cases(cfg: EvaluateConfig) -> list[Case]:
+    """The cases a learned method is fitted on: the training part of the split (every case with ``split: all``)."""
     cases = ensure_cases(cfg.data)
     if cfg.split == "all":
         return cases
-    return split_cases(cases, cfg.test_fraction, seed=cfg.split_seed, test_ids=cfg.test_cases)[1]
+    return split_cases(cases, cfg.test_fraction, seed=cfg.split_seed, test_ids=cfg.test_cases)[0]
+
+
+def build_context(cfg: EvaluateConfig, monitor: Any, workdir: Path | None, *, device: str = "auto",
+                  amp: bool = False, compile: bool = False, shared: dict | None = None) -> BuildContext:
+    """What a method is built with in a tracked run: the engine, the run as its monitor, MLflow as its reader."""
+    from stego_core.platform.weights import fetch_weights
+
+    return BuildContext(engine=cfg.engine, monitor=monitor, load=tracking.load_learned, fetch=fetch_weights,
+                        device=device, amp=amp, compile=compile, progress=cfg.progress, workdir=workdir,
+                        shared=shared)
 
 
 def evaluate_cases(method: Method, cases: list[Case], cfg: EvaluateConfig, out_dir: Path, *,
-                   log_to_mlflow: bool = True, after_case: Callable[[PreparedCase, Any, dict], None] | None = None,
-                   name: str | None = None) -> list[dict[str, Any]]:
-    """Reconstruct every case with ``method``, write predictions under ``out_dir``, and return one metrics row
-    per case (:func:`~stego_core.evaluation.scoring.evaluate_case`). ``after_case(prepared, post, row)`` may add keys to
-    the row (e.g. a teacher's scores) and log more pictures before the row is logged. Predictions are named
-    ``<case>_<name>_pred.nii.gz``, ``name`` the run's method tag (default ``method.name``).
+                   log_to_mlflow: bool = True, name: str | None = None) -> list[dict[str, Any]]:
+    """The one evaluation loop: reconstruct every case with ``method``, write predictions under ``out_dir``, and
+    return one metrics row per case (:func:`~stego_core.evaluation.scoring.score_result`). Predictions are named
+    ``<case>_<name>_pred.nii.gz`` (``name``: the run's method tag, default ``method.name``); a mask extra of the
+    method's result (a self-training teacher) is written as ``<case>_<row>_pred.nii.gz``, ``<row>`` its row name
+    (``method.extra_rows``), and drawn with the others in the stepped image ``<method>/slices``. A case the
+    method refuses (:class:`~stego_core.methods.registry.CaseRefused`) gets a warning, a tag and a row without
+    scores.
 
-    Launched as several processes (:mod:`stego_core.runtime.distributed`), each rank takes every ``world size``-th case
-    and writes its predictions; rank 0 logs every case's scores, tags, predictions and figure into the one run,
-    and every rank returns all rows in case order."""
+    Launched as several processes (:mod:`stego_core.runtime.distributed`), each rank takes every ``world size``-th
+    case and writes its predictions; rank 0 logs every case's scores, tags, predictions and figure into the one
+    run, and every rank returns all rows in case order."""
+    from stego_core.report.visualize import extras_figure, mip_figure
+
     name = name or method.name
-    from stego_core.report.visualize import mip_figure
-
     steps = cfg.postprocess_steps()
+    extra_rows = dict(getattr(method, "extra_rows", {}) or {})
     rows = []
     mine = distributed.shard(list(enumerate(cases)))
     for index, case in tqdm(mine, desc=f"evaluate {method.name}", unit="vol",
@@ -78,26 +214,38 @@ def evaluate_cases(method: Method, cases: list[Case], cfg: EvaluateConfig, out_d
                         "meaningless", case.case_id, case.label)
             if log_to_mlflow:
                 out.tag({"label_empty": "true", f"label_empty/{case.case_id}": "true"})
-        prob = method.predict(prepared, progress=cfg.progress)
-        post, row = evaluate_case(prob, prepared, steps, threshold=method.threshold, slice_axis=cfg.engine.axis,
-                                  crf_settings=cfg.crf_settings, analysis=cfg.analysis)
-        if after_case is not None:
-            after_case(prepared, post, row)
-        pred_path = save_volume(out_dir / "predictions" / f"{case.case_id}_{name}_pred.nii.gz",
-                                post.mask.astype(np.uint8), prepared.affine, prepared.header)
-        out.artifacts.append((str(pred_path), "predictions"))
+        try:
+            result = method.predict(prepared)
+        except CaseRefused as exc:
+            log.warning("%s refused case %s: %s", name, case.case_id, exc)
+            if log_to_mlflow:
+                out.tag({"case_refused": "true", f"case_refused/{case.case_id}": str(exc)[:4000]})
+                if distributed.is_main():
+                    out.log()
+            rows.append((index, {"case_id": case.case_id, "refused": str(exc)}, out))
+            continue
+        post, row = score_result(result, prepared, steps, threshold=method.threshold, slice_axis=cfg.engine.axis,
+                                 crf_settings=cfg.crf_settings, analysis=cfg.analysis)
+        predictions = out_dir / "predictions"
+        out.artifacts.append((str(save_volume(predictions / f"{case.case_id}_{name}_pred.nii.gz",
+                                              post.mask.astype(np.uint8), prepared.affine, prepared.header)),
+                              "predictions"))
+        for extra, mask in result.masks().items():
+            stem = extra_rows.get(extra, f"{name}-{extra}")
+            out.artifacts.append((str(save_volume(predictions / f"{case.case_id}_{stem}_pred.nii.gz",
+                                                  mask.astype(np.uint8), prepared.affine, prepared.header)),
+                                  "predictions"))
         if cfg.save_probabilities:
-            prob_path = save_volume(out_dir / "predictions" / f"{case.case_id}_{name}_prob.nii.gz", post.prob,
-                                    prepared.affine, prepared.header)
-            out.artifacts.append((str(prob_path), "predictions"))
+            out.artifacts.append((str(save_volume(predictions / f"{case.case_id}_{name}_prob.nii.gz", post.prob,
+                                                  prepared.affine, prepared.header)), "predictions"))
         if log_to_mlflow:
             out.metrics = {f"{k}/{case.case_id}": v for k, v in row.items() if k != "case_id"}
             fig = mip_figure(prepared.image, prepared.label, post.mask, axis=cfg.engine.axis,
                              title=f"{method.name} on {case.case_id}")
-            if distributed.is_main():
-                tracking.log_figure(fig, f"figures/{case.case_id}_mip.png")
-            else:  # drawn here, logged by rank 0 from the file
-                out.artifacts.append((_save_figure(fig, out_dir / "figures" / f"{case.case_id}_mip.png"), "figures"))
+            out.figure(fig, out_dir / "figures" / f"{case.case_id}_mip.png")
+            if result.extras:
+                out.image(extras_figure(prepared.image, result.extras, post.mask, axis=cfg.engine.axis,
+                                        title=f"{case.case_id}: {name}"), f"{method.name}/slices", index)
             if cfg.viewer:
                 out.artifacts.append((str(write_viewer(prepared, post.mask, name, out_dir)), "viewer"))
             if distributed.is_main():
@@ -113,22 +261,45 @@ def evaluate_cases(method: Method, cases: list[Case], cfg: EvaluateConfig, out_d
 
 @dataclass
 class _CaseOutputs:
-    """What one evaluated case logs into the run: tags, metrics and ``(file, artifact folder)`` pairs."""
+    """What one evaluated case logs into the run: tags, metrics, stepped images and ``(file, folder)`` pairs."""
 
     tags: dict[str, str] = dataclasses.field(default_factory=dict)
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
     artifacts: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    images: list[tuple[Any, str, int]] = dataclasses.field(default_factory=list)
+    figures: list[tuple[Any, str]] = dataclasses.field(default_factory=list)
+    logged: bool = False
 
     def tag(self, tags: dict[str, str]) -> None:
         """Set ``tags`` now (rank 0; before the case's prediction, which may fail) and keep them for :meth:`log`."""
         tracking.set_tags(tags)
         self.tags.update(tags)
 
+    def figure(self, fig: Any, path: Path) -> None:
+        """A figure for ``figures/``: logged by rank 0 as it is, saved under ``path`` by another rank (rank 0
+        logs the file)."""
+        if distributed.is_main():
+            self.figures.append((fig, f"figures/{path.name}"))
+        else:
+            self.artifacts.append((_save_figure(fig, path), "figures"))
+
+    def image(self, fig: Any, key: str, step: int) -> None:
+        """A stepped image (``key`` at ``step``): drawn here as an array, logged by rank 0."""
+        self.images.append((tracking.figure_array(fig), key, step))
+
     def log(self) -> None:
+        if self.logged:
+            return
+        self.logged = True
         if self.tags:
             tracking.set_tags(self.tags)
         for path, folder in self.artifacts:
             tracking.log_artifact(path, folder)
+        for fig, name in self.figures:
+            tracking.log_figure(fig, name)
+        self.figures = []  # logged and closed: nothing heavy goes to the gather
+        for image, key, step in self.images:
+            tracking.log_image(image, key, step=step)
         if self.metrics:
             tracking.log_metrics(self.metrics)
 
@@ -155,95 +326,138 @@ def write_viewer(prepared: PreparedCase, mask: np.ndarray, name: str, out_dir: P
     return path
 
 
-def run_evaluation(method_impl: Method, cfg: EvaluateConfig, *, method: str, run_name: str | None = None,
-                   params: dict[str, Any] | None = None, tags: dict[str, str] | None = None,
-                   config: Any = None, nested: bool = False) -> EvaluationResult:
-    """One MLflow run that reconstructs and scores ``method_impl`` on the cases of ``cfg``.
+def fit_method(method: Method, cfg: EvaluateConfig, evaluated: Sequence[Case]) -> None:
+    """Fit ``method`` on the training volumes of ``cfg``'s split, inside the active run (datasets logged). The
+    held-out volumes are handed over for the training curves only. A method that must not see the volumes it is
+    evaluated on (``method.needs_disjoint_fit``) is refused when they overlap."""
+    train = training_cases(cfg)
+    overlap = {c.case_id for c in train} & {c.case_id for c in evaluated}
+    if getattr(method, "needs_disjoint_fit", False) and (not train or overlap):
+        raise ValueError(f"method {method.name!r} trains on volumes apart from the evaluated ones, but "
+                         + ("there are none" if not train else f"{sorted(overlap)} are in both")
+                         + ": use split=test with test_cases=... or a test_fraction that leaves training volumes")
+    if not train:
+        raise ValueError(f"method {method.name!r} needs training volumes: the split leaves none")
+    source = cfg.data.root
+    tracking.log_dataset(train, name=Path(source).name + "-train", context="training", source=source)
+    with distributed.main_first():
+        prepared = [preprocess_case(c, cfg.data) for c in train]
+    validation = [preprocess_case(c, cfg.data) for c in evaluated] if _wants_validation(method) else []
+    method.fit(prepared, validation)
 
-    ``config`` (default ``cfg``) is the entry point's resolved config, saved as ``plan.yaml`` and flattened into
-    params; ``params`` adds method settings; ``tags`` adds e.g. the training run a model came from.
+
+def _wants_validation(method: Method) -> bool:
+    return bool(getattr(method, "wants_validation", False))
+
+
+def log_state(method: Method, *, name: str = "model") -> str | None:
+    """Log a learned method's trained state with its whole resolved settings as the run's model; its URI."""
+    state = method.state()
+    if state is None:
+        return None
+    return tracking.log_learned(method.name, method.settings(), state, name=name)
+
+
+def run_method(method: Method | str, cfg: EvaluateConfig, *, settings: Any = None, name: str | None = None,
+               run_name: str | None = None, config: Any = None, nested: bool = False,
+               tags: dict[str, str] | None = None, log_model: bool = True, context: dict | None = None,
+               suffix: bool = True) -> EvaluationResult:
+    """One MLflow run that (for a learned method) fits and then reconstructs and scores a method on the cases of
+    ``cfg``.
+
+    Parameters
+    ----------
+    method : Method or str
+        An already built (perhaps already fitted) method, or a registered name built here with ``settings`` and
+        the run as its monitor.
+    cfg : EvaluateConfig
+        The volumes, split, engine and post-processing.
+    name : str, optional
+        The row / ``method`` tag (default: the method's name; with ``suffix``, post-processing steps add
+        ``+smooth``...).
+    config : dataclass, optional
+        The entry point's resolved config, saved as ``plan.yaml`` and flattened into params (default ``cfg``).
+    log_model : bool
+        Log a learned method's state after a fit in this run.
+    context : dict, optional
+        ``device``, ``amp``, ``compile``, ``shared`` (fitted states by settings) for the method's context.
     """
     config = config if config is not None else cfg
-    run_name = run_name or method
-    suffix = steps_tag(cfg.postprocess_steps())  # e.g. "+crf", "+smooth+largest"
-    method, run_name = f"{method}{suffix}", f"{run_name}{suffix}"
-    description = (f"Evaluation of {method} on the {cfg.split} volumes of {Path(cfg.data.root).name}: "
+    tail = steps_tag(cfg.postprocess_steps()) if suffix else ""  # e.g. "+crf", "+smooth+largest"
+    base = name or (method if isinstance(method, str) else method.name)
+    label, run_name = f"{base}{tail}", f"{run_name or base}{tail}"
+    description = (f"Evaluation of {label} on the {cfg.split} volumes of {Path(cfg.data.root).name}: "
                    f"dice_mean / cldice_mean, per volume <key>/<case>, MIP and error overlays in figures/"
                    + (", a slice viewer per volume in viewer/ (open <case>.html)." if cfg.viewer else "."))
+    kind = METHODS[method if isinstance(method, str) else method.name].kind
     with tracking.start_run(cfg.experiment, run_name=run_name, output_root=cfg.output, nested=nested,
                             description=description,
-                            tags={"method": method, "step": "evaluate", **(tags or {})}) as run:
-        tracking.log_plan(config, run.output_dir, params=params)
+                            tags={"method": label, "step": "evaluate",
+                                  "kind": "baseline" if kind == "classical" else kind, **(tags or {})}) as run:
+        ctx = build_context(cfg, tracking.RunMonitor(), run.output_dir, **(context or {}))
+        if isinstance(method, str):
+            method = build_method(method, settings, ctx)
+        tracking.log_plan(config, run.output_dir,
+                          params={f"resolved.{k}": v for k, v in _flat_settings(method.settings()).items()})
         with distributed.main_first():  # rank 0 writes generated phantoms; the others read them
             cases = select_cases(cfg)
         tracking.log_dataset(cases, name=Path(cfg.data.root).name, context="evaluation", source=cfg.data.root)
-        rows = evaluate_cases(method_impl, cases, cfg, run.output_dir, name=method)
-        summary: dict[str, float] = {}
-        scored = [r for r in rows if "dice" in r]
-        if scored:
-            summary = summarize([{k: v for k, v in r.items() if k != "case_id"} for r in scored])
+        fitted_here = False
+        uri = str(getattr(method.settings(), "model_uri", "") or "")
+        if kind == "learned" and uri:
+            tracking.set_tags({"model_uri": uri, **_training_run(uri)})
+        elif kind == "learned" and method.state() is None:
+            fit_method(method, cfg, cases)
+            remember_state(method, ctx)
+            fitted_here = True
+        rows = evaluate_cases(method, cases, cfg, run.output_dir, name=label)
+        extras = list(dict(getattr(method, "extra_rows", {}) or {}))
+        summary = summarize_rows(rows, extras)
+        if summary:
             tracking.log_metrics(summary)
+            scored = [r for r in rows if "dice" in r]
             if distributed.is_main():
-                extra = [k for k in ANALYSIS_KEYS if all(k in r for r in scored)]  # a bin may be absent
-                txt, csv = write_results(scored, run.output_dir, method=method, extra_keys=extra)
+                columns = [k for k in ANALYSIS_KEYS if all(k in r for r in scored)]  # a bin may be absent
+                columns += [f"{e}_{k}" for e in extras for k in ("dice", "cldice") if all(f"{e}_{k}" in r
+                                                                                       for r in scored)]
+                txt, csv = write_results(scored, run.output_dir, method=label, extra_keys=columns)
                 tracking.log_artifact(txt)
                 tracking.log_artifact(csv)
-        return EvaluationResult(run_id=run.run_id, rows=rows, summary=summary, output_dir=run.output_dir)
+        model_uri = None
+        if kind == "learned" and log_model and not uri and (fitted_here or method.state() is not None):
+            model_uri = log_state(method)
+            if model_uri:
+                tracking.set_tags({"model_uri": model_uri})
+        return EvaluationResult(run_id=run.run_id, rows=rows, summary=summary, output_dir=run.output_dir,
+                                model_uri=model_uri, method=method)
+
+
+def _flat_settings(settings: Any) -> dict[str, Any]:
+    from stego_core.config import flatten
+
+    if dataclasses.is_dataclass(settings):
+        return flatten(settings)
+    return dict(settings or {})
+
+
+def _training_run(model_uri: str) -> dict[str, str]:
+    run = tracking.run_of_model(tracking.resolve_model_uri(model_uri))
+    return {"training_run_id": run} if run else {}
 
 
 def run_baseline(cfg: BaselineConfig, *, nested: bool = False, tags: dict[str, str] | None = None
                  ) -> EvaluationResult:
-    """Evaluate the registered method ``cfg.method`` (no labels used) as an MLflow run tagged with its name."""
-    method = build_method(cfg.method, cfg.settings, cfg.engine)
-    params = {f"resolved.{k}": v for k, v in method.settings().items()}
-    kind = METHODS[cfg.method].kind
-    return run_evaluation(method, cfg, method=cfg.method, run_name=f"baseline-{cfg.method}", nested=nested,
-                          params=params, tags={"kind": "baseline" if kind == "classical" else kind, **(tags or {})})
-
-
-def _selftrain_run(model_uri: str) -> str | None:
-    """The run id when ``model_uri`` is a bare id of a ``selftrain`` run (tag ``method``), else None."""
-    if not is_run_id(model_uri):
-        return None
-    try:
-        tags = tracking.client().get_run(model_uri).data.tags
-    except Exception:
-        return None
-    return model_uri if tags.get("method") == "selftrain" else None
+    """Evaluate the registered method ``cfg.method`` (fitted first when it learns) as one MLflow run."""
+    return run_method(cfg.method, cfg, settings=cfg.settings, run_name=f"baseline-{cfg.method}", nested=nested,
+                      tags=tags, log_model=cfg.log_model)
 
 
 def run_reconstruct(cfg: ReconstructConfig, *, nested: bool = False) -> EvaluationResult:
-    """Evaluate a trained model with the same engine and metric keys as the baselines, linked to its training run.
-
-    ``model_uri`` may also name a ``selftrain`` run: its logged students and its plan (teacher, combination)
-    are applied to this config's volumes (:func:`~stego_core.steps.selftrain.run_selftrain` with
-    ``model_uri``), so a self-trained segmenter is reused like STEGO."""
-    student_run = _selftrain_run(cfg.model_uri)
-    if student_run is not None:
-        from stego_core.config import SelfTrainConfig, derive, load_config
-        from stego_core.steps.selftrain import run_selftrain
-
-        plan = tracking.download_artifacts(f"runs:/{student_run}/{tracking.PLAN_ARTIFACT}",
-                                           Path(cfg.output) / "plans" / student_run)
-        trained = load_config(SelfTrainConfig, plan)
-        own = {f.name: getattr(trained, f.name) for f in dataclasses.fields(trained)
-               if f.name in ("teacher", "student", "mode")}
-        return run_selftrain(derive(SelfTrainConfig, cfg, **own, model_uri=student_run), nested=nested,
-                             tags={"training_run_id": student_run})
-    method = build_method("stego", {"model_uri": cfg.model_uri, "device": cfg.device, "amp": cfg.amp,
-                                    "compile": cfg.compile}, cfg.engine)
-    model = method.segmenter.model
-    cfg = dataclasses.replace(cfg, engine=method.engine)  # the model's crop size when engine.patch_size is null
-    expected = {"skull_strip": cfg.data.skull_strip, "standardize": cfg.data.standardize, "axis": cfg.engine.axis}
-    trained = getattr(model, "preprocessing", {}) or {}
-    mismatch = {k: (trained[k], v) for k, v in expected.items() if k in trained and trained[k] != v}
-    if mismatch:
-        raise ValueError("the model was trained with other preprocessing than this evaluation asks for "
-                         + ", ".join(f"{k}: trained {a!r}, asked {b!r}" for k, (a, b) in mismatch.items())
-                         + "; set data.skull_strip / data.standardize / engine.axis to the training run's values")
-    model_uri = resolve_model_uri(cfg.model_uri)
-    tags = {"model_uri": model_uri, "kind": "stego", "cluster_mapping_rule": model.mapping_rule}
-    train_run = tracking.run_of_model(model_uri)
-    if train_run:
-        tags["training_run_id"] = train_run
-    return run_evaluation(method, cfg, method="stego", run_name="reconstruct-stego", tags=tags, nested=nested)
+    """Evaluate any trained learned method (``cfg.model_uri``) with the settings it was trained with, the same
+    engine and metric keys as every other method, linked to the run that trained it."""
+    if not cfg.model_uri:
+        raise ValueError("model_uri is required, e.g. model_uri=<train run id> or runs:/<run id>/model")
+    context = {"device": cfg.device, "amp": cfg.amp, "compile": cfg.compile}
+    method = tracking.learned_method_of(cfg.model_uri)  # which method saved it (its model's metadata)
+    return run_method(method, cfg, settings={"model_uri": cfg.model_uri}, run_name=f"reconstruct-{method}",
+                      nested=nested, context=context, tags={"kind": method})

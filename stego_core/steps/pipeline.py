@@ -1,39 +1,133 @@
 """The whole pipeline on one config (``make demo`` / ``mlflow run . -e main``).
 
-prepare -> every classical baseline -> STEGO training -> STEGO reconstruction, all on the same volumes and
-split. Each step is its own MLflow run, nested under one ``pipeline`` run that holds the comparison table and
-bar chart, the per-case Dice / clDice plot, the recall by vessel radius, and per held-out volume one slice viewer
-(``viewer/<case>.html``) that switches between the methods' predictions.
+Every row of ``methods`` is a registered method by name: the pipeline loops over them in order, each one an
+MLflow run nested under one ``pipeline`` run (:func:`~stego_core.steps.evaluation.run_method`: a learned method is
+fitted on the split's training volumes, then every held-out volume is reconstructed and scored). The pipeline run
+holds the comparison table and bar chart, the per-case Dice / clDice plot, the recall by vessel radius, and per
+held-out volume one slice viewer (``viewer/<case>.html``) that switches between the methods' predictions. A mask
+that a method returns beside its own (a self-training teacher) is a row of its own (``teacher-<name>``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stego_core.platform import tracking
-from stego_core.config import (BaselineConfig, DataSettings, EngineConfig, MainConfig, PrepareConfig,
-                               ReconstructConfig, RunSettings, SelfTrainConfig, SelfTrainPlan, TrainConfig, derive)
+from stego_core._checks import check_choice
+from stego_core.config import derive, from_dict
+from stego_core.engine.postprocess import STEPS, PostprocessStep
+from stego_core.engine.reconstruction import EngineConfig
 from stego_core.evaluation.metrics import RADIUS_BINS, SCORE_KEYS
+from stego_core.methods.registry import METHODS, resolve_settings
+from stego_core.platform import tracking
+from stego_core.steps.base import DataSettings, RunSettings
 from stego_core.steps.comparison import log_comparison
-from stego_core.steps.evaluation import run_baseline, run_reconstruct
-from stego_core.steps.pretrain import run_pretrain
-from stego_core.steps.selftrain import run_selftrain
-from stego_core.steps.training import run_train
+from stego_core.steps.evaluation import (
+    EvaluateConfig,
+    check_data,
+    run_method,
+    select_cases,
+)
+from stego_core.steps.prepare import PrepareConfig
+from stego_core.steps.pretrain import PretrainConfig, run_pretrain
 
 log = logging.getLogger(__name__)
 
+#: The demo's rows when a config names none: every classical method at its defaults, and STEGO.
+DEFAULT_METHODS = ("percentile", "otsu", "multiotsu", "kmeans", "gmm", "frangi", "sato", "stego")
 
-def crf_available() -> bool:
-    """Whether the optional dense-CRF package is installed (``pip install 'stego-vessels[crf]'``)."""
-    import importlib.util
 
-    if importlib.util.find_spec("pydensecrf") is None:
-        log.warning("pydensecrf2 is not installed: skipping the stego+crf evaluation")
-        return False
-    return True
+@dataclass(frozen=True)
+class MethodSpec:
+    """One row of the comparison: a registered ``method`` (default: the row's name, or the part before a ``+``),
+    its ``settings`` (resolved and checked when the config is loaded), and ``postprocess`` steps after it. A row
+    named ``<row>+<step>`` with no method or settings of its own is row ``<row>`` (the same fitted state) followed
+    by that step at its defaults (``stego+crf``)."""
+
+    method: str = ""
+    settings: Any = field(default_factory=dict)
+    postprocess: tuple[PostprocessStep, ...] = ()
+
+
+def _spec(row: str, value: Any, slicing: Any = None) -> MethodSpec:
+    """A row of ``methods`` as a :class:`MethodSpec`: from a mapping, or ``{}`` / None for the defaults. A method
+    with crops of its own (a ``slicing`` section, STEGO's) takes the pipeline's ``slicing`` unless it states one."""
+    if isinstance(value, MethodSpec):
+        spec = value
+    else:
+        if value is None:
+            value = {}
+        if not isinstance(value, Mapping):
+            raise ValueError(f"methods.{row} must be a mapping (method, settings, postprocess), got {value!r}")
+        spec = from_dict(MethodSpec, dict(value), prefix=f"methods.{row}.")
+    method, steps = spec.method, spec.postprocess
+    if not method:
+        method, *extra = row.split("+")
+        if extra and not steps:
+            unknown = [e for e in extra if e not in STEPS]
+            if unknown:
+                raise ValueError(f"methods.{row}: {unknown} are not post-processing steps ({', '.join(STEPS)}); "
+                                 f"name the method with methods.{row}.method")
+            steps = tuple(PostprocessStep(e) for e in extra)
+    if method not in METHODS:
+        raise ValueError(f"methods.{row}: unknown method {method!r}; valid names: {', '.join(METHODS)}")
+    settings = spec.settings
+    entry = METHODS[method]
+    if (slicing is not None and isinstance(settings, Mapping) and "slicing" not in settings
+            and entry.settings is not None and "slicing" in {f.name for f in dataclasses.fields(entry.settings)}):
+        settings = {**settings, "slicing": slicing}
+    settings = resolve_settings(method, settings, prefix=f"methods.{row}.settings.")
+    return MethodSpec(method=method, settings=settings, postprocess=tuple(steps))
+
+
+@dataclass(frozen=True)
+class MainConfig(DataSettings, RunSettings):
+    """What the demo (``make demo``, ``mlflow run . -e main``) runs, read top to bottom: the data (and, with
+    ``prepare``, its crops exported in the seed's dataset layout), the volumes scored (``split``), then
+    ``methods``: the rows of the comparison in order, each a registered method with its settings (a list of
+    names takes every default). ``pretrain`` (a :class:`PretrainConfig` mapping; its ``data``, ``slicing``,
+    ``experiment`` and ``output`` are this config's) first pretrains a backbone with DINO on the same volumes
+    without labels; every row whose settings name a backbone (``model.backbone``) then uses it. ``engine``: the
+    sliding window every method reconstructs with (its ``axis`` is ``slicing.axis``), e.g. ``stride: 16`` for
+    16-pixel crops without overlap; ``slicing`` is also the crops of every method that trains on crops (STEGO)
+    unless its settings state their own."""
+
+    split: str = "test"
+    methods: Any = field(default_factory=lambda: {name: {} for name in DEFAULT_METHODS})
+    prepare: bool = True
+    pretrain: PretrainConfig | None = None
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    output: str = "outputs"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice(self.split, "split", ("test", "all"))
+        rows = self.methods
+        if isinstance(rows, (list, tuple)):
+            rows = {str(name): {} for name in rows}
+        if not isinstance(rows, Mapping) or not rows:
+            raise ValueError(f"methods must name at least one method (a list of names or a mapping of rows), "
+                             f"got {self.methods!r}")
+        specs: dict[str, MethodSpec] = {}
+        for row, value in rows.items():
+            row = str(row)
+            base = row.split("+")[0]
+            if "+" in row and base in specs and not (value or {}).get("method") and not (value or {}).get("settings"):
+                # ``<row>+<step>``: row ``<row>``'s method and settings (one fit), then its steps
+                value = {**(value or {}), "method": specs[base].method, "settings": specs[base].settings}
+                if not value.get("postprocess"):
+                    value["postprocess"] = [{"step": e} for e in row.split("+")[1:]]
+            specs[row] = _spec(row, value, self.slicing)
+        for row, spec in specs.items():
+            try:
+                check_data(spec.settings, self.data)
+            except ValueError as exc:
+                raise ValueError(f"methods.{row}: {exc}") from None
+        object.__setattr__(self, "methods", specs)
 
 
 def format_table(table: dict[str, dict[str, float]], keys: tuple[str, ...] = SCORE_KEYS) -> str:
@@ -71,15 +165,14 @@ def markdown_table(table: dict[str, dict[str, float]], runs: dict[str, str], exp
     return "\n".join(head + lines + tail)
 
 
-def log_viewers(cfg: MainConfig, methods: list[str], runs: dict[str, str], out_dir: Path) -> list[str]:
+def log_viewers(cfg: Any, methods: list[str], runs: dict[str, str], out_dir: Path) -> list[str]:
     """Log ``viewer/<case>.html`` on the active run for every volume ``cfg`` evaluates: the image as stored and
     its label, with each method's prediction (``predictions/<case>_<method>_pred.nii.gz`` of the run
     ``runs[method]``) behind one method selector (:func:`~stego_core.report.viewer.viewer_html`). A prediction that
     cannot be fetched is skipped with a warning. Returns the case ids with a viewer."""
-    from stego_core.config import EvaluateConfig
     from stego_core.data.io import load_case, load_volume
-    from stego_core.steps.evaluation import select_cases
     from stego_core.report.viewer import viewer_html
+    from stego_core.steps.evaluation import EvaluateConfig
 
     logged = []
     for case in select_cases(derive(EvaluateConfig, cfg)):
@@ -108,86 +201,84 @@ def _rows(result: Any, prefix: str = "") -> dict[str, dict[str, float]]:
             for r in result.rows if "dice" in r}
 
 
-def _stego(cfg: MainConfig, engine: EngineConfig, table: dict[str, dict[str, float]],
-           per_case: dict[str, dict[str, dict[str, float]]]) -> dict[str, str]:
-    """STEGO's steps (DINO pretraining when asked, training, reconstruction with and without CRF): their rows
-    go into ``table``; returns the runs by name."""
-    runs: dict[str, str] = {}
-    model = cfg.model
-    if cfg.pretrain is not None:
-        # the pretrain section decides the pretraining; its volumes, crops, split and experiment are ours
-        ours = {f.name: getattr(cfg, f.name) for f in (*dataclasses.fields(DataSettings),
-                                                       *dataclasses.fields(RunSettings))}
-        pre = dataclasses.replace(cfg.pretrain, **{**ours, "output": f"{cfg.output}/pretrain"})
-        pretrained = run_pretrain(pre, nested=True)
-        runs["pretrain"] = pretrained.run_id
-        model = dataclasses.replace(cfg.model, backbone=pre.backbone, weights=pretrained.weights_uri)
-    trained = run_train(derive(TrainConfig, cfg, model=model, output=f"{cfg.output}/train"), nested=True)
-    runs["training"] = trained.run_id
-    if trained.model_uri:
-        runs["stego_model"] = trained.model_uri  # a self-training teacher `method: stego` without a model_uri
-    for crf in (False, True) if cfg.stego_crf and crf_available() else (False,):
-        result = run_reconstruct(derive(ReconstructConfig, cfg, engine=engine, crf=crf,
-                                        model_uri=trained.model_uri or "", output=f"{cfg.output}/reconstruct"),
-                                 nested=True)
-        name = "stego+crf" if crf else "stego"
-        table[name], runs[name], per_case[name] = result.summary, result.run_id, _rows(result)
-    return runs
+def crf_available() -> bool:
+    """Whether the optional dense-CRF package is installed (``pip install 'stego-vessels[crf]'``)."""
+    import importlib.util
+
+    if importlib.util.find_spec("pydensecrf") is None:
+        log.warning("pydensecrf2 is not installed: skipping the rows with a crf step")
+        return False
+    return True
 
 
-def _selftrain(cfg: MainConfig, engine: EngineConfig, table: dict[str, dict[str, float]],
-               per_case: dict[str, dict[str, dict[str, float]]], stego_model: str | None = None) -> dict[str, str]:
-    """Self-training on the pipeline's volumes: the teacher's row and the student's row go into ``table``.
-    ``teacher.method: stego`` without a ``model_uri`` teaches with the STEGO model this pipeline trained."""
-    plan = {f.name: getattr(cfg.selftrain, f.name) for f in dataclasses.fields(SelfTrainPlan)}
-    teacher = plan["teacher"]
-    if teacher.method == "stego" and not teacher.settings.get("model_uri") and not teacher.config:
-        if stego_model is None:
-            raise ValueError("selftrain.teacher.method=stego needs a model: list stego before selftrain in "
-                             "learned, or give selftrain.teacher.settings.model_uri")
-        plan["teacher"] = dataclasses.replace(teacher, settings={**teacher.settings, "model_uri": stego_model})
-    result = run_selftrain(derive(SelfTrainConfig, cfg, **plan, engine=engine, output=f"{cfg.output}/selftrain"),
-                           nested=True)
-    teacher = f"teacher-{cfg.selftrain.teacher.label}"
-    table[teacher] = {k[len("teacher_"):]: v for k, v in result.summary.items() if k.startswith("teacher_")}
-    table["selftrain"] = {k: v for k, v in result.summary.items() if not k.startswith("teacher_")}
-    per_case[teacher], per_case["selftrain"] = _rows(result, "teacher_"), _rows(result)
-    return {"selftrain": result.run_id, teacher: result.run_id}
+def _extra_rows(result: Any, row: str, extras: Mapping[str, str]) -> dict[str, tuple[dict, dict]]:
+    """The rows of a method's mask extras (a teacher): ``{row name: (summary, per-case scores)}``."""
+    out = {}
+    for role, name in extras.items():
+        prefix = f"{role}_"
+        summary = {k[len(prefix):]: v for k, v in result.summary.items() if k.startswith(prefix)}
+        cases = {r["case_id"]: {k[len(prefix):]: v for k, v in r.items() if k.startswith(prefix)}
+                 for r in result.rows if f"{prefix}dice" in r}
+        if summary:
+            out[name] = (summary, cases)
+    return out
+
+
+def _with_backbone(settings: Any, backbone: str, weights: str) -> Any:
+    """``settings`` with a pretrained backbone when they name one (``model.backbone``), else unchanged."""
+    model = getattr(settings, "model", None)
+    if model is None or not hasattr(model, "backbone"):
+        return settings
+    return dataclasses.replace(settings, model=dataclasses.replace(model, backbone=backbone, weights=weights))
 
 
 def run_main(cfg: MainConfig) -> str:
-    """Run every step as a run nested under one ``pipeline`` run; returns the comparison table.
+    """Run every row of ``cfg.methods`` as a run nested under one ``pipeline`` run; returns the comparison table.
 
     The pipeline run (under ``mlflow run -e main``: the project's own run) logs the table and the bar chart.
+    Rows with the same method and settings share one fitted state (``stego`` and ``stego+crf`` train once).
     """
+    from stego_core.report.visualize import (
+        comparison_bar_figure,
+        per_case_figure,
+        radius_recall_figure,
+    )
     from stego_core.steps.prepare import run_prepare
-    from stego_core.report.visualize import comparison_bar_figure, per_case_figure, radius_recall_figure
 
     engine = dataclasses.replace(cfg.engine, axis=cfg.slicing.axis)  # every method's window, along the crops
     with tracking.start_run(cfg.experiment, run_name="pipeline", output_root=f"{cfg.output}/pipeline",
                             tags={"step": "pipeline", "method": "pipeline"},
-                            description="The whole demo: prepare, classical baselines, STEGO training and "
-                                        "reconstruction (the comparison appears here when it ends).") as parent:
+                            description="The whole pipeline: " + ", ".join(cfg.methods) + " (the comparison "
+                                        "appears here when it ends).") as parent:
         tracking.log_plan(cfg, parent.output_dir)
+        if cfg.prepare:  # the crops, also exported in the seed's dataset layout
+            run_prepare(derive(PrepareConfig, cfg, output=f"{cfg.output}/prepare"), nested=True)
+        backbone = None
+        if cfg.pretrain is not None:
+            # the pretrain section decides the pretraining; its volumes, crops, split and experiment are ours
+            ours = {f.name: getattr(cfg, f.name) for f in (*dataclasses.fields(DataSettings),
+                                                           *dataclasses.fields(RunSettings))}
+            pre = dataclasses.replace(cfg.pretrain, **{**ours, "output": f"{cfg.output}/pretrain"})
+            backbone = (pre.backbone, run_pretrain(pre, nested=True).weights_uri)
         table: dict[str, dict[str, float]] = {}
         runs: dict[str, str] = {}
         per_case: dict[str, dict[str, dict[str, float]]] = {}
-        if "stego" in cfg.learned:  # STEGO's crops, also exported in the seed's dataset layout
-            run_prepare(derive(PrepareConfig, cfg, output=f"{cfg.output}/prepare"), nested=True)
-        for method in cfg.baselines:
-            result = run_baseline(derive(BaselineConfig, cfg, engine=engine, method=method,
-                                         output=f"{cfg.output}/baseline"), nested=True)
-            table[method], runs[method], per_case[method] = result.summary, result.run_id, _rows(result)
-        for learned in cfg.learned:
-            if learned == "stego":
-                runs.update(_stego(cfg, engine, table, per_case))
-            else:
-                runs.update(_selftrain(cfg, engine, table, per_case, runs.get("stego_model")))
+        shared: dict[str, Any] = {}  # fitted states by method and settings: rows with equal ones train once
+        for row, spec in cfg.methods.items():
+            if any(st.step == "crf" for st in spec.postprocess) and not crf_available():
+                continue
+            settings = spec.settings if backbone is None else _with_backbone(spec.settings, *backbone)
+            evaluate = derive(EvaluateConfig, cfg, engine=engine, postprocess=spec.postprocess,
+                              output=f"{cfg.output}/{spec.method}")
+            result = run_method(spec.method, evaluate, settings=settings, name=row, run_name=row, nested=True,
+                                suffix=False, context={"shared": shared})
+            table[row], runs[row], per_case[row] = result.summary, result.run_id, _rows(result)
+            for name, (summary, cases) in _extra_rows(result, row, getattr(result.method, "extra_rows", {})).items():
+                table[name], runs[name], per_case[name] = summary, result.run_id, cases
 
         text = format_table(table)
         key = {m: m.replace("+", "_") for m in {**table, **runs}}  # MLflow keys allow no '+'
-        tracking.set_tags({f"run.{key[m]}": r for m, r in runs.items()}
-                          | ({"training_run_id": runs["training"]} if "training" in runs else {}))
+        tracking.set_tags({f"run.{key[m]}": r for m, r in runs.items()})
         tracking.log_text(text + "\n", "comparison.txt")
         means = {m: {k: s.get(f"{k}_mean", float("nan")) for k in SCORE_KEYS} for m, s in table.items()}
         tracking.log_metrics({f"{key[m]}/{k}": v for m, row in means.items() for k, v in row.items()})
@@ -201,7 +292,7 @@ def run_main(cfg: MainConfig) -> str:
                 tracking.log_figure(radius_recall_figure(per_case), "comparison_radius.png")
                 figures.append("`comparison_radius.png` (recall by vessel radius, one line per method)")
             note += "\n\nFigures: " + ", ".join(figures) + "."
-        viewers = log_viewers(cfg, [m for m in table if m in runs], runs, parent.output_dir)
+        viewers = log_viewers(derive(EvaluateConfig, cfg), [m for m in table if m in runs], runs, parent.output_dir)
         if viewers:
             note += ("\n\nSlice viewers (image, label and every method's prediction; TP grey, FP red, FN cyan): "
                      + ", ".join(f"`viewer/{c}.html`" for c in viewers) + ".")

@@ -9,11 +9,28 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from stego_core.platform import tracking
-from stego_core.config import PrepareConfig
-from stego_core.data.cases import CropSet, PreparedCase, ensure_cases, make_crop_set, preprocess_case, split_cases
+from stego_core.data.cases import (
+    CropSet,
+    PreparedCase,
+    ensure_cases,
+    make_crop_set,
+    preprocess_case,
+    split_cases,
+)
 from stego_core.data.io import write_manifest
 from stego_core.data.seed_layout import write_seed_dataset
+from stego_core.platform import tracking
+from stego_core.steps.base import DataSettings, RunSettings
+
+
+@dataclass(frozen=True)
+class PrepareConfig(DataSettings, RunSettings):
+    """The ``prepare`` entry point: volumes -> preprocessed 2D crops in the seed's dataset layout."""
+
+    output: str = "outputs/prepare"
+    dataset_name: str = "mra"
+
+
 
 
 @dataclass

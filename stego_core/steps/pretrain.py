@@ -30,20 +30,25 @@ import math
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from stego_core.runtime import distributed, faults
-
-from stego_core.platform import tracking
-from stego_core.features.backbones import WEIGHTS_ARTIFACT, create_vit, get_spec, normalize_input
-from stego_core.config import PretrainConfig, flatten, to_dict
+from stego_core._checks import check_choice, check_range
+from stego_core.config import flatten, to_dict
 from stego_core.data.cases import ensure_cases, make_crop_set, preprocess_case
+from stego_core.data.sampling import SamplingConfig, bright_threshold, crop_weights
+from stego_core.features.backbones import (
+    WEIGHTS_ARTIFACT,
+    create_vit,
+    get_spec,
+    normalize_input,
+)
 from stego_core.features.dino import (
+    AugmentConfig,
     DinoModel,
     cosine_value,
     dino_step,
@@ -51,7 +56,78 @@ from stego_core.features.dino import (
     multi_crop,
     teacher_temperature,
 )
-from stego_core.data.sampling import bright_threshold, crop_weights
+from stego_core.platform import tracking
+from stego_core.runtime import distributed, faults
+from stego_core.runtime.distributed import TrainerSettings
+from stego_core.steps.base import DataSettings, RunSettings
+
+
+@dataclass(frozen=True)
+class PretrainConfig(DataSettings, RunSettings):
+    """The ``pretrain`` entry point: DINO (Caron et al., ICCV 2021) of an in-domain ViT on unlabelled crops.
+
+    Defaults follow the DINO recipe adapted to grey crops (teacher temperature 0.04 -> 0.07, student 0.1,
+    centre momentum 0.9, EMA 0.996 -> 1 by a cosine, AdamW ``lr * batch / 256`` with warm-up and cosine decay,
+    weight decay 0.04 -> 0.4, clipping 3.0, last layer frozen at first) with a smaller prototype count for CPUs.
+    ``max_minutes > 0`` stops earlier (schedules still span ``max_steps``; tagged ``stopped_early``).
+    ``resume=<run id>`` continues that pretraining run from its latest checkpoint (last or interrupted).
+    ``trainer`` (:class:`TrainerSettings`): under several processes ``batch_size`` is per process, each draws
+    its own crops, gradients are averaged and the teacher's centre is the mean over all ranks, so the student,
+    the EMA teacher and the centre stay the same on every rank; ``lr`` scales with the global batch.
+    ``trainer.precision: auto`` (or ``bf16-mixed``) uses bf16 autocast on a GPU, float32 on CPU.
+    """
+
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    backbone: str = "mra_vit_t4_p2"
+    seed: int = 0
+    max_steps: int = 2000
+    max_minutes: float = 0.0
+    batch_size: int = 64
+    lr: float = 5e-4
+    min_lr: float = 1e-6
+    warmup_steps: int = 100
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    clip_grad: float = 3.0
+    freeze_last_layer_steps: int = 100
+    out_dim: int = 4096
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    teacher_temp_start: float = 0.04
+    teacher_temp: float = 0.07
+    teacher_temp_warmup_steps: int = 300
+    student_temp: float = 0.1
+    center_momentum: float = 0.9
+    momentum: float = 0.996
+    log_every: int = 10
+    figure_every: int = 500
+    n_figure_crops: int = 8
+    checkpoint_every: int = 200
+    accelerator: str = "auto"
+    trainer: TrainerSettings = field(default_factory=TrainerSettings)
+    progress: bool = True
+    resume: str = ""
+    output: str = "outputs/pretrain"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("max_steps", "batch_size", "out_dim", "hidden_dim", "bottleneck_dim", "log_every",
+                     "checkpoint_every", "n_figure_crops"):
+            check_range(getattr(self, name), f"{name}", 1)
+        for name in ("warmup_steps", "freeze_last_layer_steps", "teacher_temp_warmup_steps", "figure_every"):
+            check_range(getattr(self, name), f"{name}", 0)
+        for name in ("lr", "teacher_temp_start", "teacher_temp", "student_temp"):
+            check_range(getattr(self, name), f"{name}", 0.0, low_inclusive=False)
+        check_range(self.min_lr, "min_lr", 0.0)
+        check_range(self.max_minutes, "max_minutes", 0.0)
+        check_range(self.clip_grad, "clip_grad", 0.0)
+        check_range(self.center_momentum, "center_momentum", 0.0, 1.0)
+        check_range(self.momentum, "momentum", 0.0, 1.0)
+        check_choice(self.accelerator, "accelerator", ("auto", "cpu", "cuda", "gpu"))
+        check_choice(self.trainer.precision, "trainer.precision", ("auto", "bf16-mixed", "32-true"))
+
+
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +253,7 @@ def save_backbone(backbone: torch.nn.Module, spec_name: str, res: int, path: Pat
     from safetensors.torch import save_file
 
     spec = get_spec(spec_name, res=res)
-    meta = {"backbone": spec.name, "patch_size": str(spec.patch_size), "embed_dim": str(spec.embed_dim),
+    meta = {"backbone": spec.name, "vit_patch": str(spec.vit_patch), "embed_dim": str(spec.embed_dim),
             "res": str(spec.res), **{k: str(v) for k, v in extra.items()}}
     sd = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -329,7 +405,7 @@ def run_pretrain(cfg: PretrainConfig, *, nested: bool = False, run_name: str | N
         def log_figure(step: int) -> None:
             if not distributed.is_main():
                 return
-            fig = feature_figure(model.teacher_backbone, fixed, to_input, spec.patch_size,
+            fig = feature_figure(model.teacher_backbone, fixed, to_input, spec.vit_patch,
                                  title=f"teacher, step {step}")
             tracking.log_image(fig, "pretrain/teacher_features", step=step)  # stepped image; closes the figure
 

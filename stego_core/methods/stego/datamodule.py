@@ -21,17 +21,26 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
-from stego_core.runtime import distributed
-from stego_core.features.backbones import Backbone
-from stego_core.config import TrainConfig
-from stego_core.data.cases import (CropSet, PreparedCase, ensure_cases, make_crop_set, preprocess_case, split_cases,
-                             subset_crop_set)
-from stego_core.features.cache import (OnlineFeatures, compute_pooled_features, crops_digest, feature_bytes_per_crop,
-                                 knn_table, load_or_compute_features)
-from stego_core.data.io import Case
-from stego_core.methods.stego.module import CropFeatureDataset, CropPairDataset
+from stego_core.data.cases import (
+    CropSet,
+    PreparedCase,
+    make_crop_set,
+    subset_crop_set,
+)
 from stego_core.data.sampling import draw_crops, select_crops
 from stego_core.data.slicing import crop_index, take_crops
+from stego_core.features.backbones import Backbone
+from stego_core.features.cache import (
+    OnlineFeatures,
+    compute_pooled_features,
+    crops_digest,
+    feature_bytes_per_crop,
+    knn_table,
+    load_or_compute_features,
+)
+from stego_core.methods.stego.module import CropFeatureDataset, CropPairDataset
+from stego_core.methods.stego.settings import StegoSettings
+from stego_core.runtime import distributed
 
 log = logging.getLogger(__name__)
 
@@ -76,14 +85,16 @@ class StegoDataModule(L.LightningDataModule):
     (``overlap``), ``train_labels`` is None.
     """
 
-    def __init__(self, cfg: TrainConfig, backbone: Backbone, *, device: str = "cpu") -> None:
+    def __init__(self, settings: StegoSettings, backbone: Backbone, train: list[PreparedCase],
+                 validation: list[PreparedCase], *, device: str = "cpu", overlap: bool = False) -> None:
         super().__init__()
-        self.cfg = cfg
+        self.cfg = settings
         self.backbone = backbone
         self.device = device
-        self.cases: list[Case] = []
-        self.train_cases: list[Case] = []
-        self.test_cases: list[Case] = []
+        self.train_cases = list(train)
+        self.test_cases = list(validation)
+        self.overlap = overlap
+        self._ready = False
 
     @property
     def online(self) -> bool:
@@ -107,16 +118,15 @@ class StegoDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Build everything once (later calls do nothing)."""
-        if self.cases:
+        if self._ready:
             return
+        self._ready = True
         cfg = self.cfg
-        self.cases = ensure_cases(cfg.data)
-        self.train_cases, self.test_cases = split_cases(self.cases, cfg.test_fraction,
-                                                           seed=cfg.split_seed, test_ids=cfg.test_cases)
-        prepared = {c.case_id: preprocess_case(c, cfg.data) for c in self.cases}
-        train_set = make_crop_set([prepared[c.case_id] for c in self.train_cases], cfg.slicing)
+        if not self.train_cases:
+            raise ValueError("STEGO needs at least one training volume")
+        train_set = make_crop_set(self.train_cases, cfg.slicing)
         # Label-free sampling: weights from the training images only (never the labels).
-        volumes = {c.case_id: (prepared[c.case_id].image, prepared[c.case_id].brain_mask) for c in self.train_cases}
+        volumes = {c.case_id: (c.image, c.brain_mask) for c in self.train_cases}
         self.sample_weights, pick = select_crops(train_set.crops, train_set.case_ids, volumes, cfg.sampling,
                                                  seed=cfg.train.seed)
         self.n_candidate_crops = len(train_set)
@@ -130,7 +140,6 @@ class StegoDataModule(L.LightningDataModule):
             self.knn = knn_table(bank, k=cfg.loss.knn_k)
         else:
             self.knn = knn_table(self.features, k=cfg.loss.knn_k)
-        self.overlap = bool({c.case_id for c in self.train_cases} & {c.case_id for c in self.test_cases})
         self.train_labels = self.train_set.labels if not self.overlap else None
         dataset = CropPairDataset if self.online else CropFeatureDataset
         self.dataset = dataset(self.train_set.crops if self.online else self.features, self.knn,
@@ -139,7 +148,7 @@ class StegoDataModule(L.LightningDataModule):
             raise ValueError(f"only {len(self.dataset)} training crops for train.batch_size="
                              f"{cfg.train.batch_size}")
         self.mapping_pick = subsample(len(self.train_set), cfg.train.max_mapping_crops, cfg.train.seed)
-        self.val = self._validation([prepared[c.case_id] for c in self.test_cases])
+        self.val = self._validation(self.test_cases)
 
     def _fit_cache_budget(self, pick: np.ndarray) -> np.ndarray:
         """``pick``, or as many of its crops as ``train.cache_max_gb`` holds, drawn by their sampling weights."""

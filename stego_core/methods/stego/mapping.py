@@ -19,8 +19,15 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
-from stego_core.config import CLUSTER_RULES, LABEL_FREE_RULES
 from stego_core.methods.stego.model import ClusterProbe
+
+CLUSTER_RULES = ("auto", "hungarian", "majority", "dice", "brightness", "bright_cut")
+
+
+#: The cluster rules that read no label (allowed on the volumes being evaluated).
+LABEL_FREE_RULES = ("brightness", "bright_cut")
+
+
 
 if TYPE_CHECKING:
     from stego_core.methods.stego.module import StegoModule

@@ -19,13 +19,68 @@ Training step, in outline (the caller owns optimisers; cached features come as f
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stego_core.config import LossConfig
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """Weights and shifts of STEGO's three correspondence terms (defaults: the seed's vessel settings).
+
+    Attributes
+    ----------
+    pos_intra_weight, pos_intra_shift : float
+        The image with itself (0.67, 0.18).
+    pos_inter_weight, pos_inter_shift : float
+        The image with a kNN neighbour (0.25, 0.12).
+    neg_inter_weight, neg_inter_shift : float
+        The image with random other images of the batch (0.63, 0.46).
+    neg_samples : int
+        Derangements of the batch used for the negative term (5).
+    n_points : int
+        Side of the grid of random sampling points (11 -> 121 points per image).
+    knn_k : int
+        Neighbours kept per crop in the kNN table of pooled backbone features (30).
+    knn_rank_max : int
+        Neighbours are drawn uniformly from kNN ranks ``1..knn_rank_max`` (7) by the data side
+        (:func:`stego_core.features.cache.draw_knn_partners`).
+    intra_same_points : bool
+        True (default, as STEGO's reference code does): the self term compares the image's sampled points with
+        themselves. False: with a second, independent grid of the same image.
+    """
+
+    pos_intra_weight: float = 0.67
+    pos_intra_shift: float = 0.18
+    pos_inter_weight: float = 0.25
+    pos_inter_shift: float = 0.12
+    neg_inter_weight: float = 0.63
+    neg_inter_shift: float = 0.46
+    neg_samples: int = 5
+    n_points: int = 11
+    knn_k: int = 30
+    knn_rank_max: int = 7
+    intra_same_points: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("pos_intra_weight", "pos_inter_weight", "neg_inter_weight"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise ValueError(f"LossConfig.{name}={v!r} must be a finite number >= 0")
+        for name in ("pos_intra_shift", "pos_inter_shift", "neg_inter_shift"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v)):
+                raise ValueError(f"LossConfig.{name}={v!r} must be a finite number")
+        for name, low in (("neg_samples", 0), ("n_points", 1), ("knn_k", 1), ("knn_rank_max", 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"LossConfig.{name}={v!r} must be an integer >= {low}")
+
+
 
 __all__ = [
     "ClusterProbe",

@@ -10,10 +10,15 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from stego_core.runtime.distributed import all_gather_with_grad
 from stego_core.features.cache import draw_knn_partners
-from stego_core.config import LossConfig
-from stego_core.methods.stego.model import ClusterProbe, LinearProbe, StegoHead, correspondence_loss
+from stego_core.methods.stego.model import (
+    ClusterProbe,
+    LinearProbe,
+    LossConfig,
+    StegoHead,
+    correspondence_loss,
+)
+from stego_core.runtime.distributed import all_gather_with_grad
 
 
 class CropFeatureDataset(Dataset):

@@ -25,6 +25,7 @@ the statistics of training crops and of whole inference slices the same.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 
@@ -33,27 +34,13 @@ import torch
 from scipy import ndimage as ndi
 
 from stego_core._checks import check_choice, check_ndim, check_same_shape
-from stego_core.config import COMBINE_RULES, SelfTrainSettings
-
-__all__ = [
-    "COMBINE_RULES",
-    "SelfTrainSettings",
-    "build_student",
-    "combine",
-    "masked_loss",
-    "predict_student",
-    "pseudo_labels",
-    "augment",
-    "sample_crops",
-    "self_train",
-    "train_student",
-]
+from stego_core.methods.selftrain.settings import COMBINE_RULES, StudentSettings
 
 # ----------------------------------------------------------------------------------------------------------
 # pseudo-labels
 
 def pseudo_labels(teacher_prob: np.ndarray, teacher_mask: np.ndarray, brain_mask: np.ndarray,
-                  settings: SelfTrainSettings = SelfTrainSettings()) -> tuple[np.ndarray, np.ndarray]:
+                  settings: StudentSettings = StudentSettings()) -> tuple[np.ndarray, np.ndarray]:
     """Targets and loss weights from a teacher's output (no label is read).
 
     Parameters
@@ -64,7 +51,7 @@ def pseudo_labels(teacher_prob: np.ndarray, teacher_mask: np.ndarray, brain_mask
         Teacher vessel mask (after its post-processing).
     brain_mask : (I, J, K) bool ndarray
         Voxels outside it are ignored.
-    settings : SelfTrainSettings
+    settings : StudentSettings
         ``high``, ``low``, ``band_vox``.
 
     Returns
@@ -88,9 +75,9 @@ def pseudo_labels(teacher_prob: np.ndarray, teacher_mask: np.ndarray, brain_mask
     region = np.asarray(brain_mask).astype(bool)
     check_same_shape(prob, mask, "teacher_prob", "teacher_mask")
     check_same_shape(prob, region, "teacher_prob", "brain_mask")
-    target = mask & (prob >= settings.high) & region
-    near = ndi.binary_dilation(mask, iterations=settings.band_vox) if settings.band_vox > 0 else mask
-    background = region & ~near & (prob < settings.low)
+    target = mask & (prob >= settings.pseudo.high) & region
+    near = ndi.binary_dilation(mask, iterations=settings.pseudo.band_vox) if settings.pseudo.band_vox > 0 else mask
+    background = region & ~near & (prob < settings.pseudo.low)
     weight = (target | background).astype(np.float32)
     return target, weight
 
@@ -98,12 +85,12 @@ def pseudo_labels(teacher_prob: np.ndarray, teacher_mask: np.ndarray, brain_mask
 # ----------------------------------------------------------------------------------------------------------
 # network and loss
 
-def build_student(settings: SelfTrainSettings = SelfTrainSettings()) -> torch.nn.Module:
+def build_student(settings: StudentSettings = StudentSettings()) -> torch.nn.Module:
     """A small 2D MONAI ``UNet`` with batch norm, one logit channel.
 
     Parameters
     ----------
-    settings : SelfTrainSettings
+    settings : StudentSettings
         ``channels`` (widths per level), ``res_units``, ``in_channels`` (from ``dims`` / ``context``), ``seed``.
 
     Returns
@@ -114,14 +101,14 @@ def build_student(settings: SelfTrainSettings = SelfTrainSettings()) -> torch.nn
     """
     from monai.networks.nets import UNet
 
-    torch.manual_seed(settings.seed)
+    torch.manual_seed(settings.training.seed)
     return UNet(spatial_dims=2, in_channels=settings.in_channels, out_channels=1,
-                channels=tuple(settings.channels), strides=(2,) * (len(settings.channels) - 1),
-                num_res_units=settings.res_units, norm="BATCH", act="PRELU")
+                channels=tuple(settings.network.channels), strides=(2,) * (len(settings.network.channels) - 1),
+                num_res_units=settings.network.res_units, norm="BATCH", act="PRELU")
 
 
 def masked_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
-                settings: SelfTrainSettings = SelfTrainSettings()) -> torch.Tensor:
+                settings: StudentSettings = StudentSettings()) -> torch.Tensor:
     """Weighted BCE + soft Dice (+ soft-clDice) on the voxels of non-zero weight only.
 
     Every term sees the prediction and the target multiplied by the weight, so the gradient with respect to the
@@ -131,7 +118,7 @@ def masked_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor
     ----------
     logits, target, weight : (B, 1, H, W) float tensors
         Student logits, pseudo-label in {0, 1}, weight in [0, 1].
-    settings : SelfTrainSettings
+    settings : StudentSettings
         ``bce_weight``, ``dice_weight``, ``cldice_weight``, ``cldice_iters``.
 
     Returns
@@ -141,20 +128,20 @@ def masked_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor
     """
     known = weight.sum().clamp_min(1.0)
     loss = logits.new_zeros(())
-    if settings.bce_weight:
+    if settings.loss.bce_weight:
         bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none")
-        loss = loss + settings.bce_weight * (bce * weight).sum() / known
+        loss = loss + settings.loss.bce_weight * (bce * weight).sum() / known
     prob = torch.sigmoid(logits) * weight
     tgt = target * weight
-    if settings.dice_weight:
+    if settings.loss.dice_weight:
         inter = (prob * tgt).sum()
         dice = 1.0 - (2.0 * inter + 1.0) / (prob.sum() + tgt.sum() + 1.0)
-        loss = loss + settings.dice_weight * dice
-    if settings.cldice_weight:
+        loss = loss + settings.loss.dice_weight * dice
+    if settings.loss.cldice_weight:
         from monai.losses import SoftclDiceLoss
 
         # MONAI >= 1.5 takes (input, target); one channel with include_background=True keeps channel 0
-        loss = loss + settings.cldice_weight * SoftclDiceLoss(iter_=settings.cldice_iters)(prob, tgt)
+        loss = loss + settings.loss.cldice_weight * SoftclDiceLoss(iter_=settings.loss.cldice_iters)(prob, tgt)
     return loss
 
 
@@ -164,9 +151,9 @@ def masked_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor
 class _Volume:
     """One training volume, slicing axis first and padded so any crop centre inside it is valid."""
 
-    def __init__(self, image, brain_mask, target, weight, settings: SelfTrainSettings):
+    def __init__(self, image, brain_mask, target, weight, settings: StudentSettings):
         ax = settings.axis
-        half, ctx = settings.crop // 2, settings.context if settings.dims == "2.5d" else 0
+        half, ctx = settings.training.crop // 2, settings.network.context if settings.network.dims == "2.5d" else 0
         pad = ((ctx, ctx), (half, half), (half, half))
         self.ctx, self.half = ctx, half
         self.image = np.pad(np.moveaxis(np.asarray(image, np.float32), ax, 0), pad, mode="edge")
@@ -176,7 +163,7 @@ class _Volume:
         n = brain.shape[0]
         has_brain = np.flatnonzero(brain.reshape(n, -1).any(1))
         # held-apart slices: every val_every-th slice with brain (offset half a period)
-        self.val_slices = has_brain[settings.val_every // 2::settings.val_every]
+        self.val_slices = has_brain[settings.training.val_every // 2::settings.training.val_every]
         train = np.ones(n, bool)
         train[self.val_slices] = False
         vessel = np.moveaxis(np.asarray(target, bool), ax, 0) & train[:, None, None]
@@ -207,20 +194,20 @@ def sample_crops(volumes: Sequence[_Volume], n: int, rng: np.random.Generator, *
     return out
 
 
-def _elastic(settings: SelfTrainSettings):
+def _elastic(settings: StudentSettings):
     """MONAI's small 2D elastic deformation on the dict of one crop (``None`` when switched off)."""
-    if not settings.aug_elastic:
+    if not settings.augment.elastic:
         return None
     from monai import transforms as T
 
     keys = ("image", "target", "weight")
-    aug = T.Rand2DElasticd(keys, spacing=(16, 16), magnitude_range=(0.5, 1.5), prob=settings.aug_prob,
+    aug = T.Rand2DElasticd(keys, spacing=(16, 16), magnitude_range=(0.5, 1.5), prob=settings.augment.prob,
                            mode=("bilinear", "nearest", "nearest"), padding_mode="zeros")
-    aug.set_random_state(seed=settings.seed)
+    aug.set_random_state(seed=settings.training.seed)
     return aug
 
 
-def augment(image: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, settings: SelfTrainSettings,
+def augment(image: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, settings: StudentSettings,
             generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Random flips and 90-degree rotations (all three tensors), intensity scale / shift, gamma and noise (image).
 
@@ -232,7 +219,7 @@ def augment(image: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, set
     ----------
     image : (B, C, P, P) float tensor
     target, weight : (B, 1, P, P) float tensors
-    settings : SelfTrainSettings
+    settings : StudentSettings
         ``aug_*`` switches and ``aug_prob`` (flips and rotations: probability 0.5 each).
     generator : torch.Generator
 
@@ -249,23 +236,23 @@ def augment(image: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, set
         return values.view(b, 1, 1, 1)
 
     stack = torch.cat([image, target, weight], 1)
-    if settings.aug_flip:
+    if settings.augment.flip:
         for dim in (2, 3):
             stack = torch.where(per(draw(0.5)), stack.flip(dim), stack)
-    if settings.aug_rot90 and stack.shape[2] == stack.shape[3]:
+    if settings.augment.rot90 and stack.shape[2] == stack.shape[3]:
         k = torch.randint(0, 4, (b,), generator=generator)
         stack = torch.stack([torch.rot90(stack[i], int(k[i]), (1, 2)) for i in range(b)])
     c = image.shape[1]
     image, target, weight = stack[:, :c], stack[:, c:c + 1], stack[:, c + 1:]
-    p = settings.aug_prob
-    if settings.aug_intensity:
+    p = settings.augment.prob
+    if settings.augment.intensity:
         scale = 1.0 + (torch.rand(b, generator=generator) * 0.2 - 0.1) * draw(p)
         shift = (torch.rand(b, generator=generator) * 0.1 - 0.05) * draw(p)
         image = image * per(scale) + per(shift)
-    if settings.aug_gamma:
+    if settings.augment.gamma:
         gamma = torch.where(draw(p), 0.7 + 0.8 * torch.rand(b, generator=generator), torch.ones(b))
         image = image.clamp_min(0.0) ** per(gamma)
-    if settings.aug_noise:
+    if settings.augment.noise:
         std = 0.03 * torch.rand(b, generator=generator) * draw(p)
         image = image + per(std) * torch.randn(image.shape, generator=generator)
     return image, target, weight
@@ -288,13 +275,13 @@ def _slab(volume_t: np.ndarray, ks: np.ndarray, ctx: int) -> np.ndarray:
     return volume_t[idx]
 
 
-def _forward_slices(model: torch.nn.Module, slab: np.ndarray, settings: SelfTrainSettings) -> np.ndarray:
+def _forward_slices(model: torch.nn.Module, slab: np.ndarray, settings: StudentSettings) -> np.ndarray:
     """Student probabilities of whole slices (padded to the network's multiple), optionally flip-averaged."""
-    mult = 2 ** (len(settings.channels) - 1)
+    mult = 2 ** (len(settings.network.channels) - 1)
     h, w = slab.shape[-2:]
     ph, pw = (-h) % mult, (-w) % mult
     x = torch.as_tensor(np.pad(slab, ((0, 0), (0, 0), (0, ph), (0, pw)), mode="edge"), dtype=torch.float32)
-    flips = [(), (2,), (3,), (2, 3)] if settings.tta else [()]
+    flips = [(), (2,), (3,), (2, 3)] if settings.inference.tta else [()]
     out = 0.0
     with torch.no_grad():
         for dims in flips:
@@ -304,17 +291,17 @@ def _forward_slices(model: torch.nn.Module, slab: np.ndarray, settings: SelfTrai
     return (out / len(flips))[:, 0, :h, :w].numpy()
 
 
-def _agreement(model: torch.nn.Module, volumes: Sequence[_Volume], settings: SelfTrainSettings) -> float:
+def _agreement(model: torch.nn.Module, volumes: Sequence[_Volume], settings: StudentSettings) -> float:
     """Dice of the student (cut 0.5) with the pseudo-labels on the weighted voxels of the held-apart slices."""
     model.eval()
     inter = total = 0.0
     h = volumes[0].half
     for vol in volumes:
         ks = vol.val_slices + vol.ctx
-        for start in range(0, len(ks), settings.infer_batch):
-            kk = ks[start:start + settings.infer_batch]
+        for start in range(0, len(ks), settings.inference.batch):
+            kk = ks[start:start + settings.inference.batch]
             img = _slab(vol.image, kk, vol.ctx)[..., h:-h, h:-h] if h else _slab(vol.image, kk, vol.ctx)
-            pred = _forward_slices(model, img, settings.replace(tta=False)) > 0.5
+            pred = _forward_slices(model, img, dataclasses.replace(settings, inference=dataclasses.replace(settings.inference, tta=False))) > 0.5
             tgt = vol.target[kk][:, h:-h, h:-h] > 0.5
             wgt = vol.weight[kk][:, h:-h, h:-h] > 0
             inter += float((pred & tgt & wgt).sum())
@@ -329,7 +316,7 @@ def _as_list(x) -> list:
 
 def train_student(image: np.ndarray | Sequence[np.ndarray], brain_mask: np.ndarray | Sequence[np.ndarray],
                   target: np.ndarray | Sequence[np.ndarray], weight: np.ndarray | Sequence[np.ndarray],
-                  settings: SelfTrainSettings = SelfTrainSettings(), *, progress: bool = False,
+                  settings: StudentSettings = StudentSettings(), *, progress: bool = False,
                   on_step: Callable[[int, dict], None] | None = None) -> torch.nn.Module:
     """Train a student on pseudo-labels of one or several volumes (lists for inductive use).
 
@@ -341,7 +328,7 @@ def train_student(image: np.ndarray | Sequence[np.ndarray], brain_mask: np.ndarr
         Where background crops are centred.
     target, weight : (I, J, K) ndarrays or lists
         From :func:`pseudo_labels`.
-    settings : SelfTrainSettings
+    settings : StudentSettings
     progress : bool
         Print a line per evaluation.
     on_step : callable, optional
@@ -361,21 +348,21 @@ def train_student(image: np.ndarray | Sequence[np.ndarray], brain_mask: np.ndarr
         check_ndim(np.asarray(img), 3, "image")
         for other, name in ((brn, "brain_mask"), (tgt, "target"), (wgt, "weight")):
             check_same_shape(np.asarray(img), np.asarray(other), "image", name)
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
+    if settings.training.threads:
+        torch.set_num_threads(settings.training.threads)
     volumes = [_Volume(*v, settings) for v in zip(images, brains, targets, weights)]
-    rng = np.random.default_rng(settings.seed)
+    rng = np.random.default_rng(settings.training.seed)
     model = build_student(settings)
     model.train()
-    opt = torch.optim.Adam(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=settings.lr, total_steps=max(settings.steps, 1),
+    opt = torch.optim.Adam(model.parameters(), lr=settings.training.lr, weight_decay=settings.training.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=settings.training.lr, total_steps=max(settings.training.steps, 1),
                                                 pct_start=0.1)
     elastic = _elastic(settings)
-    gen = torch.Generator().manual_seed(settings.seed)
+    gen = torch.Generator().manual_seed(settings.training.seed)
     best, best_state = -1.0, None
     t0 = time.perf_counter()
-    for step in range(1, settings.steps + 1):
-        x, y, w = _batch(sample_crops(volumes, settings.batch, rng, vessel_fraction=settings.vessel_fraction),
+    for step in range(1, settings.training.steps + 1):
+        x, y, w = _batch(sample_crops(volumes, settings.training.batch, rng, vessel_fraction=settings.training.vessel_fraction),
                          elastic)
         x, y, w = augment(x, y, w, settings, gen)
         loss = masked_loss(model(x), y, w, settings)
@@ -384,7 +371,7 @@ def train_student(image: np.ndarray | Sequence[np.ndarray], brain_mask: np.ndarr
         opt.step()
         sched.step()
         info = {"loss": float(loss.detach()), "seconds": time.perf_counter() - t0}
-        if settings.eval_every and (step % settings.eval_every == 0 or step == settings.steps):
+        if settings.training.eval_every and (step % settings.training.eval_every == 0 or step == settings.training.steps):
             agree = _agreement(model, volumes, settings)
             if agree > best:
                 best, best_state = agree, copy.deepcopy(model.state_dict())
@@ -401,7 +388,7 @@ def train_student(image: np.ndarray | Sequence[np.ndarray], brain_mask: np.ndarr
 
 
 def predict_student(model: torch.nn.Module, image: np.ndarray, brain_mask: np.ndarray,
-                    settings: SelfTrainSettings = SelfTrainSettings()) -> np.ndarray:
+                    settings: StudentSettings = StudentSettings()) -> np.ndarray:
     """The student's vessel probability on every slice of a volume (whole slices, batch-norm statistics).
 
     Parameters
@@ -411,8 +398,8 @@ def predict_student(model: torch.nn.Module, image: np.ndarray, brain_mask: np.nd
     image : (I, J, K) float32 ndarray in [0, 1]
         Normalised as at training time.
     brain_mask : (I, J, K) bool ndarray
-        Probabilities are zero outside it (dilated by ``settings.margin_vox``).
-    settings : SelfTrainSettings
+        Probabilities are zero outside it (dilated by ``settings.combine.margin_vox``).
+    settings : StudentSettings
         ``axis``, ``dims`` / ``context``, ``tta``, ``infer_batch``, ``margin_vox``.
 
     Returns
@@ -424,16 +411,16 @@ def predict_student(model: torch.nn.Module, image: np.ndarray, brain_mask: np.nd
     check_ndim(image, 3, "image")
     check_same_shape(image, np.asarray(brain_mask), "image", "brain_mask")
     model.eval()
-    ax, ctx = settings.axis, settings.context if settings.dims == "2.5d" else 0
+    ax, ctx = settings.axis, settings.network.context if settings.network.dims == "2.5d" else 0
     vol = np.moveaxis(image, ax, 0)
     out = np.zeros(vol.shape, np.float32)
     region = np.asarray(brain_mask, bool)
-    if settings.margin_vox:
-        region = ndi.binary_dilation(region, iterations=settings.margin_vox)
+    if settings.combine.margin_vox:
+        region = ndi.binary_dilation(region, iterations=settings.combine.margin_vox)
     region_t = np.moveaxis(region, ax, 0)
     ks = np.flatnonzero(region_t.reshape(len(vol), -1).any(1))
-    for start in range(0, len(ks), settings.infer_batch):
-        kk = ks[start:start + settings.infer_batch]
+    for start in range(0, len(ks), settings.inference.batch):
+        kk = ks[start:start + settings.inference.batch]
         out[kk] = _forward_slices(model, _slab(vol, kk, ctx), settings)
     out *= region_t
     return np.moveaxis(out, 0, ax)
@@ -452,15 +439,15 @@ def _top_n(score: np.ndarray, n: int) -> np.ndarray:
 
 
 def combine(teacher_prob: np.ndarray, teacher_mask: np.ndarray, student_prob: np.ndarray, image: np.ndarray,
-            settings: SelfTrainSettings = SelfTrainSettings()) -> np.ndarray:
-    """One vessel mask from teacher and student by the label-free rule ``settings.combine``.
+            settings: StudentSettings = StudentSettings()) -> np.ndarray:
+    """One vessel mask from teacher and student by the label-free rule ``settings.combine.rule``.
 
     Rules
     -----
     ``student``: ``student_prob > student_cut``. ``teacher``: the teacher's mask.
     ``union``: teacher OR student; ``intersection``: teacher AND student (student cut at ``student_cut``).
     ``union_bright``: teacher OR (``student_prob > union_cut`` AND a bright voxel: intensity at or above the
-    ``bright_quantile`` quantile of the image over the teacher's vessel voxels).
+    ``bright_fraction`` quantile of the image over the teacher's vessel voxels).
     ``topn``: the ``topn_scale * N`` voxels of highest student probability, N = the teacher's voxel count.
     ``topn_mean``: the same on ``(1 - teacher_weight) * student + teacher_weight * teacher_prob`` (the teacher's
     probability zeroed outside its mask with ``mask_teacher_prob``).
@@ -473,7 +460,7 @@ def combine(teacher_prob: np.ndarray, teacher_mask: np.ndarray, student_prob: np
     teacher_mask : (I, J, K) bool ndarray
     image : (I, J, K) float ndarray
         Intensities (for ``union_bright``).
-    settings : SelfTrainSettings
+    settings : StudentSettings
 
     Returns
     -------
@@ -482,30 +469,34 @@ def combine(teacher_prob: np.ndarray, teacher_mask: np.ndarray, student_prob: np
     Examples
     --------
     >>> t = np.array([0.9, 0.1, 0.1, 0.1]).reshape(1, 1, 4); s = np.array([0.2, 0.95, 0.6, 0.1]).reshape(1, 1, 4)
-    >>> combine(t, t > 0.5, s, s, SelfTrainSettings(combine="topn")).ravel().tolist()
+    >>> from stego_core.methods.selftrain.settings import CombineSettings
+    >>> combine(t, t > 0.5, s, s, StudentSettings(combine=CombineSettings(rule="topn"))).ravel().tolist()
     [False, True, False, False]
     """
-    rule = settings.combine
-    check_choice(rule, "combine", COMBINE_RULES)
+    rule = settings.combine.rule
+    check_choice(rule, "student.combine.rule", COMBINE_RULES)
     tmask = np.asarray(teacher_mask).astype(bool)
     if rule == "teacher":
         return tmask
     mask = _rule(rule, teacher_prob, tmask, student_prob, image, settings)
-    if settings.min_size_vox or settings.keep_trees:
-        from stego_core.engine.postprocess import keep_largest_trees, remove_small_components
+    if settings.combine.min_size_vox or settings.combine.keep_trees:
+        from stego_core.engine.postprocess import (
+            keep_largest_trees,
+            remove_small_components,
+        )
 
-        if settings.min_size_vox:
-            mask = remove_small_components(mask, min_size_vox=settings.min_size_vox)
-        if settings.keep_trees and mask.any():
-            mask = keep_largest_trees(mask, min_fraction=settings.keep_trees)
+        if settings.combine.min_size_vox:
+            mask = remove_small_components(mask, min_size_vox=settings.combine.min_size_vox)
+        if settings.combine.keep_trees and mask.any():
+            mask = keep_largest_trees(mask, min_fraction=settings.combine.keep_trees)
     return mask
 
 
 def _rule(rule: str, teacher_prob: np.ndarray, tmask: np.ndarray, student_prob: np.ndarray, image: np.ndarray,
-          settings: SelfTrainSettings) -> np.ndarray:
+          settings: StudentSettings) -> np.ndarray:
     sprob = np.asarray(student_prob, dtype=np.float32)
     check_same_shape(tmask, sprob, "teacher_mask", "student_prob")
-    smask = sprob > settings.student_cut
+    smask = sprob > settings.combine.student_cut
     if rule == "student":
         return smask
     if rule == "union":
@@ -514,20 +505,20 @@ def _rule(rule: str, teacher_prob: np.ndarray, tmask: np.ndarray, student_prob: 
         return tmask & smask
     if rule == "union_bright":
         img = np.asarray(image, dtype=np.float32)
-        bright_cut = float(np.quantile(img[tmask], settings.bright_quantile)) if tmask.any() else np.inf
-        return tmask | ((sprob > settings.union_cut) & (img >= bright_cut))
-    n = int(round(settings.topn_scale * tmask.sum()))
+        bright_cut = float(np.quantile(img[tmask], settings.combine.bright_fraction)) if tmask.any() else np.inf
+        return tmask | ((sprob > settings.combine.union_cut) & (img >= bright_cut))
+    n = int(round(settings.combine.topn_scale * tmask.sum()))
     score = sprob
     if rule == "topn_mean":
         t_score = np.asarray(teacher_prob, np.float32)
-        if settings.mask_teacher_prob:
+        if settings.combine.mask_teacher_prob:
             t_score = t_score * tmask
-        score = (1.0 - settings.teacher_weight) * sprob + settings.teacher_weight * t_score
+        score = (1.0 - settings.combine.teacher_weight) * sprob + settings.combine.teacher_weight * t_score
     return _top_n(score, n)
 
 
 def self_train(image: np.ndarray, brain_mask: np.ndarray, teacher_prob: np.ndarray, teacher_mask: np.ndarray,
-               settings: SelfTrainSettings = SelfTrainSettings(), *, progress: bool = False,
+               settings: StudentSettings = StudentSettings(), *, progress: bool = False,
                on_step: Callable[[int, int, int, dict], None] | None = None
                ) -> tuple[np.ndarray, np.ndarray, list[torch.nn.Module]]:
     """Transductive self-training of one volume: pseudo-labels, students, combination, ``settings.rounds`` times.
@@ -538,7 +529,7 @@ def self_train(image: np.ndarray, brain_mask: np.ndarray, teacher_prob: np.ndarr
     brain_mask : (I, J, K) bool ndarray
     teacher_prob : (I, J, K) float ndarray in [0, 1]
     teacher_mask : (I, J, K) bool ndarray
-    settings : SelfTrainSettings
+    settings : StudentSettings
     progress : bool
     on_step : callable, optional
         ``on_step(round, axis, step, info)`` (rounds from 1); see :func:`train_student`.
@@ -550,15 +541,15 @@ def self_train(image: np.ndarray, brain_mask: np.ndarray, teacher_prob: np.ndarr
     student_prob : (I, J, K) float32 ndarray
         The last round's student probability (the mean over ``views``).
     models : list of torch.nn.Module
-        The last round's students, one per view (predict each with ``settings.replace(axis=view)``).
+        The last round's students, one per view (predict each with ``settings.for_view(index, rounds)``).
     """
     t_prob, t_mask = np.asarray(teacher_prob, np.float32), np.asarray(teacher_mask, bool)
-    views = settings.views or (settings.axis,)
+    views = settings.view_axes
     for r in range(1, settings.rounds + 1):
         target, weight = pseudo_labels(t_prob, t_mask, brain_mask, settings)
         models, s_prob = [], np.zeros(t_prob.shape, np.float32)
         for i, view in enumerate(views):
-            s = settings.replace(axis=view, seed=settings.seed + 100 * (r - 1) + i)
+            s = settings.for_view(i, r)
             cb = None if on_step is None else (lambda step, info, r=r, v=view: on_step(r, v, step, info))
             if progress:
                 print(f"round {r}, view {view}", flush=True)
