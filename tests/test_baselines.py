@@ -216,7 +216,7 @@ def test_unknown_name_lists_choices_and_close_matches():
 
 def test_bad_settings_name_the_parameter():
     with pytest.raises(ValueError,
-                       match=r"unknown setting 'sigma' for segmenter 'frangi' \(did you mean 'sigmas_vox'\?\)"):
+                       match=r"unknown setting 'sigma' for segmenter 'frangi' \(did you mean 'sigmas_(vox|mm)'\?\)"):
         build_segmenter("frangi", sigma=2)
     with pytest.raises(ValueError, match=r"q=150"):
         build_segmenter("percentile", q=150)

@@ -107,7 +107,7 @@ def test_mlproject_entry_points_and_parameters(project):
         "main": {"config", "extra"},
         "prepare": {"config", "source", "data_root", "output", "n_volumes", "seed", "patch_size", "stride",
                     "axis", "skull_strip", "extra"},
-        "baseline": {"config", "method", "settings", "source", "data_root", "skull_strip", "split", "extra"},
+        "baseline": {"config", "preset", "convention", "method", "settings", "source", "data_root", "skull_strip", "split", "extra"},
         "train": {"config", "source", "data_root", "backbone", "weights", "sampling", "n_clusters", "patch_size",
                   "max_steps", "seed", "register", "extra"},
         "pretrain": {"config", "source", "data_root", "backbone", "max_steps", "max_minutes", "batch_size", "lr",

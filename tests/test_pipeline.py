@@ -20,11 +20,12 @@ def test_format_table_rows_and_values():
     table = {
         "otsu": {"dice_mean": 0.5, "dice_std": 0.125, "cldice_mean": 0.25, "cldice_std": 0.0,
                  "precision_mean": 1.0, "precision_std": 0.0, "recall_mean": 0.75, "recall_std": 0.5},
-        "stego": {"dice_mean": 0.9, "dice_std": 0.01},  # missing keys print as nan
+        "stego": {"dice_mean": 0.9, "dice_std": 0.01, "domain_warnings": 1, "n_cases": 3},  # missing keys: nan
     }
     lines = format_table(table).splitlines()
     assert len(lines) == 4
-    assert lines[0].split() == ["method", "dice", "cldice", "precision", "recall"]
+    assert lines[0].split() == ["method", "dice", "cldice", "precision", "recall", "domain"]
+    assert lines[3].split()[-1] == "1/3"  # the cases the domain guard warned about
     assert set(lines[1]) == {"-"} and len(lines[1]) == len(lines[0])
     assert lines[2].split() == ["otsu", "0.500", "±", "0.125", "0.250", "±", "0.000", "1.000", "±", "0.000",
                                 "0.750", "±", "0.500"]

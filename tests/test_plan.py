@@ -24,9 +24,9 @@ CONFIG_DIRS = (REPO_ROOT / "experiments" / "configs", REPO_ROOT / "sweeps" / "co
 #: Which entry point each shipped YAML file is written for (a new file must be listed here).
 SHIPPED = {
     "main.yaml": "main", "mra_offline.yaml": "main", "selftrain_mra.yaml": "main",
-    "selftrain_mra_tree.yaml": "main", "selftrain_stego.yaml": "main",
+    "selftrain_mra_tree.yaml": "main", "selftrain_2pm.yaml": "main", "selftrain_stego.yaml": "main",
     "prepare.yaml": "prepare",
-    "baseline.yaml": "baseline", "best_mra.yaml": "baseline", "best_mra_tree.yaml": "baseline",
+    "baseline.yaml": "baseline", "best_mra.yaml": "baseline", "best_mra_tree.yaml": "baseline", "best_2pm.yaml": "baseline",
     "train.yaml": "train", "train_cpu.yaml": "train",
     "reconstruct.yaml": "reconstruct",
     "selftrain.yaml": "selftrain",

@@ -76,6 +76,8 @@ class PreparedCase:
     mask_warning: str | None = None
     #: how it was preprocessed (``skull_strip``, ``standardize``): a learned model checks it against its own
     preprocessing: dict = field(default_factory=dict)
+    #: its label-free profile (:func:`stego_core.data.profile.case_profile` of the image as stored)
+    profile: dict = field(default_factory=dict)
 
     @property
     def case_id(self) -> str:
@@ -173,7 +175,13 @@ def preprocess_case(case: Case, data: DataConfig) -> PreparedCase:
         standardize,
     )
 
+    from stego_core.data.profile import case_profile
+
     loaded = load_case(case)
+    header = loaded.image.header
+    unit = header.get_xyzt_units()[0] if header is not None else None
+    zooms = tuple(float(z) for z in header.get_zooms()[:3]) if header is not None else None
+    profile = case_profile(loaded.image.data, zooms, unit)
     image = loaded.image.data.astype(np.float32)
     mode = data.skull_strip
     if mode == "given" and loaded.mask is None:
@@ -191,7 +199,8 @@ def preprocess_case(case: Case, data: DataConfig) -> PreparedCase:
     return PreparedCase(case=case, image=image01, brain_mask=mask, label=loaded.label,
                         affine=loaded.image.affine, header=loaded.image.header, label_retention=retention,
                         mask_warning=warning,
-                        preprocessing={"skull_strip": data.skull_strip, "standardize": data.standardize})
+                        preprocessing={"skull_strip": data.skull_strip, "standardize": data.standardize},
+                        profile=profile)
 
 
 #: A head's automatic brain mask keeps between these fractions of the volume / of its brightest voxels.

@@ -1,4 +1,5 @@
-"""The methods: one registry (:mod:`.registry`), the classical baselines, STEGO and self-training.
+"""The methods: one registry (:mod:`.registry`), the classical baselines, the two-photon recipe, STEGO and
+self-training.
 
 Every method is registered here, one line each; a method outside this package registers itself when the module
 named in ``$STEGO_METHOD_PLUGINS`` is imported (:func:`~stego_core.methods.registry.load_plugins`).
@@ -16,11 +17,13 @@ from stego_core.methods.registry import (
 )
 from stego_core.methods.selftrain.method import SELFTRAIN
 from stego_core.methods.stego.method import STEGO
+from stego_core.methods.twophoton import TWOPHOTON
 
 for _entry in CLASSICAL:
     register_method(_entry)
 register_method(STEGO)
 register_method(SELFTRAIN)
+register_method(TWOPHOTON)
 load_plugins()
 
 __all__ = ["METHODS", "BuildContext", "Result", "available_methods", "build_method", "register_method"]

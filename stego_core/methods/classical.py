@@ -432,9 +432,15 @@ _RULES = ("otsu", "mean_std")
 
 @dataclass
 class _VesselnessSegmenter(_Baseline):
-    """Vessel = 2D ridge response above an a-priori rule (and, optionally, intensity above the brain median)."""
+    """Vessel = 2D ridge response above an a-priori rule (and, optionally, intensity above the brain median).
+
+    Scales: ``sigmas_vox`` in voxels, or ``sigmas_mm`` in mm, converted with the slice plane's voxel size when the
+    volume's spacing is known (:meth:`set_spacing`; ``sigmas_vox`` otherwise). A slice plane whose two voxel sizes
+    differ by more than 10 % is refused with ``sigmas_mm`` (2D filters are isotropic: slice along the axis whose
+    plane is isotropic, or use ``frangi3d`` / ``sato3d``, which take per-axis scales)."""
 
     sigmas_vox: Sequence[float] = (1.0, 2.0, 3.0)
+    sigmas_mm: Sequence[float] | None = None
     rule: str = "otsu"
     k_std: float = 3.0
     require_bright: bool = True
@@ -444,8 +450,29 @@ class _VesselnessSegmenter(_Baseline):
     response_threshold_: float | None = field(default=None, init=False, repr=False)
     intensity_threshold_: float | None = field(default=None, init=False, repr=False)
     background_value_: float | None = field(default=None, init=False, repr=False)
+    spacing_mm_: tuple[float, ...] | None = field(default=None, init=False, repr=False)
+
+    def set_spacing(self, spacing_mm: Sequence[float] | None) -> None:
+        """The volume's voxel size in mm (None when unknown): what ``sigmas_mm`` are converted with."""
+        self.spacing_mm_ = None if spacing_mm is None else tuple(float(s) for s in spacing_mm)
+
+    @property
+    def scales_vox(self) -> tuple[float, ...]:
+        """The scales in voxels of the slice plane: ``sigmas_mm`` / its voxel size when both are known, else
+        ``sigmas_vox``."""
+        if self.sigmas_mm is None or self.spacing_mm_ is None:
+            return tuple(self.sigmas_vox)
+        plane = [s for a, s in enumerate(self.spacing_mm_) if a != self.slice_axis]
+        if max(plane) > 1.1 * min(plane):
+            raise ValueError(f"sigmas_mm on slices along axis {self.slice_axis}, whose voxels measure "
+                             f"{plane[0]:g} x {plane[1]:g} mm: a 2D filter needs an isotropic plane; slice along "
+                             "another axis (engine.axis) or use frangi3d / sato3d")
+        size = float(np.mean(plane))
+        return tuple(float(s) / size for s in self.sigmas_mm)
 
     def __post_init__(self) -> None:
+        if self.sigmas_mm is not None:
+            self.sigmas_mm = _positive_tuple(self.sigmas_mm, "sigmas_mm")
         if isinstance(self.sigmas_vox, (int, float)):
             self.sigmas_vox = (self.sigmas_vox,)
         try:
@@ -556,14 +583,14 @@ class FrangiSegmenter(_VesselnessSegmenter):
         if self.gamma is not None:
             self.gamma_ = float(self.gamma)
             return
-        hrr, hrc, hcc = hessian_slices(np.stack(slices), self.sigmas_vox[0])
+        hrr, hrc, hcc = hessian_slices(np.stack(slices), self.scales_vox[0])
         norm = np.sqrt(hrr**2 + 2 * hrc**2 + hcc**2)  # Frobenius norm = sqrt(sum of squared eigenvalues)
         largest = float(norm[np.stack(masks)].max())
         self.gamma_ = largest / 2 if largest > 0 else 1.0
 
     def _responses(self, slices: np.ndarray) -> np.ndarray:
         gamma = _require_fitted(self, "gamma_")
-        return frangi_slices(slices, self.sigmas_vox, alpha=self.alpha, beta=self.beta, gamma=gamma)
+        return frangi_slices(slices, self.scales_vox, alpha=self.alpha, beta=self.beta, gamma=gamma)
 
 
 @dataclass
@@ -579,7 +606,7 @@ class SatoSegmenter(_VesselnessSegmenter):
     name: ClassVar[str] = "sato"
 
     def _responses(self, slices: np.ndarray) -> np.ndarray:
-        return sato_slices(slices, self.sigmas_vox)
+        return sato_slices(slices, self.scales_vox)
 
 
 # ------------------------------------------------------------------------------ 3D vesselness methods

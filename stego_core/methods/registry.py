@@ -386,8 +386,11 @@ class SegmenterMethod:
         """Nothing to learn across volumes."""
 
     def predict(self, case: PreparedCase) -> Result:
+        # physical scales are converted with the voxel size in mm when the header's unit says so, else in voxels
+        if hasattr(self.segmenter, "set_spacing"):
+            self.segmenter.set_spacing(case.spacing_mm)
         return Result(predict_volume(self.segmenter, case.image, case.brain_mask, self.engine,
-                                     progress=self.progress, spacing=case.spacing))
+                                     progress=self.progress, spacing=case.spacing_mm))
 
     def settings(self) -> dict[str, Any]:
         get = getattr(self.segmenter, "settings", None)

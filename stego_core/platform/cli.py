@@ -88,6 +88,9 @@ def describe(result: Any) -> str:
     metrics = getattr(result, "summary", None) or getattr(result, "metrics", None) or {}
     keys = [k for k in metrics if k.split("/")[-1] in _PRINTED]
     parts += [f"{k}={metrics[k]:.4f}" for k in keys]
+    warned = getattr(result, "warned", None)
+    if warned:
+        parts.append(f"domain_warnings={len(warned)}/{len(getattr(result, 'rows', []) or warned)} (cases.csv)")
     for attr in ("model_uri", "dataset_dir", "output_dir"):
         if getattr(result, attr, None):
             parts.append(f"{attr}={getattr(result, attr)}")

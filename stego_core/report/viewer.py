@@ -212,6 +212,7 @@ def viewer_html(
     max_size: int = 160,
     quality: int = 75,
     title: str = "",
+    notes: Mapping[str, str] | None = None,
 ) -> str:
     """One self-contained HTML page to scroll through a volume with predictions and label as overlays.
 
@@ -232,6 +233,9 @@ def viewer_html(
         WebP quality of the image slices (overlays are lossless).
     title : str, keyword-only
         Shown above the views and as the page title.
+    notes : mapping name -> str, optional, keyword-only
+        A warning per method (the domain guard's): the method is marked in the selector and the text shown in a
+        red line while it is selected.
 
     Returns
     -------
@@ -276,7 +280,7 @@ def viewer_html(
         methods[str(name)] = [{"slices": _codes_url(mosaic(codes, axis)[0]),
                                "mip": _codes_url(_plane(codes.max(axis=axis)))} for axis in range(3)]
     data = {"title": title, "shape": list(image.shape), "factor": factor, "labelled": target is not None,
-            "axes": axes, "methods": methods}
+            "axes": axes, "methods": methods, "notes": {str(k): str(v) for k, v in (notes or {}).items() if v}}
     payload = json.dumps(data, separators=(",", ":")).replace("<", "\\u003c")
     colours = {kind: _hex(rgb) for kind, rgb in ERROR_COLOURS.items()}
     return (_TEMPLATE.replace("%TITLE%", html.escape(title or "volume viewer"))
@@ -294,6 +298,7 @@ body{margin:0;font:13px system-ui,sans-serif;background:#fff;color:#222}
 figure{margin:0}figcaption{color:#555;font-size:12px}
 canvas{image-rendering:pixelated;background:#000;display:block}
 .sw{display:inline-block;width:10px;height:10px;border:1px solid #888;margin-right:2px}
+#warn{display:none;padding:4px 8px;background:#fdecea;color:#a50e0e;border-bottom:1px solid #f5c2c0}
 </style></head><body>
 <div id="bar"><b>%TITLE%</b>
 <label id="mwrap">method <select id="method"></select></label>
@@ -305,6 +310,7 @@ canvas{image-rendering:pixelated;background:#000;display:block}
 <label id="l-fp"><input type="checkbox" id="fp"><i class="sw" style="background:%FP%"></i><span id="fpname">FP</span></label>
 <label id="l-fn"><input type="checkbox" id="fn"><i class="sw" style="background:%FN%"></i>FN</label></span>
 </div>
+<div id="warn" role="alert"></div>
 <div id="views"><figure><canvas id="cs"></canvas><figcaption id="cap">slice</figcaption></figure>
 <figure><canvas id="cm"></canvas><figcaption>maximum-intensity projection</figcaption></figure></div>
 <script type="application/json" id="viewer-data">%DATA%</script>
@@ -362,11 +368,13 @@ function draw() {
   $("cap").textContent = `slice ${S.slice} along axis ${S.axis}`;
   for (const key of ["overlay", "tp", "fp", "fn"]) $(key).checked = S[key];
   if (S.method !== undefined) $("method").value = S.method;
+  const note = (D.notes || {})[S.method];
+  $("warn").textContent = note ? "\u26a0 domain warning: " + note : ""; $("warn").style.display = note ? "block" : "none";
   const b = document.body.dataset;  // where the views are, for tests that look at screenshots
   b.slice = JSON.stringify($("cs").getBoundingClientRect()); b.mip = JSON.stringify($("cm").getBoundingClientRect());
   b.ready = [...images.values()].every(im => im.complete) ? "1" : "0";
 }
-for (const name of names) $("method").add(new Option(name, name));
+for (const name of names) $("method").add(new Option((D.notes || {})[name] ? name + " \u26a0" : name, name));
 if (names.length < 2) $("mwrap").style.display = "none";
 if (!names.length) $("toggles").style.display = "none";
 if (!D.labelled) { $("l-tp").style.display = $("l-fn").style.display = "none"; $("fpname").textContent = "prediction"; }

@@ -35,6 +35,7 @@ from stego_core.engine.crf import CRFSettings
 from stego_core.engine.postprocess import STEPS, PostprocessStep, steps_tag
 from stego_core.engine.reconstruction import EngineConfig
 from stego_core.evaluation.metrics import write_results
+from stego_core.evaluation.guard import DomainConfig, mask_warnings, profile_warnings
 from stego_core.evaluation.scoring import ANALYSIS_KEYS, score_result, summarize_rows
 from stego_core.methods import METHODS, BuildContext, build_method
 from stego_core.methods.registry import (
@@ -65,6 +66,9 @@ class EvaluateConfig(RunSettings):
     (``test_fraction``, ``split_seed``); ``all`` evaluates every case. ``analysis`` adds the Betti-number errors,
     recall per vessel radius and (voxel size in mm known) HD95 / ASSD per case. ``crf: true`` refines every slice's
     probabilities with a dense CRF (``crf_settings``; needs ``pydensecrf2``) and adds ``+crf`` to the method.
+    ``domain``: the domain the method or preset was chosen for (:class:`~stego_core.evaluation.guard.DomainConfig`;
+    a preset file declares it): a case outside it, or a mask implausible for it, is warned about (a log line, the
+    ``domain_warning`` tag, the ``domain_warnings`` count, ``cases.csv``, a mark in the viewer).
     ``viewer`` logs ``viewer/<case>.html`` per volume (:mod:`stego_core.report.viewer`; about 2 MB and a few seconds for
     a 320 x 320 x 247 volume).
     """
@@ -80,6 +84,7 @@ class EvaluateConfig(RunSettings):
     crf: bool = False
     crf_settings: CRFSettings = field(default_factory=CRFSettings)
     postprocess: tuple[PostprocessStep, ...] = ()
+    domain: DomainConfig = field(default_factory=DomainConfig)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -103,15 +108,22 @@ class BaselineConfig(EvaluateConfig):
     """The ``baseline`` entry point: any registered method by name with its settings (e.g. ``{q: 99.5}``),
     resolved and checked when the config is loaded (``--print-config`` shows every setting in force). A learned
     method is fitted on the training volumes of the split in the same run (or loaded: ``settings.model_uri``).
-    ``log_model``: log a learned method's trained state as the run's model."""
+    ``log_model``: log a learned method's trained state as the run's model. ``preset: auto``: the preset is chosen
+    from the cases' label-free profiles (:func:`choose_preset`; ``convention`` says which MRA preset: ``lumen`` or
+    ``tree`` labels), said in the log and the run's tags, and its plan is the one logged."""
 
     method: str = "frangi"
     settings: Any = field(default_factory=dict)
     log_model: bool = True
+    preset: str = ""
+    convention: str = "lumen"
+    preset_dir: str = "experiments/configs"
     output: str = "outputs/baseline"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_choice(self.preset, "preset", ("", "auto"))
+        check_choice(self.convention, "convention", tuple(AUTO_PRESETS["mra"]))
         object.__setattr__(self, "settings", resolve_settings(self.method, self.settings))
         check_data(self.settings, self.data)
 
@@ -141,6 +153,75 @@ log = logging.getLogger(__name__)
 
 
 
+#: ``preset: auto``: the preset file per modality the profile rule reads (and per labelling convention for MRA).
+AUTO_PRESETS = {"2pm": {"dense": "best_2pm.yaml"}, "mra": {"lumen": "best_mra.yaml", "tree": "best_mra_tree.yaml"}}
+
+
+def choose_preset(profiles: dict[str, dict[str, Any]], convention: str = "lumen") -> tuple[str, str]:
+    """The preset file for a set of cases, from their label-free profiles alone: the modality that
+    :func:`~stego_core.data.profile.guess_modality` reads from every case (a mixed set is refused, naming the cases
+    of each modality), then the preset of that modality and labelling ``convention`` (:data:`AUTO_PRESETS`).
+
+    Returns
+    -------
+    name : str
+        The preset file's name (``best_2pm.yaml``).
+    reason : str
+        One line: the modality, the cases' votes and the rule.
+
+    Examples
+    --------
+    >>> slab = {"shape_ratio": 0.03, "otsu_fraction": 0.05, "skewness": 4.0, "spacing_um": None}
+    >>> choose_preset({"a": slab, "b": slab})[0]
+    'best_2pm.yaml'
+    """
+    from stego_core.data.profile import guess_modality
+
+    guesses = {case: guess_modality(p) for case, p in profiles.items()}
+    modalities = {m for m, _ in guesses.values()}
+    if not guesses:
+        raise ValueError("preset=auto: no case to profile")
+    if len(modalities) > 1:
+        by = {m: sorted(c for c, (g, _) in guesses.items() if g == m) for m in modalities}
+        raise ValueError("preset=auto: the cases look like different modalities (" + "; ".join(
+            f"{m}: {', '.join(cs)}" for m, cs in sorted(by.items())) + "): run each folder with its own preset")
+    (modality,) = modalities
+    presets = AUTO_PRESETS[modality]
+    name = presets.get(convention, next(iter(presets.values())))
+    votes = sum(sum(v.values()) for _, v in guesses.values())
+    reason = (f"{len(guesses)} case(s) read as {modality} by the profile rule (shape ratio < 0.1, Otsu fraction < "
+              f"0.2, skewness > 1.7: two of three vote two-photon; {votes} two-photon votes of {3 * len(guesses)})"
+              + (f", labelling convention {convention}" if modality == "mra" else ""))
+    return name, reason
+
+
+def resolve_auto_preset(cfg: BaselineConfig) -> tuple[BaselineConfig, str, str]:
+    """``cfg`` with ``preset: auto`` replaced by the chosen preset file's method, settings, post-processing, skull
+    strip and domain (the run's data root, split, output and experiment kept)."""
+    from stego_core.config import config_path, load_config
+    from stego_core.data.io import load_case
+    from stego_core.data.profile import case_profile
+
+    profiles = {}
+    for case in select_cases(cfg):
+        image = load_case(case).image
+        unit = image.header.get_xyzt_units()[0] if image.header is not None else None
+        zooms = tuple(float(z) for z in image.header.get_zooms()[:3]) if image.header is not None else None
+        profiles[case.case_id] = case_profile(image.data, zooms, unit)
+    name, reason = choose_preset(profiles, cfg.convention)
+    path = next((p for p in (config_path(name), Path(cfg.preset_dir) / name) if p.is_file()), None)
+    if path is None:
+        raise ValueError(f"preset=auto chose {name} but the file is neither in the working directory nor in "
+                         f"preset_dir={cfg.preset_dir}")
+    log.info("preset=auto: %s (%s)", name, reason)
+    keep = {"data.source": cfg.data.source, "data.root": cfg.data.root, "split": cfg.split,
+            "test_fraction": cfg.test_fraction, "split_seed": cfg.split_seed, "test_cases": list(cfg.test_cases),
+            "output": cfg.output, "experiment": cfg.experiment, "viewer": cfg.viewer, "analysis": cfg.analysis,
+            "progress": cfg.progress, "save_probabilities": cfg.save_probabilities}
+    chosen = load_config(BaselineConfig, path, keep)
+    return dataclasses.replace(chosen, preset="", convention=cfg.convention), name, reason
+
+
 @dataclass
 class EvaluationResult:
     run_id: str
@@ -151,6 +232,8 @@ class EvaluationResult:
     model_uri: str | None = None
     #: the method as evaluated (fitted): a pipeline evaluates it again with other post-processing
     method: Any = None
+    #: the cases the domain guard warned about (the reasons: ``rows[i]["domain_warning"]``)
+    warned: list[str] = field(default_factory=list)
 
 
 def select_cases(cfg: EvaluateConfig) -> list[Case]:
@@ -226,6 +309,13 @@ def evaluate_cases(method: Method, cases: list[Case], cfg: EvaluateConfig, out_d
             continue
         post, row = score_result(result, prepared, steps, threshold=method.threshold, slice_axis=cfg.engine.axis,
                                  crf_settings=cfg.crf_settings, analysis=cfg.analysis)
+        warning = domain_warning(prepared, post.mask, cfg.domain, name)
+        if prepared.profile:
+            row["profile"] = prepared.profile
+        if warning:
+            row["domain_warning"] = warning
+            if log_to_mlflow:
+                out.tag({"domain_warning": "true", f"domain_warning/{case.case_id}": warning[:4000]})
         predictions = out_dir / "predictions"
         out.artifacts.append((str(save_volume(predictions / f"{case.case_id}_{name}_pred.nii.gz",
                                               post.mask.astype(np.uint8), prepared.affine, prepared.header)),
@@ -239,7 +329,7 @@ def evaluate_cases(method: Method, cases: list[Case], cfg: EvaluateConfig, out_d
             out.artifacts.append((str(save_volume(predictions / f"{case.case_id}_{name}_prob.nii.gz", post.prob,
                                                   prepared.affine, prepared.header)), "predictions"))
         if log_to_mlflow:
-            out.metrics = {f"{k}/{case.case_id}": v for k, v in row.items() if k != "case_id"}
+            out.metrics = {f"{k}/{case.case_id}": v for k, v in row.items() if _is_number(v)}
             fig = mip_figure(prepared.image, prepared.label, post.mask, axis=cfg.engine.axis,
                              title=f"{method.name} on {case.case_id}")
             out.figure(fig, out_dir / "figures" / f"{case.case_id}_mip.png")
@@ -247,7 +337,8 @@ def evaluate_cases(method: Method, cases: list[Case], cfg: EvaluateConfig, out_d
                 out.image(extras_figure(prepared.image, result.extras, post.mask, axis=cfg.engine.axis,
                                         title=f"{case.case_id}: {name}"), f"{method.name}/slices", index)
             if cfg.viewer:
-                out.artifacts.append((str(write_viewer(prepared, post.mask, name, out_dir)), "viewer"))
+                out.artifacts.append((str(write_viewer(prepared, post.mask, name, out_dir, note=warning)),
+                                      "viewer"))
             if distributed.is_main():
                 out.log()
         rows.append((index, row, out))
@@ -313,16 +404,59 @@ def _save_figure(fig: Any, path: Path) -> str:
     return str(path)
 
 
-def write_viewer(prepared: PreparedCase, mask: np.ndarray, name: str, out_dir: Path) -> Path:
+def domain_warning(prepared: PreparedCase, mask: np.ndarray, domain: DomainConfig, name: str) -> str:
+    """The guard's reasons for one case as one line ("" when there are none), also logged as a warning naming the
+    case and the preset (or method)."""
+    reasons = profile_warnings(prepared.profile, domain) if prepared.profile else []
+    reasons += mask_warnings(mask, prepared.brain_mask, domain)
+    if not reasons:
+        return ""
+    text = "; ".join(reasons)
+    who = f"preset {domain.name}" if domain.name != "any" else f"method {name}"
+    log.warning("domain warning: case %s, %s: %s", prepared.case_id, who, text)
+    return text
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def write_viewer(prepared: PreparedCase, mask: np.ndarray, name: str, out_dir: Path, *, note: str = "") -> Path:
     """Write ``viewer/<case>.html`` under ``out_dir``: the case's slices with ``mask`` against its label
-    (:func:`~stego_core.report.viewer.viewer_html`, one self-contained page that MLflow's artifact pane shows)."""
+    (:func:`~stego_core.report.viewer.viewer_html`, one self-contained page that MLflow's artifact pane shows);
+    ``note``: a domain warning shown on the page."""
     from stego_core.report.viewer import viewer_html
 
     page = viewer_html(prepared.image, {name: mask}, prepared.label, spacing_mm=prepared.spacing,
-                       title=f"{name} on {prepared.case_id}")
+                       title=f"{name} on {prepared.case_id}", notes={name: note} if note else None)
     path = out_dir / "viewer" / f"{prepared.case_id}.html"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(page, encoding="utf-8")
+    return path
+
+
+#: The profile fields ``cases.csv`` shows (:func:`stego_core.data.profile.case_profile`).
+PROFILE_COLUMNS = ("unit", "spacing", "anisotropy", "shape", "shape_ratio", "skewness", "otsu_fraction",
+                   "bright_fraction", "saturated_fraction", "border_ratio")
+
+
+def write_case_table(rows: list[dict[str, Any]], out_dir: Path) -> Path:
+    """``cases.csv``: per case its label-free profile and the modality the rule reads from it, the guard's
+    verdict (``domain_warning``, empty when in domain), why a method refused it, and the headline scores."""
+    import csv
+
+    from stego_core.data.profile import guess_modality
+
+    path = out_dir / "cases.csv"
+    keys = ["case_id", "modality", *PROFILE_COLUMNS, "dice", "cldice", "predicted_fraction", "domain_warning",
+            "refused"]
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            profile = row.get("profile") or {}
+            extra = {"modality": guess_modality(profile)[0]} if profile else {}
+            writer.writerow({**row, **{k: profile.get(k, "") for k in PROFILE_COLUMNS}, **extra})
     return path
 
 
@@ -413,6 +547,12 @@ def run_method(method: Method | str, cfg: EvaluateConfig, *, settings: Any = Non
         rows = evaluate_cases(method, cases, cfg, run.output_dir, name=label)
         extras = list(dict(getattr(method, "extra_rows", {}) or {}))
         summary = summarize_rows(rows, extras)
+        warned = [r["case_id"] for r in rows if r.get("domain_warning")]
+        tracking.log_metrics({"domain_warnings": float(len(warned))})
+        if warned:
+            tracking.set_tags({"domain_warning": "true"})
+        if distributed.is_main():
+            tracking.log_artifact(write_case_table(rows, run.output_dir))
         if summary:
             tracking.log_metrics(summary)
             scored = [r for r in rows if "dice" in r]
@@ -429,7 +569,7 @@ def run_method(method: Method | str, cfg: EvaluateConfig, *, settings: Any = Non
             if model_uri:
                 tracking.set_tags({"model_uri": model_uri})
         return EvaluationResult(run_id=run.run_id, rows=rows, summary=summary, output_dir=run.output_dir,
-                                model_uri=model_uri, method=method)
+                                model_uri=model_uri, method=method, warned=warned)
 
 
 def _flat_settings(settings: Any) -> dict[str, Any]:
@@ -447,7 +587,11 @@ def _training_run(model_uri: str) -> dict[str, str]:
 
 def run_baseline(cfg: BaselineConfig, *, nested: bool = False, tags: dict[str, str] | None = None
                  ) -> EvaluationResult:
-    """Evaluate the registered method ``cfg.method`` (fitted first when it learns) as one MLflow run."""
+    """Evaluate the registered method ``cfg.method`` (fitted first when it learns) as one MLflow run;
+    ``preset: auto`` chooses the preset from the cases' profiles first (:func:`resolve_auto_preset`)."""
+    if cfg.preset == "auto":
+        cfg, name, reason = resolve_auto_preset(cfg)
+        tags = {**(tags or {}), "preset_auto": name.removesuffix(".yaml"), "preset_auto_reason": reason}
     return run_method(cfg.method, cfg, settings=cfg.settings, run_name=f"baseline-{cfg.method}", nested=nested,
                       tags=tags, log_model=cfg.log_model)
 

@@ -21,6 +21,7 @@ from stego_core._checks import check_choice
 from stego_core.config import derive, from_dict
 from stego_core.engine.postprocess import STEPS, PostprocessStep
 from stego_core.engine.reconstruction import EngineConfig
+from stego_core.evaluation.guard import DomainConfig
 from stego_core.evaluation.metrics import RADIUS_BINS, SCORE_KEYS
 from stego_core.methods.registry import METHODS, resolve_settings
 from stego_core.platform import tracking
@@ -98,6 +99,7 @@ class MainConfig(DataSettings, RunSettings):
 
     split: str = "test"
     methods: Any = field(default_factory=lambda: {name: {} for name in DEFAULT_METHODS})
+    domain: DomainConfig = field(default_factory=DomainConfig)
     prepare: bool = True
     pretrain: PretrainConfig | None = None
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -130,14 +132,23 @@ class MainConfig(DataSettings, RunSettings):
         object.__setattr__(self, "methods", specs)
 
 
+def _warned(s: dict[str, float]) -> str:
+    """The domain guard's column: cases warned about out of the cases scored ("" when nothing was counted)."""
+    if "domain_warnings" not in s:
+        return ""
+    return f"{int(s['domain_warnings'])}/{int(s.get('n_cases', 0))}"
+
+
 def format_table(table: dict[str, dict[str, float]], keys: tuple[str, ...] = SCORE_KEYS) -> str:
-    """A plain-text comparison table: one row per method, mean ± std of each key."""
+    """A plain-text comparison table: one row per method, mean ± std of each key, and the cases the domain
+    guard warned about (``domain``: warned / scored; the reasons are in each run's ``cases.csv``)."""
     w = max([12, *(len(m) + 1 for m in table)])
-    head = f"{'method':<{w}}" + "".join(f"{k:>18}" for k in keys)
+    head = f"{'method':<{w}}" + "".join(f"{k:>18}" for k in keys) + f"{'domain':>9}"
     rows = [head, "-" * len(head)]
     for method, s in table.items():
         rows.append(f"{method:<{w}}" + "".join(
-            f"{s.get(f'{k}_mean', float('nan')):>10.3f} ± {s.get(f'{k}_std', float('nan')):<5.3f}" for k in keys))
+            f"{s.get(f'{k}_mean', float('nan')):>10.3f} ± {s.get(f'{k}_std', float('nan')):<5.3f}" for k in keys)
+            + f"{_warned(s):>9}")
     return "\n".join(rows)
 
 
@@ -146,7 +157,7 @@ def markdown_table(table: dict[str, dict[str, float]], runs: dict[str, str], exp
     """The comparison as a markdown note (the pipeline run's description): one row per method linking its run,
     best Dice / clDice in bold, and the best method by clDice named below the table."""
     cell = {k: max((s.get(f"{k}_mean", float("-inf")) for s in table.values()), default=float("nan")) for k in keys}
-    lines = ["| method | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    lines = ["| method | " + " | ".join(keys) + " | domain warnings |", "|---|" + "---|" * (len(keys) + 1)]
     for method, s in table.items():
         values = []
         for k in keys:
@@ -154,7 +165,9 @@ def markdown_table(table: dict[str, dict[str, float]], runs: dict[str, str], exp
             text = f"{mean:.3f} ± {std:.3f}"
             values.append(f"**{text}**" if mean == cell[k] else text)
         link = f"[{method}](#/experiments/{experiment_id}/runs/{runs[method]})" if method in runs else method
-        lines.append(f"| {link} | " + " | ".join(values) + " |")
+        warned = _warned(s)
+        flag = f"⚠ {warned}" if warned and not warned.startswith("0/") else warned
+        lines.append(f"| {link} | " + " | ".join(values) + f" | {flag} |")
     scored = {m: s["cldice_mean"] for m, s in table.items() if s.get("cldice_mean") == s.get("cldice_mean")
               and "cldice_mean" in s}
     best = max(scored, key=scored.get) if scored else None
@@ -165,11 +178,15 @@ def markdown_table(table: dict[str, dict[str, float]], runs: dict[str, str], exp
     return "\n".join(head + lines + tail)
 
 
-def log_viewers(cfg: Any, methods: list[str], runs: dict[str, str], out_dir: Path) -> list[str]:
+def log_viewers(cfg: Any, methods: list[str], runs: dict[str, str], out_dir: Path,
+                folders: dict[str, Path] | None = None, notes: dict[str, dict[str, str]] | None = None
+                ) -> list[str]:
     """Log ``viewer/<case>.html`` on the active run for every volume ``cfg`` evaluates: the image as stored and
     its label, with each method's prediction (``predictions/<case>_<method>_pred.nii.gz`` of the run
-    ``runs[method]``) behind one method selector (:func:`~stego_core.report.viewer.viewer_html`). A prediction that
-    cannot be fetched is skipped with a warning. Returns the case ids with a viewer."""
+    ``runs[method]``: read from the run's output folder ``folders[method]`` when it is there, else downloaded)
+    behind one method selector (:func:`~stego_core.report.viewer.viewer_html`); ``notes[method][case]``: the
+    domain guard's warning, marked in the viewer. A prediction that cannot be fetched is skipped with a warning.
+    Returns the case ids with a viewer."""
     from stego_core.data.io import load_case, load_volume
     from stego_core.report.viewer import viewer_html
     from stego_core.steps.evaluation import EvaluateConfig
@@ -178,7 +195,12 @@ def log_viewers(cfg: Any, methods: list[str], runs: dict[str, str], out_dir: Pat
     for case in select_cases(derive(EvaluateConfig, cfg)):
         predictions = {}
         for method in methods:
-            uri = f"runs:/{runs[method]}/predictions/{case.case_id}_{method}_pred.nii.gz"
+            name = f"{case.case_id}_{method}_pred.nii.gz"
+            local = (folders or {}).get(method, Path("/nonexistent")) / "predictions" / name
+            if local.is_file():
+                predictions[method] = load_volume(local).data > 0
+                continue
+            uri = f"runs:/{runs[method]}/predictions/{name}"
             try:
                 path = tracking.download_artifacts(uri, out_dir / "predictions" / method)
             except Exception as exc:  # noqa: BLE001 - a missing file leaves this method out of the viewer
@@ -189,7 +211,8 @@ def log_viewers(cfg: Any, methods: list[str], runs: dict[str, str], out_dir: Pat
             continue
         loaded = load_case(case)
         page = viewer_html(loaded.image.data, predictions, loaded.label, spacing_mm=loaded.image.spacing_mm,
-                           title=f"{case.case_id}: {len(predictions)} methods")
+                           title=f"{case.case_id}: {len(predictions)} methods",
+                           notes={m: (notes or {}).get(m, {}).get(case.case_id, "") for m in predictions})
         tracking.log_text(page, f"viewer/{case.case_id}.html")
         logged.append(case.case_id)
     return logged
@@ -197,7 +220,8 @@ def log_viewers(cfg: Any, methods: list[str], runs: dict[str, str], out_dir: Pat
 
 def _rows(result: Any, prefix: str = "") -> dict[str, dict[str, float]]:
     """An evaluation's per-case scores by case id (keys with ``prefix`` stripped, e.g. a teacher's)."""
-    return {r["case_id"]: {k[len(prefix):]: v for k, v in r.items() if k.startswith(prefix) and k != "case_id"}
+    return {r["case_id"]: {k[len(prefix):]: v for k, v in r.items() if k.startswith(prefix) and k != "case_id"
+                           and isinstance(v, (int, float)) and not isinstance(v, bool)}
             for r in result.rows if "dice" in r}
 
 
@@ -264,6 +288,8 @@ def run_main(cfg: MainConfig) -> str:
         runs: dict[str, str] = {}
         per_case: dict[str, dict[str, dict[str, float]]] = {}
         shared: dict[str, Any] = {}  # fitted states by method and settings: rows with equal ones train once
+        folders: dict[str, Path] = {}
+        notes: dict[str, dict[str, str]] = {}
         for row, spec in cfg.methods.items():
             if any(st.step == "crf" for st in spec.postprocess) and not crf_available():
                 continue
@@ -273,6 +299,9 @@ def run_main(cfg: MainConfig) -> str:
             result = run_method(spec.method, evaluate, settings=settings, name=row, run_name=row, nested=True,
                                 suffix=False, context={"shared": shared})
             table[row], runs[row], per_case[row] = result.summary, result.run_id, _rows(result)
+            table[row] = {**result.summary, "domain_warnings": len(result.warned), "n_cases": len(result.rows)}
+            folders[row] = result.output_dir
+            notes[row] = {r["case_id"]: r["domain_warning"] for r in result.rows if r.get("domain_warning")}
             for name, (summary, cases) in _extra_rows(result, row, getattr(result.method, "extra_rows", {})).items():
                 table[name], runs[name], per_case[name] = summary, result.run_id, cases
 
@@ -292,7 +321,12 @@ def run_main(cfg: MainConfig) -> str:
                 tracking.log_figure(radius_recall_figure(per_case), "comparison_radius.png")
                 figures.append("`comparison_radius.png` (recall by vessel radius, one line per method)")
             note += "\n\nFigures: " + ", ".join(figures) + "."
-        viewers = log_viewers(derive(EvaluateConfig, cfg), [m for m in table if m in runs], runs, parent.output_dir)
+        viewers = log_viewers(derive(EvaluateConfig, cfg), [m for m in table if m in runs], runs, parent.output_dir,
+                              folders, notes)
+        if any(notes.values()):
+            note += "\n\nDomain warnings (the case lies outside the domain the method or preset was chosen for, or "
+            note += "its mask is implausible there):\n\n" + "\n".join(
+                f"- {row} on {case}: {text}" for row, cases in notes.items() for case, text in cases.items())
         if viewers:
             note += ("\n\nSlice viewers (image, label and every method's prediction; TP grey, FP red, FN cyan): "
                      + ", ".join(f"`viewer/{c}.html`" for c in viewers) + ".")

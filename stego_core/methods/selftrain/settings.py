@@ -237,7 +237,7 @@ class StudentSettings:
                                    training=dataclasses.replace(self.training, seed=seed))
 
 
-_PRESET_KEYS = {"method", "settings", "postprocess", "data", "crf", "engine", "split", "viewer", "analysis",
+_PRESET_KEYS = {"method", "settings", "postprocess", "data", "crf", "engine", "split", "viewer", "analysis", "domain",
                 "test_fraction", "split_seed", "test_cases", "output", "experiment", "save_probabilities", "progress",
                 "crf_settings"}
 
