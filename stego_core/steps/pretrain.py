@@ -3,7 +3,7 @@
 ``volumes -> preprocessed volumes (labels dropped) -> crops -> label-free crop weights -> multi-crop views ->
 student / EMA teacher -> teacher backbone (.safetensors + spec)``. The teacher backbone plugs into ``train`` as
 ``model.backbone=<name> model.weights=runs:/<this run id>`` (resolved by
-:func:`stego_core.features.backbones.resolve_weights`) or ``model.weights=<file>.safetensors``.
+:func:`stego_core.platform.weights.fetch_weights`) or ``model.weights=<file>.safetensors``.
 
 Logged: the plan as params and ``plan.yaml``, except :data:`ATTEMPT_TAGS` (``max_steps``, ``max_minutes``),
 which are tags set again by every attempt; curves ``pretrain/loss``, ``pretrain/teacher_entropy`` (collapse
@@ -41,12 +41,9 @@ from stego_core._checks import check_choice, check_range
 from stego_core.config import flatten, to_dict
 from stego_core.data.cases import ensure_cases, make_crop_set, preprocess_case
 from stego_core.data.sampling import SamplingConfig, bright_threshold, crop_weights
-from stego_core.features.backbones import (
-    WEIGHTS_ARTIFACT,
-    create_vit,
-    get_spec,
-    normalize_input,
-)
+from stego_core.features.backbones import get_spec
+from stego_core.features.base import normalize_input
+from stego_core.features.vit import WEIGHTS_ARTIFACT, create_vit
 from stego_core.features.dino import (
     AugmentConfig,
     DinoModel,
