@@ -225,8 +225,8 @@ def test_pretrain_resume_checks_the_run_first_and_changes_nothing_on_refusal(mlf
 
 def test_weights_of_a_run_are_downloaded_once_into_a_cache(mlflow_store: str, tmp_path: Path) -> None:
     from stego_core.features.backbones import get_spec
+    from stego_core.features.pretraining import save_backbone
     from stego_core.features.vit import WEIGHTS_ARTIFACT, create_vit
-    from stego_core.steps.pretrain import save_backbone
 
     with tracking.start_run("faults", run_name="pretrain", tags={"step": "pretrain"}) as run:
         path = save_backbone(create_vit(get_spec("mra_vit_t4_p4")), "mra_vit_t4_p4", 32,
