@@ -288,7 +288,7 @@ import time
 from pathlib import Path
 from stego_core.platform import tracking
 from stego_core.data.io import Case
-from sweeps.driver import make_storage
+from sweeps.storage import make_storage
 make_storage("sqlite:///optuna.db", heartbeat_interval_s=0)
 cases = [Case(f"case{i}", f"/data/case{i}/image.nii.gz", digest=f"sha{i}") for i in range(3)]
 with tracking.start_run("concurrent", run_name=sys.argv[1]):
