@@ -30,6 +30,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -271,7 +272,7 @@ def _log_attempt(cfg: PretrainConfig, output_dir: Path, *, resumed: bool) -> Non
     tracking.set_tags({k: getattr(cfg, k) for k in ATTEMPT_TAGS})
 
 
-def _resume(learner: DinoLearner, state: Mapping[str, object], cfg: PretrainConfig) -> int:
+def _resume(learner: DinoLearner, state: Mapping[str, Any], cfg: PretrainConfig) -> int:
     """Continue from the checkpoint ``state``; returns its step."""
     start = learner.load_state(state, seed=cfg.seed)
     tracking.set_tags({"resumed_at_step": str(start)})
