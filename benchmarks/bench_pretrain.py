@@ -22,7 +22,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peak import count_flops, gemm_peak, machine_line, report  # noqa: E402
 
-from stego_core.features.backbones import create_vit, get_spec, normalize_input
+from stego_core.features.backbones import get_spec
+from stego_core.features.base import normalize_input
+from stego_core.features.vit import create_vit
 from stego_core.features.dino import DinoModel, dino_step, multi_crop
 from stego_core.steps.pretrain import PretrainConfig
 

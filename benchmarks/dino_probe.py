@@ -35,7 +35,9 @@ from stego_core.data.cases import (
 )
 from stego_core.data.sampling import bright_threshold
 from stego_core.data.slicing import SlicingConfig
-from stego_core.features.backbones import create_vit, get_spec, normalize_input
+from stego_core.features.backbones import get_spec
+from stego_core.features.base import normalize_input
+from stego_core.features.vit import create_vit
 from stego_core.features.dino import AugmentConfig
 from stego_core.methods.stego.mapping import map_clusters_dice
 from stego_core.steps.pretrain import PretrainConfig, run_pretrain

@@ -10,15 +10,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from stego_core.features import backbones
+from stego_core.features import base, classical, vit
 from stego_core.features.backbones import (
     BACKBONES,
-    ClassicalFeaturizer,
     build_backbone,
     get_spec,
     list_backbones,
-    to_model_input,
 )
+from stego_core.features.base import to_model_input
+from stego_core.features.classical import ClassicalFeaturizer
 
 NAME = "vit_small_patch16_dino"
 
@@ -159,7 +159,7 @@ def test_hub_offline_fails_fast_with_instructions(monkeypatch, tmp_path):
     def no_network(*args, **kwargs):
         raise AssertionError("offline mode must not touch the network")
 
-    monkeypatch.setattr(backbones, "_hub_reachable", no_network)
+    monkeypatch.setattr(vit, "_hub_reachable", no_network)
     with pytest.raises(RuntimeError, match="HF_HUB_OFFLINE") as err:
         build_backbone("vit_small_patch8_dino", weights="hub", res=32)
     assert "weights='/path/to/dino_deitsmall8_pretrain.pth'" in str(err.value)
@@ -170,7 +170,7 @@ def test_hub_unreachable_fails_with_instructions(monkeypatch, tmp_path):
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path))
-    monkeypatch.setattr(backbones, "_hub_reachable", lambda *a, **k: False)
+    monkeypatch.setattr(vit, "_hub_reachable", lambda *a, **k: False)
     with pytest.raises(RuntimeError, match="unreachable.*weights='/path/to/dino_deitsmall16_pretrain.pth'"):
         build_backbone(NAME, weights="hub", res=32)
 
@@ -199,7 +199,7 @@ def test_dinov2_random_drops_prefix_tokens():
 
 def testgaussian_derivative_kernels_exact_on_polynomials():
     for sigma in (0.5, 1.0, 3.0):
-        g, d1, d2 = backbones.gaussian_derivative_kernels(sigma).double()
+        g, d1, d2 = classical.gaussian_derivative_kernels(sigma).double()
         r = g.numel() // 2
         x = torch.arange(-r, r + 1, dtype=torch.float64)
         assert g.sum().item() == pytest.approx(1.0)
@@ -240,11 +240,7 @@ def test_classical_derivatives_equal_one_convolution_per_derivative():
     """The fast path (one row pass, one grouped column pass per scale) equals separate separable convolutions."""
     import torch.nn.functional as F
 
-    from stego_core.features.backbones import (
-        ClassicalFeaturizer,
-        gaussian_derivative_kernels,
-        get_spec,
-    )
+    from stego_core.features.classical import ClassicalFeaturizer, gaussian_derivative_kernels
 
     def sep(x, ky, kx):
         ry, rx = ky.numel() // 2, kx.numel() // 2
@@ -267,7 +263,7 @@ def test_in_domain_vit_builds_at_the_crop_scale():
 
 def test_forward_batch_size_keeps_the_largest_activation_in_a_quarter_of_the_cache(monkeypatch):
     """Crops per forward pass shrink as the model's largest activation grows, never below 1 or above the cap."""
-    from stego_core.features.backbones import (
+    from stego_core.features.base import (
         activation_bytes_per_crop,
         cpu_cache_bytes,
         forward_batch_size,
@@ -284,5 +280,5 @@ def test_forward_batch_size_keeps_the_largest_activation_in_a_quarter_of_the_cac
     assert forward_batch_size(small, "cpu") > forward_batch_size(get_spec("mra_vit_t4_p2"), "cpu") \
         >= forward_batch_size(large, "cpu") >= 1
     assert forward_batch_size(small, "cpu", max_batch=3) == 3
-    monkeypatch.setattr(backbones, "cpu_cache_bytes", lambda: 1024)  # a tiny cache still gives one crop
+    monkeypatch.setattr(base, "cpu_cache_bytes", lambda: 1024)  # a tiny cache still gives one crop
     assert forward_batch_size(large, "cpu") == 1

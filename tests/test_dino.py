@@ -7,7 +7,9 @@ import math
 import pytest
 import torch
 
-from stego_core.features.backbones import create_vit, get_spec, normalize_input
+from stego_core.features.backbones import get_spec
+from stego_core.features.base import normalize_input
+from stego_core.features.vit import create_vit
 from stego_core.features.dino import (
     AugmentConfig,
     DinoModel,

@@ -224,8 +224,9 @@ def test_pretrain_resume_checks_the_run_first_and_changes_nothing_on_refusal(mlf
 
 
 def test_weights_of_a_run_are_downloaded_once_into_a_cache(mlflow_store: str, tmp_path: Path) -> None:
-    from stego_core.features.backbones import WEIGHTS_ARTIFACT, create_vit, get_spec
-    from stego_core.steps.pretrain import save_backbone
+    from stego_core.features.backbones import get_spec
+    from stego_core.features.pretraining import save_backbone
+    from stego_core.features.vit import WEIGHTS_ARTIFACT, create_vit
 
     with tracking.start_run("faults", run_name="pretrain", tags={"step": "pretrain"}) as run:
         path = save_backbone(create_vit(get_spec("mra_vit_t4_p4")), "mra_vit_t4_p4", 32,
@@ -287,7 +288,7 @@ import time
 from pathlib import Path
 from stego_core.platform import tracking
 from stego_core.data.io import Case
-from sweeps.driver import make_storage
+from sweeps.storage import make_storage
 make_storage("sqlite:///optuna.db", heartbeat_interval_s=0)
 cases = [Case(f"case{i}", f"/data/case{i}/image.nii.gz", digest=f"sha{i}") for i in range(3)]
 with tracking.start_run("concurrent", run_name=sys.argv[1]):

@@ -12,7 +12,8 @@ import torch
 from stego_core.config import load_config
 from stego_core.data.cases import DataConfig, ensure_cases
 from stego_core.data.phantom import PhantomConfig
-from stego_core.features.backbones import WEIGHTS_ARTIFACT, build_backbone
+from stego_core.features.backbones import build_backbone
+from stego_core.features.vit import WEIGHTS_ARTIFACT
 from stego_core.platform import tracking
 from stego_core.platform.weights import fetch_weights
 from stego_core.steps.pretrain import PretrainConfig, run_pretrain

@@ -173,7 +173,8 @@ def test_segmenter_forward_passes_of_its_batch_size_equal_one_pass():
     probabilities do not depend on how the engine's batch is split."""
     import torch
 
-    from stego_core.features.backbones import build_backbone, forward_batch_size
+    from stego_core.features.backbones import build_backbone
+    from stego_core.features.base import forward_batch_size
     from stego_core.methods.stego.inference import StegoSegmenterModel, TorchSegmenter
     from stego_core.methods.stego.model import ClusterProbe, StegoHead
 

@@ -19,7 +19,7 @@ import yaml
 from optuna.trial import TrialState
 
 from stego_core.platform import tracking
-from sweeps.driver import load_sweep_config, make_storage, run_sweep, trials_used
+from sweeps.driver import load_sweep_config, run_sweep, trials_used
 from sweeps.run import apply_space_overrides, split_overrides
 from sweeps.space import (
     SweepConfig,
@@ -28,6 +28,7 @@ from sweeps.space import (
     parse_space,
     suggest,
 )
+from sweeps.storage import make_storage
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 #: STEGO on tiny phantoms: ~2 s per seed run on one core.
@@ -294,7 +295,7 @@ def postgres_url() -> str:
 def worker_setup(tmp: Path, name: str, **values) -> list[str]:
     """A baseline sweep YAML for workers, MLflow's store and the phantoms created up front (no start-up races)."""
     from stego_core.data.cases import ensure_cases
-    from sweeps.driver import trial_config
+    from sweeps.objective import trial_config
 
     cfg = {"study_name": name, "target": "baseline", "base_config": "experiments/configs/baseline.yaml",
            "base_overrides": ["method=frangi", "settings.rule=mean_std", *TINY_BASELINE],

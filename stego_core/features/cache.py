@@ -25,7 +25,8 @@ from numpy.lib.format import open_memmap
 from tqdm.auto import tqdm
 
 from stego_core._checks import check_finite, check_ndim
-from stego_core.features.backbones import Backbone, forward_batch_size
+from stego_core.features.backbones import Backbone
+from stego_core.features.base import forward_batch_size
 
 __all__ = [
     "FeatureCacheMeta",
@@ -72,7 +73,7 @@ def compute_features(backbone: Backbone, crops: np.ndarray, *, batch_size: int |
         Preprocessed crops, intensities in [0, 1] (an ``np.memmap`` is fine; read batch by batch).
     batch_size : int, optional
         Crops per forward pass; by default chosen from the backbone and the device's memory
-        (:func:`~stego_core.features.backbones.forward_batch_size`).
+        (:func:`~stego_core.features.base.forward_batch_size`).
     device : str
         Torch device to run on (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
     dtype : numpy dtype

@@ -77,7 +77,7 @@ def git_commit(repo: str | Path | None = None) -> str:
 class RunKilled(Exception):
     """Raise (a subclass of) this inside :func:`start_run` to end the run KILLED instead of FAILED.
 
-    For deliberate stops that are not errors, such as an Optuna trial pruned by a sweep (``sweeps.driver`` raises
+    For deliberate stops that are not errors, such as an Optuna trial pruned by a sweep (``sweeps.objective`` raises
     a subclass of both this and ``optuna.TrialPruned``). The message is kept in the tag ``end_reason``; no
     ``error.txt`` is logged. The exception still propagates.
     """

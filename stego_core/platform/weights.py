@@ -8,7 +8,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from stego_core.features.backbones import (
+from stego_core.features.vit import (
     DEFAULT_WEIGHTS_CACHE,
     WEIGHTS_ARTIFACT,
     WEIGHTS_CACHE_ENV,

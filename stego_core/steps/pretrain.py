@@ -3,7 +3,10 @@
 ``volumes -> preprocessed volumes (labels dropped) -> crops -> label-free crop weights -> multi-crop views ->
 student / EMA teacher -> teacher backbone (.safetensors + spec)``. The teacher backbone plugs into ``train`` as
 ``model.backbone=<name> model.weights=runs:/<this run id>`` (resolved by
-:func:`stego_core.features.backbones.resolve_weights`) or ``model.weights=<file>.safetensors``.
+:func:`stego_core.platform.weights.fetch_weights`) or ``model.weights=<file>.safetensors``. The data, the learner
+and the loop are :mod:`stego_core.features.pretraining` (pure torch); this module is the tracked step around them:
+:func:`run_pretrain` opens the run, logs the plan, loads the crops, builds the learner (or takes it back from a
+checkpoint), runs the loop with a monitor that writes into the run, and logs the teacher's weights.
 
 Logged: the plan as params and ``plan.yaml``, except :data:`ATTEMPT_TAGS` (``max_steps``, ``max_minutes``),
 which are tags set again by every attempt; curves ``pretrain/loss``, ``pretrain/teacher_entropy`` (collapse
@@ -23,39 +26,29 @@ that the run exists, is a pretraining run, is not running, has a checkpoint and 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import logging
-import math
-import sys
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from stego_core._checks import check_choice, check_range
 from stego_core.config import flatten, to_dict
-from stego_core.data.cases import ensure_cases, make_crop_set, preprocess_case
-from stego_core.data.sampling import SamplingConfig, bright_threshold, crop_weights
-from stego_core.features.backbones import (
-    WEIGHTS_ARTIFACT,
-    create_vit,
-    get_spec,
-    normalize_input,
+from stego_core.data.sampling import SamplingConfig
+from stego_core.features.backbones import BACKBONES, BackboneSpec, get_spec
+from stego_core.features.dino import AugmentConfig, DinoModel
+from stego_core.features.pretraining import (
+    DinoLearner,
+    PretrainEnd,
+    PretrainLoop,
+    Probe,
+    build_learner,
+    pretraining_crops,
+    save_backbone,
 )
-from stego_core.features.dino import (
-    AugmentConfig,
-    DinoModel,
-    cosine_value,
-    dino_step,
-    lr_at,
-    multi_crop,
-    teacher_temperature,
-)
+from stego_core.features.vit import WEIGHTS_ARTIFACT
 from stego_core.platform import tracking
 from stego_core.runtime import distributed, faults
 from stego_core.runtime.distributed import TrainerSettings
@@ -128,11 +121,9 @@ class PretrainConfig(DataSettings, RunSettings):
         check_choice(self.trainer.precision, "trainer.precision", ("auto", "bf16-mixed", "32-true"))
 
 
-
 log = logging.getLogger(__name__)
 
-__all__ = ["ATTEMPT_TAGS", "RESUMABLE", "WEIGHTS_ARTIFACT", "PretrainResult", "feature_figure", "pretraining_crops",
-           "resume_state", "run_pretrain", "save_backbone"]
+__all__ = ["ATTEMPT_TAGS", "RESUMABLE", "PretrainConfig", "PretrainResult", "resume_state", "run_pretrain"]
 
 #: Checkpoints of a run (folder ``checkpoints/``): the periodic and final one, and the one written when a signal
 #: stops the run. A resume takes whichever holds the later step.
@@ -163,103 +154,6 @@ def _device(accelerator: str) -> str:
     if accelerator in ("cuda", "gpu") or (accelerator == "auto" and torch.cuda.is_available()):
         return "cuda"
     return "cpu"
-
-
-def pretraining_crops(cfg: PretrainConfig) -> tuple[np.ndarray, np.ndarray, list]:
-    """Crops ``(N, P, P)`` of every configured volume, their sampling weights ``(N,)`` and the cases.
-
-    Labels are dropped before loading (pretraining is unsupervised); the weights come from the images only.
-    """
-    cases = [dataclasses.replace(c, label=None) for c in ensure_cases(cfg.data)]
-    prepared = [preprocess_case(c, cfg.data) for c in cases]
-    crop_set = make_crop_set(prepared, cfg.slicing)
-    thr_case = {p.case.case_id: bright_threshold(p.image, p.brain_mask, cfg.sampling.quantile) for p in prepared}
-    thresholds = np.array([thr_case[c] for c in crop_set.case_ids])
-    weights = crop_weights(crop_set.crops, thresholds, method=cfg.sampling.method, floor=cfg.sampling.floor)
-    return crop_set.crops, weights, cases
-
-
-def _param_groups(module: torch.nn.Module) -> list[dict[str, Any]]:
-    """AdamW groups: weight decay on matrices, none on biases, norms and tokens (as DINO does)."""
-    decay, no_decay = [], []
-    for name, p in module.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 or name.endswith(".bias") or "token" in name or "pos_embed" in name
-         else decay).append(p)
-    return [{"params": decay, "weight_decay": 0.0, "decays": True}, {"params": no_decay, "weight_decay": 0.0,
-                                                                    "decays": False}]
-
-
-@torch.no_grad()
-def feature_figure(backbone: torch.nn.Module, crops: torch.Tensor, to_input: Any, patch_size: int,
-                   title: str = "") -> Any:
-    """Crops, a 3-component PCA of the backbone's patch tokens and its last-block CLS attention.
-
-    Parameters
-    ----------
-    crops : (n, 1, P, P) float tensor in [0, 1]
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    was_training = backbone.training
-    backbone.eval()
-    attn_mod = backbone.blocks[-1].attn
-    captured: list[torch.Tensor] = []
-    fused = attn_mod.fused_attn
-    attn_mod.fused_attn = False
-    hook = attn_mod.attn_drop.register_forward_hook(lambda m, i, o: captured.append(o.detach()))
-    try:
-        tokens = backbone.forward_features(to_input(crops)).float()
-    finally:
-        hook.remove()
-        attn_mod.fused_attn = fused
-        backbone.train(was_training)
-    n_prefix = backbone.num_prefix_tokens
-    patch = tokens[:, n_prefix:]  # (n, h*w, C)
-    n, hw, c = patch.shape
-    g = int(round(math.sqrt(hw)))
-    x = patch.reshape(-1, c)
-    x = x - x.mean(0)
-    _, _, v = torch.linalg.svd(x, full_matrices=False)
-    pcs = x @ v[:3].T
-    lo, hi = pcs.quantile(0.01, dim=0), pcs.quantile(0.99, dim=0)
-    rgb = ((pcs - lo) / (hi - lo + 1e-8)).clamp(0, 1).reshape(n, g, g, 3).cpu().numpy()
-    rows = 3 if captured else 2
-    fig, axes = plt.subplots(rows, n, figsize=(1.6 * n, 1.6 * rows), squeeze=False)
-    for i in range(n):
-        axes[0, i].imshow(crops[i, 0].cpu().numpy(), cmap="gray", vmin=0, vmax=1)
-        axes[1, i].imshow(rgb[i], interpolation="nearest")
-        if captured:
-            a = captured[-1][i, :, 0, n_prefix:].mean(0).reshape(g, g).cpu().numpy()
-            axes[2, i].imshow(a, cmap="magma", interpolation="nearest")
-    for ax in axes.ravel():
-        ax.set_xticks([])
-        ax.set_yticks([])
-    axes[0, 0].set_ylabel("crop")
-    axes[1, 0].set_ylabel("PCA(3)")
-    if captured:
-        axes[2, 0].set_ylabel("CLS attn")
-    fig.suptitle(title)
-    fig.tight_layout()
-    return fig
-
-
-def save_backbone(backbone: torch.nn.Module, spec_name: str, res: int, path: Path, extra: dict[str, Any]) -> Path:
-    """Write a ViT's state dict as ``.safetensors`` with its spec (name, patch, dim, res) in the metadata."""
-    from safetensors.torch import save_file
-
-    spec = get_spec(spec_name, res=res)
-    meta = {"backbone": spec.name, "vit_patch": str(spec.vit_patch), "embed_dim": str(spec.embed_dim),
-            "res": str(spec.res), **{k: str(v) for k, v in extra.items()}}
-    sd = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(sd, str(path), metadata=meta)
-    (path.parent / "spec.json").write_text(json.dumps(meta, indent=2))
-    return path
 
 
 def resume_state(cfg: PretrainConfig) -> dict[str, Any]:
@@ -311,8 +205,7 @@ def resume_state(cfg: PretrainConfig) -> dict[str, Any]:
 
 
 def run_pretrain(cfg: PretrainConfig, *, nested: bool = False, run_name: str | None = None,
-                 tags: dict[str, str] | None = None,
-                 probe: Callable[[torch.nn.Module], Mapping[str, float]] | None = None,
+                 tags: dict[str, str] | None = None, probe: Probe | None = None,
                  probe_every: int = 100) -> PretrainResult:
     """DINO pretraining of ``cfg.backbone`` as one MLflow run (or continuing run ``cfg.resume``; see the module
     docstring). SIGTERM / SIGINT (:class:`stego_core.runtime.faults.Interrupted`) stop it between two steps with
@@ -322,211 +215,91 @@ def run_pretrain(cfg: PretrainConfig, *, nested: bool = False, run_name: str | N
     mode) before the first step of a new run, every ``probe_every`` steps and at the end; the metrics it returns
     are logged at that step. The step itself never sees what the probe reads (a label-scored probe stays a
     measurement: ``benchmarks/dino_probe.py``)."""
-    spec = get_spec(cfg.backbone)
-    if spec.kind != "vit" or not spec.trainable:
-        raise ValueError(f"pretrain.backbone={cfg.backbone!r} is not an in-domain ViT; choose one of "
-                         f"{', '.join(n for n in _trainable_names())}")
+    spec = _pretrainable_spec(cfg.backbone)
     n_ranks = distributed.init_from_env(devices=cfg.trainer.devices, num_nodes=cfg.trainer.num_nodes)
-    rank = distributed.global_rank()
     device = _device(cfg.accelerator)
     resume = cfg.resume or None
     with distributed.main_first():  # rank 0 fetches a logged checkpoint; the others then read it
         state = resume_state(cfg) if resume is not None else None  # every check before the run is touched
-    description = (f"DINO pretraining of {cfg.backbone} on unlabelled crops of {Path(cfg.data.root).name}; "
-                   f"curves pretrain/*, stepped figures of attention and feature PCA, checkpoints/, the teacher "
-                   f"backbone as `backbone/teacher_backbone.safetensors` (use it as model.weights=runs:/<this run "
-                   f"id>).")
     with tracking.start_run(cfg.experiment, run_name=None if resume else run_name or f"pretrain-{cfg.backbone}",
-                            nested=nested, output_root=cfg.output, run_id=resume, description=description,
+                            nested=nested, output_root=cfg.output, run_id=resume, description=_description(cfg),
                             tags={"method": "dino-pretrain", "step": "pretrain", "backbone": cfg.backbone,
                                   **(tags or {})}) as run:
-        if resume is not None:
-            tracking.delete_tags(_END_TAGS)  # the previous attempt's end; this attempt writes its own
-        # params that a resume cannot change are logged once (the same values again on a resume: no-ops)
-        tracking.log_plan(cfg, run.output_dir, exclude=(*ATTEMPT_TAGS, "resume"))
-        tracking.set_tags({k: getattr(cfg, k) for k in ATTEMPT_TAGS})
+        _log_attempt(cfg, run.output_dir, resumed=resume is not None)
         torch.manual_seed(cfg.seed)
         with distributed.main_first():  # rank 0 writes generated phantoms; the others read them
-            crops_np, weights_np, cases = pretraining_crops(cfg)
+            crops, weights, cases = pretraining_crops(cfg.data, cfg.slicing, cfg.sampling)
         if resume is None:
             tracking.log_dataset(cases, name=Path(cfg.data.root).name, context="pretraining", source=cfg.data.root)
-        tracking.set_tags({"device": device, "sampling": cfg.sampling.method, "n_crops": str(len(crops_np))})
-        crops = torch.from_numpy(crops_np)[:, None]
-        weights = torch.from_numpy(weights_np)
-
-        to_input = _InputTransform(spec)
-        model = DinoModel(create_vit(spec, seed=cfg.seed, dynamic_img_size=True), spec.embed_dim,
-                          out_dim=cfg.out_dim, hidden_dim=cfg.hidden_dim, bottleneck_dim=cfg.bottleneck_dim,
-                          freeze_last_layer_steps=cfg.freeze_last_layer_steps, to_input=to_input).to(device)
-        from lightly.loss import DINOLoss
-
-        criterion = DINOLoss(output_dim=cfg.out_dim, warmup_teacher_temp=cfg.teacher_temp_start,
-                             teacher_temp=cfg.teacher_temp, student_temp=cfg.student_temp,
-                             center_momentum=cfg.center_momentum).to(device)
-        student_params = torch.nn.ModuleList([model.student_backbone, model.student_head])
-        optimizer = torch.optim.AdamW(_param_groups(student_params), lr=0.0)
-        base_lr = cfg.lr * cfg.batch_size * n_ranks / 256.0  # DINO: lr x global batch / 256
-        # each rank draws its own crops and views (rank 0 as a single process does)
-        generator = torch.Generator().manual_seed(cfg.seed + 7919 * rank)
-        sync = distributed.average_gradients if n_ranks > 1 else None
-        start = 0
-        if state is not None:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            criterion.center.copy_(state["center"].to(device))
-            start = int(state["step"])
-            generators = state.get("generators") or [state["generator"]]
-            if len(generators) == n_ranks:
-                generator.set_state(generators[rank])
-            else:  # another world size (or an interrupted rank's own checkpoint): fresh streams per rank
-                generator.manual_seed(cfg.seed + 7919 * rank + start)
-            tracking.set_tags({"resumed_at_step": str(start)})
-            log.info("pretrain: resuming run %s at step %d", resume, start)
-
-        augment = cfg.augment
-        fixed = crops[torch.argsort(weights, descending=True)[: cfg.n_figure_crops]].to(device)
-        use_bf16 = device == "cuda" and cfg.trainer.precision in ("auto", "bf16-mixed")
-        ckpt_dir = run.output_dir / "checkpoints"
-
-        def save_checkpoint(step: int, name: str = "last.pt", *, all_ranks: bool = True) -> Path:
-            """Rank 0 writes; ``all_ranks`` (every rank calls it) also keeps every rank's data stream."""
-            path = ckpt_dir / name
-            generators = distributed.gather_objects(generator.get_state()) if all_ranks else None
-            if not distributed.is_main():
-                return path
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            torch.save({"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "center": criterion.center.detach().cpu(), "generator": generator.get_state(),
-                        "generators": generators, "config": to_dict(cfg)}, tmp)
-            tmp.replace(path)
-            return path
-
-        def log_figure(step: int) -> None:
-            if not distributed.is_main():
-                return
-            fig = feature_figure(model.teacher_backbone, fixed, to_input, spec.vit_patch,
-                                 title=f"teacher, step {step}")
-            tracking.log_image(fig, "pretrain/teacher_features", step=step)  # stepped image; closes the figure
-
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.max_steps, initial=start, disable=not (cfg.progress and sys.stderr.isatty()),
-                   desc="pretrain")
-        t0, done, last, logged = time.time(), 0, {}, True
-        step = start
-
-        def run_probe(at: int) -> None:
-            if probe is None:
-                return
-            was_training = model.teacher_backbone.training
-            model.teacher_backbone.eval()
-            try:
-                tracking.log_metrics(dict(probe(model.teacher_backbone)), step=at)
-            finally:
-                model.teacher_backbone.train(was_training)
-
-        if start == 0:
-            run_probe(0)
-            if cfg.figure_every > 0:  # the untrained teacher: MLflow's image cards open on step 0
-                log_figure(0)
-        end_reason = f"max_steps={cfg.max_steps} reached"
-        model.train()
+        tracking.set_tags({"device": device, "sampling": cfg.sampling.method, "n_crops": str(len(crops))})
+        learner = build_learner(spec, crops, weights, cfg, device=device, n_ranks=n_ranks,
+                                bf16=device == "cuda" and cfg.trainer.precision in ("auto", "bf16-mixed"))
+        start = 0 if state is None else _resume(learner, state, cfg)
+        loop = PretrainLoop(learner, cfg, monitor=tracking.RunMonitor(), checkpoint_dir=run.output_dir / "checkpoints",
+                            config=to_dict(cfg), probe=probe, probe_every=probe_every)
         try:
-            while step < cfg.max_steps:
-                if cfg.max_minutes > 0 and distributed.broadcast_object(time.time() - t0 > 60.0 * cfg.max_minutes):
-                    end_reason = f"time budget {cfg.max_minutes} min at step {step}"
-                    tracking.set_tags({"stopped_early": end_reason})
-                    break
-                # One whole step or none: a signal waits for the end of the step (the teacher's EMA update and
-                # the step's metrics included), so an interrupted checkpoint holds the state after exactly
-                # `step` steps and the curves have no gap where a resume continues them.
-                with faults.deferred_signals():
-                    lr = lr_at(step, cfg.max_steps, base_lr, cfg.warmup_steps, cfg.min_lr)
-                    wd = cosine_value(step, cfg.max_steps, cfg.weight_decay, cfg.weight_decay_end)
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
-                        group["weight_decay"] = wd if group["decays"] else 0.0
-                    momentum = cosine_value(step, cfg.max_steps, cfg.momentum, 1.0)
-                    t_temp = teacher_temperature(step, cfg.teacher_temp_warmup_steps, cfg.teacher_temp_start,
-                                                 cfg.teacher_temp)
-                    idx = torch.multinomial(weights, cfg.batch_size, replacement=True, generator=generator)
-                    views = [v.to(device) for v in multi_crop(crops[idx], augment, generator)]
-                    loss, entropy = dino_step(model, criterion, optimizer, views, n_global=augment.n_global,
-                                              step=step, teacher_temp=t_temp, momentum=momentum,
-                                              clip_grad=cfg.clip_grad, bf16=use_bf16, sync_gradients=sync)
-                    step += 1
-                    done += 1
-                    logged = step % cfg.log_every == 0 or step == cfg.max_steps
-                    if logged and n_ranks > 1:  # the mean over ranks: the global batch's loss
-                        loss = torch.stack(distributed.gather_objects(loss.detach().cpu())).mean()
-                    last = {"pretrain/loss": float(loss.detach()), "pretrain/teacher_entropy": entropy,
-                            "pretrain/center_norm": float(criterion.center.norm()), "pretrain/lr": lr,
-                            "pretrain/momentum": momentum, "pretrain/teacher_temp": t_temp,
-                            "pretrain/weight_decay": wd,
-                            "pretrain/crops_per_s": done * cfg.batch_size * n_ranks / max(time.time() - t0, 1e-9)}
-                    if logged:
-                        tracking.log_metrics(last, step=step)
-                bar.update(1)
-                if logged:
-                    bar.set_postfix(loss=f"{last['pretrain/loss']:.3f}", H=f"{entropy:.2f}")
-                if step % cfg.checkpoint_every == 0:
-                    save_checkpoint(step)
-                if cfg.figure_every > 0 and step % cfg.figure_every == 0:
-                    log_figure(step)
-                if probe_every > 0 and step % probe_every == 0:
-                    run_probe(step)
+            end = loop.run(start)
         except faults.Interrupted:
-            bar.close()
-            with faults.deferred_signals():  # a second signal waits until the checkpoint is safe
-                # this rank may stop a step before the others: no collective here
-                path = save_checkpoint(step, "interrupted.pt", all_ranks=False)
-                tracking.log_artifact(path, "checkpoints")
-                tracking.set_tags({"interrupted_at_step": str(step), "resume_with": f"resume={run.run_id}"})
-                log.warning("pretrain: interrupted at step %d; checkpoint %s (continue with resume=%s)", step,
-                            path, run.run_id)
+            _keep_interrupted(loop, run.run_id)
             raise
-        bar.close()
-        if last and not logged:  # stopped by the time budget between two logging steps
-            tracking.log_metrics(last, step=step)
-        ckpt_path = save_checkpoint(step)
-        if cfg.figure_every > 0 and step % cfg.figure_every != 0:
-            log_figure(step)
-        if probe_every <= 0 or step % probe_every != 0:
-            run_probe(step)
-        entropy_max = math.log(cfg.out_dim)
-        summary = {"final/steps": float(step), "final/teacher_entropy_ratio":
-                   float(last.get("pretrain/teacher_entropy", float("nan")) / entropy_max),
-                   "final/crops_per_s": done * cfg.batch_size * n_ranks / max(time.time() - t0, 1e-9)}
-        tracking.log_metrics(summary)
-        ratio = summary["final/teacher_entropy_ratio"]
-        if ratio > 0.95 or ratio < 0.05:
-            tracking.set_tags({"collapse_warning": f"teacher entropy {ratio:.2f} of log(K): "
-                                                   + ("near uniform" if ratio > 0.95 else "one prototype")})
-        path = run.output_dir / WEIGHTS_ARTIFACT
-        if distributed.is_main():
-            save_backbone(model.teacher_backbone, spec.name, spec.res, path,
-                          {"pretrain_run_id": run.run_id, "steps": step})
-        tracking.log_artifact(path, "backbone")
-        tracking.log_artifact(path.parent / "spec.json", "backbone")
-        tracking.log_artifact(ckpt_path, "checkpoints")
-        tracking.set_tags({"end_reason": end_reason})
+        path = _log_teacher(learner, end, run.run_id, run.output_dir)
         return PretrainResult(run_id=run.run_id, weights_path=path, weights_uri=f"runs:/{run.run_id}",
-                              metrics={**last, **summary}, output_dir=run.output_dir, model=model,
-                              center=criterion.center.detach().cpu())
+                              metrics=end.metrics, output_dir=run.output_dir, model=learner.model,
+                              center=learner.criterion.center.detach().cpu())
 
 
-class _InputTransform:
-    """Views ``(B, 1, S, S)`` in [0, 1] -> backbone input (the spec's normalisation; no resize)."""
+def _pretrainable_spec(name: str) -> BackboneSpec:
+    """The spec of an in-domain ViT (``trainable``); anything else is refused, naming those."""
+    spec = get_spec(name)
+    if spec.kind != "vit" or not spec.trainable:
+        trainable = sorted(n for n, s in BACKBONES.items() if s.trainable)
+        raise ValueError(f"pretrain.backbone={name!r} is not an in-domain ViT; choose one of {', '.join(trainable)}")
+    return spec
 
-    def __init__(self, spec: Any) -> None:
-        self.spec = spec
 
-    def __call__(self, views: torch.Tensor) -> torch.Tensor:
-        return normalize_input(views, self.spec)
+def _description(cfg: PretrainConfig) -> str:
+    return (f"DINO pretraining of {cfg.backbone} on unlabelled crops of {Path(cfg.data.root).name}; "
+            f"curves pretrain/*, stepped figures of attention and feature PCA, checkpoints/, the teacher "
+            f"backbone as `backbone/teacher_backbone.safetensors` (use it as model.weights=runs:/<this run "
+            f"id>).")
 
 
-def _trainable_names() -> list[str]:
-    from stego_core.features.backbones import BACKBONES
+def _log_attempt(cfg: PretrainConfig, output_dir: Path, *, resumed: bool) -> None:
+    """The plan as params (once: the same values again on a resume are no-ops) and this attempt's tags."""
+    if resumed:
+        tracking.delete_tags(_END_TAGS)  # the previous attempt's end; this attempt writes its own
+    tracking.log_plan(cfg, output_dir, exclude=(*ATTEMPT_TAGS, "resume"))
+    tracking.set_tags({k: getattr(cfg, k) for k in ATTEMPT_TAGS})
 
-    return sorted(n for n, s in BACKBONES.items() if s.trainable)
+
+def _resume(learner: DinoLearner, state: Mapping[str, Any], cfg: PretrainConfig) -> int:
+    """Continue from the checkpoint ``state``; returns its step."""
+    start = learner.load_state(state, seed=cfg.seed)
+    tracking.set_tags({"resumed_at_step": str(start)})
+    log.info("pretrain: resuming run %s at step %d", cfg.resume, start)
+    return start
+
+
+def _keep_interrupted(loop: PretrainLoop, run_id: str) -> None:
+    """Write and log ``checkpoints/interrupted.pt`` after a signal, with the tags that say how to resume."""
+    with faults.deferred_signals():  # a second signal waits until the checkpoint is safe
+        # this rank may stop a step before the others: no collective here
+        path = loop.save_checkpoint(loop.step, "interrupted.pt", all_ranks=False)
+        tracking.log_artifact(path, "checkpoints")
+        tracking.set_tags({"interrupted_at_step": str(loop.step), "resume_with": f"resume={run_id}"})
+        log.warning("pretrain: interrupted at step %d; checkpoint %s (continue with resume=%s)", loop.step, path,
+                    run_id)
+
+
+def _log_teacher(learner: DinoLearner, end: PretrainEnd, run_id: str, output_dir: Path) -> Path:
+    """Save and log the teacher backbone (with ``spec.json``) and the last checkpoint; tag how the run ended."""
+    spec = learner.spec
+    path = output_dir / WEIGHTS_ARTIFACT
+    if distributed.is_main():
+        save_backbone(learner.model.teacher_backbone, spec.name, spec.res, path,
+                      {"pretrain_run_id": run_id, "steps": end.step})
+    tracking.log_artifact(path, "backbone")
+    tracking.log_artifact(path.parent / "spec.json", "backbone")
+    tracking.log_artifact(end.checkpoint, "checkpoints")
+    tracking.set_tags({"end_reason": end.end_reason})
+    return path

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from stego_core.features.backbones import Backbone, forward_batch_size
+from stego_core.features.backbones import Backbone
+from stego_core.features.base import forward_batch_size
 from stego_core.methods.stego.mapping import cluster_vessel_probability, pixel_codes
 from stego_core.methods.stego.model import ClusterProbe, StegoHead
 
@@ -76,7 +77,7 @@ class TorchSegmenter:
 
     The engine hands over crops in batches of ``engine.batch_size`` (what it cuts and blends at once); they run
     through the model in forward passes of ``batch_size`` crops, by default chosen from the backbone and the
-    device's memory (:func:`~stego_core.features.backbones.forward_batch_size`): small enough to stay in a CPU's cache,
+    device's memory (:func:`~stego_core.features.base.forward_batch_size`): small enough to stay in a CPU's cache,
     large enough to fill a GPU.
     """
 

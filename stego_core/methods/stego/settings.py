@@ -76,7 +76,7 @@ class TrainSettings:
     log_every_n_steps: int = 10
     accelerator: str = "auto"
     #: crops per backbone pass when caching features; null: chosen from the backbone and the memory
-    #: (``backbones.forward_batch_size``)
+    #: (``base.forward_batch_size``)
     feature_batch_size: int | None = None
     feature_amp: bool = False
     max_val_crops: int = 512
