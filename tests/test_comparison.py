@@ -34,6 +34,7 @@ def image_steps(run_id: str, key: str) -> set[int]:
     return {int(n[len(prefix):].split("+")[0]) for n in names if n.startswith(prefix)}
 
 
+@pytest.mark.slow
 def test_log_comparison_logs_tables_chart_and_says_n_is_too_small():
     with tracking.start_run("exp-comparison") as run:
         note = log_comparison(PER_CASE, title="Across cases")
@@ -52,6 +53,7 @@ def test_log_comparison_logs_tables_chart_and_says_n_is_too_small():
     assert not artifacts(empty.run_id) & {"comparison.csv", "comparison.md"}
 
 
+@pytest.mark.slow
 def test_ablation_parent_compares_variants_across_cases(tmp_path):
     from stego_core.config import from_dict
     from stego_core.steps.ablation import AblationConfig, run_ablation
@@ -93,6 +95,7 @@ def _quiet_optuna() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
+@pytest.mark.slow
 def test_sweep_parent_compares_best_trials_across_seeds_without_per_case_scores():
     from sweeps.driver import run_sweep
 
@@ -115,6 +118,7 @@ def test_sweep_parent_compares_best_trials_across_seeds_without_per_case_scores(
     assert {"comparison.csv", "comparison.md"} <= files
 
 
+@pytest.mark.slow
 def test_sweep_parent_compares_best_trials_across_cases_when_trials_score_cases():
     from sweeps.driver import run_sweep
 

@@ -27,6 +27,9 @@ TINY_TRAIN = ["data.root=data/tiny", "data.phantom.shape=[32, 32, 24]", "data.ph
               "model.code_dim=16", "train.val_every_n_steps=5", "train.batch_size=8", "train.progress=false",
               "train.accelerator=cpu", "log_model=false", "experiment=faults"]
 
+#: real processes, signals and stores: the whole module is the slow tier
+pytestmark = pytest.mark.slow
+
 
 #: DINO of a tiny ViT (4 blocks, patch 4) on 16-pixel crops of one tiny phantom; max_steps is set per test.
 TINY_PRETRAIN = ["data.root=data/tiny", "data.phantom.shape=[32, 32, 24]", "data.phantom.n_volumes=1",
