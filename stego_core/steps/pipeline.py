@@ -304,6 +304,7 @@ def run_main(cfg: MainConfig) -> str:
             notes[row] = {r["case_id"]: r["domain_warning"] for r in result.rows if r.get("domain_warning")}
             for name, (summary, cases) in _extra_rows(result, row, getattr(result.method, "extra_rows", {})).items():
                 table[name], runs[name], per_case[name] = summary, result.run_id, cases
+                folders[name] = result.output_dir  # its predictions are in the same run's folder
 
         text = format_table(table)
         key = {m: m.replace("+", "_") for m in {**table, **runs}}  # MLflow keys allow no '+'
