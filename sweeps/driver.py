@@ -109,24 +109,6 @@ class SweepResult:
 # --------------------------------------------------------------------------------------------- Optuna pieces
 
 
-def sqlalchemy_url(url: str) -> str:
-    """``postgresql://`` (or ``postgres://``) with the installed driver named: SQLAlchemy 2.1 defaults to
-    psycopg 3, while this project pins ``psycopg2-binary``.
-
-    >>> sqlalchemy_url("postgres://u:pw@db/optuna").split("://")[0] in ("postgresql+psycopg2", "postgresql")
-    True
-    """
-    scheme, sep, rest = url.partition("://")
-    if scheme not in ("postgresql", "postgres"):
-        return url
-    try:
-        import psycopg  # noqa: F401  (SQLAlchemy's default PostgreSQL driver)
-
-        return f"postgresql{sep}{rest}"
-    except ImportError:
-        return f"postgresql+psycopg2{sep}{rest}"
-
-
 def make_storage(url: str, *, heartbeat_interval_s: int = 60, grace_period_s: int | None = None,
                  retry_stale_trials: int = 0) -> optuna.storages.BaseStorage:
     """Open an Optuna storage: an RDB URL (SQLite, PostgreSQL, MySQL) or ``journal:<path>`` (a journal file).
@@ -145,7 +127,7 @@ def make_storage(url: str, *, heartbeat_interval_s: int = 60, grace_period_s: in
     if "://" not in url:
         raise ValueError(f"storage={tracking.mask_secrets(url)!r} is not a database URL; use e.g. "
                          "sqlite:///optuna.db, postgresql://user:password@host:5432/db or journal:optuna.log")
-    url = sqlalchemy_url(url)
+    url = faults.sqlalchemy_url(faults.check_url(url, "storage"))
     engine_kwargs: dict[str, Any] = ({"connect_args": {"timeout": 60}} if url.startswith("sqlite")
                                      else {"pool_pre_ping": True})
     heartbeat: dict[str, Any] = {}
