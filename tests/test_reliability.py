@@ -160,3 +160,157 @@ def test_passwords_with_slash_or_at_are_masked_or_refused_by_every_entry_point(t
         assert "S3cret" not in proc.stdout + proc.stderr and "PWq" not in proc.stdout + proc.stderr
     assert_nowhere("S3cret/PWq", [], [tmp_path])
     assert_nowhere("S3cret@PWq", [], [tmp_path])
+
+
+class _BasicAuthProxy(http.server.BaseHTTPRequestHandler):
+    """In front of a real ``mlflow server``: every request must carry ``alice`` / :data:`HTTP_PASSWORD` as HTTP
+    basic auth (else 401), and is forwarded as it came (what an authenticating reverse proxy does)."""
+
+    protocol_version = "HTTP/1.1"
+
+    def _forward(self) -> None:
+        expected = "Basic " + base64.b64encode(f"alice:{HTTP_PASSWORD}".encode("latin-1")).decode()
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else None
+        if self.headers.get("Authorization") != expected:
+            self.server.refused += 1
+            self._reply(401, [("WWW-Authenticate", 'Basic realm="mlflow"')], b"unauthorized")
+            return
+        self.server.passed += 1
+        headers = {k: v for k, v in self.headers.items()
+                   if k.lower() not in ("host", "authorization", "connection", "content-length")}
+        conn = http.client.HTTPConnection("127.0.0.1", self.server.upstream_port, timeout=300)
+        try:
+            conn.request(self.command, self.path, body=body, headers=headers)
+            response = conn.getresponse()
+            data = response.read()
+            self._reply(response.status, [(k, v) for k, v in response.getheaders()
+                                          if k.lower() not in ("transfer-encoding", "connection", "content-length")],
+                        data)
+        finally:
+            conn.close()
+
+    def _reply(self, status: int, headers: list[tuple[str, str]], data: bytes) -> None:
+        self.send_response(status)
+        for key, value in headers:
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _forward
+
+    def log_message(self, *args) -> None:  # quiet
+        pass
+
+
+@pytest.fixture(scope="module")
+def auth_server(tmp_path_factory, _mlflow_template_db):
+    """A real ``mlflow server`` (SQLite store, served artifacts) behind :class:`_BasicAuthProxy`; yields
+    ``(URI with the credentials, the server's own URL, its folder, the proxy)``."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("auth_server")
+    shutil.copyfile(_mlflow_template_db, folder / "server.db")
+    port = free_port()
+    log = (folder / "server.log").open("w")
+    server = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri",
+                               f"sqlite:///{folder / 'server.db'}", "--artifacts-destination", str(folder / "artifacts"),
+                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                              cwd=folder, stdout=log, stderr=subprocess.STDOUT)
+    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _BasicAuthProxy)
+    proxy.upstream_port, proxy.passed, proxy.refused = port, 0, 0
+    thread = threading.Thread(target=proxy.serve_forever, daemon=True)
+    try:
+        wait_for_health(f"http://127.0.0.1:{port}", server, timeout_s=90, output=(folder / "server.log").read_text)
+        thread.start()
+        uri = f"http://alice:{quote(HTTP_PASSWORD, safe='')}@127.0.0.1:{proxy.server_address[1]}"
+        yield uri, f"http://127.0.0.1:{port}", folder, proxy
+    finally:
+        proxy.shutdown()
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+
+
+#: STEGO on two tiny phantoms with the weight-free featurizer, two steps, its model logged.
+TINY_TRAIN = ["data.root=data/tiny", "data.phantom.shape=[32,32,24]", "data.phantom.n_volumes=2",
+              "slicing.patch_size=16", "slicing.stride=8", "model.backbone=classical", "model.res=8",
+              "model.code_dim=16", "train.max_steps=2", "train.val_every_n_steps=2", "train.batch_size=8",
+              "train.progress=false", "train.accelerator=cpu", "train.system_metrics=false"]
+
+
+@pytest.mark.slow
+def test_no_password_in_anything_runs_record_or_print(auth_server, tmp_path: Path) -> None:
+    """Probe 2 and the leak check: a baseline, a STEGO training, a self-training and a sweep against a real
+    tracking server that demands the credentials of the URI (basic auth), the sweep's Optuna storage in
+    PostgreSQL with a password (``STEGO_TEST_POSTGRES_TRACKING_OPTUNA_URL``, when set). MLflow's end-of-run line
+    printed the URI with the password ("View run ... at: http://alice:<password>@host/..."; train twice): now a
+    link without credentials is printed, and no form of either password is in stdout / stderr, the local
+    outputs, the runs' params, tags, inputs and artifacts (plan.yaml included), or the server's store."""
+    uri, upstream, folder, proxy = auth_server
+    optuna_url = os.environ.get("STEGO_TEST_POSTGRES_TRACKING_OPTUNA_URL", "")
+    db_password = faults.opener_credentials(optuna_url)[1] if optuna_url else None
+    (tmp_path / "selftrain.yaml").write_text("teacher: {method: percentile}\n")
+    commands = {
+        "baseline": ["-m", "experiments.baseline", "method=percentile", "data.root=data/one", *TINY_EVAL,
+                     "experiment=leak"],
+        "train": ["-m", "experiments.train", *TINY_TRAIN, "experiment=leak"],
+        "selftrain": ["-m", "experiments.selftrain", "--config", str(tmp_path / "selftrain.yaml"),
+                      "data.root=data/one", *TINY_EVAL, *TINY_STUDENT, "experiment=leak"],
+        "sweep": ["-m", "sweeps.run", "--config", str(REPO_ROOT / "sweeps/configs/sweep_baseline.yaml"),
+                  "n_trials=1", f"study_name=leak-{os.getpid()}", "experiment=leak", "heartbeat_interval_s=0",
+                  "log_plots=false", "data.root=data/one", "data.phantom.n_volumes=1",
+                  "data.phantom.shape=[32,32,24]", "progress=false"],
+    }
+    extra = {"MLFLOW_TRACKING_URI": uri}
+    if optuna_url:
+        extra[faults.STORAGE_ENV] = optuna_url
+    texts = []
+    for name, args in commands.items():
+        proc = run_cli(*args, timeout=600, **extra)
+        assert proc.returncode == 0, (name, proc.stdout[-2000:], proc.stderr[-4000:])
+        texts += [proc.stdout, proc.stderr]
+        # MLflow's own line is off; ours links the run without the credentials
+        assert "🏃 View run" not in proc.stdout and "View experiment at" not in proc.stdout, name
+        assert f"at: http://127.0.0.1:{proxy.server_address[1]}/#/experiments/" in proc.stdout, (name, proc.stdout)
+    assert proxy.passed > 0 and proxy.refused == 0  # every request carried the URI's credentials
+    client = tracking.MlflowClient(tracking_uri=upstream)  # the server itself, past the proxy
+    found = runs("leak", upstream)
+    assert {r.data.tags.get("step") for r in found} >= {"evaluate", "train"} and len(found) >= 5
+    assert all(r.info.status == "FINISHED" for r in found), [(r.info.run_name, r.info.status) for r in found]
+    records = [run_record(client, r) for r in found]
+    downloads = tmp_path / "downloaded"
+    plans = [download_all(client, r, downloads) / "plan.yaml" for r in found]
+    assert sum(p.is_file() for p in plans) >= 4
+    for password, user in ((HTTP_PASSWORD, "alice"), *([(db_password, "stego_track")] if db_password else [])):
+        assert_nowhere(password, texts + records, [tmp_path, folder], user=user)
+
+
+@pytest.mark.slow
+def test_a_postgresql_tracking_store_in_both_spellings(tmp_path: Path) -> None:
+    """Probe 3: ``MLFLOW_TRACKING_URI=postgresql://...`` failed with "No module named 'psycopg'" (SQLAlchemy 2.1
+    defaults to psycopg 3; the project installs psycopg2). Both spellings now open a real PostgreSQL tracking
+    store (its role's password holds ``/ @ : %`` and non-ASCII characters), and the password is printed nowhere."""
+    base = os.environ.get("STEGO_TEST_POSTGRES_TRACKING_URL")
+    if not base:
+        pytest.skip("STEGO_TEST_POSTGRES_TRACKING_URL is not set (.ci/run creates the database and exports it)")
+    user, password = faults.opener_credentials(base)
+    experiment = f"pg-tracking-{os.getpid()}"
+    texts = []
+    for scheme in ("postgresql", "postgresql+psycopg2"):
+        url = f"{scheme}://{base.split('://', 1)[1]}"
+        proc = run_cli("-m", "experiments.baseline", "method=percentile", "data.root=data/one", *TINY_EVAL,
+                       f"experiment={experiment}", MLFLOW_TRACKING_URI=url)
+        assert proc.returncode == 0, (scheme, proc.stderr[-3000:])
+        texts += [proc.stdout, proc.stderr]
+    store = faults.sqlalchemy_url(base)
+    found = runs(experiment, store)
+    assert len(found) == 2 and all(r.info.status == "FINISHED" for r in found)
+    assert all(r.data.metrics["dice_mean"] >= 0 for r in found)
+    client = tracking.MlflowClient(tracking_uri=store)
+    assert_nowhere(password, texts + [run_record(client, r) for r in found], [tmp_path], user=user)
