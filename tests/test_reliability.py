@@ -314,3 +314,162 @@ def test_a_postgresql_tracking_store_in_both_spellings(tmp_path: Path) -> None:
     assert all(r.data.metrics["dice_mean"] >= 0 for r in found)
     client = tracking.MlflowClient(tracking_uri=store)
     assert_nowhere(password, texts + [run_record(client, r) for r in found], [tmp_path], user=user)
+
+
+# --------------------------------------------------------------------------------------- 11: the user's store
+
+
+@pytest.mark.slow
+def test_tests_never_write_into_the_projects_store_or_outputs(tmp_path: Path, _mlflow_template_db: Path) -> None:
+    """Probe 11: after ``make demo`` then ``make test``, ``./mlruns/1`` gained 10 run folders (~144 MB) of no run
+    of ``mlflow.db``: ``make test`` exports ``MLFLOW_TRACKING_URI=sqlite:///mlflow.db``, module fixtures ran in
+    the project's folder before any test changed it, and tests or the GPU script's dry run worked from it (MLflow
+    puts a new experiment's artifacts under ``./mlruns`` of the working directory). A copy of the project with a
+    sentinel store, ``mlruns/``, ``outputs/`` and ``data/`` runs tests that used to write there, as ``make test``
+    does: the sentinels are byte for byte what they were (``conftest._session_isolation`` checks the same of the
+    real project at the end of every session)."""
+    import shutil
+
+    from conftest import project_state
+
+    copy = tmp_path / "project"
+    shutil.copytree(REPO_ROOT, copy, ignore=shutil.ignore_patterns(".git", ".venv", "mlruns", "mlartifacts", "outputs",
+                                                                  "data", "*.db", "*.db.lock", "__pycache__",
+                                                                  ".pytest_cache"))
+    shutil.copyfile(_mlflow_template_db, copy / "mlflow.db")
+    for name in ("mlruns/0/meta.yaml", "outputs/baseline/sentinel.txt", "data/phantoms/sentinel.txt"):
+        (copy / name).parent.mkdir(parents=True, exist_ok=True)
+        (copy / name).write_text("sentinel\n")
+    before = project_state(copy)
+    tests = ["tests/test_pretrain.py::test_pretrain_logs_curves_figures_and_the_teacher_backbone",
+             "tests/test_methods.py::test_a_plugin_module_registers_its_method_for_the_entry_points"]
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], cwd=copy,
+                          env={**env(), "PYTHONPATH": str(copy), "MLFLOW_TRACKING_URI": "sqlite:///mlflow.db"},
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0 and "2 passed" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-2000:]
+    after = project_state(copy)
+    assert after == before, sorted(set(after.items()) ^ set(before.items()))[:20]
+
+
+# ------------------------------------------------------------------------------ 6, 7: names in keys and tables
+
+
+def assert_tables_well_formed(markdown: str) -> int:
+    """Every row of every markdown table in ``markdown`` has as many cells as its header; returns the tables."""
+    from stego_core._markdown import split_row
+
+    tables, block = 0, []
+    for line in [*markdown.splitlines(), ""]:
+        if line.startswith("|"):
+            block.append(line)
+            continue
+        if block:
+            tables += 1
+            width = len(split_row(block[0]))
+            for row in block[1:]:
+                assert len(split_row(row)) == width, (block[0], row)
+            block = []
+    return tables
+
+
+def _case_folders(root: Path, names: list[str]) -> Path:
+    from conftest import TINY_AFFINE, tube_volume
+
+    from stego_core.data.io import save_volume
+
+    for i, name in enumerate(names):
+        image, label, _ = tube_volume(seed=i)
+        save_volume(root / name / "image.nii.gz", image, TINY_AFFINE)
+        save_volume(root / name / "label.nii.gz", label, TINY_AFFINE)
+    return root
+
+
+WEIRD_CASES = ["a_b_*c*", "<img src=x onerror=alert(1)>", "a|b", "plain"]
+
+
+@pytest.mark.slow
+def test_case_ids_outside_mlflow_names_finish_and_keep_their_names(tmp_path: Path, mlflow_store: str) -> None:
+    """Probes 6 and 7 end to end: case folders ``a_b_*c*``, ``<img src=x onerror=alert(1)>`` and ``a|b`` ended
+    baseline and ablation runs FAILED after their predictions and viewers were written, and ``|`` in a label
+    (``percentile|auto|none``, a variant ``big|comp``) broke markdown tables. Both runs now end FINISHED: metric
+    keys are MLflow-safe and tagged back to the real names (``case_key/<key>``), tables and the viewer show the
+    real names escaped, every table row has the header's cells; two ids that would share keys are refused."""
+    root = _case_folders(tmp_path / "cases", WEIRD_CASES)
+    data = ["data.source=folder", f"data.root={root}", "data.skull_strip=head"]
+    proc = run_cli("-m", "experiments.baseline", "method=percentile", *data, "split=all", "progress=false",
+                   "experiment=weird")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (abl := tmp_path / "ablation.yaml").write_text(yaml.safe_dump({
+        "datasets": [{"source": "folder", "root": str(root), "skull_strip": "head"}],
+        "methods": [{"name": "percentile"}], "progress": False, "experiment": "weird-ablation",
+        "variants": [{"name": "none"}, {"name": "big|comp", "postprocess": [{"step": "largest"}]}]}))
+    proc = run_cli("-m", "experiments.ablation", "--config", str(abl))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = tracking.client()
+    (baseline,) = runs("weird")
+    ablation = runs("weird-ablation")
+    assert baseline.info.status == "FINISHED" and {r.info.status for r in ablation} == {"FINISHED"}
+    assert len(ablation) == 3  # the parent and one run per variant
+    for run in (baseline, *(r for r in ablation if r.info.run_name != "ablation")):
+        keys = {k.split("/", 1)[1] for k in run.data.metrics if k.startswith("dice/")}
+        assert keys == {tracking.safe_key(c) for c in WEIRD_CASES}
+        assert tracking.case_names(run.data.tags) == {tracking.safe_key(c): c for c in WEIRD_CASES[:3]}
+    out = tmp_path / "outputs" / "baseline" / baseline.info.run_id
+    results = (out / "evaluation_results.txt").read_text()
+    assert all(c in results for c in WEIRD_CASES)
+    page = (out / "viewer" / "<img src=x onerror=alert(1)>.html").read_text()
+    assert "<img src=x" not in page and "&lt;img src=x onerror=alert(1)&gt;" in page
+    parent = next(r for r in ablation if r.info.run_name == "ablation")
+    files = download_all(client, parent, tmp_path / "dl")
+    for text in ((files / "comparison.md").read_text(), (files / "ablation.md").read_text(),
+                 parent.data.tags[tracking.NOTE_TAG]):
+        assert assert_tables_well_formed(text) >= 1
+        assert "percentile\\|head\\|big\\|comp" in text or "big\\|comp" in text
+    assert "&lt;img src=x onerror=alert(1)&gt;" in (files / "ablation.md").read_text()
+    # two case ids whose metric keys would be the same: refused, one line naming both
+    clash = _case_folders(tmp_path / "clash", ["a*b", "a_b"])
+    proc = run_cli("-m", "experiments.baseline", "method=percentile", "data.source=folder", f"data.root={clash}",
+                   "data.skull_strip=head", "split=all", "progress=false", "experiment=weird")
+    assert proc.returncode == 2 and "case ids 'a*b' and 'a_b' both become the metric key 'a_b'" in error_line(proc)
+
+
+def test_every_markdown_table_writer_escapes_its_cells() -> None:
+    """Probe 7, writer by writer: statistics (comparison.md and the notes), the pipeline's note, the ablation's
+    grid, a sweep's note and the GPU rotation's table, each with ``|``, ``*`` and ``<`` in its labels."""
+    import optuna
+
+    from stego_core.evaluation.stats import compare_methods, comparison_markdown, comparison_tables
+    from stego_core.steps.ablation import _markdown
+    from stego_core.steps.pipeline import markdown_table
+    from sweeps.driver import RUN_ATTR, sweep_note
+    from sweeps.space import SweepConfig
+
+    label = "percentile|auto|none"
+    scores = {label: {"a|b": 0.5, "c": 0.6}, "gmm*4": {"a|b": 0.7, "c": 0.4}}
+    md = comparison_markdown(compare_methods(scores, n_boot=100), "dice")
+    assert assert_tables_well_formed(md) == 1 and "percentile\\|auto\\|none" in md
+    csv_text, tables = comparison_tables({m: {c: {"dice": v} for c, v in rows.items()} for m, rows in scores.items()},
+                                         ("dice",))
+    assert assert_tables_well_formed(tables) == 1 and "\na|b," in csv_text  # CSV needs no escape for '|'
+    table = {label: {"dice_mean": 0.5, "dice_std": 0.1, "cldice_mean": 0.4, "cldice_std": 0.1},
+             "stego+crf": {"dice_mean": 0.6, "dice_std": 0.1, "cldice_mean": 0.5, "cldice_std": 0.1}}
+    assert assert_tables_well_formed(markdown_table(table, {label: "r1", "stego+crf": "r2"}, "1")) == 1
+    rows = [{"case_id": case, "method": "percentile", "skull_strip": "auto", "variant": "big|comp", "dice": 0.5,
+             "cldice": 0.4} for case in ("<img src=x>", "a|b")]
+    grid = _markdown(rows)
+    assert assert_tables_well_formed(grid) == 1 and "&lt;img src=x&gt;" in grid and "<img" not in grid
+    study = optuna.create_study(direction="maximize")
+    for choice, value in (("a|b", 0.5), ("c*", 0.7)):
+        study.enqueue_trial({"settings.rule": choice})
+        trial = study.ask({"settings.rule": optuna.distributions.CategoricalDistribution(["a|b", "c*"])})
+        trial.set_user_attr(RUN_ATTR, "r")
+        study.tell(trial, value)
+    space = {"settings.rule": {"type": "categorical", "choices": ["a|b", "c*"]}}
+    note = sweep_note(study, SweepConfig(study_name="s|t", objective="dice", target="baseline", space=space))
+    assert assert_tables_well_formed(note) == 1 and "a\\|b" in note
+    from test_benchmarks import _bench_module
+
+    rotation = _bench_module("ablation_stego").format_table([
+        {"dataset": "rotate-a|b", "variant": "stego|x", "mapping": "dice", "dice": 0.5, "cldice": 0.4,
+         "precision": 0.5, "recall": 0.5, "degenerate": False, "seconds": 1.0}])
+    assert assert_tables_well_formed(rotation) == 1

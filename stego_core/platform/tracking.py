@@ -427,6 +427,47 @@ def safe_key(name: str) -> str:
     return _KEY_CHARS.sub("_", str(name))
 
 
+#: Tags ``case_key/<metric-key form>`` = the case id, on runs whose case ids MLflow's names cannot hold.
+CASE_KEY_TAG = "case_key/"
+
+
+def case_keys(case_ids: Iterable[str]) -> dict[str, str]:
+    """``{case id: the form its metric keys take}`` (:func:`safe_key`) for the ids that :func:`safe_key` changes.
+
+    Raises
+    ------
+    ValueError
+        Two case ids become the same key (their metrics would overwrite each other), naming both.
+
+    >>> case_keys(["plain", "a_b_*c*"])
+    {'a_b_*c*': 'a_b__c_'}
+    """
+    seen: dict[str, str] = {}
+    changed = {}
+    for case_id in case_ids:
+        key = safe_key(case_id)
+        if seen.get(key, case_id) != case_id:
+            raise ValueError(f"case ids {seen[key]!r} and {case_id!r} both become the metric key {key!r} (MLflow "
+                             "names hold only letters, digits and _-. :/); rename one of the case folders")
+        seen[key] = case_id
+        if key != case_id:
+            changed[case_id] = key
+    return changed
+
+
+def tag_case_keys(case_ids: Iterable[str]) -> None:
+    """Check the case ids' metric keys (:func:`case_keys`) and tag the active run ``case_key/<key>`` = the case id
+    for each one changed, so that readers of its metrics show the real names (:func:`case_names`)."""
+    changed = case_keys(case_ids)
+    if changed:
+        set_tags({f"{CASE_KEY_TAG}{key}": case_id for case_id, key in changed.items()})
+
+
+def case_names(tags: Mapping[str, str]) -> dict[str, str]:
+    """``{metric-key form: case id}`` from a run's tags (:func:`tag_case_keys`); absent keys are the ids."""
+    return {k[len(CASE_KEY_TAG):]: v for k, v in tags.items() if k.startswith(CASE_KEY_TAG)}
+
+
 @_main_only
 def log_params(params: Mapping[str, Any]) -> None:
     """Log params in batches; keys made safe (:func:`safe_key`), long values truncated to MLflow's limit, URLs

@@ -401,6 +401,7 @@ def run_method(method: Method | str, cfg: EvaluateConfig, *, settings: Any = Non
                           params={f"resolved.{k}": v for k, v in _flat_settings(method.settings()).items()})
         with distributed.main_first():  # rank 0 writes generated phantoms; the others read them
             cases = select_cases(cfg)
+        tracking.tag_case_keys(c.case_id for c in cases)  # metric keys of every case: distinct, mapped back
         tracking.log_dataset(cases, name=Path(cfg.data.root).name, context="evaluation", source=cfg.data.root)
         fitted_here = False
         uri = str(getattr(method.settings(), "model_uri", "") or "")
