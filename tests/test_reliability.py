@@ -473,3 +473,67 @@ def test_every_markdown_table_writer_escapes_its_cells() -> None:
         {"dataset": "rotate-a|b", "variant": "stego|x", "mapping": "dice", "dice": 0.5, "cldice": 0.4,
          "precision": 0.5, "recall": 0.5, "degenerate": False, "seconds": 1.0}])
     assert assert_tables_well_formed(rotation) == 1
+
+
+# ------------------------------------------------------------------------------- 4, 5: self-training's models
+
+
+SELFTRAIN_TINY = ["data.root=data/ph", "data.phantom.n_volumes=2", "data.phantom.shape=[48,48,24]", "split=all",
+                  "progress=false", "viewer=false", *TINY_STUDENT]
+
+
+@pytest.mark.slow
+def test_selftrain_and_its_reconstruct_under_torchrun_equal_one_process(tmp_path: Path, mlflow_store: str) -> None:
+    """Probe 4: under ``torchrun --nproc_per_node 2`` self-training and ``reconstruct model_uri=<that run>`` ended
+    FAILED (every rank wrote the results file; a rank other than 0 joined a None). Now each of 2 gloo ranks
+    self-trains and predicts its share of the volumes (transductive), rank 0 gathers them into one FINISHED run,
+    and the per-case scores equal one process's (same seeds); the logged students are the last volume's, as
+    one process logs them, so the reconstruction of either run scores the same."""
+    import torch
+    from test_distributed import _artifacts, python_m, torchrun
+
+    (tmp_path / "st.yaml").write_text("teacher: {method: percentile}\n")
+    config = ["--config", str(tmp_path / "st.yaml")]
+    python_m("experiments.selftrain", *config, *SELFTRAIN_TINY, "experiment=st1", "output=out1")
+    job = torchrun("experiments.selftrain", *config, *SELFTRAIN_TINY, "experiment=st2", "output=out2")
+    assert len([line for line in job.stdout.splitlines() if line.startswith("run ")]) == 1, job.stdout  # rank 0
+    (one,), (two,) = runs("st1"), runs("st2")
+    assert one.info.status == two.info.status == "FINISHED"
+    per_case = {k: v for k, v in one.data.metrics.items() if "/phantom_" in k}
+    assert len([k for k in per_case if k.startswith(("dice/", "teacher_dice/"))]) == 4
+    assert {k: two.data.metrics.get(k) for k in per_case} == pytest.approx(per_case, rel=1e-12, abs=0)
+    assert sorted(p.name for p in (tmp_path / "out2").rglob("evaluation_results.*")) == [
+        "evaluation_results.csv", "evaluation_results.txt"]
+    arts = _artifacts(two.info.run_id)
+    assert len(arts) == len(set(arts)) and len([a for a in arts if a.startswith("predictions/")]) == 4
+    students = [tracking.load_learned(r.info.run_id).state.state_dict() for r in (one, two)]
+    assert all(torch.equal(students[0][k], students[1][k]) for k in students[0])
+    # reconstruct the torchrun run's students under torchrun and in one process
+    data = [a for a in SELFTRAIN_TINY if not a.startswith("student.")]
+    torchrun("experiments.reconstruct", f"model_uri={two.info.run_id}", *data, "experiment=rec2", "output=rec2")
+    python_m("experiments.reconstruct", f"model_uri={one.info.run_id}", *data, "experiment=rec1", "output=rec1")
+    (rec1,), (rec2,) = runs("rec1"), runs("rec2")
+    assert rec1.info.status == rec2.info.status == "FINISHED"
+    assert rec2.data.tags["training_run_id"] == two.info.run_id
+    scores = {k: v for k, v in rec1.data.metrics.items() if k.startswith("dice/")}
+    assert len(scores) == 2 and {k: rec2.data.metrics.get(k) for k in scores} == pytest.approx(scores, rel=1e-12)
+
+
+@pytest.mark.slow
+def test_a_model_of_another_method_is_refused_in_one_line(tmp_path: Path, mlflow_store: str) -> None:
+    """Probe 5: the model of a self-training run given to STEGO crashed (``AttributeError: 'UNet' object has no
+    attribute 'backbone'``). ``baseline method=stego settings="{model_uri: <selftrain run>}"`` exits 2 with one
+    line naming the model's method and the one expected, and fits nothing."""
+    (tmp_path / "st.yaml").write_text("teacher: {method: percentile}\n")
+    proc = run_cli("-m", "experiments.selftrain", "--config", str(tmp_path / "st.yaml"), *SELFTRAIN_TINY,
+                   "data.phantom.n_volumes=1", "experiment=st")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = runs("st")
+    run_id = run.info.run_id
+    proc = run_cli("-m", "experiments.baseline", "method=stego", f"settings={{model_uri: {run_id}}}",
+                   *SELFTRAIN_TINY[:5], "experiment=st-stego")
+    assert proc.returncode == 2
+    assert error_line(proc) == (f"error: model_uri='{run_id}' holds a 'selftrain' model; method 'stego' expects a "
+                                f"'stego' model (use method=selftrain or reconstruct model_uri={run_id})")
+    assert "AttributeError" not in proc.stderr and not Path("outputs", "baseline").exists() or all(
+        not list(p.rglob("*.nii.gz")) for p in Path("outputs", "baseline").iterdir())

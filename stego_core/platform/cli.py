@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 from stego_core.config import load_config, plan_yaml
 from stego_core.evaluation.metrics import OBJECTIVE_KEYS
+from stego_core.runtime import distributed
 from stego_core.runtime.faults import Interrupted, handle_signals, mask_logging, mask_secrets
 
 T = TypeVar("T")
@@ -74,7 +75,7 @@ def run(cls: type[T], fn: Callable[[T], Any], argv: list[str] | None, *, descrip
     except Interrupted as exc:  # SIGTERM / SIGINT: the run ended KILLED; exit 143 / 130 like a killed process
         print(f"error: {exc}; the run ended KILLED", file=sys.stderr)
         return exc.exit_code
-    if result is not None:
+    if result is not None and distributed.is_main():  # one summary per job, from rank 0
         print(mask_secrets(describe(result)))
     return 0
 

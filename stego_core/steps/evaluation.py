@@ -412,6 +412,7 @@ def run_method(method: Method | str, cfg: EvaluateConfig, *, settings: Any = Non
             remember_state(method, ctx)
             fitted_here = True
         rows = evaluate_cases(method, cases, cfg, run.output_dir, name=label)
+        _state_of_the_last_case(method, rows)
         extras = list(dict(getattr(method, "extra_rows", {}) or {}))
         summary = summarize_rows(rows, extras)
         if summary:
@@ -431,6 +432,21 @@ def run_method(method: Method | str, cfg: EvaluateConfig, *, settings: Any = Non
                 tracking.set_tags({"model_uri": model_uri})
         return EvaluationResult(run_id=run.run_id, rows=rows, summary=summary, output_dir=run.output_dir,
                                 model_uri=model_uri, method=method)
+
+
+def _state_of_the_last_case(method: Method, rows: list[dict[str, Any]]) -> None:
+    """A transductive method's state is that of the last volume it scored (``method.state_per_case``): launched
+    as several processes, the rank that scored it hands it to the others, so the run logs the state one process
+    would have logged."""
+    if distributed.world_size() == 1 or not getattr(method, "state_per_case", False):
+        return
+    scored = [i for i, row in enumerate(rows) if "refused" not in row]
+    if not scored:
+        return
+    owner = scored[-1] % distributed.world_size()  # the shard of evaluate_cases
+    state = distributed.broadcast_object(method.state() if distributed.global_rank() == owner else None, src=owner)
+    if state is not None and distributed.global_rank() != owner:
+        method.set_case_state(state)
 
 
 def _flat_settings(settings: Any) -> dict[str, Any]:
