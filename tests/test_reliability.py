@@ -519,21 +519,153 @@ def test_selftrain_and_its_reconstruct_under_torchrun_equal_one_process(tmp_path
     assert len(scores) == 2 and {k: rec2.data.metrics.get(k) for k in scores} == pytest.approx(scores, rel=1e-12)
 
 
+@pytest.fixture(scope="module")
+def selftrain_store(tmp_path_factory, _mlflow_template_db) -> dict:
+    """One tiny self-training run (one phantom, its students logged) in a store of this module's tests:
+    ``{"uri", "run_id", "data"}`` (``data``: the overrides that reach its phantom from any folder)."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("selftrain_store")
+    shutil.copyfile(_mlflow_template_db, folder / "mlflow.db")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    (folder / "st.yaml").write_text("teacher: {method: percentile}\n")
+    data = [f"data.root={folder / 'ph'}", "data.phantom.n_volumes=1", "data.phantom.shape=[48,48,24]", "split=all",
+            "progress=false", "viewer=false"]
+    proc = subprocess.run([sys.executable, "-m", "experiments.selftrain", "--config", str(folder / "st.yaml"), *data,
+                           *TINY_STUDENT, "experiment=st", f"output={folder / 'outputs'}"], cwd=folder,
+                          env=env(MLFLOW_TRACKING_URI=uri), capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = runs("st", uri)
+    return {"uri": uri, "run_id": run.info.run_id, "data": data}
+
+
 @pytest.mark.slow
-def test_a_model_of_another_method_is_refused_in_one_line(tmp_path: Path, mlflow_store: str) -> None:
+def test_a_model_of_another_method_is_refused_in_one_line(selftrain_store: dict, tmp_path: Path) -> None:
     """Probe 5: the model of a self-training run given to STEGO crashed (``AttributeError: 'UNet' object has no
     attribute 'backbone'``). ``baseline method=stego settings="{model_uri: <selftrain run>}"`` exits 2 with one
-    line naming the model's method and the one expected, and fits nothing."""
-    (tmp_path / "st.yaml").write_text("teacher: {method: percentile}\n")
-    proc = run_cli("-m", "experiments.selftrain", "--config", str(tmp_path / "st.yaml"), *SELFTRAIN_TINY,
-                   "data.phantom.n_volumes=1", "experiment=st")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (run,) = runs("st")
-    run_id = run.info.run_id
+    line naming the model's method and the one expected, and evaluates nothing."""
+    run_id = selftrain_store["run_id"]
     proc = run_cli("-m", "experiments.baseline", "method=stego", f"settings={{model_uri: {run_id}}}",
-                   *SELFTRAIN_TINY[:5], "experiment=st-stego")
+                   *selftrain_store["data"], "experiment=st-stego", MLFLOW_TRACKING_URI=selftrain_store["uri"])
     assert proc.returncode == 2
     assert error_line(proc) == (f"error: model_uri='{run_id}' holds a 'selftrain' model; method 'stego' expects a "
                                 f"'stego' model (use method=selftrain or reconstruct model_uri={run_id})")
-    assert "AttributeError" not in proc.stderr and not Path("outputs", "baseline").exists() or all(
-        not list(p.rglob("*.nii.gz")) for p in Path("outputs", "baseline").iterdir())
+    assert not list(tmp_path.rglob("*.nii.gz"))
+
+
+@pytest.mark.slow
+def test_reusing_a_model_warns_when_its_run_is_deleted_and_leaves_no_copy(selftrain_store: dict,
+                                                                          tmp_path: Path) -> None:
+    """Probe 10: the reuse of a deleted run's model gave no warning, and each ``reconstruct`` left a copy of the
+    model in ``$TMPDIR/tmp*/model/``. With ``TMPDIR`` an empty folder, reconstructing a deleted run's model
+    warns naming the run, ends FINISHED, and leaves no model file (nor ``MLmodel``) in ``TMPDIR``."""
+    uri, run_id = selftrain_store["uri"], selftrain_store["run_id"]
+    client = tracking.MlflowClient(tracking_uri=uri)
+    scratch = tmp_path / "tmpdir"
+    scratch.mkdir()
+    client.delete_run(run_id)
+    try:
+        proc = run_cli("-m", "experiments.reconstruct", f"model_uri={run_id}", *selftrain_store["data"],
+                       "experiment=st-again", MLFLOW_TRACKING_URI=uri, TMPDIR=str(scratch))
+    finally:
+        client.restore_run(run_id)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"model_uri={run_id}: the run {run_id} that logged it is deleted" in proc.stderr
+    (again,) = runs("st-again", uri)
+    assert again.info.status == "FINISHED" and again.data.tags["training_run_id"] == run_id
+    left = [p for p in scratch.rglob("*") if p.name in ("MLmodel", "model.pth", "data") or p.suffix == ".pkl"
+            or (p.is_dir() and p.name.startswith(("tmp", "stego-model-")))]
+    assert not left, left
+
+
+# --------------------------------------------------------------------------------- 8, 9, 10: input refused
+
+
+@pytest.mark.slow
+def test_selftrain_on_a_constant_volume_refuses_that_case_and_fails_when_none_is_scored(tmp_path: Path,
+                                                                                        mlflow_store: str) -> None:
+    """Probe 8: an empty teacher mask yielded a large student mask silently. A constant volume beside a real one:
+    the run ends FINISHED, tagged ``case_refused/<case>``, with a warning naming the case and the other case
+    scored. A root holding only the constant volume: nothing could be scored, so the run ends FAILED and the
+    command exits 2 with one line (a run that scored nothing does not report success)."""
+    import numpy as np
+    from conftest import TINY_AFFINE
+
+    from stego_core.data.io import save_volume
+
+    _case_folders(tmp_path / "cases", ["tube"])
+    for root in (tmp_path / "cases", tmp_path / "flat_only"):
+        save_volume(root / "flat" / "image.nii.gz", np.full((24, 24, 12), 0.5, np.float32), TINY_AFFINE)
+        save_volume(root / "flat" / "brain_mask.nii.gz", np.ones((24, 24, 12), np.uint8), TINY_AFFINE)
+    mask = np.zeros((24, 24, 12), np.uint8)
+    mask[4:20, 4:20] = 1
+    save_volume(tmp_path / "cases" / "tube" / "brain_mask.nii.gz", mask, TINY_AFFINE)
+    (tmp_path / "st.yaml").write_text("teacher: {method: percentile}\n")
+    common = ["--config", str(tmp_path / "st.yaml"), "data.source=folder", "data.skull_strip=given", "split=all",
+              "progress=false", "viewer=false", "student.training.crop=16", *TINY_STUDENT[:2], *TINY_STUDENT[3:]]
+    proc = run_cli("-m", "experiments.selftrain", *common, f"data.root={tmp_path / 'cases'}", "experiment=flat")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "selftrain refused case flat: case flat: the teacher percentile's mask" in proc.stderr
+    (run,) = runs("flat")
+    assert run.info.status == "FINISHED" and run.data.tags["case_refused"] == "true"
+    assert run.data.tags["case_refused/flat"].startswith("case flat: the teacher percentile's mask")
+    assert "dice/tube" in run.data.metrics and "dice/flat" not in run.data.metrics
+    proc = run_cli("-m", "experiments.selftrain", *common, f"data.root={tmp_path / 'flat_only'}",
+                   "experiment=flat-only")
+    assert proc.returncode == 2
+    assert error_line(proc).startswith("error: selftrain scored none of the 1 volume(s): the method refused every "
+                                       "one (first: case flat: the teacher percentile's mask")
+    (run,) = runs("flat-only")
+    assert run.info.status == "FAILED" and "scored none" in run.data.tags["error"]
+
+
+def test_bad_inputs_are_refused_in_one_line_naming_the_key(tmp_path: Path) -> None:
+    """Probes 9 and 10, through the command line: each exits 2 with one line naming the key or file and
+    creates nothing (no run, no ``./None`` folder, no experiment "None")."""
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("method: percentile\nsettings: {q: 99\n")
+    cases = {
+        # test_fraction=0 evaluated nothing and reported success
+        ("-m", "experiments.baseline", "method=percentile", "test_fraction=0", "data.root=data/ph2",
+         "data.phantom.n_volumes=2", "data.phantom.shape=[32,32,24]", "progress=false"):
+            "error: no volume to evaluate in data/ph2 with split=test test_fraction=0.0",
+        # output=null wrote to ./None/<run id>, experiment=null created an experiment "None"
+        ("-m", "experiments.baseline", "method=percentile", "output=null"): "error: output must be a string, got null",
+        ("-m", "experiments.baseline", "method=percentile", "experiment=null"):
+            "error: experiment must be a string, got null",
+        ("-m", "experiments.baseline", "method=percentile", "settings={q: null}"):
+            "error: settings.q must be float, got null",
+        # malformed YAML gave a traceback without the file's name; a folder was "does not exist"
+        ("-m", "experiments.baseline", "--config", str(bad_yaml)):
+            f"error: config file {bad_yaml} is not valid YAML (line 3, column 1)",
+        ("-m", "experiments.baseline", "--config", str(tmp_path)): f"error: config file {tmp_path} is a folder",
+        # non-mapping settings ended in a TypeError traceback
+        ("-m", "experiments.baseline", "method=percentile", "settings=5"):
+            "error: settings of method 'percentile' must be a mapping, got 5",
+        # a non-baseline preset as a teacher said "unknown config key model"
+        ("-m", "experiments.selftrain", f"teacher.preset={REPO_ROOT / 'experiments/configs/train_cpu.yaml'}"):
+            f"error: teacher.preset='{REPO_ROOT / 'experiments/configs/train_cpu.yaml'}' is not a baseline preset",
+    }
+    for args, expected in cases.items():
+        proc = run_cli(*args)
+        assert proc.returncode == 2, (args, proc.stderr[-2000:])
+        assert error_line(proc).startswith(expected), (args, error_line(proc))
+    assert not Path("None").exists()
+    names = [e.name for e in tracking.client().search_experiments()]
+    assert "None" not in names
+
+
+@pytest.mark.slow
+def test_an_inductive_student_on_one_case_is_refused(tmp_path: Path, mlflow_store: str) -> None:
+    """Probe 9: ``mode=inductive`` on one case trained the student on the very case it was evaluated on. It is
+    refused in one line naming the overlap (the run ends FAILED before any training)."""
+    (tmp_path / "st.yaml").write_text("teacher: {method: percentile}\n")
+    proc = run_cli("-m", "experiments.selftrain", "--config", str(tmp_path / "st.yaml"), "mode=inductive",
+                   "data.root=data/one", "data.phantom.n_volumes=1", "data.phantom.shape=[48,48,24]",
+                   "progress=false", *TINY_STUDENT, "experiment=inductive")
+    assert proc.returncode == 2
+    assert error_line(proc) == ("error: method 'selftrain' trains on volumes apart from the evaluated ones, but "
+                                "['phantom_000'] are in both: use split=test with test_cases=... or a "
+                                "test_fraction that leaves training volumes")
+    (run,) = runs("inductive")
+    assert run.info.status == "FAILED" and "selftrain/loss" not in run.data.metrics

@@ -766,11 +766,21 @@ def log_learned(method: str, settings: Any, state: Any, *, name: str = "model") 
 
 
 def _model_metadata(model_uri: str) -> dict[str, Any]:
+    """The metadata of the model at ``model_uri``, read from its ``MLmodel`` file downloaded into a temporary
+    folder that is removed (``Model.load`` of a URI leaves its copy in ``$TMPDIR``)."""
+    import tempfile
+
     from mlflow.models import Model
+    from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
 
     _ensure_tracking()
     try:
-        return dict(Model.load(model_uri).metadata or {})
+        where = model_uri.rstrip("/")
+        if ModelsArtifactRepository._is_logged_model_uri(where):  # models:/<model id>, as Model.load reads it
+            where = ModelsArtifactRepository.get_underlying_uri(where)
+        with tempfile.TemporaryDirectory(prefix="stego-model-") as tmp:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=f"{where}/MLmodel", dst_path=tmp)
+            return dict(Model.load(local).metadata or {})
     except Exception as exc:  # noqa: BLE001 - MLflow raises several kinds for a missing model
         text = (str(exc).strip().splitlines() or [""])[0][:300]
         raise ValueError(f"model_uri={model_uri!r}: no model there ({type(exc).__name__}: {text})") from None

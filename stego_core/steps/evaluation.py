@@ -412,6 +412,10 @@ def run_method(method: Method | str, cfg: EvaluateConfig, *, settings: Any = Non
             remember_state(method, ctx)
             fitted_here = True
         rows = evaluate_cases(method, cases, cfg, run.output_dir, name=label)
+        refused = [r["refused"] for r in rows if "refused" in r]
+        if rows and len(refused) == len(rows):  # a run that scored nothing does not report success
+            raise ValueError(f"{label} scored none of the {len(rows)} volume(s): the method refused every one "
+                             f"(first: {refused[0]})")
         _state_of_the_last_case(method, rows)
         extras = list(dict(getattr(method, "extra_rows", {}) or {}))
         summary = summarize_rows(rows, extras)
