@@ -115,17 +115,16 @@ def _ensure_tracking() -> None:
 _SUPPRESS_LINK_ENV = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
 
 
-def run_link(run_id: str, experiment_id: str) -> str | None:
-    """The run's page on an ``http(s)`` tracking server, without the URI's credentials (None for other stores).
+def run_link(run_id: str, experiment_id: str, *, uri: str | None = None) -> str | None:
+    """The run's page on an ``http(s)`` tracking server (``uri``, default :func:`tracking_uri`), without the URI's
+    credentials; None for other stores.
 
-    >>> import os; os.environ["MLFLOW_TRACKING_URI"] = "http://alice:S3cret@127.0.0.1:5000/"
-    >>> run_link("abc", "1")
+    >>> run_link("abc", "1", uri="http://alice:S3cret@127.0.0.1:5000/")
     'http://127.0.0.1:5000/#/experiments/1/runs/abc'
-    >>> del os.environ["MLFLOW_TRACKING_URI"]
     """
     from urllib.parse import urlsplit, urlunsplit
 
-    parts = urlsplit(tracking_uri())
+    parts = urlsplit(uri or tracking_uri())
     if parts.scheme not in ("http", "https"):
         return None
     host = parts.netloc.rpartition("@")[2]
