@@ -30,6 +30,8 @@ import numpy as np
 from scipy import stats as _scipy_stats
 
 from stego_core._checks import check_range
+from stego_core._markdown import cell
+from stego_core._markdown import row as md_row
 
 __all__ = [
     "bootstrap_ci",
@@ -383,7 +385,7 @@ def comparison_markdown(rows: Sequence[Mapping[str, object]], metric: str, *, di
     ]
     notes = []
     for row in rows:
-        name = f"**{row['method']}** (best)" if row["is_best"] else str(row["method"])
+        name = f"**{cell(row['method'])}** (best)" if row["is_best"] else cell(row["method"])
         cells = [name, str(row["n"]), _number(row["mean"], digits), _number(row["std"], digits),
                  _number(row["median"], digits),
                  f"[{_number(row['ci_low'], digits)}, {_number(row['ci_high'], digits)}]"]
@@ -394,8 +396,8 @@ def comparison_markdown(rows: Sequence[Mapping[str, object]], metric: str, *, di
                       f"[{_number(row['diff_ci_low'], digits)}, {_number(row['diff_ci_high'], digits)}]",
                       _p(row["p_value"])]
             if row.get("note"):
-                notes.append(f"- {row['method']}: {row['note']}")
-        lines.append("| " + " | ".join(cells) + " |")
+                notes.append(f"- {cell(row['method'])}: {row['note']}")
+        lines.append(md_row(cells))
     text = "\n".join(lines)
     if notes:
         text += "\n\n" + "\n".join(notes)

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from stego_core._checks import check_choice
+from stego_core._markdown import cell
+from stego_core._markdown import row as md_row
 from stego_core.config import derive, from_dict
 from stego_core.engine.postprocess import STEPS, PostprocessStep
 from stego_core.engine.reconstruction import EngineConfig
@@ -156,23 +158,24 @@ def markdown_table(table: dict[str, dict[str, float]], runs: dict[str, str], exp
                    keys: tuple[str, ...] = SCORE_KEYS) -> str:
     """The comparison as a markdown note (the pipeline run's description): one row per method linking its run,
     best Dice / clDice in bold, and the best method by clDice named below the table."""
-    cell = {k: max((s.get(f"{k}_mean", float("-inf")) for s in table.values()), default=float("nan")) for k in keys}
-    lines = ["| method | " + " | ".join(keys) + " | domain warnings |", "|---|" + "---|" * (len(keys) + 1)]
+    top = {k: max((s.get(f"{k}_mean", float("-inf")) for s in table.values()), default=float("nan")) for k in keys}
+    lines = [md_row(["method", *map(cell, keys), "domain warnings"]), "|---|" + "---|" * (len(keys) + 1)]
     for method, s in table.items():
         values = []
         for k in keys:
             mean, std = s.get(f"{k}_mean", float("nan")), s.get(f"{k}_std", float("nan"))
             text = f"{mean:.3f} ± {std:.3f}"
-            values.append(f"**{text}**" if mean == cell[k] else text)
-        link = f"[{method}](#/experiments/{experiment_id}/runs/{runs[method]})" if method in runs else method
+            values.append(f"**{text}**" if mean == top[k] else text)
+        name = cell(method).replace("[", "\\[").replace("]", "\\]")
+        link = f"[{name}](#/experiments/{experiment_id}/runs/{runs[method]})" if method in runs else name
         warned = _warned(s)
         flag = f"⚠ {warned}" if warned and not warned.startswith("0/") else warned
-        lines.append(f"| {link} | " + " | ".join(values) + f" | {flag} |")
+        lines.append(md_row([link, *values, flag]))
     scored = {m: s["cldice_mean"] for m, s in table.items() if s.get("cldice_mean") == s.get("cldice_mean")
               and "cldice_mean" in s}
     best = max(scored, key=scored.get) if scored else None
     head = ["**Pipeline comparison** on the held-out volumes (mean ± std over volumes).", ""]
-    tail = ["", f"Best by clDice: **{best}** ({scored[best]:.3f}), run `{runs.get(best, '?')}`." if best else
+    tail = ["", f"Best by clDice: **{cell(best)}** ({scored[best]:.3f}), run `{runs.get(best, '?')}`." if best else
             "No labels: no scores.", "", "Per-method metrics of this row: `<method>/dice`, `<method>/cldice`; "
             "figure: artifacts `comparison.png`."]
     return "\n".join(head + lines + tail)
