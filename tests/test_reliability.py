@@ -670,3 +670,34 @@ def test_an_inductive_student_on_one_case_is_refused(tmp_path: Path, mlflow_stor
                                 "test_fraction that leaves training volumes")
     (run,) = runs("inductive")
     assert run.info.status == "FAILED" and "selftrain/loss" not in run.data.metrics
+
+
+def test_a_signal_during_a_store_write_waits_for_the_write_then_ends_the_run_killed(mlflow_store: str) -> None:
+    """SIGINT delivered while a metric is being inserted (sent from inside the INSERT) takes effect after the
+    write: the metric is stored, the run ends KILLED at once (no write waits on a lock left half-way)."""
+    import signal
+    import time
+
+    import sqlalchemy
+    from sqlalchemy import event
+
+    sent: list[str] = []
+
+    def interrupt_the_insert(conn, cursor, statement, parameters, context, executemany) -> None:
+        if statement.lstrip().upper().startswith("INSERT INTO METRICS") and not sent:
+            sent.append(statement)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    event.listen(sqlalchemy.engine.Engine, "before_cursor_execute", interrupt_the_insert)
+    try:
+        with pytest.raises(faults.Interrupted), faults.handle_signals():
+            with tracking.start_run("deferred", run_name="write") as handle:
+                started = time.monotonic()
+                tracking.log_metrics({"during": 1.0})  # the signal takes effect when this write is done
+    finally:
+        event.remove(sqlalchemy.engine.Engine, "before_cursor_execute", interrupt_the_insert)
+    assert sent, "no metric INSERT was seen"
+    run = tracking.client().get_run(handle.run_id)
+    assert run.info.status == "KILLED"
+    assert run.data.metrics.get("during") == 1.0
+    assert time.monotonic() - started < 15, "ending the run waited on a lock"

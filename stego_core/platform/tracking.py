@@ -47,6 +47,20 @@ def _main_only(fn: Any) -> Any:
     return wrapper
 
 
+def _whole(fn: Any) -> Any:
+    """Run ``fn`` (a write to the tracking store) with SIGTERM / SIGINT held back until it is done
+    (:func:`stego_core.runtime.faults.deferred_signals`): a signal that interrupted a store transaction half-way
+    could leave SQLite's write lock with a connection that is never closed, and every write after it (the runs
+    ending KILLED) would wait for it until SQLite's busy timeout, then fail."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with faults.deferred_signals():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 def tracking_uri() -> str:
     """The tracking URI in force: ``MLFLOW_TRACKING_URI`` if set, else :data:`DEFAULT_TRACKING_URI`;
     ``postgresql://`` names the installed driver (:func:`stego_core.runtime.faults.sqlalchemy_url`).
@@ -394,6 +408,7 @@ def _mark_model_training(exp: Any) -> None:
 
 
 @_main_only
+@_whole
 def set_description(text: str) -> None:
     """Set the active run's markdown description (the run page's "Description", ``mlflow.note.content``)."""
     mlflow.set_tag(NOTE_TAG, text)
@@ -468,6 +483,7 @@ def case_names(tags: Mapping[str, str]) -> dict[str, str]:
 
 
 @_main_only
+@_whole
 def log_params(params: Mapping[str, Any]) -> None:
     """Log params in batches; keys made safe (:func:`safe_key`), long values truncated to MLflow's limit, URLs
     masked."""
@@ -495,6 +511,7 @@ def log_plan(config: Any, output_dir: str | Path, *, params: Mapping[str, Any] |
 
 
 @_main_only
+@_whole
 def log_metrics(metrics: Mapping[str, float], *, step: int | None = None) -> None:
     """Log numeric metrics (non-finite values are skipped with a warning)."""
     finite = {}
@@ -508,11 +525,13 @@ def log_metrics(metrics: Mapping[str, float], *, step: int | None = None) -> Non
 
 
 @_main_only
+@_whole
 def set_tags(tags: Mapping[str, Any]) -> None:
     mlflow.set_tags({safe_key(k): str(v) for k, v in tags.items()})
 
 
 @_main_only
+@_whole
 def delete_tags(keys: Iterable[str]) -> None:
     """Remove tags of the active run (those it does not have are skipped), e.g. a previous attempt's end."""
     c = MlflowClient()
@@ -555,6 +574,7 @@ def figure_array(figure: Any) -> Any:
     return rgb
 
 
+@_whole
 def log_image(figure: Any, key: str, *, step: int) -> None:
     """Log a matplotlib figure (or an image array) as the stepped image ``key`` at ``step``: the run page's
     image panel then shows one card per key with a step slider."""
@@ -569,6 +589,7 @@ def log_image(figure: Any, key: str, *, step: int) -> None:
 
 
 @_main_only
+@_whole
 def log_text(text: str, artifact_file: str) -> None:
     mlflow.log_text(text, artifact_file)
 
@@ -603,6 +624,7 @@ def log_dataset(cases: list[Case], *, name: str, context: str, source: str) -> N
 _DUPLICATE_ROW = ("UNIQUE constraint failed", "IntegrityError", "duplicate key value", "Duplicate entry")
 
 
+@_whole
 def log_input(dataset: Any, *, context: str, tags: Mapping[str, str], attempts: int = 5) -> None:
     """``mlflow.log_input`` that processes logging the same dataset at the same time all survive.
 
@@ -699,6 +721,7 @@ def run_of_model(model_uri: str) -> str | None:
 
 
 @_main_only
+@_whole
 def register_model(model_uri: str, name: str, *, tags: Mapping[str, Any] | None = None,
                    description: str | None = None) -> str:
     """Register ``model_uri`` in the model registry as a new version of ``name`` (created if missing), with
