@@ -26,7 +26,7 @@ from stego_core.evaluation.metrics import RADIUS_BINS, SCORE_KEYS
 from stego_core.methods.registry import METHODS, resolve_settings
 from stego_core.platform import tracking
 from stego_core.steps.base import DataSettings, RunSettings
-from stego_core.steps.comparison import log_comparison
+from stego_core.steps.comparison import REPORT, log_comparison
 from stego_core.steps.evaluation import (
     EvaluateConfig,
     check_data,
@@ -139,21 +139,34 @@ def _warned(s: dict[str, float]) -> str:
     return f"{int(s['domain_warnings'])}/{int(s.get('n_cases', 0))}"
 
 
+def _n(s: dict[str, float]) -> int:
+    """How many volumes a row's summary is over (``n_cases``: the volumes it scored)."""
+    return int(s.get("n_cases", 0))
+
+
+def _mean_std(s: dict[str, float], k: str, digits: int = 3) -> str:
+    """``mean ± std`` of key ``k`` over the row's volumes; the mean alone for one volume (no spread to show)."""
+    mean, std = s.get(f"{k}_mean", float("nan")), s.get(f"{k}_std", float("nan"))
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if _n(s) >= 2 else f"{mean:.{digits}f}"
+
+
 def format_table(table: dict[str, dict[str, float]], keys: tuple[str, ...] = SCORE_KEYS) -> str:
-    """A plain-text comparison table: one row per method, mean ± std of each key, and the cases the domain
-    guard warned about (``domain``: warned / scored; the reasons are in each run's ``cases.csv``)."""
+    """A plain-text comparison table: one row per method, the volumes it scored (``n``), mean ± std of each key
+    over them (the value alone when n = 1), and the cases the domain guard warned about (``domain``: warned /
+    scored; the reasons are in each run's ``cases.csv``)."""
     w = max([12, *(len(m) + 1 for m in table)])
-    head = f"{'method':<{w}}" + "".join(f"{k:>18}" for k in keys) + f"{'domain':>9}"
+    head = f"{'method':<{w}}{'n':>3}" + "".join(f"{k:>16}" for k in keys) + f"{'domain':>9}"
     rows = [head, "-" * len(head)]
     for method, s in table.items():
-        rows.append(f"{method:<{w}}" + "".join(
-            f"{s.get(f'{k}_mean', float('nan')):>10.3f} ± {s.get(f'{k}_std', float('nan')):<5.3f}" for k in keys)
-            + f"{_warned(s):>9}")
-    return "\n".join(rows)
+        rows.append(f"{method:<{w}}{_n(s):>3}" + "".join(f"{_mean_std(s, k):>16}" for k in keys)
+                    + f"{_warned(s):>9}")
+    ns = sorted({_n(s) for s in table.values()})
+    what = "mean ± std over the held-out volumes" if max(ns, default=0) >= 2 else "the score of the one volume"
+    return "\n".join([f"n = {'/'.join(map(str, ns))} held-out volume(s) per method; {what}.", *rows])
 
 
 def markdown_table(table: dict[str, dict[str, float]], runs: dict[str, str], experiment_id: str,
-                   keys: tuple[str, ...] = SCORE_KEYS) -> str:
+                   keys: tuple[str, ...] = SCORE_KEYS, *, run_id: str = "") -> str:
     """The comparison as a markdown note (the pipeline run's description): one row per method linking its run,
     best Dice / clDice in bold, and the best method by clDice named below the table."""
     cell = {k: max((s.get(f"{k}_mean", float("-inf")) for s in table.values()), default=float("nan")) for k in keys}
@@ -162,7 +175,7 @@ def markdown_table(table: dict[str, dict[str, float]], runs: dict[str, str], exp
         values = []
         for k in keys:
             mean, std = s.get(f"{k}_mean", float("nan")), s.get(f"{k}_std", float("nan"))
-            text = f"{mean:.3f} ± {std:.3f}"
+            text = _mean_std(s, k)
             values.append(f"**{text}**" if mean == cell[k] else text)
         link = f"[{method}](#/experiments/{experiment_id}/runs/{runs[method]})" if method in runs else method
         warned = _warned(s)
@@ -171,7 +184,11 @@ def markdown_table(table: dict[str, dict[str, float]], runs: dict[str, str], exp
     scored = {m: s["cldice_mean"] for m, s in table.items() if s.get("cldice_mean") == s.get("cldice_mean")
               and "cldice_mean" in s}
     best = max(scored, key=scored.get) if scored else None
-    head = ["**Pipeline comparison** on the held-out volumes (mean ± std over volumes).", ""]
+    n = max((_n(s) for s in table.values()), default=0)
+    head = [f"**Pipeline comparison** on n = {n} held-out volume{'s' if n != 1 else ''} ("
+            + ("mean ± std over volumes)." if n >= 2 else "one volume: no spread).")
+            + (f" **Report: [{REPORT}](#/experiments/{experiment_id}/runs/{run_id}/artifacts/{REPORT})** (table with "
+               "CIs, per-case plots, viewers; `make ui` opens it full page)." if run_id else ""), ""]
     tail = ["", f"Best by clDice: **{best}** ({scored[best]:.3f}), run `{runs.get(best, '?')}`." if best else
             "No labels: no scores.", "", "Per-method metrics of this row: `<method>/dice`, `<method>/cldice`; "
             "figure: artifacts `comparison.png`."]
