@@ -4,12 +4,17 @@
 
 - ``comparison.csv``: the per-case table (one row per case, one column per method and metric);
 - ``comparison.md``: per metric and method n, mean, std, median, bootstrap 95 % CI, and the paired comparison
-  with the best method (mean difference, its CI, Wilcoxon signed-rank p), with a note where n is too small for
-  the test to reach p < 0.05 (:func:`stego_core.evaluation.stats.wilcoxon_min_p`);
+  with the best method (mean difference, its CI, and the Wilcoxon signed-rank p when n lets it reach p < 0.05);
+  what n cannot support is left out with one sentence (:func:`stego_core.evaluation.stats.omitted`);
 - ``comparison_ci.png`` and the stepped image ``comparison/ci`` (step 0): each method's mean and CI per metric
   with the per-case values, so the run's *Model metrics* tab opens on a chart that compares the methods;
+- ``comparison_cases.png``, ``comparison_radius.png``, ``comparison_betti.png``: the per-case values, the recall
+  by vessel radius and the Betti-number errors;
+- ``report.html``: all of it in one self-contained page (:mod:`stego_core.report.page`) with links to each
+  method's run and each case's viewer; ``make ui`` prints the link that opens it;
 
 and returns the Markdown section for the run's note (``mlflow.note.content``), which says where these are.
+With n = 1 only the per-case table, the per-case figure and the report are logged, and one sentence says why.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from stego_core.evaluation.metrics import RADIUS_BINS
 from stego_core.evaluation.scoring import ANALYSIS_KEYS
 from stego_core.evaluation.stats import MIN_CI_N, bootstrap_ci, comparison_tables, too_few
 from stego_core.platform import tracking
@@ -30,8 +36,9 @@ LOWER_IS_BETTER: tuple[str, ...] = ("betti0_error", "betti1_error", "hd95_mm", "
 NOTE_KEYS: tuple[str, ...] = ("dice", "cldice")
 #: The stepped image key of the comparison figure (one card in the run's *Model metrics* tab).
 IMAGE_KEY = "comparison/ci"
-#: The self-contained page of a parent run's comparison (:mod:`stego_core.report.html`).
-REPORT = "report.html"
+#: The self-contained page of a parent run's comparison (:mod:`stego_core.report.page`), and the tag that says
+#: a run has one (:func:`stego_core.platform.ui.latest_reports`).
+REPORT, REPORT_TAG = "report.html", "report"
 
 PerCase = Mapping[str, Mapping[str, Mapping[str, float]]]
 
@@ -119,7 +126,9 @@ def comparison_note(stats_md: str, *, n_units: int, unit: str = "case", title: s
 
 def log_comparison(per_case: PerCase, *, keys: Sequence[str] = COMPARISON_KEYS,
                    note_keys: Sequence[str] = NOTE_KEYS, lower_is_better: Sequence[str] = LOWER_IS_BETTER,
-                   unit: str = "case", title: str = "Statistics across cases", prefix: str = "") -> str:
+                   unit: str = "case", title: str = "Statistics across cases", prefix: str = "",
+                   report_title: str = "", runs: Mapping[str, str] | None = None,
+                   viewers: Mapping[str, str] | None = None) -> str:
     """Log the comparison of ``per_case`` on the active run; return the Markdown section for its note.
 
     Parameters
@@ -129,7 +138,7 @@ def log_comparison(per_case: PerCase, *, keys: Sequence[str] = COMPARISON_KEYS,
     keys : sequence of str, keyword-only
         Metrics of ``comparison.csv`` / ``comparison.md`` (those no method has are skipped).
     note_keys : sequence of str, keyword-only
-        Metrics whose tables go into the returned note and the figure.
+        Metrics whose tables go into the returned note, the figures and the report's table.
     lower_is_better : sequence of str, keyword-only
         Metrics where the lowest mean is best.
     unit : str, keyword-only
@@ -138,12 +147,27 @@ def log_comparison(per_case: PerCase, *, keys: Sequence[str] = COMPARISON_KEYS,
         Heading of the note's section.
     prefix : str, keyword-only
         Artifact folder (``""``: the run's root).
+    report_title : str, keyword-only
+        The heading of ``report.html`` (default ``title``).
+    runs : mapping method -> run id, optional, keyword-only
+        Each method's run (in the active run's experiment): linked from the report.
+    viewers : mapping case -> artifact path of the active run, optional, keyword-only
+        Each case's slice viewer: linked from the report.
 
     Returns
     -------
     str
         The note's section (``""`` when no method has scores; nothing is logged then).
+
+    Besides ``comparison.csv`` / ``comparison.md`` and the chart, it draws the per-case values
+    (``comparison_cases.png``), the recall by vessel radius (``comparison_radius.png``) and the Betti-number errors
+    (``comparison_betti.png``) when the rows have them, and writes all of it into one page, ``report.html``
+    (:func:`stego_core.report.page.report_html`).
     """
+    from stego_core.evaluation.stats import compare_methods, omitted
+    from stego_core.report.page import png_bytes, report_html, run_href
+    from stego_core.report.visualize import per_case_figure, radius_recall_figure
+
     table = {m: rows for m, rows in per_case.items() if rows}
     if not table:
         return ""
@@ -153,11 +177,48 @@ def log_comparison(per_case: PerCase, *, keys: Sequence[str] = COMPARISON_KEYS,
         return ""
     n_units = max(len(rows) for rows in table.values())
     tracking.log_text(csv_text, f"{folder}comparison.csv")
-    if n_units < 2:  # one value per method: no statistics to log, one sentence says so
-        return comparison_note("", n_units=n_units, unit=unit, title=title)
-    tracking.log_text(md, f"{folder}comparison.md")
-    _, note_md = comparison_tables(table, note_keys, lower_is_better=lower_is_better, unit=unit)
-    figure = comparison_figure(table, note_keys, unit=unit, lower_is_better=lower_is_better)
-    tracking.log_image(tracking.figure_array(figure), IMAGE_KEY, step=0)  # drawn once: the card and the PNG
-    tracking.log_figure(figure, f"{folder}comparison_ci.png")
-    return comparison_note(note_md or md, n_units=n_units, unit=unit, title=title)
+
+    def has(key: str) -> bool:
+        return any(key in row for rows in table.values() for row in rows.values())
+
+    shown = [k for k in note_keys if has(k)] or [k for k in keys if has(k)][:2]
+    figures: list[tuple[str, str, Any]] = []  # (artifact, caption, figure)
+    if n_units >= 2:
+        tracking.log_text(md, f"{folder}comparison.md")
+        figure = comparison_figure(table, shown, unit=unit, lower_is_better=lower_is_better)
+        tracking.log_image(tracking.figure_array(figure), IMAGE_KEY, step=0)  # the card opens on step 0
+        figures.append(("comparison_ci.png", f"Mean, bootstrap 95 % CI and the {unit}s' values "
+                        f"(also the run's image {IMAGE_KEY}).", figure))
+    figures.append(("comparison_cases.png", f"Each {unit}'s score per method (a colour per {unit}).",
+                    per_case_figure(table, shown)))
+    if any(has(f"recall_{b}") for b in RADIUS_BINS):
+        figures.append(("comparison_radius.png", "Recall by vessel radius (of the label's skeleton).",
+                        radius_recall_figure(table)))
+    betti = [k for k in ("betti0_error", "betti1_error") if has(k)]
+    if betti:
+        figures.append(("comparison_betti.png", "Betti-number errors (components, loops; lower is better).",
+                        per_case_figure(table, betti)))
+    images = []
+    for name, caption, figure in figures:
+        images.append((caption, png_bytes(figure)))
+        tracking.log_figure(figure, f"{folder}{name}")
+    rows = {k: compare_methods({m: {c: float(r[k]) for c, r in cases.items() if k in r} for m, cases in table.items()},
+                               higher_is_better=k not in lower_is_better) for k in shown}
+    run_id = tracking.active_run_id() or ""
+    experiment_id = tracking.client().get_run(run_id).info.experiment_id if run_id else ""
+    links = {m: [("run", run_href(experiment_id, r))] for m, r in (runs or {}).items() if r}
+    case_links = {c: run_href(experiment_id, run_id, path) for c, path in (viewers or {}).items()}
+    said = list(dict.fromkeys(s for r in rows.values() for s in omitted(r, unit=unit)))
+    cases = list(dict.fromkeys(c for rows_ in table.values() for c in rows_))
+    page = report_html(
+        title=report_title or title, unit=unit, stats=rows, per_case=table, figures=images, sentences=said,
+        links=links, case_links=case_links, min_ci=MIN_CI_N,
+        intro=(f"{len(table)} methods on n = {n_units} {unit}{'' if n_units == 1 else 's'}: "
+               + ", ".join(cases[:12]) + (" ..." if len(cases) > 12 else "") + f". Run {run_id}."),
+        footer=("Artifacts of this run: comparison.csv (per " + unit + "), comparison.md (every metric), "
+                + ", ".join(name for name, _, _ in figures) + "."))
+    tracking.log_text(page, f"{folder}{REPORT}")
+    if not folder:
+        tracking.set_tags({REPORT_TAG: REPORT})  # `make ui` links the latest run with one
+    note_md = comparison_tables(table, shown, lower_is_better=lower_is_better, unit=unit)[1] if n_units >= 2 else ""
+    return comparison_note(note_md, n_units=n_units, unit=unit, title=title)
