@@ -45,6 +45,7 @@ from stego_core.methods.registry import (
     resolve_settings,
 )
 from stego_core.platform import tracking
+from stego_core.platform.params import settings_params
 from stego_core.runtime import distributed
 from stego_core.steps.base import RunSettings
 
@@ -532,7 +533,7 @@ def run_method(method: Method | str, cfg: EvaluateConfig, *, settings: Any = Non
         if isinstance(method, str):
             method = build_method(method, settings, ctx)
         tracking.log_plan(config, run.output_dir,
-                          params={f"resolved.{k}": v for k, v in _flat_settings(method.settings()).items()})
+                          params=settings_params(method.settings(), method=method.name))
         with distributed.main_first():  # rank 0 writes generated phantoms; the others read them
             cases = select_cases(cfg)
         tracking.log_dataset(cases, name=Path(cfg.data.root).name, context="evaluation", source=cfg.data.root)
