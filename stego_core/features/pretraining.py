@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import sys
 import time
@@ -45,6 +46,9 @@ from stego_core.features.dino import (
 )
 from stego_core.features.vit import create_vit
 from stego_core.runtime import distributed, faults
+from stego_core.runtime.progress import PlainProgress
+
+log = logging.getLogger(__name__)
 
 __all__ = ["DinoLearner", "DinoRecipe", "InputTransform", "PretrainEnd", "PretrainLoop", "PretrainMonitor", "Probe",
            "Schedules", "build_learner", "collapse_warning", "feature_figure", "param_groups", "pretraining_crops",
@@ -360,6 +364,7 @@ class PretrainLoop:
 
         r = self.recipe
         self.step, self._t0 = start, time.time()
+        plain = PlainProgress("pretrain", r.max_steps, log, enabled=r.progress and distributed.is_main(), start=start)
         with tqdm(total=r.max_steps, initial=start, disable=not (r.progress and sys.stderr.isatty()),
                   desc="pretrain") as bar:
             if start == 0:
@@ -378,7 +383,9 @@ class PretrainLoop:
                 bar.update(1)
                 if self._logged:
                     bar.set_postfix(loss=f"{self.last['pretrain/loss']:.3f}", H=f"{entropy:.2f}")
+                plain.update(self.step, loss=self.last["pretrain/loss"], entropy=entropy)
                 self._after_step()
+            plain.update(self.step, final=True, loss=self.last.get("pretrain/loss", float("nan")))
         return self._finish(end_reason)
 
     def _update(self) -> float:

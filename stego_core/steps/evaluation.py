@@ -311,6 +311,8 @@ def evaluate_cases(method: Method, cases: list[Case], cfg: EvaluateConfig, out_d
         post, row = score_result(result, prepared, steps, threshold=method.threshold, slice_axis=cfg.engine.axis,
                                  crf_settings=cfg.crf_settings, analysis=cfg.analysis)
         warning = domain_warning(prepared, post.mask, cfg.domain, name)
+        log.info("%s on %s (%d/%d): %s", name, case.case_id, index + 1, len(cases),
+                 ", ".join(f"{k} {row[k]:.3f}" for k in ("dice", "cldice") if k in row) or "scored (no label)")
         if prepared.profile:
             row["profile"] = prepared.profile
         if warning:
