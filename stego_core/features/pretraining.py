@@ -515,7 +515,8 @@ def feature_figure(backbone: torch.nn.Module, crops: torch.Tensor, to_input: Any
     lo, hi = pcs.quantile(0.01, dim=0), pcs.quantile(0.99, dim=0)
     rgb = ((pcs - lo) / (hi - lo + 1e-8)).clamp(0, 1).reshape(n, g, g, 3).cpu().numpy()
     rows = 3 if captured else 2
-    fig, axes = plt.subplots(rows, n, figsize=(1.6 * n, 1.6 * rows), squeeze=False)
+    side = 6.0 / n  # 600 px wide at 100 dpi: MLflow's image card
+    fig, axes = plt.subplots(rows, n, figsize=(6.0, side * rows + 0.5), dpi=100, squeeze=False)
     for i in range(n):
         axes[0, i].imshow(crops[i, 0].cpu().numpy(), cmap="gray", vmin=0, vmax=1)
         axes[1, i].imshow(rgb[i], interpolation="nearest")

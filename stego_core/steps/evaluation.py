@@ -425,12 +425,15 @@ def _is_number(value: Any) -> bool:
 
 
 def write_viewer(prepared: PreparedCase, mask: np.ndarray, name: str, out_dir: Path, *, note: str = "") -> Path:
-    """Write ``viewer/<case>.html`` under ``out_dir``: the case's slices with ``mask`` against its label
+    """Write ``viewer/<case>.html`` under ``out_dir``: the case's image as stored (as the pipeline's viewer shows
+    it: the head, in the image's own intensities) with ``mask`` against its label
     (:func:`~stego_core.report.viewer.viewer_html`, one self-contained page that MLflow's artifact pane shows);
     ``note``: a domain warning shown on the page."""
+    from stego_core.data.io import load_volume
     from stego_core.report.viewer import viewer_html
 
-    page = viewer_html(prepared.image, {name: mask}, prepared.label, spacing_mm=prepared.spacing,
+    image = load_volume(prepared.case.image).data
+    page = viewer_html(image, {name: mask}, prepared.label, spacing_mm=prepared.spacing,
                        title=f"{name} on {prepared.case_id}", notes={name: note} if note else None)
     path = out_dir / "viewer" / f"{prepared.case_id}.html"
     path.parent.mkdir(parents=True, exist_ok=True)
