@@ -362,8 +362,9 @@ def no_test_sentence(n: int, unit: str = "case", alpha: float = 0.05) -> str:
     """The one sentence that replaces the Wilcoxon column when ``n`` pairs cannot reach ``alpha`` ("" when they
     can).
 
-    >>> no_test_sentence(3)
-    'No Wilcoxon test: with n = 3 cases no two-sided p can be below 0.25 (alpha = 0.05 needs 6); read the paired differences and their CIs.'
+    >>> print(no_test_sentence(3))  # doctest: +NORMALIZE_WHITESPACE
+    No Wilcoxon test: with n = 3 cases no two-sided p can be below 0.25 (alpha = 0.05 needs 6); read the paired
+    differences and their CIs.
     """
     floor = wilcoxon_min_p(n)
     if floor <= alpha:
