@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 
-.PHONY: install demo test ui
+.PHONY: install demo test test-fast ui
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The edit loop: everything but the whole-run tests (marked slow), on two processes.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow" -n 2 -q
 
 UI_HOST ?= 127.0.0.1
 UI_PORT ?= 5000

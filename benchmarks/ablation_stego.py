@@ -48,6 +48,7 @@ from pathlib import Path
 
 import torch
 
+from stego_core._markdown import cell
 from stego_core.config import load_config
 from stego_core.data.cases import DataConfig, ensure_cases
 from stego_core.data.phantom import PhantomConfig
@@ -266,13 +267,13 @@ def format_table(table: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for r in table:
         if "dice" not in r:
-            lines.append(f"| {r['dataset']} | {r['variant']} (steps {r.get('steps')}, "
+            lines.append(f"| {cell(r['dataset'])} | {cell(r['variant'])} (steps {r.get('steps')}, "
                          f"{r.get('crops_per_s', float('nan')):.1f} crops/s, teacher entropy "
                          f"{r.get('teacher_entropy_ratio', float('nan')):.2f} log K) | | | | | | | "
                          f"{r['seconds']:.0f} |")
             continue
-        lines.append(f"| {r['dataset']} | {r['variant']} | {r.get('mapping', '')} | {r['dice']:.3f} | "
-                     f"{r['cldice']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} | "
+        lines.append(f"| {cell(r['dataset'])} | {cell(r['variant'])} | {cell(r.get('mapping', ''))} | "
+                     f"{r['dice']:.3f} | {r['cldice']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} | "
                      f"{'yes' if r['degenerate'] else ''} | {r['seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 

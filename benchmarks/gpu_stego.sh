@@ -27,6 +27,8 @@
 # or three cases (e.g. mra_mni_0656 and 0590) and set MINUTES=4 ROT_BASELINES="".
 set -euo pipefail
 export PYTHONUNBUFFERED=1
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)  # the project (its code is imported from here)
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 DRY=${DRY_RUN:-0}
 ARGS=()
 for a in "$@"; do
@@ -63,12 +65,15 @@ else
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 fi
 DATA_ROOT=$(cd "$DATA_ROOT" && pwd)
+# Work from $WORK: MLflow puts a new experiment's artifacts under ./mlruns of the working directory, which must
+# not be the project's (every path above is absolute now).
+cd "$WORK"
 echo "gpu_stego: device $DEVICE, data $DATA_ROOT, $MINUTES min at batch $BATCH, out $OUT, tracking $MLFLOW_TRACKING_URI"
 
 # 1. calibration: crops/s of the pretraining step at this batch (bf16 on the GPU) -> max_steps for MINUTES
 T0=$(date +%s)
 AMP=(); [ "$DEVICE" = cuda ] && AMP=(--amp)
-CAL=$("$PY" benchmarks/bench_pretrain.py --device "$DEVICE" "${AMP[@]}" --batch "$BATCH" --steps "$CAL_STEPS")
+CAL=$("$PY" "$ROOT/benchmarks/bench_pretrain.py" --device "$DEVICE" "${AMP[@]}" --batch "$BATCH" --steps "$CAL_STEPS")
 echo "$CAL"
 RATE=$(echo "$CAL" | sed -n 's/^pretrain_crops_per_s=//p')
 STEPS=$("$PY" -c "import sys; r, m, b = map(float, sys.argv[1:]); print(max(2, int(0.85 * r * 60 * m / b)))" \
@@ -126,7 +131,7 @@ read -r -a BASES <<< "${ROT_BASELINES:-}"
 read -r -a VARS <<< "${ROT_VARIANTS:-dino random}"
 read -r -a SAMP <<< "${ROT_SAMPLINGS:-none}"
 read -r -a EXTRA <<< "${ROT_ARGS:-}"
-ROT_OUT=$("$PY" benchmarks/ablation_stego.py --protocols rotate --real-root "$DATA_ROOT" \
+ROT_OUT=$("$PY" "$ROOT/benchmarks/ablation_stego.py" --protocols rotate --real-root "$DATA_ROOT" \
           ${CASES[@]+--rotate-cases "${CASES[@]}"} --weights "$OUT/teacher_backbone.safetensors" \
           --variants "${VARS[@]}" --samplings "${SAMP[@]}" --baselines ${BASES[@]+"${BASES[@]}"} \
           --accelerator "$ACC" --threads "$THREADS" --cache-dir "$WORK/feature_cache" \

@@ -131,6 +131,8 @@ def _convert(value: Any, tp: Any, name: str) -> Any:
             raise ValueError(f"{name} must be true or false, got {value!r}")
         return bool(value)
     if tp in (int, float, str):
+        if value is None:  # `key: null` / `key=null`: str(None) would name a folder or an experiment "None"
+            raise ValueError(f"{name} must be {'a string' if tp is str else tp.__name__}, got null")
         try:
             if tp is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError

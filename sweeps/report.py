@@ -17,6 +17,8 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
+from stego_core._markdown import cell
+from stego_core._markdown import row as md_row
 from stego_core.config import parse_overrides
 from stego_core.platform import tracking
 from sweeps.objective import resolve_base_config
@@ -153,9 +155,9 @@ def sweep_note(study: optuna.Study, cfg: SweepConfig, top: int = 10) -> str:
     names = list(best.params)
     lines += [f"Best: trial {best.number}, {cfg.objective} = **{best.value:.4f}**, run "
               f"`{best.user_attrs.get(RUN_ATTR, '?')}`.", "",
-              "| trial | objective | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+              md_row(["trial", "objective", *map(cell, names)]), "|---|---|" + "---|" * len(names)]
     for t in complete[:top]:
-        lines.append(f"| {t.number} | {t.value:.4f} | " + " | ".join(str(t.params.get(n, "")) for n in names) + " |")
+        lines.append(md_row([str(t.number), f"{t.value:.4f}", *(cell(t.params.get(n, "")) for n in names)]))
     return "\n".join(lines)
 
 
@@ -177,13 +179,15 @@ def trial_scores(trial: optuna.trial.FrozenTrial, cfg: SweepConfig) -> tuple[dic
     from stego_core.steps.comparison import COMPARISON_KEYS
 
     runs = _seed_runs(trial)
-    metrics = {seed: tracking.client().get_run(run_id).data.metrics for seed, run_id in runs.items()}
+    data = {seed: tracking.client().get_run(run_id).data for seed, run_id in runs.items()}
+    metrics = {seed: d.metrics for seed, d in data.items()}
     per_case: dict[str, dict[str, list[float]]] = {}
-    for values in metrics.values():
+    for seed, values in metrics.items():
+        names = tracking.case_names(data[seed].tags)  # metric keys back to the case ids
         for key, value in values.items():
             name, sep, case = key.partition("/")
             if sep and name in COMPARISON_KEYS and case:
-                per_case.setdefault(case, {}).setdefault(name, []).append(float(value))
+                per_case.setdefault(names.get(case, case), {}).setdefault(name, []).append(float(value))
     if per_case:
         return {case: {k: float(np.mean(v)) for k, v in row.items()} for case, row in per_case.items()}, "case"
     per_seed_objective = trial.user_attrs.get("objective_per_seed", {})

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from stego_core.config import parse_overrides, plan_yaml
-from stego_core.platform.cli import parse_args
+from stego_core.platform.cli import error, parse_args
 from stego_core.platform.tracking import mask_secrets
-from stego_core.runtime.faults import Interrupted, handle_signals, resolve_storage
+from stego_core.runtime.faults import Interrupted, handle_signals, mask_logging, resolve_storage
 from sweeps.driver import load_sweep_config, run_sweep
 from sweeps.space import SPEC_FIELDS, SweepConfig
 
@@ -79,6 +79,7 @@ def launch(config: str | Path, items: list[str], *, worker: bool = False, extra:
     summary. Bad input exits 2 with a one-line message; failing trials do not (they are recorded); SIGTERM / SIGINT
     exit 143 / 130. A ``storage`` with a password is refused: it comes from ``$STEGO_OPTUNA_STORAGE`` only."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    mask_logging(capture_warnings=True)  # URL passwords never reach a log line
     try:
         sweep_overrides, space_overrides, base_overrides = split_overrides(items)
         cfg = load_sweep_config(config, sweep_overrides)
@@ -90,17 +91,16 @@ def launch(config: str | Path, items: list[str], *, worker: bool = False, extra:
         if base_overrides:
             cfg = dataclasses.replace(cfg, base_overrides=(*cfg.base_overrides, *base_overrides))
         if print_config:  # the resolved plan (the storage's password masked), nothing run or logged
-            print(plan_yaml(dataclasses.replace(cfg, storage=mask_secrets(cfg.storage))), end="")
+            print(mask_secrets(plan_yaml(dataclasses.replace(cfg, storage=mask_secrets(cfg.storage)))), end="")
             return 0
         with handle_signals():
             result = run_sweep(cfg, worker=worker)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return error(exc)
     except Interrupted as exc:  # runs ended KILLED, the running trial FAIL
         print(f"error: {exc}; the sweep's runs ended KILLED and its running trial FAIL", file=sys.stderr)
         return exc.exit_code
-    print(result)
+    print(mask_secrets(str(result)))
     return 0
 
 

@@ -21,28 +21,10 @@ from stego_core.platform import tracking
 from stego_core.runtime import faults
 from sweeps.space import SweepConfig
 
-__all__ = ["RUN_ATTR", "close_stale_runs", "make_storage", "open_study", "sqlalchemy_url"]
+__all__ = ["RUN_ATTR", "close_stale_runs", "make_storage", "open_study"]
 
 #: Trial user attribute holding the trial's MLflow run id.
 RUN_ATTR = "mlflow_run_id"
-
-
-def sqlalchemy_url(url: str) -> str:
-    """``postgresql://`` (or ``postgres://``) with the installed driver named: SQLAlchemy 2.1 defaults to
-    psycopg 3, while this project pins ``psycopg2-binary``.
-
-    >>> sqlalchemy_url("postgres://u:pw@db/optuna").split("://")[0] in ("postgresql+psycopg2", "postgresql")
-    True
-    """
-    scheme, sep, rest = url.partition("://")
-    if scheme not in ("postgresql", "postgres"):
-        return url
-    try:
-        import psycopg  # noqa: F401  (SQLAlchemy's default PostgreSQL driver)
-
-        return f"postgresql{sep}{rest}"
-    except ImportError:
-        return f"postgresql+psycopg2{sep}{rest}"
 
 
 def make_storage(url: str, *, heartbeat_interval_s: int = 60, grace_period_s: int | None = None,
@@ -63,7 +45,7 @@ def make_storage(url: str, *, heartbeat_interval_s: int = 60, grace_period_s: in
     if "://" not in url:
         raise ValueError(f"storage={tracking.mask_secrets(url)!r} is not a database URL; use e.g. "
                          "sqlite:///optuna.db, postgresql://user:password@host:5432/db or journal:optuna.log")
-    url = sqlalchemy_url(url)
+    url = faults.sqlalchemy_url(faults.check_url(url, "storage"))
     engine_kwargs: dict[str, Any] = ({"connect_args": {"timeout": 60}} if url.startswith("sqlite")
                                      else {"pool_pre_ping": True})
     heartbeat: dict[str, Any] = {}

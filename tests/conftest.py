@@ -35,6 +35,46 @@ def _single_torch_thread() -> None:
     torch.set_num_threads(1)
 
 
+#: What belongs to the user in the project's folder: tests must never write there (issue 32, item 11).
+PROJECT_STATE = ("mlflow.db", "optuna.db", "mlruns", "mlartifacts", "outputs", "data")
+#: Environment variables of the user's shell that would send a test's runs, studies or files elsewhere.
+USER_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME",
+            "MLFLOW_EXPERIMENT_ID", "MLFLOW_ARTIFACT_URI", "MLFLOW_BACKEND_STORE_URI", "STEGO_OPTUNA_STORAGE",
+            "STEGO_WEIGHTS_CACHE", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT")
+
+
+def project_state(root: Path = REPO_ROOT) -> dict[str, tuple[int, int]]:
+    """``{relative path: (size, mtime_ns)}`` of every file of :data:`PROJECT_STATE` under ``root`` (a file that
+    is written, even with the same bytes, changes its mtime)."""
+    state = {}
+    for name in PROJECT_STATE:
+        top = root / name
+        files = [top] if top.is_file() else sorted(p for p in top.rglob("*") if p.is_file()) if top.is_dir() else []
+        for f in files:
+            st = f.stat()
+            state[str(f.relative_to(root))] = (st.st_size, st.st_mtime_ns)
+    return state
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_isolation(tmp_path_factory: pytest.TempPathFactory):
+    """Before any fixture of any scope: work from a session folder with a session tracking store, without the
+    user's MLflow / Optuna variables (``make test`` exports ``MLFLOW_TRACKING_URI=sqlite:///mlflow.db``), so no
+    test, module fixture or subprocess writes into the project's ``mlflow.db``, ``mlruns/``, ``outputs/`` or
+    ``data/``. At the end, those are checked unchanged (an error in the session's teardown otherwise)."""
+    before = project_state()
+    home = tmp_path_factory.mktemp("session")
+    with pytest.MonkeyPatch.context() as mp:
+        for name in USER_ENV:
+            mp.delenv(name, raising=False)
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
+        mp.chdir(home)
+        yield home
+    after = project_state()
+    changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+    assert not changed, f"tests wrote into the project's own store or outputs: {changed[:20]}"
+
+
 @pytest.fixture(autouse=True)
 def _isolated_mlflow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """Point MLflow at a SQLite store in ``tmp_path`` and run the test from ``tmp_path``.

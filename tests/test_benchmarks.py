@@ -69,7 +69,7 @@ def test_gpu_stego_dry_run_returns_weights_curves_and_the_rotation(tmp_path, mlf
     out, work = tmp_path / "out", tmp_path / "work"
     env = {**os.environ, "OUT": str(out), "WORK": str(work), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
            "MLFLOW_TRACKING_URI": mlflow_store}
-    proc = subprocess.run(["bash", str(root / "benchmarks" / "gpu_stego.sh"), "--dry-run"], cwd=root, env=env,
+    proc = subprocess.run(["bash", str(root / "benchmarks" / "gpu_stego.sh"), "--dry-run"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=900, check=False)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert sorted(p.name for p in out.iterdir()) == sorted(

@@ -34,6 +34,7 @@ def image_steps(run_id: str, key: str) -> set[int]:
     return {int(n[len(prefix):].split("+")[0]) for n in names if n.startswith(prefix)}
 
 
+@pytest.mark.slow
 def test_log_comparison_logs_tables_chart_and_says_n_is_too_small():
     with tracking.start_run("exp-comparison") as run:
         note = log_comparison(PER_CASE, title="Across cases")
@@ -64,6 +65,7 @@ def test_one_case_gives_one_sentence_and_no_degenerate_statistics():
     assert "±" not in note and "CI" not in note.replace("a CI 3", "") and "Wilcoxon" not in note
 
 
+@pytest.mark.slow
 def test_ablation_parent_compares_variants_across_cases(tmp_path):
     from stego_core.config import from_dict
     from stego_core.steps.ablation import AblationConfig, run_ablation
@@ -106,6 +108,7 @@ def _quiet_optuna() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
+@pytest.mark.slow
 def test_sweep_parent_compares_best_trials_across_seeds_without_per_case_scores():
     from sweeps.driver import run_sweep
 
@@ -128,6 +131,7 @@ def test_sweep_parent_compares_best_trials_across_seeds_without_per_case_scores(
     assert {"comparison.csv", "comparison.md"} <= files
 
 
+@pytest.mark.slow
 def test_sweep_parent_compares_best_trials_across_cases_when_trials_score_cases():
     from sweeps.driver import run_sweep
 

@@ -174,6 +174,7 @@ def test_preset_auto_runs_the_chosen_preset_and_says_why(tmp_path, mlflow_store,
     assert run.data.params["preset"] == ""  # the logged plan is the chosen preset's: it reruns as it ran
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not TWO_PHOTON or not MRA, reason="the shared real cases (../shared/data) are not here")
 def test_the_rule_on_every_shared_case():
     """The profile rule reads every real two-photon stack as two-photon and every MRA volume as MRA."""

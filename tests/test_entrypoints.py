@@ -184,6 +184,7 @@ def test_start_run_adopts_the_mlflow_run_project_run(monkeypatch):
     assert client.get_run(project_run).info.status == "FINISHED"
 
 
+@pytest.mark.slow
 def test_mlflow_run_prepare_lands_in_stego_vessels_on_a_server(tmp_path, mlflow_store, server_store):
     """The README's `mlflow run . -e prepare --env-manager local` (no --experiment-name) against a real
     `mlflow server`: the step's run is in the configured experiment, the project's placeholder in Default

@@ -27,6 +27,9 @@ TINY_TRAIN = ["data.root=data/tiny", "data.phantom.shape=[32, 32, 24]", "data.ph
               "model.code_dim=16", "train.val_every_n_steps=5", "train.batch_size=8", "train.progress=false",
               "train.accelerator=cpu", "log_model=false", "experiment=faults"]
 
+#: real processes, signals and stores: the whole module is the slow tier
+pytestmark = pytest.mark.slow
+
 
 #: DINO of a tiny ViT (4 blocks, patch 4) on 16-pixel crops of one tiny phantom; max_steps is set per test.
 TINY_PRETRAIN = ["data.root=data/tiny", "data.phantom.shape=[32, 32, 24]", "data.phantom.n_volumes=1",
@@ -67,6 +70,17 @@ def wait_until(condition, proc: subprocess.Popen, what: str, timeout: float = 12
     pytest.fail(f"{what} did not happen within {timeout} s")
 
 
+def finish(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
+    """``proc.communicate`` within ``timeout`` s; past it, the process is killed and the test fails with the end
+    of its stderr (what it was doing when it hung)."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"process still running {timeout} s after the signal:\n{err[-4000:]}")
+
+
 def error_line(err: str) -> str:
     """The one ``error:`` line of an entry point's stderr (it must be the last line, without a traceback)."""
     assert "Traceback" not in err, err[-3000:]
@@ -86,13 +100,13 @@ def test_storage_password_on_the_command_line_is_refused_and_never_recorded(mlfl
     url = f"postgresql://user:{PLANTED}@127.0.0.1:9/optuna"
     proc = spawn("-m", "sweeps.run", "--config", str(REPO_ROOT / "sweeps/configs/sweep_baseline.yaml"),
                  f"storage={url}", "n_trials=1")
-    out, err = proc.communicate(timeout=120)
+    out, err = finish(proc, timeout=120)
     assert proc.returncode == 2
     assert err.strip().startswith("error:") and "STEGO_OPTUNA_STORAGE" in err and "PGPASSWORD" in err
     # from the environment the password is accepted, and every recorded / printed form is masked
     proc = spawn("-m", "sweeps.run", "--config", str(REPO_ROOT / "sweeps/configs/sweep_baseline.yaml"),
                  "n_trials=1", env={**env(), faults.STORAGE_ENV: url})
-    out2, err2 = proc.communicate(timeout=120)
+    out2, err2 = finish(proc, timeout=120)
     assert proc.returncode == 2 and "cannot open Optuna storage" in err2 and "user:***@127.0.0.1:9" in err2
     for text in (out, err, out2, err2):
         assert PLANTED not in text
@@ -118,7 +132,7 @@ def test_postgres_sweep_stores_no_password(mlflow_store: str, tmp_path: Path) ->
                  "n_trials=1", f"study_name=faults-{os.getpid()}", "experiment=faults", "heartbeat_interval_s=0",
                  "data.root=data/tiny", "data.phantom.shape=[32, 32, 24]", "data.phantom.n_volumes=2",
                  env={**env(), faults.STORAGE_ENV: url})
-    out, err = proc.communicate(timeout=180)
+    out, err = finish(proc, timeout=180)
     assert proc.returncode == 0, err[-3000:]
     assert password not in out + err
     for path in tmp_path.rglob("*"):
@@ -135,7 +149,7 @@ def test_sigterm_during_training_ends_killed_exits_143_and_resumes(mlflow_store:
     proc = spawn("-m", "experiments.train", *TINY_TRAIN, "train.max_steps=100000")
     wait_for("outputs/**/checkpoints/last.ckpt", proc, timeout=120)
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=60)
+    out, err = finish(proc, timeout=60)
     assert proc.returncode == 143, err[-3000:]
     assert "error: interrupted by SIGTERM" in err
     (run,) = runs("faults")
@@ -148,7 +162,7 @@ def test_sigterm_during_training_ends_killed_exits_143_and_resumes(mlflow_store:
     # train.resume_from=<run id> continues from the interrupted step
     proc = spawn("-m", "experiments.train", *TINY_TRAIN, f"train.max_steps={step + 3}",
                  f"train.resume_from={run.info.run_id}")
-    out, err = proc.communicate(timeout=120)
+    out, err = finish(proc, timeout=120)
     assert proc.returncode == 0, err[-3000:]
     resumed = [r for r in runs("faults") if r.info.run_id != run.info.run_id][0]
     assert resumed.info.status == "FINISHED" and resumed.data.tags["resumed_from"] == run.info.run_id
@@ -168,7 +182,7 @@ def test_sigterm_during_pretraining_keeps_its_steps_and_resume_continues_them(ml
 
     wait_until(three_steps_logged, proc, "three pretraining steps", timeout=180)
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=60)
+    out, err = finish(proc, timeout=60)
     assert proc.returncode == 143, err[-3000:]
     (run,) = runs("faults")
     run_id, tags = run.info.run_id, run.data.tags
@@ -182,7 +196,7 @@ def test_sigterm_during_pretraining_keeps_its_steps_and_resume_continues_them(ml
     assert "checkpoints/interrupted.pt" in {a.path for a in tracking.client().list_artifacts(run_id, "checkpoints")}
     # resume=<run id> continues the same run from that step; its record is then the resumed attempt's
     proc = spawn("-m", "experiments.pretrain", *TINY_PRETRAIN, f"max_steps={step + 2}", f"resume={run_id}")
-    out, err = proc.communicate(timeout=180)
+    out, err = finish(proc, timeout=180)
     assert proc.returncode == 0, err[-3000:]
     (resumed,) = runs("faults")
     tags = resumed.data.tags
@@ -216,7 +230,7 @@ def test_pretrain_resume_checks_the_run_first_and_changes_nothing_on_refusal(mlf
                              (killed, f"resume='{killed}': the run has no checkpoint"),
                              (missing, f"resume='{missing}': there is no run with this id in the tracking store")):
         proc = spawn("-m", "experiments.pretrain", *TINY_PRETRAIN, "max_steps=2", f"resume={run_id}")
-        out, err = proc.communicate(timeout=120)
+        out, err = finish(proc, timeout=120)
         assert proc.returncode == 2, err[-3000:]
         assert error_line(err).startswith(f"error: {expected}")
     assert {run_id: record(run_id) for run_id in (baseline, killed)} == before
@@ -240,7 +254,7 @@ def test_weights_of_a_run_are_downloaded_once_into_a_cache(mlflow_store: str, tm
     files = []
     for _ in range(2):
         proc = spawn("-c", code, f"runs:/{run.run_id}", env={**env(), "TMPDIR": str(scratch)})
-        out, err = proc.communicate(timeout=120)
+        out, err = finish(proc, timeout=120)
         assert proc.returncode == 0, err[-3000:]
         files.append(Path(out.strip().splitlines()[-1]))
     cache = Path("outputs", "weights_cache", run.run_id)
@@ -254,7 +268,7 @@ def test_a_weights_file_that_is_not_one_is_named_in_one_line(mlflow_store: str, 
     notes.write_text("these are not weights\n")
     proc = spawn("-m", "experiments.train", *TINY_TRAIN, "model.backbone=mra_vit_t4_p4", "model.res=16",
                  f"model.weights={notes}", "train.max_steps=2")
-    out, err = proc.communicate(timeout=120)
+    out, err = finish(proc, timeout=120)
     assert proc.returncode == 2, err[-3000:]
     line = error_line(err)
     assert line.startswith(f"error: {notes} is not a weights file: expected a .safetensors file"), line
@@ -271,7 +285,7 @@ def test_sigint_during_a_sweep_fails_the_trial_kills_the_runs_and_exits_130(mlfl
     proc = spawn("-m", "sweeps.run", "--config", str(tmp_path / "sweep.yaml"), cwd=tmp_path)
     wait_for("outputs/**/checkpoints/last.ckpt", proc, timeout=120)
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
+    out, err = finish(proc, timeout=60)
     assert proc.returncode == 130, err[-3000:]
     study = optuna.load_study(study_name="faults-sigint", storage="sqlite:///optuna.db")
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL]
@@ -370,7 +384,7 @@ def test_sigkill_then_cleanup(mlflow_store: str, tmp_path: Path) -> None:
     dead = tracking.client().get_run(run_id)
     assert dead.info.status == "KILLED" and "is gone" in dead.data.tags["end_reason"]
     proc = spawn("-m", "stego_core.platform.doctor", "--cache", "outputs", "--data", "data/tiny")
-    out, err = proc.communicate(timeout=60)
+    out, err = finish(proc, timeout=60)
     assert proc.returncode == 0, err
     assert not partial.exists() and mine.exists()
     assert "half-made data folders" in out and ".tiny.tmp-999999" in out

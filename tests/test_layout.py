@@ -10,7 +10,7 @@ from conftest import REPO_ROOT
 
 PACKAGE = REPO_ROOT / "stego_core"
 #: Each room may import from its own level and the levels below it.
-LEVELS = {"_checks": 0, "_arrays": 0, "config": 0, "runtime": 1, "data": 2, "engine": 3, "evaluation": 4,
+LEVELS = {"_checks": 0, "_arrays": 0, "_markdown": 0, "config": 0, "runtime": 1, "data": 2, "engine": 3, "evaluation": 4,
           "report": 5, "features": 6, "methods": 7, "platform": 8, "steps": 9}
 
 

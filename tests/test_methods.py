@@ -140,7 +140,8 @@ def test_the_toy_runs_through_every_entry_point(tmp_path, toy, mlflow_store, mon
     # a sweep over its setting, through the baseline target
     from sweeps.driver import load_sweep_config, run_sweep
 
-    sweep = load_sweep_config(None, {"target": "baseline", "base_config": "experiments/configs/baseline.yaml",
+    base = str(REPO_ROOT / "experiments/configs/baseline.yaml")
+    sweep = load_sweep_config(None, {"target": "baseline", "base_config": base,
                                      "base_overrides": ["method=brightest", "progress=false", "viewer=false",
                                                         f"data.root={data.root}", "data.phantom.n_volumes=3",
                                                         "data.phantom.shape=[32,32,24]"],
@@ -148,7 +149,6 @@ def test_the_toy_runs_through_every_entry_point(tmp_path, toy, mlflow_store, mon
                                      "seeds": [0], "n_trials": 2, "pruner": "none", "log_plots": False,
                                      "study_name": "toy-sweep", "storage": f"sqlite:///{tmp_path / 'optuna.db'}",
                                      "experiment": "toy"})
-    monkeypatch.chdir(REPO_ROOT)
     done = run_sweep(sweep)
     assert done.states.get("COMPLETE") == 2 and all(ids == train_ids for ids in toy.FITTED[-2:])
 
@@ -161,7 +161,7 @@ def test_a_plugin_module_registers_its_method_for_the_entry_points(tmp_path, mlf
     out = subprocess.run([sys.executable, "-m", "experiments.baseline", "method=brightest", "settings={q: 95}",
                           f"data.root={tmp_path / 'ph'}", "data.phantom.n_volumes=3", "data.phantom.shape=[32,32,24]",
                           "progress=false", "viewer=false", f"output={tmp_path / 'o'}", "experiment=toy"],
-                         capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=600)
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "dice_mean=" in out.stdout
 

@@ -293,6 +293,7 @@ def test_write_results_validates_before_writing(tmp_path):
 # ----------------------------------------------------------------------------------------------- real case
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (REAL_CASE / "label.nii.gz").exists(), reason="real case not available")
 def test_real_label_against_itself():
     import nibabel as nib

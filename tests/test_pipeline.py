@@ -43,6 +43,7 @@ def _artifact_names(client, run_id: str) -> set[str]:
     return {a.path for a in client.list_artifacts(run_id)}
 
 
+@pytest.mark.slow
 def test_run_main_on_tiny_phantoms(tmp_path, monkeypatch, mlflow_store, server_store):
     """The demo on tiny phantoms against a real `mlflow server` (REST): every row a registered method, STEGO
     trained once for its two rows, its model reused by ``reconstruct``."""

@@ -192,6 +192,7 @@ def test_skull_strip_degenerate_and_bad_input():
 # the real case (skipped when absent)
 
 
+@pytest.mark.slow
 def test_skull_strip_real_case_keeps_labelled_vessels(real_case_dir: Path):
     # real_case_dir (conftest): STEGO_REAL_CASE or ../shared/data/mra_mni_0656; skips when absent
     image = np.asanyarray(nib.load(str(real_case_dir / "image.nii.gz")).dataobj)

@@ -86,6 +86,7 @@ def test_pretrain_logs_curves_figures_and_the_teacher_backbone(pretrained):
     assert pretrained.weights_path.suffix == ".safetensors"
 
 
+@pytest.mark.slow
 def test_pretrain_to_train_hand_off_by_run_id(pretrained, phantom1, tmp_path):
     result = run_train(_train_config(phantom1, tmp_path, f"runs:/{pretrained.run_id}"))
     run = tracking.client().get_run(result.run_id)
@@ -99,6 +100,7 @@ def test_pretrain_to_train_hand_off_by_run_id(pretrained, phantom1, tmp_path):
     torch.testing.assert_close(a(x), b(x))
 
 
+@pytest.mark.slow
 def test_pretraining_resumes_from_its_last_checkpoint(phantom1, tmp_path):
     first = run_pretrain(_pretrain_config(phantom1, tmp_path, figure_every=0))
     shutil.rmtree(first.output_dir / "checkpoints")  # another machine: the logged checkpoint is fetched
@@ -137,6 +139,7 @@ def test_pretrain_refuses_a_non_trainable_backbone(phantom1, tmp_path):
         run_pretrain(_pretrain_config(phantom1, tmp_path, backbone="classical"))
 
 
+@pytest.mark.slow
 def test_a_probe_is_logged_at_the_start_every_n_steps_and_at_the_end(phantom1, tmp_path):
     seen: list[tuple[bool, float]] = []
 

@@ -148,6 +148,7 @@ def test_binarize():
         binarize(prob, 1.5)
 
 
+@pytest.mark.slow
 def test_compiled_segmenter_equals_the_plain_one():
     """The fast path (torch.compile + inference mode) predicts what the plain module predicts."""
     import torch

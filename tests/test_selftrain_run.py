@@ -21,7 +21,6 @@ TINY = ["data.phantom.n_volumes=2", "data.phantom.shape=[64,64,32]", "split=all"
 def test_selftrain_run_scores_student_beside_teacher(tmp_path, mlflow_store, monkeypatch):
     from stego_core.steps.selftrain import run_selftrain
 
-    monkeypatch.chdir(REPO_ROOT)  # the teacher preset path is relative to the project
     cfg = load_config(SelfTrainConfig, REPO_ROOT / "experiments/configs/selftrain.yaml",
                       [f"data.root={tmp_path / 'ph'}", f"output={tmp_path / 'out'}", *TINY])
     result = run_selftrain(cfg)

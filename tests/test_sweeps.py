@@ -145,6 +145,7 @@ def test_storage_errors_mask_the_password() -> None:
 # --------------------------------------------------------------------------------------------- in-process sweeps
 
 
+@pytest.mark.slow
 def test_stego_sweep_nested_runs_best_trial_and_resume() -> None:
     space = {"model.n_clusters": {"type": "int", "low": 2, "high": 3},
              "train.lr_head": {"type": "float", "low": 1e-4, "high": 2e-3, "log": True}}
@@ -224,6 +225,7 @@ def fake_train(values: dict[int, float], *, fail_on: int):
     return train
 
 
+@pytest.mark.slow
 def test_failed_and_pruned_trials_are_recorded_and_the_sweep_goes_on() -> None:
     cfg = sweep_config(study_name="fake", space={"model.n_clusters": {"type": "categorical", "choices": [2, 3, 4]}},
                        seeds=(0, 1), n_trials=3, sampler="grid", pruner="threshold",
@@ -250,6 +252,7 @@ def test_failed_and_pruned_trials_are_recorded_and_the_sweep_goes_on() -> None:
     assert {t.state for t in study.trials} == {TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED}
 
 
+@pytest.mark.slow
 def test_baseline_sweep_through_the_cli_as_mlproject_calls_it(capsys: pytest.CaptureFixture) -> None:
     from sweeps.run import main
 

@@ -103,6 +103,7 @@ def e2e(tmp_path_factory, _mlflow_template_db, data3):
 # --------------------------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow
 def test_train_run_records_everything(e2e, data3, tmp_path):
     client, trained = e2e["client"], e2e["train"]
     run = client.get_run(trained.run_id)
@@ -156,6 +157,7 @@ def test_train_run_records_everything(e2e, data3, tmp_path):
                         "validation": ",".join(c.case_id for c in test_cases)}
 
 
+@pytest.mark.slow
 def test_reconstruct_run_links_training_and_shares_metric_keys(e2e, data3):
     client, trained, recon = e2e["client"], e2e["train"], e2e["reconstruct"]
     run = client.get_run(recon.run_id)
@@ -181,6 +183,7 @@ def test_reconstruct_run_links_training_and_shares_metric_keys(e2e, data3):
             "evaluation_results.txt", "evaluation_results.csv"} <= artifacts
 
 
+@pytest.mark.slow
 def test_logged_model_loads_and_predicts(e2e, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", e2e["uri"])
     trained = e2e["train"]
@@ -208,6 +211,7 @@ def test_logged_model_loads_and_predicts(e2e, monkeypatch):
 # --------------------------------------------------------------------------------------------- reproducibility
 
 
+@pytest.mark.slow
 def test_seeded_runs_are_reproducible(data3, tmp_path):
     first = run_train(_train_config(data3, tmp_path, **{"train.seed": 0}))
     second = run_train(_train_config(data3, tmp_path, **{"train.seed": 0}))
@@ -227,6 +231,7 @@ def test_seeded_runs_are_reproducible(data3, tmp_path):
 # --------------------------------------------------------------------------------------------- cluster mapping
 
 
+@pytest.mark.slow
 def test_single_case_uses_brightness_and_refuses_label_rules(data1, tmp_path):
     result = run_train(_train_config(data1, tmp_path, **{"train.max_steps": 4}))
     client = tracking.client()
@@ -241,6 +246,7 @@ def test_single_case_uses_brightness_and_refuses_label_rules(data1, tmp_path):
     assert len(failed) == 1 and "overlap" in failed[0].data.tags["error"]
 
 
+@pytest.mark.slow
 def test_bright_cut_rule_maps_several_clusters_without_labels(data1, tmp_path):
     result = run_train(_train_config(data1, tmp_path, **{"train.max_steps": 2, "model.n_clusters": 16,
                                                        "model.cluster_fit": "kmeans",
@@ -252,6 +258,7 @@ def test_bright_cut_rule_maps_several_clusters_without_labels(data1, tmp_path):
     assert "bright_quantile: 99.0" in plan  # at its default: in the plan, not a parameter
 
 
+@pytest.mark.slow
 def test_requested_label_rule_is_the_one_applied(data3, tmp_path):
     # model.cluster_rule=majority with K=2 must not silently become Hungarian matching (what 'auto' picks)
     result = run_train(_train_config(data3, tmp_path, **{"model.cluster_rule": "majority", "train.max_steps": 2}))
@@ -292,6 +299,7 @@ def test_hub_weights_offline_fail_fast_and_run_failed(data1, tmp_path, monkeypat
     assert "error.txt" in _artifacts(client, run.info.run_id)
 
 
+@pytest.mark.slow
 def test_vit_trains_from_a_local_weights_file(data1, tmp_path):
     from stego_core.features.backbones import build_backbone
 
@@ -314,6 +322,7 @@ def test_vit_trains_from_a_local_weights_file(data1, tmp_path):
     assert np.isfinite(result.metrics["val/dice"])
 
 
+@pytest.mark.slow
 def test_kmeans_cluster_fit_maps_with_refitted_centroids(data3, tmp_path):
     """model.cluster_fit=kmeans: the segmenter's centroids are k-means of the codes, not the trained probe."""
     from stego_core.methods.stego.mapping import refit_centroids

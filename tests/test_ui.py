@@ -59,9 +59,12 @@ def test_links_only_existing_experiments_with_the_methods_view(capsys):
 
 
 def test_server_command_is_one_worker_without_job_runner():
-    argv, env = ui.server_command("sqlite:///x.db", host="127.0.0.1", port=5001)
+    store = "postgresql+psycopg2://alice:S3cret/PW@127.0.0.1/mlf"
+    argv, env = ui.server_command(store, host="127.0.0.1", port=5001)
     assert argv[1:4] == ["-m", "mlflow", "ui"] and argv[argv.index("--workers") + 1] == "1"
     assert env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
+    # the store (a password in it) goes through the environment, never the command line `ps` shows
+    assert env["MLFLOW_BACKEND_STORE_URI"] == store and not any("S3cret" in a for a in argv)
 
 
 @pytest.mark.slow
@@ -70,7 +73,7 @@ def test_make_ui_serves_the_link_with_two_processes(tmp_path):
 
     experiment_id = demo_like_store()
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "stego_core.platform.ui", "--port", str(port)], cwd=REPO_ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "stego_core.platform.ui", "--port", str(port)], cwd=tmp_path,
                             env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:

@@ -30,6 +30,8 @@ import numpy as np
 from scipy import stats as _scipy_stats
 
 from stego_core._checks import check_range
+from stego_core._markdown import cell
+from stego_core._markdown import row as md_row
 
 __all__ = [
     "bootstrap_ci",
@@ -450,7 +452,7 @@ def comparison_markdown(rows: Sequence[Mapping[str, object]], metric: str, *, di
         return f"[{_number(low, digits)}, {_number(high, digits)}]" if n >= MIN_CI_N else "—"
 
     for row in rows:
-        name = f"**{row['method']}** (best)" if row["is_best"] else str(row["method"])
+        name = f"**{cell(row['method'])}** (best)" if row["is_best"] else cell(row["method"])
         cells = [name, str(row["n"]), _number(row["mean"], digits), _number(row["std"], digits),
                  _number(row["median"], digits), interval(row["ci_low"], row["ci_high"], int(row["n"]))]
         if row["is_best"]:
@@ -462,8 +464,8 @@ def comparison_markdown(rows: Sequence[Mapping[str, object]], metric: str, *, di
             if tested:
                 cells.append(_p(row["p_value"]))
                 if row.get("note"):
-                    notes.append(f"- {row['method']}: {row['note']}")
-        lines.append("| " + " | ".join(cells) + " |")
+                    notes.append(f"- {cell(row['method'])}: {row['note']}")
+        lines.append(md_row(cells))
     text = "\n".join(lines)
     sentences = omitted(rows, unit=unit, alpha=alpha)
     if sentences and explain:

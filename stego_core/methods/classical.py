@@ -59,6 +59,7 @@ from stego_core._checks import (
     check_range,
     check_same_shape,
 )
+from stego_core.config import from_dict
 from stego_core.data.preprocess import bright_percentile
 from stego_core.engine.segmenter import Segmenter
 from stego_core.methods.vesselness import (
@@ -842,7 +843,7 @@ def build_segmenter(name: str, **settings: object) -> Segmenter:
             close = difflib.get_close_matches(key, valid, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ValueError(f"unknown setting {key!r} for segmenter {name!r}{hint}; valid settings: {valid}")
-    return cls(**settings)
+    return from_dict(cls, dict(settings), prefix="settings.")  # values converted to their types, a bad one named
 
 
 # ---------------------------------------------------------------------------------------- as registered methods

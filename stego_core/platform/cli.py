@@ -14,7 +14,8 @@ from typing import Any, TypeVar
 from stego_core.config import load_config, plan_yaml
 from stego_core.evaluation.metrics import OBJECTIVE_KEYS
 from stego_core.platform.console import setup_logging
-from stego_core.runtime.faults import Interrupted, handle_signals
+from stego_core.runtime import distributed
+from stego_core.runtime.faults import Interrupted, handle_signals, mask_logging, mask_secrets
 
 T = TypeVar("T")
 #: Metric keys an entry point prints after a run.
@@ -57,27 +58,33 @@ def run(cls: type[T], fn: Callable[[T], Any], argv: list[str] | None, *, descrip
     SIGTERM / SIGINT exit 143 / 130 (see :func:`stego_core.runtime.faults.handle_signals`). ``--print-config`` prints
     the resolved plan and exits 0 without calling ``fn``."""
     setup_logging()  # time-stamped lines, no library chatter, no progress bars in a log file
+    mask_logging(capture_warnings=True)  # URL passwords never reach a log line
     config_path, overrides, print_config = parse_args(argv, description, default_config)
     try:
         config = load_config(cls, config_path, overrides)
     except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return error(exc)
     if print_config:
-        print(plan_yaml(config), end="")
+        print(mask_secrets(plan_yaml(config)), end="")
         return 0
     try:
         with handle_signals():
             result = fn(config)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return error(exc)
     except Interrupted as exc:  # SIGTERM / SIGINT: the run ended KILLED; exit 143 / 130 like a killed process
         print(f"error: {exc}; the run ended KILLED", file=sys.stderr)
         return exc.exit_code
-    if result is not None:
-        print(describe(result))
+    if result is not None and distributed.is_main():  # one summary per job, from rank 0
+        print(mask_secrets(describe(result)))
     return 0
+
+
+def error(exc: BaseException, code: int = 2) -> int:
+    """Print ``error: <exc>`` on one line (URL passwords masked) to stderr; returns ``code``."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    print(f"error: {mask_secrets(text)}", file=sys.stderr)
+    return code
 
 
 def describe(result: Any) -> str:

@@ -28,6 +28,7 @@ from mlflow.tracking import MlflowClient
 
 from stego_core.data.io import Case
 from stego_core.runtime import distributed, faults
+from stego_core.runtime.faults import mask_secrets  # noqa: F401  (re-exported: what every writer masks with)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 #: The artifact holding every run's resolved plan (:func:`log_plan`).
@@ -46,21 +47,31 @@ def _main_only(fn: Any) -> Any:
     return wrapper
 
 
+def _whole(fn: Any) -> Any:
+    """Run ``fn`` (a write to the tracking store) with SIGTERM / SIGINT held back until it is done
+    (:func:`stego_core.runtime.faults.deferred_signals`): a signal that interrupted a store transaction half-way
+    could leave SQLite's write lock with a connection that is never closed, and every write after it (the runs
+    ending KILLED) would wait for it until SQLite's busy timeout, then fail."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with faults.deferred_signals():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 def tracking_uri() -> str:
-    """The tracking URI in force: ``MLFLOW_TRACKING_URI`` if set, else :data:`DEFAULT_TRACKING_URI`."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    """The tracking URI in force: ``MLFLOW_TRACKING_URI`` if set, else :data:`DEFAULT_TRACKING_URI`;
+    ``postgresql://`` names the installed driver (:func:`stego_core.runtime.faults.sqlalchemy_url`).
 
-
-def mask_secrets(url: str) -> str:
-    """Replace the password of a URL (``scheme://user:password@host``) with ``***``.
-
-    >>> mask_secrets("postgresql://optuna:s3cret@db:5432/optuna")
-    'postgresql://optuna:***@db:5432/optuna'
-    >>> mask_secrets("sqlite:///optuna.db")
-    'sqlite:///optuna.db'
+    Raises
+    ------
+    ValueError
+        A password the URL parser would split (an unescaped ``@``; ``/`` in an http URL), naming the variable.
     """
-    url = re.sub(r"(://[^:/@]+:)[^@/]*@", r"\1***@", url)
-    return re.sub(r"([?&]password=)[^&]*", r"\1***", url, flags=re.IGNORECASE)
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    return faults.sqlalchemy_url(faults.check_url(uri, "MLFLOW_TRACKING_URI"))
 
 
 def git_commit(repo: str | Path | None = None) -> str:
@@ -94,9 +105,16 @@ class RunHandle:
 
 def _ensure_tracking() -> None:
     """Point MLflow at :func:`tracking_uri`, opening (creating, migrating) the store under a file lock beside a
-    SQLite database: MLflow's own schema migration races when processes start together on a new store."""
+    SQLite database: MLflow's own schema migration races when processes start together on a new store.
+
+    With credentials in the URI, MLflow's own end-of-run lines ("View run ... at: http://user:password@...") are
+    turned off (``MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT``; :func:`start_run` prints the link without them) and
+    every log line passes :class:`stego_core.runtime.faults.SecretFilter`."""
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
+    faults.mask_logging()
+    if faults.has_password(uri) or faults.opener_credentials(uri)[0]:
+        os.environ[_SUPPRESS_LINK_ENV] = "true"
     try:
         with faults.store_lock(uri):
             MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
@@ -104,6 +122,28 @@ def _ensure_tracking() -> None:
         first = (str(exc).strip().splitlines() or [""])[0]
         raise RuntimeError(f"cannot open the MLflow tracking store {mask_secrets(uri)}: {type(exc).__name__}: "
                            f"{mask_secrets(first)[:300]}") from None
+
+
+#: MLflow prints "View run <name> at: <tracking URI>/#/..." at the end of each run on an http store unless this
+#: is true; the tracking URI may hold a password.
+_SUPPRESS_LINK_ENV = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
+
+
+def run_link(run_id: str, experiment_id: str, *, uri: str | None = None) -> str | None:
+    """The run's page on an ``http(s)`` tracking server (``uri``, default :func:`tracking_uri`), without the URI's
+    credentials; None for other stores.
+
+    >>> run_link("abc", "1", uri="http://alice:S3cret@127.0.0.1:5000/")
+    'http://127.0.0.1:5000/#/experiments/1/runs/abc'
+    """
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri or tracking_uri())
+    if parts.scheme not in ("http", "https"):
+        return None
+    host = parts.netloc.rpartition("@")[2]
+    base = urlunsplit((parts.scheme, host, parts.path.rstrip("/"), "", ""))
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 #: The id of MLflow's "Default" experiment, where `mlflow run` puts its run unless told `--experiment-name`.
@@ -179,12 +219,12 @@ def _claim_end(run_id: str, exc: BaseException) -> str | None:
     c.set_tag(run_id, END_RANK_TAG, str(rank))
     c.set_tag(run_id, END_STATUS_TAG, status)
     if rank != 0:
-        message = f"rank {rank}: {type(exc).__name__}: {exc}"[:4000]
+        message = mask_secrets(f"rank {rank}: {type(exc).__name__}: {exc}")[:4000]
         with contextlib.suppress(Exception):
             if status == "KILLED":
                 c.set_tag(run_id, "end_reason", message)
             else:
-                c.log_text(run_id, f"rank {rank}\n{traceback.format_exc()}", "error.txt")
+                c.log_text(run_id, mask_secrets(f"rank {rank}\n{traceback.format_exc()}"), "error.txt")
                 c.set_tag(run_id, "error", message)
         c.set_terminated(run_id, status=status)
     return None
@@ -208,67 +248,125 @@ def start_run(experiment: str, *, run_name: str | None = None, tags: Mapping[str
     Launched as several processes, rank 0 opens and ends the run and the others only get its id, but the first
     rank to fail or be signalled decides how it ends (:func:`_claim_end`): a failure on any rank ends it FAILED
     with that rank's error, a SIGTERM to any rank KILLED, whatever the ranks torn down after it raise.
+
+    The parts, in order: :func:`_follow_run` (a rank other than 0), :func:`_choose_experiment`,
+    :func:`_run_tags`, :func:`_prepare_handle`, then :func:`_end_after` when the body raises and
+    :func:`_print_link` when the run has ended.
     """
     launched = distributed.world_size() > 1
     if launched:
         distributed.init_from_env()
         if not distributed.is_main():  # rank 0 opens the run; the others get its id and write nothing
-            run_id, experiment_id = distributed.broadcast_object(None)
-            handle = RunHandle(run_id, experiment_id, Path(output_root) / run_id)
-            handle.output_dir.mkdir(parents=True, exist_ok=True)
-            try:
+            with _follow_run(output_root) as handle:
                 yield handle
-            except BaseException as exc:
-                with contextlib.suppress(Exception):
-                    _claim_end(run_id, exc)
-                raise
             return
     _ensure_tracking()
-    redirected_from = None
-    if run_id is None:
-        adopted, redirected_from = _project_run_to_adopt(experiment)
-        if adopted is None and nested and mlflow.active_run() is not None:
-            # A nested run lives in its parent's experiment, whatever that is.
-            mlflow.set_experiment(experiment_id=mlflow.active_run().info.experiment_id)
-        elif adopted is None:
-            _mark_model_training(mlflow.set_experiment(experiment))
+    redirected_from = _choose_experiment(experiment, nested=nested, resume=run_id is not None)
     if not nested and run_id is None:
         with contextlib.suppress(Exception):  # runs left RUNNING by killed processes end KILLED
             reap_dead_runs(client())
-    all_tags = {"git_commit": git_commit(), **faults.owner_tags(), **(tags or {})}
-    if description and run_id is None:
-        all_tags[NOTE_TAG] = description
     system = log_system_metrics and system_metrics_available()
-    with mlflow.start_run(run_name=run_name, nested=nested, run_id=run_id, tags=all_tags,
-                          log_system_metrics=system or None) as run:
-        if redirected_from is not None:
-            with contextlib.suppress(Exception):
-                mlflow.set_tags({**_point_project_run(redirected_from, run), "stego.project_run_id": redirected_from})
-        if description and run_id is not None and NOTE_TAG not in run.data.tags:
-            mlflow.set_tag(NOTE_TAG, description)
-        handle = RunHandle(run.info.run_id, run.info.experiment_id, Path(output_root) / run.info.run_id)
-        handle.output_dir.mkdir(parents=True, exist_ok=True)
-        if distributed.world_size() > 1:
-            distributed.broadcast_object((handle.run_id, handle.experiment_id))
-        try:
-            yield handle
-        except BaseException as exc:
-            ended = None
-            if launched:
-                with contextlib.suppress(Exception):
-                    ended = _claim_end(handle.run_id, exc)
-            if ended is not None:  # another rank failed or was signalled first: its status stands
-                mlflow.end_run(status=ended)
-            elif _end_status(exc) == "KILLED":
-                with contextlib.suppress(Exception):
-                    mlflow.set_tag("end_reason", f"{type(exc).__name__}: {exc}"[:4000])
-                mlflow.end_run(status="KILLED")
-            else:
-                with contextlib.suppress(Exception):
-                    mlflow.log_text(traceback.format_exc(), "error.txt")
-                    mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:4000])
-                mlflow.end_run(status="FAILED")
-            raise
+    handle = None
+    try:
+        with mlflow.start_run(run_name=run_name, nested=nested, run_id=run_id,
+                              tags=_run_tags(tags, description, resume=run_id is not None),
+                              log_system_metrics=system or None) as run:
+            handle = _prepare_handle(run, output_root, redirected_from=redirected_from, description=description,
+                                     resume=run_id is not None)
+            try:
+                yield handle
+            except BaseException as exc:
+                _end_after(exc, handle.run_id, launched=launched)
+                raise
+    finally:
+        if handle is not None:
+            _print_link(handle)
+
+
+@contextlib.contextmanager
+def _follow_run(output_root: str | Path) -> Iterator[RunHandle]:
+    """A rank other than 0 of a launched run: rank 0's run id and experiment (broadcast), a local output folder,
+    and, when the body raises, the claim to decide how the run ends (:func:`_claim_end`)."""
+    run_id, experiment_id = distributed.broadcast_object(None)
+    handle = RunHandle(run_id, experiment_id, Path(output_root) / run_id)
+    handle.output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        yield handle
+    except BaseException as exc:
+        with contextlib.suppress(Exception):
+            _claim_end(run_id, exc)
+        raise
+
+
+def _choose_experiment(experiment: str, *, nested: bool, resume: bool) -> str | None:
+    """Make MLflow open the next run in the right experiment: the project's run's (adopted, under ``mlflow
+    run``), the parent's (a nested run), else ``experiment`` (tagged a model-training experiment). A resumed run
+    stays where it is. Returns the project run to point at the new run, when ``mlflow run`` left it in
+    "Default" (:func:`_project_run_to_adopt`)."""
+    if resume:
+        return None
+    adopted, redirected_from = _project_run_to_adopt(experiment)
+    if adopted is None and nested and mlflow.active_run() is not None:
+        # A nested run lives in its parent's experiment, whatever that is.
+        mlflow.set_experiment(experiment_id=mlflow.active_run().info.experiment_id)
+    elif adopted is None:
+        _mark_model_training(mlflow.set_experiment(experiment))
+    return redirected_from
+
+
+def _run_tags(tags: Mapping[str, str] | None, description: str | None, *, resume: bool) -> dict[str, str]:
+    """The tags a run opens with: git commit, owner (:func:`stego_core.runtime.faults.owner_tags`), the caller's
+    (keys made safe, :func:`safe_key`), and the description of a new run."""
+    all_tags = {"git_commit": git_commit(), **faults.owner_tags(),
+                **{safe_key(k): str(v) for k, v in (tags or {}).items()}}
+    if description and not resume:
+        all_tags[NOTE_TAG] = description
+    return all_tags
+
+
+def _prepare_handle(run: Any, output_root: str | Path, *, redirected_from: str | None, description: str | None,
+                    resume: bool) -> RunHandle:
+    """What a just opened run needs before its body: the link from the project's placeholder run, the
+    description of a resumed run that had none, its output folder, and its id sent to the other ranks."""
+    if redirected_from is not None:
+        with contextlib.suppress(Exception):
+            mlflow.set_tags({**_point_project_run(redirected_from, run), "stego.project_run_id": redirected_from})
+    if description and resume and NOTE_TAG not in run.data.tags:
+        mlflow.set_tag(NOTE_TAG, description)
+    handle = RunHandle(run.info.run_id, run.info.experiment_id, Path(output_root) / run.info.run_id)
+    handle.output_dir.mkdir(parents=True, exist_ok=True)
+    if distributed.world_size() > 1:
+        distributed.broadcast_object((handle.run_id, handle.experiment_id))
+    return handle
+
+
+def _end_after(exc: BaseException, run_id: str, *, launched: bool) -> None:
+    """End the active run after its body raised ``exc``: with the status another rank claimed first, KILLED
+    (``end_reason``) for a signal or :class:`RunKilled`, else FAILED with ``error`` and ``error.txt`` (URL
+    passwords masked in both)."""
+    ended = None
+    if launched:
+        with contextlib.suppress(Exception):
+            ended = _claim_end(run_id, exc)
+    if ended is not None:  # another rank failed or was signalled first: its status stands
+        mlflow.end_run(status=ended)
+    elif _end_status(exc) == "KILLED":
+        with contextlib.suppress(Exception):
+            mlflow.set_tag("end_reason", mask_secrets(f"{type(exc).__name__}: {exc}")[:4000])
+        mlflow.end_run(status="KILLED")
+    else:
+        with contextlib.suppress(Exception):
+            mlflow.log_text(mask_secrets(traceback.format_exc()), "error.txt")
+            mlflow.set_tag("error", mask_secrets(f"{type(exc).__name__}: {exc}")[:4000])
+        mlflow.end_run(status="FAILED")
+
+
+def _print_link(handle: RunHandle) -> None:
+    """Print the ended run's page on an http tracking server without the URI's credentials, where MLflow's own
+    line (which would show them) is turned off (:func:`_ensure_tracking`)."""
+    link = run_link(handle.run_id, handle.experiment_id)
+    if link and os.environ.get(_SUPPRESS_LINK_ENV) == "true":
+        print(f"View run {handle.run_id} at: {link}", flush=True)
 
 
 def reap_dead_runs(client: Any, *, dry_run: bool = False) -> list[str]:
@@ -310,6 +408,7 @@ def _mark_model_training(exp: Any) -> None:
 
 
 @_main_only
+@_whole
 def set_description(text: str) -> None:
     """Set the active run's markdown description (the run page's "Description", ``mlflow.note.content``)."""
     mlflow.set_tag(NOTE_TAG, text)
@@ -342,7 +441,49 @@ def safe_key(name: str) -> str:
     return _KEY_CHARS.sub("_", str(name))
 
 
+#: Tags ``case_key/<metric-key form>`` = the case id, on runs whose case ids MLflow's names cannot hold.
+CASE_KEY_TAG = "case_key/"
+
+
+def case_keys(case_ids: Iterable[str]) -> dict[str, str]:
+    """``{case id: the form its metric keys take}`` (:func:`safe_key`) for the ids that :func:`safe_key` changes.
+
+    Raises
+    ------
+    ValueError
+        Two case ids become the same key (their metrics would overwrite each other), naming both.
+
+    >>> case_keys(["plain", "a_b_*c*"])
+    {'a_b_*c*': 'a_b__c_'}
+    """
+    seen: dict[str, str] = {}
+    changed = {}
+    for case_id in case_ids:
+        key = safe_key(case_id)
+        if seen.get(key, case_id) != case_id:
+            raise ValueError(f"case ids {seen[key]!r} and {case_id!r} both become the metric key {key!r} (MLflow "
+                             "names hold only letters, digits and _-. :/); rename one of the case folders")
+        seen[key] = case_id
+        if key != case_id:
+            changed[case_id] = key
+    return changed
+
+
+def tag_case_keys(case_ids: Iterable[str]) -> None:
+    """Check the case ids' metric keys (:func:`case_keys`) and tag the active run ``case_key/<key>`` = the case id
+    for each one changed, so that readers of its metrics show the real names (:func:`case_names`)."""
+    changed = case_keys(case_ids)
+    if changed:
+        set_tags({f"{CASE_KEY_TAG}{key}": case_id for case_id, key in changed.items()})
+
+
+def case_names(tags: Mapping[str, str]) -> dict[str, str]:
+    """``{metric-key form: case id}`` from a run's tags (:func:`tag_case_keys`); absent keys are the ids."""
+    return {k[len(CASE_KEY_TAG):]: v for k, v in tags.items() if k.startswith(CASE_KEY_TAG)}
+
+
 @_main_only
+@_whole
 def log_params(params: Mapping[str, Any]) -> None:
     """Log params in batches; keys made safe (:func:`safe_key`), long values truncated to MLflow's limit, URLs
     masked."""
@@ -373,6 +514,7 @@ def log_plan(config: Any, output_dir: str | Path, *, params: Mapping[str, Any] |
 
 
 @_main_only
+@_whole
 def log_metrics(metrics: Mapping[str, float], *, step: int | None = None) -> None:
     """Log numeric metrics (non-finite values are skipped with a warning)."""
     finite = {}
@@ -386,11 +528,13 @@ def log_metrics(metrics: Mapping[str, float], *, step: int | None = None) -> Non
 
 
 @_main_only
+@_whole
 def set_tags(tags: Mapping[str, Any]) -> None:
     mlflow.set_tags({safe_key(k): str(v) for k, v in tags.items()})
 
 
 @_main_only
+@_whole
 def delete_tags(keys: Iterable[str]) -> None:
     """Remove tags of the active run (those it does not have are skipped), e.g. a previous attempt's end."""
     c = MlflowClient()
@@ -433,6 +577,7 @@ def figure_array(figure: Any) -> Any:
     return rgb
 
 
+@_whole
 def log_image(figure: Any, key: str, *, step: int) -> None:
     """Log a matplotlib figure (or an image array) as the stepped image ``key`` at ``step``: the run page's
     image panel then shows one card per key with a step slider."""
@@ -447,6 +592,7 @@ def log_image(figure: Any, key: str, *, step: int) -> None:
 
 
 @_main_only
+@_whole
 def log_text(text: str, artifact_file: str) -> None:
     mlflow.log_text(text, artifact_file)
 
@@ -481,6 +627,7 @@ def log_dataset(cases: list[Case], *, name: str, context: str, source: str) -> N
 _DUPLICATE_ROW = ("UNIQUE constraint failed", "IntegrityError", "duplicate key value", "Duplicate entry")
 
 
+@_whole
 def log_input(dataset: Any, *, context: str, tags: Mapping[str, str], attempts: int = 5) -> None:
     """``mlflow.log_input`` that processes logging the same dataset at the same time all survive.
 
@@ -577,6 +724,7 @@ def run_of_model(model_uri: str) -> str | None:
 
 
 @_main_only
+@_whole
 def register_model(model_uri: str, name: str, *, tags: Mapping[str, Any] | None = None,
                    description: str | None = None) -> str:
     """Register ``model_uri`` in the model registry as a new version of ``name`` (created if missing), with
@@ -643,11 +791,21 @@ def log_learned(method: str, settings: Any, state: Any, *, name: str = "model") 
 
 
 def _model_metadata(model_uri: str) -> dict[str, Any]:
+    """The metadata of the model at ``model_uri``, read from its ``MLmodel`` file downloaded into a temporary
+    folder that is removed (``Model.load`` of a URI leaves its copy in ``$TMPDIR``)."""
+    import tempfile
+
     from mlflow.models import Model
+    from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
 
     _ensure_tracking()
     try:
-        return dict(Model.load(model_uri).metadata or {})
+        where = model_uri.rstrip("/")
+        if ModelsArtifactRepository._is_logged_model_uri(where):  # models:/<model id>, as Model.load reads it
+            where = ModelsArtifactRepository.get_underlying_uri(where)
+        with tempfile.TemporaryDirectory(prefix="stego-model-") as tmp:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=f"{where}/MLmodel", dst_path=tmp)
+            return dict(Model.load(local).metadata or {})
     except Exception as exc:  # noqa: BLE001 - MLflow raises several kinds for a missing model
         text = (str(exc).strip().splitlines() or [""])[0][:300]
         raise ValueError(f"model_uri={model_uri!r}: no model there ({type(exc).__name__}: {text})") from None

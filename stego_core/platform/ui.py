@@ -160,10 +160,13 @@ def experiment_links(names: Sequence[str], *, base: str) -> tuple[list[tuple[str
 def server_command(backend_store_uri: str, *, host: str, port: int, workers: int = 1
                    ) -> tuple[list[str], dict[str, str]]:
     """``mlflow ui`` for one local user: ``workers`` uvicorn worker(s), no job runner, and this project's app
-    (:data:`APP_NAME`: MLflow's own plus the landing pages of :mod:`stego_core.platform.ui_app`); ``(argv, env)``."""
-    argv = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", backend_store_uri, "--host", host,
-            "--port", str(port), "--workers", str(workers), "--app-name", APP_NAME]
-    return argv, {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **app_entry_point_env()}
+    (:data:`APP_NAME`: MLflow's own plus the landing pages of :mod:`stego_core.platform.ui_app`); ``(argv, env)``.
+    The store's URI goes in the environment (``MLFLOW_BACKEND_STORE_URI``), not on the command line, which every
+    user of the machine can read (``ps``) and which is printed: it may hold a password."""
+    argv = [sys.executable, "-m", "mlflow", "ui", "--host", host, "--port", str(port), "--workers", str(workers),
+            "--app-name", APP_NAME]
+    return argv, {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+                  "MLFLOW_BACKEND_STORE_URI": backend_store_uri, **app_entry_point_env()}
 
 
 HOW_TO_STAY = ("These links open the UI in its model-training view and the browser keeps it (MLflow 3 opens in "
@@ -259,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_only:
         return 0
     command, env = server_command(tracking.tracking_uri(), host=args.host, port=args.port, workers=args.workers)
-    print(f"starting: MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false {' '.join(command[1:])}", flush=True)
+    print(f"starting: MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false MLFLOW_BACKEND_STORE_URI="
+          f"{tracking.mask_secrets(env['MLFLOW_BACKEND_STORE_URI'])} {' '.join(command[1:])}", flush=True)
     os.execvpe(command[0], command, env)
     return 0  # pragma: no cover - exec does not return
 

@@ -197,14 +197,14 @@ def main_first() -> Iterator[None]:
         barrier()
 
 
-def broadcast_object(obj: T) -> T:
-    """Rank 0's ``obj`` on every rank (any picklable object)."""
+def broadcast_object(obj: T, *, src: int = 0) -> T:
+    """Rank ``src``'s ``obj`` on every rank (any picklable object)."""
     if not _initialized():
         return obj
     import torch.distributed as dist
 
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=src)
     return box[0]
 
 

@@ -20,6 +20,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from stego_core._checks import check_choice
+from stego_core._markdown import cell
+from stego_core._markdown import row as md_row
 from stego_core.config import to_dict
 from stego_core.data.cases import (
     DataConfig,
@@ -242,7 +244,7 @@ def _markdown(rows: list[dict[str, Any]]) -> str:
     cases = list(dict.fromkeys(r["case_id"] for r in rows))
     keys = list(dict.fromkeys((r["method"], r["skull_strip"], r["variant"]) for r in rows))
     by = {(r["method"], r["skull_strip"], r["variant"], r["case_id"]): r for r in rows}
-    lines = ["| method | skull strip | post-processing | " + " | ".join(cases) + " | mean |",
+    lines = [md_row(["method", "skull strip", "post-processing", *map(cell, cases), "mean"]),
              "|---" * (len(cases) + 4) + "|"]
     for method, mode, variant in keys:
         cells, d, c = [], [], []
@@ -255,7 +257,7 @@ def _markdown(rows: list[dict[str, Any]]) -> str:
             c.append(r["cldice"])
             cells.append(f"{r['dice']:.3f} / {r['cldice']:.3f}")
         mean = f"{np.mean(d):.3f} / {np.mean(c):.3f}" if d else ""
-        lines.append(f"| {method} | {mode} | {variant} | " + " | ".join(cells) + f" | {mean} |")
+        lines.append(md_row([cell(method), cell(mode), cell(variant), *cells, mean]))
     return "\n".join(lines) + "\n\nCells: Dice / clDice.\n"
 
 
@@ -276,9 +278,12 @@ def log_statistics_note(groups: dict[tuple[str, str, str], list[dict[str, Any]]]
 
 def run_ablation(cfg: AblationConfig) -> str:
     """One parent MLflow run with the table, one nested run per (method, skull strip, variant)."""
+    case_ids = [c.case_id for _, c in _cases(cfg)]
+    tracking.case_keys(case_ids)  # refused before any work when two cases would share their metrics
     with tracking.start_run(cfg.experiment, run_name="ablation", output_root=cfg.output,
                             tags={"step": "ablation", "kind": "ablation"}) as run:
         tracking.log_plan(cfg, run.output_dir)
+        tracking.tag_case_keys(dict.fromkeys(case_ids))
         csv_path = run.output_dir / "ablation.csv"
         rows = ablation_rows(cfg, csv_path=csv_path)
         tracking.log_artifact(csv_path)
@@ -296,6 +301,7 @@ def run_ablation(cfg: AblationConfig) -> str:
                                     tags={"method": tag, "skull_strip": mode, "variant": variant,
                                           "step": "ablation-variant", "kind": "ablation"}):
                 tracking.log_params({"method": method, "skull_strip": mode, "variant": variant})
+                tracking.tag_case_keys(dict.fromkeys(r["case_id"] for r in group))
                 metrics = {f"{k}/{r['case_id']}": float(r[k]) for r in group for k in _SCORES
                            if r.get(k) is not None}
                 scored = [r for r in group if "dice" in r]

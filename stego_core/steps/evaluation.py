@@ -541,6 +541,7 @@ def run_method(method: Method | str, cfg: EvaluateConfig, *, settings: Any = Non
                           params=settings_params(method.settings(), method=method.name))
         with distributed.main_first():  # rank 0 writes generated phantoms; the others read them
             cases = select_cases(cfg)
+        tracking.tag_case_keys(c.case_id for c in cases)  # metric keys of every case: distinct, mapped back
         tracking.log_dataset(cases, name=Path(cfg.data.root).name, context="evaluation", source=cfg.data.root)
         fitted_here = False
         uri = str(getattr(method.settings(), "model_uri", "") or "")
@@ -551,6 +552,11 @@ def run_method(method: Method | str, cfg: EvaluateConfig, *, settings: Any = Non
             remember_state(method, ctx)
             fitted_here = True
         rows = evaluate_cases(method, cases, cfg, run.output_dir, name=label)
+        refused = [r["refused"] for r in rows if "refused" in r]
+        if rows and len(refused) == len(rows):  # a run that scored nothing does not report success
+            raise ValueError(f"{label} scored none of the {len(rows)} volume(s): the method refused every one "
+                             f"(first: {refused[0]})")
+        _state_of_the_last_case(method, rows)
         extras = list(dict(getattr(method, "extra_rows", {}) or {}))
         summary = summarize_rows(rows, extras)
         warned = [r["case_id"] for r in rows if r.get("domain_warning")]
@@ -576,6 +582,21 @@ def run_method(method: Method | str, cfg: EvaluateConfig, *, settings: Any = Non
                 tracking.set_tags({"model_uri": model_uri})
         return EvaluationResult(run_id=run.run_id, rows=rows, summary=summary, output_dir=run.output_dir,
                                 model_uri=model_uri, method=method, warned=warned)
+
+
+def _state_of_the_last_case(method: Method, rows: list[dict[str, Any]]) -> None:
+    """A transductive method's state is that of the last volume it scored (``method.state_per_case``): launched
+    as several processes, the rank that scored it hands it to the others, so the run logs the state one process
+    would have logged."""
+    if distributed.world_size() == 1 or not getattr(method, "state_per_case", False):
+        return
+    scored = [i for i, row in enumerate(rows) if "refused" not in row]
+    if not scored:
+        return
+    owner = scored[-1] % distributed.world_size()  # the shard of evaluate_cases
+    state = distributed.broadcast_object(method.state() if distributed.global_rank() == owner else None, src=owner)
+    if state is not None and distributed.global_rank() != owner:
+        method.set_case_state(state)
 
 
 def _flat_settings(settings: Any) -> dict[str, Any]:

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from stego_core._checks import check_choice
+from stego_core._markdown import cell
+from stego_core._markdown import row as md_row
 from stego_core.config import derive, from_dict
 from stego_core.engine.postprocess import STEPS, PostprocessStep
 from stego_core.engine.reconstruction import EngineConfig
@@ -185,18 +187,19 @@ def markdown_table(table: dict[str, dict[str, float]], runs: dict[str, str], exp
                    keys: tuple[str, ...] = SCORE_KEYS, *, run_id: str = "") -> str:
     """The comparison as a markdown note (the pipeline run's description): one row per method linking its run,
     best Dice / clDice in bold, and the best method by clDice named below the table."""
-    cell = {k: max((s.get(f"{k}_mean", float("-inf")) for s in table.values()), default=float("nan")) for k in keys}
-    lines = ["| method | " + " | ".join(keys) + " | domain warnings |", "|---|" + "---|" * (len(keys) + 1)]
+    top = {k: max((s.get(f"{k}_mean", float("-inf")) for s in table.values()), default=float("nan")) for k in keys}
+    lines = [md_row(["method", *map(cell, keys), "domain warnings"]), "|---|" + "---|" * (len(keys) + 1)]
     for method, s in table.items():
         values = []
         for k in keys:
-            mean, std = s.get(f"{k}_mean", float("nan")), s.get(f"{k}_std", float("nan"))
+            mean = s.get(f"{k}_mean", float("nan"))
             text = _mean_std(s, k)
-            values.append(f"**{text}**" if mean == cell[k] else text)
-        link = f"[{method}](#/experiments/{experiment_id}/runs/{runs[method]})" if method in runs else method
+            values.append(f"**{text}**" if mean == top[k] else text)
+        name = cell(method).replace("[", "\\[").replace("]", "\\]")
+        link = f"[{name}](#/experiments/{experiment_id}/runs/{runs[method]})" if method in runs else name
         warned = _warned(s)
         flag = f"⚠ {warned}" if warned and not warned.startswith("0/") else warned
-        lines.append(f"| {link} | " + " | ".join(values) + f" | {flag} |")
+        lines.append(md_row([link, *values, flag]))
     scored = {m: s["cldice_mean"] for m, s in table.items() if s.get("cldice_mean") == s.get("cldice_mean")
               and "cldice_mean" in s}
     best = max(scored, key=scored.get) if scored else None
@@ -205,7 +208,7 @@ def markdown_table(table: dict[str, dict[str, float]], runs: dict[str, str], exp
             + ("mean ± std over volumes)." if n >= 2 else "one volume: no spread).")
             + (f" **Report: [{REPORT}](#/experiments/{experiment_id}/runs/{run_id}/artifacts/{REPORT})** (table with "
                "CIs, per-case plots, viewers; `make ui` opens it full page)." if run_id else ""), ""]
-    tail = ["", f"Best by clDice: **{best}** ({scored[best]:.3f}), run `{runs.get(best, '?')}`." if best else
+    tail = ["", f"Best by clDice: **{cell(best)}** ({scored[best]:.3f}), run `{runs.get(best, '?')}`." if best else
             "No labels: no scores.", "", "Per-method metrics of this row: `<method>/dice`, `<method>/cldice`; "
             "figure: artifacts `comparison.png`."]
     return "\n".join(head + lines + tail)
@@ -343,6 +346,7 @@ def run_main(cfg: MainConfig) -> str:
             notes[row] = {r["case_id"]: r["domain_warning"] for r in result.rows if r.get("domain_warning")}
             for name, (summary, cases) in _extra_rows(result, row, getattr(result.method, "extra_rows", {})).items():
                 table[name], runs[name], per_case[name] = {**summary, "n_cases": len(cases)}, result.run_id, cases
+                folders[name] = result.output_dir  # its predictions are in the same run's folder
 
         with clock.step("comparison", "tables, figures, viewers, report.html on the pipeline run"):
             text = format_table(table)

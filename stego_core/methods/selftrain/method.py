@@ -66,6 +66,15 @@ class SelfTrainMethod:
         self.wants_validation = self.teacher_learns
 
     @property
+    def state_per_case(self) -> bool:
+        """Transductive students are trained per volume: the state is the last volume's."""
+        return self._settings.mode != "inductive" and not self.models
+
+    def set_case_state(self, state: torch.nn.ModuleList) -> None:
+        """Take another process's last-volume students as this method's state (a launched evaluation)."""
+        self._trained = list(state)
+
+    @property
     def student(self) -> Any:
         return self._settings.student
 
