@@ -26,7 +26,8 @@ from stego_core.runtime.progress import on_terminal
 
 #: Loggers whose INFO lines are no use to a researcher (their warnings still show).
 QUIET_LOGGERS = ("faiss", "faiss.loader", "lightning.pytorch.utilities.rank_zero",
-                 "lightning.fabric.utilities.rank_zero", "lightning.pytorch.accelerators.cuda")
+                 "lightning.fabric.utilities.rank_zero", "lightning.pytorch.accelerators.cuda",
+                 "lightning.pytorch.trainer.connectors.checkpoint_connector")  # "`weights_only` was not set"
 #: Warnings libraries raise about themselves (not about anything this project does), by message.
 LIBRARY_WARNINGS = (r".*isinstance\(treespec, LeafSpec\).*",)
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"

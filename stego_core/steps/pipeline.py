@@ -336,8 +336,10 @@ def run_main(cfg: MainConfig) -> str:
             evaluate = derive(EvaluateConfig, cfg, engine=engine, postprocess=spec.postprocess,
                               output=f"{cfg.output}/{spec.method}")
             learned = METHODS[spec.method].kind == "learned"
-            with clock.step(row, ("fit on the training volumes, then " if learned else "")
-                            + "scored on the held-out volumes"):
+            same = next((r for r in rows[:rows.index(row)] if cfg.methods[r].method == spec.method
+                         and cfg.methods[r].settings == spec.settings), None)  # trained once, shared
+            fit = (f"{same}'s model, " if same else "fit on the training volumes, then ") if learned else ""
+            with clock.step(row, fit + "scored on the held-out volumes"):
                 result = run_method(spec.method, evaluate, settings=settings, name=row, run_name=row, nested=True,
                                     suffix=False, context={"shared": shared})
             runs[row], per_case[row] = result.run_id, _rows(result)
