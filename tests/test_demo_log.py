@@ -46,7 +46,7 @@ def test_the_demo_log_names_every_step_and_has_no_bars_or_noise(tmp_path):
     for i, step in enumerate(steps, 1):
         assert re.search(rf"^\d\d:\d\d:\d\d INFO [\w.]+: ==== \[{i}/{n}\] {re.escape(step)}(: .*)? ====$", text,
                          re.M), f"no banner for {step}"
-        assert re.search(rf"---- \[{i}/{n}\] {re.escape(step)} done in [\d.]+ s \(total ", text), step
+        assert re.search(rf"---- \[{i}/{n}\] {re.escape(step)} done in (\d+ min \d\d|[\d.]+) s \(total ", text), step
     # progress of the long loops as plain lines, the scores of each volume as they come
     assert re.search(r"pretrain: step 2/2 \(100 %\)", text) and re.search(r"train: step 6/6 \(100 %\)", text)
     assert re.search(r"otsu on phantom_\d+ \(1/3\): dice [\d.]+, cldice [\d.]+", text)
