@@ -29,7 +29,8 @@ UI_HOST ?= 127.0.0.1
 UI_PORT ?= 5000
 UI_WORKERS ?= 1
 
-# Prints the runs-table link of each existing experiment (model-training view, per-method columns), then
-# serves the UI: `mlflow ui` with one worker and no job runner (MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false).
+# Prints the link that opens the latest pipeline's report.html, then the runs-table link of each existing
+# experiment (model-training view, per-method columns), then serves the UI: `mlflow ui --app-name stego-vessels`
+# (MLflow's app plus the project's landing pages) with one worker and no job runner.
 ui: $(STAMP)
 	@$(BIN)/python -m stego_core.platform.ui --host $(UI_HOST) --port $(UI_PORT) --workers $(UI_WORKERS)

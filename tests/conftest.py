@@ -221,12 +221,18 @@ def headless_chromium(url: str, *args: str, window: tuple[int, int], profile: Pa
 
     ``window`` is (width, height) in CSS pixels at scale 1, ``profile`` a fresh user-data folder, ``budget_ms``
     the virtual time the page gets to load and draw before the dump or the screenshot."""
+    cmd = [*chromium_command(window=window, profile=profile), f"--virtual-time-budget={budget_ms}", *args, url]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=True)
+
+
+def chromium_command(*, window: tuple[int, int], profile: Path) -> list[str]:
+    """The headless :data:`CHROMIUM` command line every browser test starts from (skips without chromium);
+    :func:`headless_chromium` adds a page and an action, ``tests/browser.py`` the DevTools pipe."""
     if CHROMIUM is None:
         pytest.skip("chromium is not installed (.ci/run installs it)")
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--mute-audio",
-           "--force-device-scale-factor=1", f"--virtual-time-budget={budget_ms}", "--allow-file-access-from-files",
-           f"--user-data-dir={profile}", f"--window-size={window[0]},{window[1]}", *args, url]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=True)
+    return [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--mute-audio",
+            "--force-device-scale-factor=1", "--allow-file-access-from-files", "--no-first-run",
+            f"--user-data-dir={profile}", f"--window-size={window[0]},{window[1]}"]
 
 
 @pytest.fixture(scope="session")

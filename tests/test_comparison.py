@@ -46,11 +46,23 @@ def test_log_comparison_logs_tables_chart_and_says_n_is_too_small():
     md = read_artifact(run.run_id, "comparison.md")
     assert "**dice** across cases" in md and "**cldice** across cases" in md and "**stego** (best)" in md
     assert note.startswith("### Across cases") and "comparison.csv" in note and IMAGE_KEY in note
-    assert "With n = 3 cases no two-sided Wilcoxon p can be below 0.25" in note
-    assert "smallest two-sided Wilcoxon p attainable is 0.25" in note  # the per-method note of stats
+    assert note.startswith("### Across cases (n = 3 cases)")
+    # what n = 3 cannot support is said once (not once per method and metric), and not printed degenerate
+    assert note.count("No Wilcoxon test: with n = 3 cases no two-sided p can be below 0.25") == 1
+    assert md.count("No Wilcoxon test") == 1 and "Wilcoxon p |" not in md and "attainable" not in md
     with tracking.start_run("exp-comparison") as empty:
         assert log_comparison({"otsu": {}}) == ""
     assert not artifacts(empty.run_id) & {"comparison.csv", "comparison.md"}
+
+
+def test_one_case_gives_one_sentence_and_no_degenerate_statistics():
+    one = {m: {"a": rows["a"]} for m, rows in PER_CASE.items()}
+    with tracking.start_run("exp-comparison") as run:
+        note = log_comparison(one, title="Across cases")
+    assert artifacts(run.run_id) & {"comparison.csv", "comparison.md", "comparison_ci.png"} == {"comparison.csv"}
+    assert image_steps(run.run_id, IMAGE_KEY) == set()
+    assert note.startswith("### Across cases (n = 1 case)") and note.count("n = 1 case: no spread") == 1
+    assert "±" not in note and "CI" not in note.replace("a CI 3", "") and "Wilcoxon" not in note
 
 
 @pytest.mark.slow
@@ -70,7 +82,8 @@ def test_ablation_parent_compares_variants_across_cases(tmp_path):
     assert {"ablation.csv", "ablation.md", "comparison.csv", "comparison.md"} <= artifacts(parent.info.run_id)
     note = parent.data.tags[tracking.NOTE_TAG]
     assert note.startswith("**Post-processing ablation**: 4 variants")
-    assert "With n = 2 cases no two-sided Wilcoxon p can be below 0.5" in note
+    assert "No Wilcoxon test: with n = 2 cases no two-sided p can be below 0.5" in note
+    assert "No 95 % CI where n < 3 (cases)." in note
     header = read_artifact(parent.info.run_id, "comparison.csv").splitlines()[0].split(",")
     assert header[0] == "case_id" and "percentile|auto|none/dice" in header and "otsu|auto|largest/cldice" in header
 
@@ -114,7 +127,7 @@ def test_sweep_parent_compares_best_trials_across_seeds_without_per_case_scores(
     note = tags[tracking.NOTE_TAG]
     assert "The 3 best trials across seeds" in note and "paired by seed" in note
     assert f"**trial {result.best_trial_number}** (best) | 3 | 0.8100" in note
-    assert "With n = 3 seeds no two-sided Wilcoxon p can be below 0.25" in note
+    assert "No Wilcoxon test: with n = 3 seeds no two-sided p can be below 0.25" in note
     assert {"comparison.csv", "comparison.md"} <= files
 
 
@@ -142,6 +155,6 @@ def test_sweep_parent_compares_best_trials_across_cases_when_trials_score_cases(
     tags, _ = _parent(result)
     note = tags[tracking.NOTE_TAG]
     assert "The 3 best trials across cases (seeds averaged)" in note and "paired by seed" not in note
-    assert "n = 6 cases (Wilcoxon p can reach 0.0312)" in note
+    assert "(n = 6 cases)" in note and "| Wilcoxon p |" in note and "No Wilcoxon test" not in note
     table = read_artifact(result.parent_run_id, "comparison.csv").splitlines()
     assert table[0].startswith("case_id,trial ") and len(table) == 7

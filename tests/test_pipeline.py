@@ -19,18 +19,24 @@ pytestmark = pytest.mark.usefixtures("mlflow_store")
 def test_format_table_rows_and_values():
     table = {
         "otsu": {"dice_mean": 0.5, "dice_std": 0.125, "cldice_mean": 0.25, "cldice_std": 0.0,
-                 "precision_mean": 1.0, "precision_std": 0.0, "recall_mean": 0.75, "recall_std": 0.5},
-        "stego": {"dice_mean": 0.9, "dice_std": 0.01, "domain_warnings": 1, "n_cases": 3},  # missing keys: nan
+                 "precision_mean": 1.0, "precision_std": 0.0, "recall_mean": 0.75, "recall_std": 0.5, "n_cases": 3},
+        "stego+crf": {"dice_mean": 0.9, "dice_std": 0.01, "domain_warnings": 1, "n_cases": 3},  # missing keys: nan
     }
     lines = format_table(table).splitlines()
-    assert len(lines) == 4
-    assert lines[0].split() == ["method", "dice", "cldice", "precision", "recall", "domain"]
-    assert lines[3].split()[-1] == "1/3"  # the cases the domain guard warned about
-    assert set(lines[1]) == {"-"} and len(lines[1]) == len(lines[0])
-    assert lines[2].split() == ["otsu", "0.500", "±", "0.125", "0.250", "±", "0.000", "1.000", "±", "0.000",
+    assert len(lines) == 5
+    assert lines[0] == "n = 3 held-out volume(s) per method; mean ± std over the held-out volumes."
+    assert lines[1].split() == ["method", "n", "dice", "cldice", "precision", "recall", "domain"]
+    assert lines[4].split()[-1] == "1/3"  # the cases the domain guard warned about
+    assert set(lines[2]) == {"-"} and len(lines[2]) == len(lines[1])
+    assert lines[3].split() == ["otsu", "3", "0.500", "±", "0.125", "0.250", "±", "0.000", "1.000", "±", "0.000",
                                 "0.750", "±", "0.500"]
-    assert lines[3].split()[:4] == ["stego", "0.900", "±", "0.010"] and lines[3].split()[4] == "nan"
-    assert format_table(table, keys=("dice",)).splitlines()[2].split() == ["otsu", "0.500", "±", "0.125"]
+    # a row whose MLflow keys differ from its name says both (stego_crf/dice on the runs table)
+    assert lines[4].split()[:6] == ["stego+crf", "(stego_crf)", "3", "0.900", "±", "0.010"]
+    assert lines[4].split()[6] == "nan"
+    assert format_table(table, keys=("dice",)).splitlines()[3].split() == ["otsu", "3", "0.500", "±", "0.125"]
+    one = format_table({"otsu": {"dice_mean": 0.5, "dice_std": 0.0, "n_cases": 1}}, keys=("dice",)).splitlines()
+    assert one[0] == "n = 1 held-out volume(s) per method; the score of the one volume."
+    assert one[3].split() == ["otsu", "1", "0.500"]  # no "± 0.000" for one volume
 
 
 def _artifact_names(client, run_id: str) -> set[str]:
@@ -66,7 +72,10 @@ def test_run_main_on_tiny_phantoms(tmp_path, monkeypatch, mlflow_store, server_s
     real = stego_method.train_stego
     monkeypatch.setattr(stego_method, "train_stego", lambda *a, **k: (fits.append(1), real(*a, **k))[1])
     text = run_main(cfg)
-    rows = {line.split()[0]: line for line in text.splitlines()[2:]}
+    table_text, _, closing = text.partition("\n\n")
+    rows = {line.split()[0]: line for line in table_text.splitlines()[3:]}
+    # the demo's split: five phantoms, three held out, so that statistics across cases are statistics
+    assert table_text.startswith("n = 3 held-out volume(s) per method; mean ± std")  # the table states n
     with_crf = crf_available()
     assert set(rows) == {"otsu", "stego"} | ({"stego+crf"} if with_crf else set())
     assert len(fits) == 1  # stego and stego+crf share one training
@@ -92,10 +101,20 @@ def test_run_main_on_tiny_phantoms(tmp_path, monkeypatch, mlflow_store, server_s
     methods = set(rows)
     assert all(f'"{m}":[{{"slices":"data:image/png;base64,' in page for m in methods)
     assert "viewer/" in parent.data.tags["mlflow.note.content"]
-    stats = (Path(client.download_artifacts(parent.info.run_id, "comparison.md", str(tmp_path)))).read_text()
-    assert "dice" in stats and "n" in stats  # one held-out phantom: the note says n is too small for a test
+    # three held-out phantoms: CIs and paired differences, no Wilcoxon test (n = 3 cannot reach alpha), said once
+    assert "comparison.md" in _artifact_names(client, parent.info.run_id)
+    assert parent.data.tags["mlflow.note.content"].count("No Wilcoxon test: with n = 3 cases") == 1
+    assert "n = 1 case" not in parent.data.tags["mlflow.note.content"]
     local = client.download_artifacts(parent.info.run_id, "comparison.txt", str(tmp_path))
-    assert Path(local).read_text() == text + "\n"
+    assert Path(local).read_text() == table_text + "\n"
+    # the last block: the run, its report (one self-contained page), make ui
+    assert f"pipeline run  {parent.info.run_id} (experiment pipeline-tests)" in closing
+    assert "report.html" in closing and "make ui" in closing and closing.startswith("==== done in ")
+    assert "report.html" in _artifact_names(client, parent.info.run_id) and parent.data.tags["report"] == "report.html"
+    report = Path(client.download_artifacts(parent.info.run_id, "report.html", str(tmp_path))).read_text()
+    assert '<table id=comparison>' in report and report.count("data:image/png;base64,") >= 2
+    assert f"./#/experiments/{experiment.experiment_id}/runs/{runs['otsu'].info.run_id}" in report
+    assert "http://" not in report and "<script" not in report  # self-contained, nothing runs
     stego_run, otsu = runs["stego"], runs["otsu"]
     # the demo's STEGO trains on the backbone its own DINO pretraining made (hand-off by run id)
     pretrain = runs["pretrain-mra_vit_t4_p2"]
@@ -103,11 +122,15 @@ def test_run_main_on_tiny_phantoms(tmp_path, monkeypatch, mlflow_store, server_s
     assert stego_run.data.tags["pretrain_run_id"] == pretrain.info.run_id
     assert parent.data.tags["run.otsu"] == otsu.info.run_id and parent.data.tags["run.stego"] == stego_run.info.run_id
     assert stego_run.data.params["resolved.train.max_steps"] == "10"
+    # tens of parameters per run, not the flattened plan (~120 for STEGO, ~300 for the pipeline): plan.yaml has it
+    assert len(stego_run.data.params) <= 60 and len(otsu.data.params) <= 30, (len(stego_run.data.params),
+                                                                              len(otsu.data.params))
+    assert len(parent.data.params) <= 90 and "plan.yaml" in _artifact_names(client, parent.info.run_id)
     for method, run in (("otsu", otsu), ("stego", stego_run)):
         dice, std = run.data.metrics["dice_mean"], run.data.metrics["dice_std"]
-        assert parent.data.metrics[f"{method}/dice"] == pytest.approx(dice)
+        assert parent.data.metrics[f"{method}/dice"] == round(dice, 4)  # rounded for the runs table
         assert f"{dice:.3f} ± {std:.3f}" in rows[method]
-        assert parent.data.metrics[f"{method}/cldice"] == pytest.approx(run.data.metrics["cldice_mean"])
+        assert parent.data.metrics[f"{method}/cldice"] == round(run.data.metrics["cldice_mean"], 4)
 
     # the parent's description: the comparison as a markdown table linking each run, and the best method
     note = parent.data.tags["mlflow.note.content"]

@@ -214,15 +214,25 @@ def test_comparison_markdown():
     header = next(i for i, line in enumerate(lines) if line.startswith("| method"))
     table = lines[header : header + 5]
     assert len(table) == 5 and all(line.startswith("|") and line.endswith("|") for line in table)
-    assert all(line.count("|") == 10 for line in table)  # 9 columns
-    assert "95 % CI" in table[0]
+    assert all(line.count("|") == 9 for line in table)  # 8 columns: no Wilcoxon p with 5 pairs
+    assert "95 % CI" in table[0] and "Wilcoxon" not in table[0]
     assert table[2].startswith("| otsu | 5 | 0.6000 | 0.0707 | 0.6000 | [")
-    assert table[2].endswith("| -0.0840 | [" + table[2].split("| -0.0840 | [")[1]) and "| 0.0625 |" in table[2]
-    assert table[3].startswith("| **stego** (best) | 5 |") and table[3].endswith("| — | — | — |")
-    assert "| frangi | 2 |" in table[4]
-    notes = [line for line in lines if line.startswith("- ")]
-    assert notes[0].startswith("- otsu: n = 5 non-zero paired differences") and "0.0625" in notes[0]
-    assert notes[1].startswith("- frangi: n = 2")
+    assert table[2].endswith("| -0.0840 | [" + table[2].split("| -0.0840 | [")[1])
+    assert table[3].startswith("| **stego** (best) | 5 |") and table[3].endswith("| — | — |")
+    assert table[4].startswith("| frangi | 2 |") and table[4].endswith("| — |")  # no CI of 2 values
+    said = lines[header + 6]
+    assert said.startswith("No Wilcoxon test: with n = 5 cases no two-sided p can be below 0.0625")
+    assert "No 95 % CI where n < 3" in said
+    assert not [line for line in lines if line.startswith("- ")]  # no per-method note repeating it
     assert text.endswith("\n")
     with pytest.raises(ValueError, match="empty"):
         comparison_markdown([], "dice")
+
+
+def test_comparison_markdown_tests_from_six_pairs_and_says_one_value_in_one_sentence():
+    six = {"otsu": {f"c{i}": 0.5 + 0.01 * i for i in range(6)}, "stego": {f"c{i}": 0.7 + 0.01 * i for i in range(6)}}
+    lines = comparison_markdown(compare_methods(six), "dice").splitlines()
+    assert lines[2].endswith("| Wilcoxon p |") and lines[4].endswith("| 0.0312 |")
+    one = comparison_markdown(compare_methods({"otsu": {"a": 0.5}, "stego": {"a": 0.7}}), "dice")
+    assert one == "**dice** across cases: n = 1 case: no spread, interval or test across cases (they need at least 2 " \
+                  "cases, a CI 3).\n"

@@ -41,18 +41,21 @@ def test_links_only_existing_experiments_with_the_methods_view(capsys):
     links = links_of(out)
     url = urlsplit(links["stego-vessels"])
     assert f"{url.scheme}://{url.netloc}" == "http://127.0.0.1:5123"
-    route, _, query = url.fragment.partition("?")
+    assert url.path == "/stego/open"  # the landing page that sets the model-training view, then the runs table
+    route, _, query = parse_qs(url.query)["to"][0].partition("?")
     assert route == f"/experiments/{experiment_id}/runs"
     assert parse_qs(query) == {"viewStateShareKey": [ui.VIEW_KEY], "workflowType": ["machine_learning"]}
     assert "not linked" in links["stego-vessels-sweeps"] and "not linked" in links["stego-vessels-ablation"]
-    assert "'Model training'" in out  # how to stay in the model-training view
+    assert "'Model training'" in out  # how to stay in the model-training view on a plain `mlflow ui`
 
     tags = client.get_experiment(experiment_id).tags
     assert tags["mlflow.experimentKind"] == "custom_model_development"
     view = json.loads(tags[ui.SHARED_VIEW_PREFIX + ui.VIEW_KEY])
     assert view["name"] == ui.VIEW_NAME and isinstance(view["createdAt"], int)
+    # the child rows' own scores first, then the methods best clDice first (stego was last and off-screen)
     assert json.loads(view["state"])["selectedColumns"] == [
-        "metrics.`otsu/dice`", "metrics.`otsu/cldice`", "metrics.`stego/dice`", "metrics.`stego/cldice`"]
+        "metrics.`cldice_mean`", "metrics.`dice_mean`", "metrics.`stego/cldice`", "metrics.`stego/dice`",
+        "metrics.`otsu/cldice`", "metrics.`otsu/dice`"]
 
 
 def test_server_command_is_one_worker_without_job_runner():
@@ -75,7 +78,8 @@ def test_make_ui_serves_the_link_with_two_processes(tmp_path):
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         link = proc.stdout.readline().split(": ", 1)[1].strip()
-        assert link == ui.runs_link(f"http://127.0.0.1:{port}", experiment_id, view_key=ui.VIEW_KEY)
+        route = ui.runs_link("", experiment_id, view_key=ui.VIEW_KEY).split("#", 1)[1]
+        assert link == ui.open_link(f"http://127.0.0.1:{port}", route)
         wait_for_health(f"http://127.0.0.1:{port}", proc, timeout_s=120,
                         output=lambda: proc.stdout.read() if proc.poll() is not None else "")
         tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]

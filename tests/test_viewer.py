@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from browser import Browser
 from conftest import headless_chromium, needs_chromium
 from PIL import Image
 
@@ -261,3 +262,28 @@ def test_browser_draws_inside_a_sandboxed_blob_frame(page, tmp_path):
     shot = _screenshot(wrapper.as_uri(), tmp_path, "frame")
     for kind in ("tp", "fp", "fn"):
         assert _count(shot, kind) > 50, kind
+
+
+@needs_chromium
+def test_browser_shows_two_methods_side_by_side_and_reads_out_the_voxel_under_the_pointer(page, tmp_path):
+    """``compare=``: the second method's slice beside the first; pointing at a voxel names it, its intensity (in
+    the image's units) and its class."""
+    size = (SHAPE[1], SHAPE[2])
+    with Browser(tmp_path / "profile", window=WINDOW) as browser:
+        tab = browser.open(page.as_uri() + "#axis=0&slice=10&method=otsu&compare=none")
+        tab.wait("document.body.dataset.ready === '1' && document.body.classList.contains('cmp')", what="page")
+        rects = {k: json.loads(tab.eval(f"document.body.dataset.{k}")) for k in ("slice", "slice2", "mip")}
+        assert rects["slice2"]["left"] >= rects["slice"]["right"] and rects["slice2"]["top"] == rects["slice"]["top"]
+        assert rects["mip"]["top"] >= rects["slice"]["bottom"]  # the MIPs in the row below
+        shot = np.asarray(Image.open(tab.screenshot(tmp_path / "two.png")).convert("RGB"))
+        assert _count(shot[_crop(rects["slice"])], "fp") > 100 and _count(shot[_crop(rects["slice2"])], "fp") == 0
+        for (u, v), kind, value in (((25, 8), "FP", None), ((8, 8), "TP", None), ((30, 25), "", None)):
+            x = rects["slice"]["left"] + (u + 0.5) * rects["slice"]["width"] / size[0]
+            y = rects["slice"]["top"] + (size[1] - v - 0.5) * rects["slice"]["height"] / size[1]
+            tab.move(x, y)
+            text = tab.wait(f"(t => t.includes('j {u},') && t)(document.getElementById('readout').textContent)",
+                            what="readout")
+            assert text.startswith(f"(i 10, j {u}, k {v}) intensity ≈ "), text
+            assert (f" {kind} (otsu)" in text) if kind else ("(otsu)" not in text), text
+        number = float(text.split("≈ ")[1].split()[0])  # the noise of the image there, 0-0.2
+        assert 0.0 <= number <= 0.25, text

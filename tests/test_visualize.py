@@ -43,6 +43,7 @@ def test_mip_figure_panels(volumes, tmp_path):
     assert len(fig.axes) == 4
     assert [ax.get_title().split(" ")[0] for ax in fig.axes] == ["image", "ground", "prediction", "errors:"]
     assert fig.axes[1].get_title() == "ground truth (10 vox)"
+    assert fig.get_size_inches()[0] * fig.dpi == 600  # MLflow's image card: drawn at its width, 2 x 2 panels
     _png_ok(fig, tmp_path / "mip.png")
 
 
@@ -60,7 +61,9 @@ def test_error_overlay_colours(volumes):
     np.testing.assert_array_equal(rgb[2, 3], ERROR_COLOURS["fp"])  # the false positive is red
     np.testing.assert_array_equal(rgb[2, 3], (1.0, 0.0, 0.0))
     np.testing.assert_array_equal(rgb[6, 8], ERROR_COLOURS["fn"])  # missed voxels are cyan
-    np.testing.assert_allclose(rgb[10, 8], ERROR_COLOURS["tp"], rtol=1e-6)  # found voxels grey
+    np.testing.assert_allclose(rgb[10, 8], ERROR_COLOURS["tp"], rtol=1e-6)  # found voxels gold
+    tp = np.asarray(ERROR_COLOURS["tp"])
+    assert tp.max() - tp.min() >= 0.8  # a saturated colour: it reads on a grey or white MIP (light grey did not)
     assert rgb[0, 0].max() <= 0.35  # background is the dimmed image
 
 
@@ -106,11 +109,11 @@ def test_comparison_bar_figure(tmp_path):
         "stego": {"dice_mean": 0.6, "dice_std": 0.1, "cldice_mean": 0.7, "cldice_std": 0.05},
     }
     fig = comparison_bar_figure(table)
-    assert len(fig.axes) == 1
+    assert len(fig.axes) == 1 and fig.get_size_inches()[0] * fig.dpi == 600
     ax = fig.axes[0]
-    heights = sorted(round(p.get_height(), 6) for p in ax.patches)
-    assert heights == [0.4, 0.5, 0.6, 0.7]
-    assert [t.get_text() for t in ax.get_xticklabels()] == ["otsu", "stego"]
+    widths = sorted(round(p.get_width(), 6) for p in ax.patches)
+    assert widths == [0.4, 0.5, 0.6, 0.7]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["otsu", "stego"] and ax.get_xlim()[0] == 0
     _png_ok(fig, tmp_path / "bars.png")
     with pytest.raises(ValueError, match=r"table\['otsu'\] has no metric 'recall'"):
         comparison_bar_figure(table, keys=("recall",))
@@ -141,21 +144,28 @@ PER_CASE = {  # method -> case -> row, as the pipeline collects them
 }
 
 
-def test_per_case_figure_dots_per_case_and_boxes_per_method(tmp_path):
+def test_per_case_figure_dots_per_case_no_lines_across_methods(tmp_path):
     fig = per_case_figure(PER_CASE)
     axes = fig.get_axes()
-    assert [ax.get_title() for ax in axes] == ["dice", "cldice"]
+    assert [ax.get_xlabel() for ax in axes] == ["dice", "cldice"]
+    assert fig.get_size_inches()[0] * fig.dpi == 600  # MLflow's card width (was 2160 x 380 px)
     for ax, key in zip(axes, ("dice", "cldice")):
-        cases = {line.get_label(): line for line in ax.get_lines() if line.get_label() in ("c1", "c2")}
-        assert set(cases) == {"c1", "c2"}  # one dotted line per case, joining its methods
-        np.testing.assert_allclose(cases["c1"].get_ydata(), [PER_CASE[m]["c1"][key] for m in PER_CASE])
-        c2 = np.asarray(cases["c2"].get_ydata(), float)
-        assert c2.shape == (3,) and np.isnan(c2[2])  # frangi has no c2
-        assert [t.get_text() for t in ax.get_xticklabels()] == list(PER_CASE)
-        medians = [line for line in ax.get_lines() if line.get_label().startswith("_") and len(line.get_xdata()) == 2
-                   and line.get_ydata()[0] == line.get_ydata()[1]]
-        assert medians  # the boxes (medians, caps) are drawn
+        assert [t.get_text() for t in ax.get_yticklabels()] == list(PER_CASE)
+        assert ax.get_xlim() == (0.0, 1.0)
+        dots = {c.get_label(): c.get_offsets() for c in ax.collections}
+        if ax is axes[0]:
+            assert set(dots) == {"c1", "c2"}  # one colour per case
+        by_case = list(dots.values())
+        np.testing.assert_allclose(np.asarray(by_case[0])[:, 0], [PER_CASE[m]["c1"][key] for m in PER_CASE])
+        # methods are categories: no line joins a case across them; the lines are the means' ticks
+        lines = [line for line in ax.get_lines() if len(line.get_xdata()) > 1]
+        assert not lines
+        ticks = [line.get_xdata()[0] for line in ax.get_lines() if line.get_marker() == "|"]
+        np.testing.assert_allclose(ticks, [np.mean([r[key] for r in PER_CASE[m].values()]) for m in PER_CASE])
     _png_ok(fig, tmp_path / "cases.png")
+    many = {"otsu": {f"c{i}": {"betti0_error": float(i)} for i in range(6)}}
+    (ax,) = per_case_figure(many, keys=("betti0_error",)).get_axes()
+    assert ax.get_xlim() == (0.0, 5.5) and any(len(line.get_xdata()) == 2 for line in ax.get_lines())  # a box
     with pytest.raises(ValueError, match="per_case is empty"):
         per_case_figure({})
 
@@ -177,3 +187,7 @@ def test_radius_recall_figure_one_line_per_method(tmp_path):
     assert ax2.get_lines() == [] and ax2.get_legend() is None
     with pytest.raises(ValueError, match="bins is empty"):
         radius_recall_figure(PER_CASE, bins=())
+    no_thick = {m: {c: {k: v for k, v in r.items() if k != "recall_thick"} for c, r in rows.items()}
+                for m, rows in PER_CASE.items()}
+    (ax3,) = radius_recall_figure(no_thick).get_axes()
+    assert [t.get_text() for t in ax3.get_xticklabels()] == ["thin", "medium"]  # no empty "thick" bin

@@ -206,6 +206,7 @@ def preprocess_case(case: Case, data: DataConfig) -> PreparedCase:
 #: A head's automatic brain mask keeps between these fractions of the volume / of its brightest voxels.
 PLAUSIBLE_MASK_FRACTION = (0.05, 0.95)
 PLAUSIBLE_BRIGHT_FRACTION = 0.1
+_SAID: set[tuple[str, float]] = set()  # the masks already reported in this process
 
 
 def mask_plausibility(image: np.ndarray, mask: np.ndarray, case: Case) -> str | None:
@@ -217,8 +218,11 @@ def mask_plausibility(image: np.ndarray, mask: np.ndarray, case: Case) -> str | 
     fraction = float(mask.mean())
     bright = image > np.percentile(image, 95)
     bright_kept = float(mask[bright].mean()) if bright.any() else 1.0
-    log.info("case %s: brain mask keeps %.1f%% of the volume and %.1f%% of its bright voxels", case.case_id,
-             100 * fraction, 100 * bright_kept)
+    said = (str(case.image), round(fraction, 4))
+    log.log(logging.DEBUG if said in _SAID else logging.INFO,  # once per case and process: every step reloads it
+            "case %s: brain mask keeps %.1f%% of the volume and %.1f%% of its bright voxels", case.case_id,
+            100 * fraction, 100 * bright_kept)
+    _SAID.add(said)
     low, high = PLAUSIBLE_MASK_FRACTION
     if low <= fraction <= high and bright_kept >= PLAUSIBLE_BRIGHT_FRACTION:
         return None

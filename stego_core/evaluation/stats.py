@@ -38,7 +38,9 @@ __all__ = [
     "compare_methods",
     "comparison_markdown",
     "comparison_tables",
+    "no_test_sentence",
     "paired_comparison",
+    "too_few",
     "wilcoxon_min_p",
 ]
 
@@ -342,9 +344,58 @@ def _p(value: float) -> str:
     return f"{value:.3g}"
 
 
+#: Fewest values a bootstrap CI of the mean is shown for (with fewer it is the sample's own range, or a point).
+MIN_CI_N = 3
+
+
+def too_few(n: int, unit: str = "case") -> str:
+    """The one sentence a table of statistics across ``n`` ``unit``s is replaced by when ``n`` < 2 ("" otherwise).
+
+    >>> too_few(1)
+    'n = 1 case: no spread, interval or test across cases (they need at least 2 cases, a CI 3).'
+    """
+    if n >= 2:
+        return ""
+    return (f"n = {n} {unit}{'' if n == 1 else 's'}: no spread, interval or test across {unit}s (they need at "
+            f"least 2 {unit}s, a CI {MIN_CI_N}).")
+
+
+def no_test_sentence(n: int, unit: str = "case", alpha: float = 0.05) -> str:
+    """The one sentence that replaces the Wilcoxon column when ``n`` pairs cannot reach ``alpha`` ("" when they
+    can).
+
+    >>> print(no_test_sentence(3))  # doctest: +NORMALIZE_WHITESPACE
+    No Wilcoxon test: with n = 3 cases no two-sided p can be below 0.25 (alpha = 0.05 needs 6); read the paired
+    differences and their CIs.
+    """
+    floor = wilcoxon_min_p(n)
+    if floor <= alpha:
+        return ""
+    need = next(k for k in range(1, 64) if wilcoxon_min_p(k) <= alpha)
+    return (f"No Wilcoxon test: with n = {n} {unit}s no two-sided p can be below {floor:.3g} (alpha = {alpha:g} "
+            f"needs {need}); read the paired differences and their CIs.")
+
+
+def omitted(rows: Sequence[Mapping[str, object]], *, unit: str = "case", alpha: float = 0.05) -> list[str]:
+    """The sentences that say which statistics of :func:`compare_methods` rows ``n`` cannot support: the Wilcoxon
+    test (:func:`no_test_sentence`) and CIs of fewer than :data:`MIN_CI_N` values."""
+    ns = [int(row["n"]) for row in rows]
+    paired = [int(row.get("n_paired") or 0) for row in rows if not row["is_best"]]
+    if max(ns, default=0) < 2:
+        return [too_few(max(ns, default=0), unit)]
+    out = []
+    if not any(wilcoxon_min_p(n) <= alpha for n in paired):
+        out.append(no_test_sentence(max(paired, default=max(ns)), unit, alpha))
+    if min(ns) < MIN_CI_N:
+        level = f"{100 * float(rows[0].get('ci', 0.95)):g} %"
+        out.append(f"No {level} CI where n < {MIN_CI_N} ({unit}s).")
+    return [s for s in out if s]
+
+
 def comparison_markdown(rows: Sequence[Mapping[str, object]], metric: str, *, digits: int = 4,
-                        unit: str = "case") -> str:
-    """Markdown table of :func:`compare_methods` rows for one metric, notes below it.
+                        unit: str = "case", alpha: float = 0.05, explain: bool = True) -> str:
+    """Markdown table of :func:`compare_methods` rows for one metric, notes below it; statistics that ``n`` cannot
+    support are left out with one sentence, never printed degenerate.
 
     Parameters
     ----------
@@ -357,48 +408,68 @@ def comparison_markdown(rows: Sequence[Mapping[str, object]], metric: str, *, di
     unit : str, keyword-only
         What the values are paired over, singular (``case``; ``seed`` when a sweep compares trials over seeds):
         the heading says "across <unit>s".
+    alpha : float, keyword-only
+        The level the Wilcoxon column is measured against: when no method's pairs can reach it
+        (:func:`wilcoxon_min_p`), the column is left out and one sentence says so.
+    explain : bool, keyword-only
+        Write the sentences about what was left out below the table (:func:`comparison_tables` says them once
+        for all its metrics instead, :func:`omitted`).
 
     Returns
     -------
     str
         A heading line, the table (method, n, mean, std, median, CI of the mean, paired difference to the best
-        method, its CI, Wilcoxon p; the best method in bold, "—" in its comparison cells, "n/a" for a NaN) and
-        one bullet per method with a note.
+        method, its CI, and the two-sided Wilcoxon signed-rank p when it can reach ``alpha``; the best method in
+        bold, "—" in its comparison cells and for a CI of fewer than :data:`MIN_CI_N` values, "n/a" for a NaN),
+        then the sentences and one bullet per method with a note. With at most one value per method: the heading
+        and one sentence (:func:`too_few`).
 
     Examples
     --------
-    >>> rows = compare_methods({"otsu": {"a": 0.6, "b": 0.5}, "stego": {"a": 0.7, "b": 0.6}}, n_boot=200)
+    >>> rows = compare_methods({"otsu": {"a": 0.6, "b": 0.5, "c": 0.4}, "stego": {"a": 0.7, "b": 0.6, "c": 0.6}},
+    ...                        n_boot=200)
     >>> print(comparison_markdown(rows, "dice").splitlines()[5])
-    | **stego** (best) | 2 | 0.6500 | 0.0500 | 0.6500 | [0.6000, 0.7000] | — | — | — |
+    | **stego** (best) | 3 | 0.6333 | 0.0471 | 0.6000 | [0.6000, 0.7000] | — | — |
     """
     if not rows:
         raise ValueError("rows is empty; expected the rows of compare_methods")
     level = rows[0].get("ci", 0.95)
     pct = f"{100 * float(level):g} %"
-    lines = [
-        (f"**{metric}** across {unit}s: mean, std (ddof=0), median, {pct} bootstrap CI of the mean; "
-         f"Δ = method − best, paired over the {unit}s both have, with its bootstrap CI and the two-sided "
-         "Wilcoxon signed-rank p."),
-        "",
-        f"| method | n | mean | std | median | {pct} CI | Δ vs best | {pct} CI of Δ | Wilcoxon p |",
-        "|---|---:|---:|---:|---:|---|---:|---|---:|",
-    ]
+    n_max = max(int(row["n"]) for row in rows)
+    heading = (f"**{metric}** across {unit}s: mean, std (ddof=0), median, {pct} bootstrap CI of the mean; "
+               f"Δ = method − best, paired over the {unit}s both have, with its bootstrap CI")
+    if n_max < 2:
+        return f"**{metric}** across {unit}s: {too_few(n_max, unit)}\n"
+    paired = [int(row.get("n_paired") or 0) for row in rows if not row["is_best"]]
+    tested = any(wilcoxon_min_p(n) <= alpha for n in paired)
+    lines = [heading + (", and the two-sided Wilcoxon signed-rank p." if tested else "."), "",
+             f"| method | n | mean | std | median | {pct} CI | Δ vs best | {pct} CI of Δ |"
+             + (" Wilcoxon p |" if tested else ""),
+             "|---|---:|---:|---:|---:|---|---:|---|" + ("---:|" if tested else "")]
     notes = []
+
+    def interval(low: float, high: float, n: int) -> str:
+        return f"[{_number(low, digits)}, {_number(high, digits)}]" if n >= MIN_CI_N else "—"
+
     for row in rows:
         name = f"**{cell(row['method'])}** (best)" if row["is_best"] else cell(row["method"])
         cells = [name, str(row["n"]), _number(row["mean"], digits), _number(row["std"], digits),
-                 _number(row["median"], digits),
-                 f"[{_number(row['ci_low'], digits)}, {_number(row['ci_high'], digits)}]"]
+                 _number(row["median"], digits), interval(row["ci_low"], row["ci_high"], int(row["n"]))]
         if row["is_best"]:
-            cells += ["—", "—", "—"]
+            cells += ["—", "—"] + (["—"] if tested else [])
         else:
+            n_paired = int(row.get("n_paired") or 0)
             cells += [_number(row["diff_mean"], digits),
-                      f"[{_number(row['diff_ci_low'], digits)}, {_number(row['diff_ci_high'], digits)}]",
-                      _p(row["p_value"])]
-            if row.get("note"):
-                notes.append(f"- {cell(row['method'])}: {row['note']}")
+                      interval(row["diff_ci_low"], row["diff_ci_high"], n_paired)]
+            if tested:
+                cells.append(_p(row["p_value"]))
+                if row.get("note"):
+                    notes.append(f"- {cell(row['method'])}: {row['note']}")
         lines.append(md_row(cells))
     text = "\n".join(lines)
+    sentences = omitted(rows, unit=unit, alpha=alpha)
+    if sentences and explain:
+        text += "\n\n" + " ".join(sentences)
     if notes:
         text += "\n\n" + "\n".join(notes)
     return text + "\n"
@@ -430,8 +501,9 @@ def comparison_tables(per_case: Mapping[str, Mapping[str, Mapping[str, float]]],
         Header ``<unit>_id,<method>/<metric>,...`` and one row per case (first-seen order), values with 4
         decimals, ``nan`` where missing.
     markdown : str
-        One :func:`comparison_markdown` section per metric (each with its notes, e.g. when n is too small for the
-        Wilcoxon test to reach ``alpha``), separated by blank lines; ``""`` when no method has any of ``keys``.
+        The sentences saying which statistics ``n`` cannot support, once (:func:`omitted`), then one
+        :func:`comparison_markdown` section per metric with at least 2 values, separated by blank lines; ``""``
+        when no method has any of ``keys``.
 
     Examples
     --------
@@ -439,7 +511,7 @@ def comparison_tables(per_case: Mapping[str, Mapping[str, Mapping[str, float]]],
     ...                                   "stego": {"a": {"dice": 0.7}, "b": {"dice": 0.6}}}, n_boot=200)
     >>> print(csv_text.splitlines()[0])
     case_id,otsu/dice,stego/dice
-    >>> md.startswith("**dice** across cases")
+    >>> md.startswith("No Wilcoxon test: with n = 2 cases")
     True
     """
     import csv
@@ -457,11 +529,18 @@ def comparison_tables(per_case: Mapping[str, Mapping[str, Mapping[str, float]]],
             row = per_case[method].get(case, {})
             cells += [f"{float(row[k]):.4f}" if k in row else "nan" for k in keys]
         writer.writerow([case, *cells])
-    sections = []
+    sections, sentences = [], []
     for key in keys:
         table = {m: {str(c): float(r[key]) for c, r in rows.items() if key in r} for m, rows in per_case.items()}
         if not any(table.values()):
             continue
         rows = compare_methods(table, higher_is_better=key not in lower, n_boot=n_boot, seed=seed, alpha=alpha)
-        sections.append(comparison_markdown(rows, key, unit=unit))
-    return buffer.getvalue(), "\n".join(sections)
+        if max(int(r["n"]) for r in rows) < 2:  # nothing but the sentence: said once below
+            sentences += omitted(rows, unit=unit, alpha=alpha)
+            continue
+        sections.append(comparison_markdown(rows, key, unit=unit, alpha=alpha, explain=False))
+        sentences += omitted(rows, unit=unit, alpha=alpha)
+    said = " ".join(dict.fromkeys(sentences))
+    if not sections and not said:
+        return buffer.getvalue(), ""
+    return buffer.getvalue(), (said + "\n\n" if said else "") + "\n".join(sections)

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from stego_core._checks import check_finite, check_ndim
 from stego_core.features.backbones import Backbone
 from stego_core.features.base import forward_batch_size
+from stego_core.runtime.progress import PlainProgress
 
 __all__ = [
     "FeatureCacheMeta",
@@ -110,6 +111,7 @@ def compute_features(backbone: Backbone, crops: np.ndarray, *, batch_size: int |
     else:
         out = np.empty(shape, dtype=dtype)
     backbone.to(dev)
+    plain = PlainProgress("features", n, logger, unit="crop", enabled=progress)
     with torch.inference_mode(), tqdm(total=n, disable=None if progress else True, unit="crop", desc="features") as bar:
         for start in range(0, n, batch_size):
             stop = min(start + batch_size, n)
@@ -122,6 +124,7 @@ def compute_features(backbone: Backbone, crops: np.ndarray, *, batch_size: int |
             f = f.to(torch.float16) if dtype == np.float16 else f.float()  # narrow on the device, copy less
             out[start:stop] = f.cpu().numpy().astype(dtype, copy=False)
             bar.update(stop - start)
+            plain.update(stop)
     if isinstance(out, np.memmap):
         out.flush()
     return out

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -217,10 +218,12 @@ class DinoModel(nn.Module):
         from lightly.models.modules import DINOProjectionHead
 
         self.student_backbone = backbone
-        self.student_head = DINOProjectionHead(embed_dim, hidden_dim, bottleneck_dim, out_dim,
-                                               freeze_last_layer=freeze_last_layer_steps)
+        with warnings.catch_warnings():  # lightly's head uses torch's weight_norm, which warns that it is deprecated
+            warnings.filterwarnings("ignore", message=r".*weight_norm.*", category=FutureWarning)
+            self.student_head = DINOProjectionHead(embed_dim, hidden_dim, bottleneck_dim, out_dim,
+                                                   freeze_last_layer=freeze_last_layer_steps)
+            self.teacher_head = DINOProjectionHead(embed_dim, hidden_dim, bottleneck_dim, out_dim)
         self.teacher_backbone = copy.deepcopy(backbone)
-        self.teacher_head = DINOProjectionHead(embed_dim, hidden_dim, bottleneck_dim, out_dim)
         self.teacher_head.load_state_dict(self.student_head.state_dict())
         for p in list(self.teacher_backbone.parameters()) + list(self.teacher_head.parameters()):
             p.requires_grad_(False)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import sys
 import time
@@ -45,6 +46,9 @@ from stego_core.features.dino import (
 )
 from stego_core.features.vit import create_vit
 from stego_core.runtime import distributed, faults
+from stego_core.runtime.progress import PlainProgress
+
+log = logging.getLogger(__name__)
 
 __all__ = ["DinoLearner", "DinoRecipe", "InputTransform", "PretrainEnd", "PretrainLoop", "PretrainMonitor", "Probe",
            "Schedules", "build_learner", "collapse_warning", "feature_figure", "param_groups", "pretraining_crops",
@@ -360,6 +364,7 @@ class PretrainLoop:
 
         r = self.recipe
         self.step, self._t0 = start, time.time()
+        plain = PlainProgress("pretrain", r.max_steps, log, enabled=r.progress and distributed.is_main(), start=start)
         with tqdm(total=r.max_steps, initial=start, disable=not (r.progress and sys.stderr.isatty()),
                   desc="pretrain") as bar:
             if start == 0:
@@ -378,7 +383,9 @@ class PretrainLoop:
                 bar.update(1)
                 if self._logged:
                     bar.set_postfix(loss=f"{self.last['pretrain/loss']:.3f}", H=f"{entropy:.2f}")
+                plain.update(self.step, loss=self.last["pretrain/loss"], entropy=entropy)
                 self._after_step()
+            plain.update(self.step, final=True, loss=self.last.get("pretrain/loss", float("nan")))
         return self._finish(end_reason)
 
     def _update(self) -> float:
@@ -508,7 +515,8 @@ def feature_figure(backbone: torch.nn.Module, crops: torch.Tensor, to_input: Any
     lo, hi = pcs.quantile(0.01, dim=0), pcs.quantile(0.99, dim=0)
     rgb = ((pcs - lo) / (hi - lo + 1e-8)).clamp(0, 1).reshape(n, g, g, 3).cpu().numpy()
     rows = 3 if captured else 2
-    fig, axes = plt.subplots(rows, n, figsize=(1.6 * n, 1.6 * rows), squeeze=False)
+    side = 6.0 / n  # 600 px wide at 100 dpi: MLflow's image card
+    fig, axes = plt.subplots(rows, n, figsize=(6.0, side * rows + 0.5), dpi=100, squeeze=False)
     for i in range(n):
         axes[0, i].imshow(crops[i, 0].cpu().numpy(), cmap="gray", vmin=0, vmax=1)
         axes[1, i].imshow(rgb[i], interpolation="nearest")

@@ -5,7 +5,6 @@ one-line errors."""
 from __future__ import annotations
 
 import argparse
-import logging
 import shlex
 import sys
 from collections.abc import Callable
@@ -14,6 +13,7 @@ from typing import Any, TypeVar
 
 from stego_core.config import load_config, plan_yaml
 from stego_core.evaluation.metrics import OBJECTIVE_KEYS
+from stego_core.platform.console import setup_logging
 from stego_core.runtime import distributed
 from stego_core.runtime.faults import Interrupted, handle_signals, mask_logging, mask_secrets
 
@@ -57,7 +57,7 @@ def run(cls: type[T], fn: Callable[[T], Any], argv: list[str] | None, *, descrip
     """Load ``cls`` from the config and overrides, call ``fn``; bad input exits 2 with a one-line message,
     SIGTERM / SIGINT exit 143 / 130 (see :func:`stego_core.runtime.faults.handle_signals`). ``--print-config`` prints
     the resolved plan and exits 0 without calling ``fn``."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()  # time-stamped lines, no library chatter, no progress bars in a log file
     mask_logging(capture_warnings=True)  # URL passwords never reach a log line
     config_path, overrides, print_config = parse_args(argv, description, default_config)
     try:

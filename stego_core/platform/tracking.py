@@ -495,16 +495,19 @@ def log_params(params: Mapping[str, Any]) -> None:
 @_main_only
 def log_plan(config: Any, output_dir: str | Path, *, params: Mapping[str, Any] | None = None,
              exclude: Iterable[str] = ()) -> Path:
-    """Log a run's resolved plan: flattened into params (plus ``params``, less the keys in ``exclude``) and
-    written to ``output_dir`` as ``plan.yaml``, logged beside them; ``--config plan.yaml`` reruns the same plan.
+    """Log a run's resolved plan: its key settings as params (:func:`stego_core.platform.params.key_params`: the
+    method, seeds, data and what differs from the defaults; plus ``params``, less the keys in ``exclude``) and
+    the whole plan written to ``output_dir`` as ``plan.yaml``, logged beside them; ``--config plan.yaml`` reruns
+    the same plan.
 
     ``exclude`` is for values that may change while the run is continued (MLflow params cannot change): a
     resumed pretraining run keeps ``max_steps`` in a tag instead, and logs the plan again (``plan.yaml`` is
     then the last attempt's)."""
-    from stego_core.config import flatten, save_config
+    from stego_core.config import save_config
+    from stego_core.platform.params import key_params
 
     skip = set(exclude)
-    log_params({k: v for k, v in {**flatten(config), **(params or {})}.items() if k not in skip})
+    log_params({k: v for k, v in {**key_params(config), **(params or {})}.items() if k not in skip})
     path = save_config(config, Path(output_dir) / PLAN_ARTIFACT)
     log_artifact(path)
     return path
@@ -667,10 +670,31 @@ def log_pytorch_model(model: Any, *, name: str = "model", input_example: Any = N
     """
     import mlflow.pytorch
 
-    mlflow.pytorch.log_model(model, name=name, input_example=input_example, metadata=dict(metadata or {}),
-                             code_paths=code_paths, serialization_format=serialization_format,
-                             pip_requirements=pinned_requirements())
+    # MLflow warns on every pickled model that pt2 is the safe format: pickle is this function's documented
+    # choice (above), so the warning is left out of the demo's log for the project's own models
+    quiet = _DropMessage("Saving pytorch model by Pickle") if serialization_format == "pickle" else None
+    logger = logging.getLogger("mlflow.pytorch")
+    if quiet:
+        logger.addFilter(quiet)
+    try:
+        mlflow.pytorch.log_model(model, name=name, input_example=input_example, metadata=dict(metadata or {}),
+                                 code_paths=code_paths, serialization_format=serialization_format,
+                                 pip_requirements=pinned_requirements())
+    finally:
+        if quiet:
+            logger.removeFilter(quiet)
     return f"runs:/{active_run_id()}/{name}"
+
+
+class _DropMessage(logging.Filter):
+    """Drops the log records whose message starts with ``prefix``."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
 
 
 def pinned_requirements() -> list[str]:

@@ -1,5 +1,6 @@
-"""The MLflow UI for this project (``make ui``): links that open each experiment's runs table in the
-model-training view with the per-method columns shown, and a light local server.
+"""The MLflow UI for this project (``make ui``): the link that opens the latest comparison report full page, links
+that open each experiment's runs table in the model-training view with the per-method columns shown, and a light
+local server.
 
 What MLflow 3.17.2's UI does, read from its JavaScript bundle (``mlflow/server/js/build``), and what this module
 does about it:
@@ -10,8 +11,10 @@ does about it:
   only when the user picks it with the sidebar switch (*GenAI | Model training*), which writes local storage.
   The experiment tag ``mlflow.experimentKind`` is not read by this version's UI (the workflow switch is always
   on), though :func:`stego_core.platform.tracking.start_run` still sets it to ``custom_model_development``. A server
-  cannot write a browser's local storage: the links carry the parameter and the README says to click the
-  switch once.
+  cannot write a browser's local storage, but a page of its origin can: the server runs MLflow's app with two
+  landing pages added (:mod:`stego_core.platform.ui_app`, through MLflow's ``--app-name`` hook), which write the
+  storage and then open the runs table (``/stego/open?to=...``) or a run's ``report.html`` full page
+  (``/stego/report/<run id>``); the links printed here go through them. The choice then sticks for every click.
 - **Columns.** The URL state of the runs table holds only its search facets (``searchFilter``, ``orderByKey``,
   ``orderByAsc``, ``startTime``, ``lifecycleFilter``, ``modelVersionFilter``, ``datasetsFilter``); selected
   columns live in local storage or in a *saved view*: an experiment tag ``mlflow.sharedViewState.<key>`` holding
@@ -21,6 +24,9 @@ does about it:
 - **Server.** ``mlflow ui`` starts 4 uvicorn workers and a job runner (huey consumers) by default: 15
   processes, about 3.3 GB on this machine. :func:`server_command` asks for one worker and no job execution
   (``MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false``): 2 processes, about 0.5 GB.
+- **Columns shown.** The saved view starts with a step's own ``cldice_mean`` / ``dice_mean`` (each child row of a
+  pipeline, one per method, fills them), then the parent's ``<method>/cldice`` and ``<method>/dice``, the best
+  clDice first (the learned methods were last and off-screen in alphabetical order).
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlencode
 
@@ -52,19 +58,30 @@ _NOT_METHODS = frozenset({"val", "val_final", "mean", "std", "intermediate", "tr
 _METHOD_METRIC = re.compile(r"^([^/]+)/(dice|cldice)$")
 #: Sweep summaries shown after the per-method columns, when the experiment has them.
 _SUMMARY_COLUMNS = ("objective", "best_value")
+#: A step's own scores, shown first: the child rows (one per method) fill them; the parent's per-method columns
+#: follow, best clDice first.
+_STEP_COLUMNS = ("cldice_mean", "dice_mean")
+#: The tag a run with a ``report.html`` carries (:func:`stego_core.steps.comparison.log_comparison`).
+REPORT_TAG = "report"
 
 
-def method_columns(metric_keys: Iterable[str]) -> list[str]:
-    """The runs-table columns of ``metric_keys``: ``<method>/dice`` and ``<method>/cldice`` (a pipeline's
-    per-method scores, a sweep's ``best_trial/*``) per method in sorted order, then a sweep's ``objective`` and
-    ``best_value`` when present, as ``metrics.`<key>``` names.
+def method_columns(metric_keys: Iterable[str], scores: Mapping[str, float] | None = None) -> list[str]:
+    """The runs-table columns of ``metric_keys``: a step's own ``cldice_mean`` / ``dice_mean`` (the child rows,
+    one per method, fill them), then ``<method>/cldice`` and ``<method>/dice`` (a pipeline's per-method scores, a
+    sweep's ``best_trial/*``) per method, best ``scores`` first (the methods' clDice; by name without), then a
+    sweep's ``objective`` and ``best_value`` when present, as ``metrics.`<key>``` names.
 
     >>> method_columns(["otsu/cldice", "otsu/dice", "val/dice", "dice/case_1", "dice_mean", "objective"])
-    ['metrics.`otsu/dice`', 'metrics.`otsu/cldice`', 'metrics.`objective`']
+    ['metrics.`dice_mean`', 'metrics.`otsu/cldice`', 'metrics.`otsu/dice`', 'metrics.`objective`']
+    >>> method_columns(["a/cldice", "b/cldice"], {"a": 0.5, "b": 0.7})
+    ['metrics.`b/cldice`', 'metrics.`a/cldice`']
     """
     keys = set(metric_keys)
     methods = sorted({m.group(1) for k in keys if (m := _METHOD_METRIC.match(k)) and m.group(1) not in _NOT_METHODS})
-    chosen = [f"{method}/{score}" for method in methods for score in ("dice", "cldice") if f"{method}/{score}" in keys]
+    if scores:
+        methods.sort(key=lambda m: -scores.get(m, float("-inf")))
+    chosen = [k for k in _STEP_COLUMNS if k in keys]
+    chosen += [f"{method}/{score}" for method in methods for score in ("cldice", "dice") if f"{method}/{score}" in keys]
     chosen += [k for k in _SUMMARY_COLUMNS if k in keys]
     return [f"metrics.`{k}`" for k in chosen]
 
@@ -98,8 +115,13 @@ def save_methods_view(client: Any, experiment_id: str, *, key: str = VIEW_KEY) -
     list of str
         The columns shown (nothing is written when the experiment has none of them).
     """
-    runs = client.search_runs([experiment_id], max_results=2000)
-    columns = method_columns(k for run in runs for k in run.data.metrics)
+    runs = client.search_runs([experiment_id], max_results=2000, order_by=["attributes.start_time DESC"])
+    scores: dict[str, float] = {}
+    for run in runs:  # the latest value of each method's clDice orders the columns
+        for metric, value in run.data.metrics.items():
+            if (m := _METHOD_METRIC.match(metric)) and m.group(2) == "cldice":
+                scores.setdefault(m.group(1), value)
+    columns = method_columns((k for run in runs for k in run.data.metrics), scores)
     if columns:
         tag = f"{SHARED_VIEW_PREFIX}{key}"
         current = client.get_experiment(experiment_id).tags.get(tag)
@@ -120,7 +142,8 @@ def runs_link(base: str, experiment_id: str, *, view_key: str | None = None) -> 
 
 def experiment_links(names: Sequence[str], *, base: str) -> tuple[list[tuple[str, str]], list[str]]:
     """Links to the runs tables of the experiments in ``names`` that exist (none is created), each with the
-    per-method saved view when the experiment has such columns; returns ``(links, missing names)``."""
+    per-method saved view when the experiment has such columns, through the landing page that keeps the UI in its
+    model-training view (:func:`open_link`); returns ``(links, missing names)``."""
     client = tracking.client()
     links, missing = [], []
     for name in names:
@@ -129,29 +152,94 @@ def experiment_links(names: Sequence[str], *, base: str) -> tuple[list[tuple[str
             missing.append(name)
             continue
         columns = save_methods_view(client, exp.experiment_id)
-        links.append((name, runs_link(base, exp.experiment_id, view_key=VIEW_KEY if columns else None)))
+        route = runs_link("", exp.experiment_id, view_key=VIEW_KEY if columns else None).split("#", 1)[1]
+        links.append((name, open_link(base, route)))  # the landing page sets the model-training view first
     return links, missing
 
 
 def server_command(backend_store_uri: str, *, host: str, port: int, workers: int = 1
                    ) -> tuple[list[str], dict[str, str]]:
-    """``mlflow ui`` for one local user: ``workers`` uvicorn worker(s) and no job runner; ``(argv, env)``. The
-    store's URI goes in the environment (``MLFLOW_BACKEND_STORE_URI``), not on the command line, which every
+    """``mlflow ui`` for one local user: ``workers`` uvicorn worker(s), no job runner, and this project's app
+    (:data:`APP_NAME`: MLflow's own plus the landing pages of :mod:`stego_core.platform.ui_app`); ``(argv, env)``.
+    The store's URI goes in the environment (``MLFLOW_BACKEND_STORE_URI``), not on the command line, which every
     user of the machine can read (``ps``) and which is printed: it may hold a password."""
-    argv = [sys.executable, "-m", "mlflow", "ui", "--host", host, "--port", str(port), "--workers", str(workers)]
+    argv = [sys.executable, "-m", "mlflow", "ui", "--host", host, "--port", str(port), "--workers", str(workers),
+            "--app-name", APP_NAME]
     return argv, {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-                  "MLFLOW_BACKEND_STORE_URI": backend_store_uri}
+                  "MLFLOW_BACKEND_STORE_URI": backend_store_uri, **app_entry_point_env()}
 
 
-HOW_TO_STAY = ("MLflow 3 opens in its GenAI view and in-app links drop workflowType=machine_learning: click "
-               "'Model training' in the sidebar switch once (the browser remembers it), or use these links.")
+HOW_TO_STAY = ("These links open the UI in its model-training view and the browser keeps it (MLflow 3 opens in "
+               "GenAI; on a plain `mlflow ui` click 'Model training' in the sidebar switch once).")
+
+
+#: The ``mlflow.app`` entry point of this project (``pyproject.toml``): ``mlflow ui --app-name stego-vessels``.
+APP_NAME = "stego-vessels"
+APP_TARGET = "stego_core.platform.ui_app:app"
+
+
+def app_entry_point_env() -> dict[str, str]:
+    """What the server needs to find :data:`APP_NAME` when the installed package does not declare it yet (an
+    editable install made before the entry point was added, a checkout on ``PYTHONPATH``): a distribution that
+    declares only the entry point, written once to a cache folder put first on ``PYTHONPATH`` (the standard way
+    ``importlib.metadata`` finds entry points). ``{}`` when the entry point is installed."""
+    from importlib.metadata import entry_points
+
+    if any(e.name == APP_NAME and e.value == APP_TARGET for e in entry_points(group="mlflow.app")):
+        return {}
+    import tempfile
+    from pathlib import Path
+
+    folder = Path(tempfile.gettempdir()) / f"stego-vessels-ui-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+    info = folder / "stego_vessels_ui-0.0.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: stego-vessels-ui\nVersion: 0.0\n")
+    (info / "entry_points.txt").write_text(f"[mlflow.app]\n{APP_NAME} = {APP_TARGET}\n")
+    here = str(Path(__file__).resolve().parents[2])  # this checkout, for the server's worker to import
+    path = os.pathsep.join(p for p in (str(folder), here, os.environ.get("PYTHONPATH", "")) if p)
+    return {"PYTHONPATH": path}
+
+
+def report_link(base: str, run_id: str) -> str:
+    """The page of :mod:`stego_core.platform.ui_app` that opens run ``run_id``'s ``report.html`` full page.
+
+    >>> report_link("http://127.0.0.1:5000/", "0123")
+    'http://127.0.0.1:5000/stego/report/0123'
+    """
+    return f"{base.rstrip('/')}/stego/report/{run_id}"
+
+
+def open_link(base: str, route: str) -> str:
+    """The landing page that sets the model-training view, then opens ``route`` of the UI.
+
+    >>> open_link("http://127.0.0.1:5000", "/experiments/1/runs?viewStateShareKey=v")
+    'http://127.0.0.1:5000/stego/open?to=%2Fexperiments%2F1%2Fruns%3FviewStateShareKey%3Dv'
+    """
+    return f"{base.rstrip('/')}/stego/open?{urlencode({'to': route})}"
+
+
+def latest_reports(names: Sequence[str]) -> list[tuple[str, str, str]]:
+    """``(experiment, run id, run name)`` of the latest run with a ``report.html`` (tag :data:`REPORT_TAG`) in each
+    experiment of ``names`` that exists."""
+    client = tracking.client()
+    out = []
+    for name in names:
+        exp = client.get_experiment_by_name(name)
+        if exp is None or exp.lifecycle_stage != "active":
+            continue
+        runs = client.search_runs([exp.experiment_id], f"tags.{REPORT_TAG} = 'report.html'", max_results=1,
+                                  order_by=["attributes.start_time DESC"])
+        out += [(name, r.info.run_id, r.info.run_name or "") for r in runs]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m stego_core.platform.ui [--host H] [--port P] [--workers N] [--print-only] [EXPERIMENT ...]``.
 
-    Prints the runs-table link of each existing experiment (default :data:`DEFAULT_EXPERIMENTS`) in the store
-    of ``MLFLOW_TRACKING_URI``, then replaces itself with ``mlflow ui`` (:func:`server_command`) unless
+    Prints the link that opens the latest ``report.html`` of each existing experiment (default
+    :data:`DEFAULT_EXPERIMENTS`) in the store of ``MLFLOW_TRACKING_URI`` (:func:`report_link`), then the runs-table
+    link of each, both through the landing pages of :mod:`stego_core.platform.ui_app` (the model-training view
+    sticks), then replaces itself with ``mlflow ui --app-name stego-vessels`` (:func:`server_command`) unless
     ``--print-only``.
     """
     parser = argparse.ArgumentParser(prog="python -m stego_core.platform.ui", description=main.__doc__)
@@ -161,7 +249,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--print-only", action="store_true", help="print the links, do not start the UI")
     args = parser.parse_args(argv)
-    links, missing = experiment_links(args.experiments, base=f"http://{args.host}:{args.port}")
+    base = f"http://{args.host}:{args.port}"
+    links, missing = experiment_links(args.experiments, base=base)
+    for name, run_id, run_name in latest_reports(args.experiments):  # one click to the comparison
+        print(f"report of the latest {run_name or 'parent'} run in {name}: {report_link(base, run_id)}")
     for name, url in links:
         print(f"{name}: {url}")
     for name in missing:

@@ -7,9 +7,14 @@ horizontal and the second vertical, origin at the bottom (``imshow(a.T, origin="
 maximum-intensity projection of an (I, J, K) volume, x runs left to right and y bottom to top; for the other
 axes the slice index k points up.
 
-Error overlay colours: true positives light grey, false positives red, false negatives cyan (on a dimmed
-image projection); where a projection ray holds several kinds, errors win over true positives and false
-positives over false negatives.
+Error overlay colours: true positives gold, false positives red, false negatives cyan (on a dimmed image
+projection); where a projection ray holds several kinds, errors win over true positives and false positives over
+false negatives. Gold, not grey: found vessels are the brightest voxels of a MIP, and a light grey overlay on them
+vanished; the three colours differ in lightness as well as hue (readable with red-green colour blindness).
+
+The figures people look at in MLflow (image cards, the comparison plots of a parent run, its report) are drawn
+:data:`CARD_WIDTH_IN` inches wide at 100 dpi: 600 px, the width of MLflow's image card, so that nothing is scaled
+down to a thumbnail.
 """
 
 from __future__ import annotations
@@ -35,14 +40,15 @@ __all__ = [
     "slice_panel_figure",
 ]
 
-#: RGB colours of the error overlay.
+#: RGB colours of the error overlay: found (gold), false (red), missed (cyan).
 ERROR_COLOURS: Mapping[str, tuple[float, float, float]] = {
-    "tp": (0.85, 0.85, 0.85),
+    "tp": (1.0, 0.8, 0.0),
     "fp": (1.0, 0.0, 0.0),
     "fn": (0.0, 1.0, 1.0),
 }
-
-_PANEL_IN = 3.0  # inches per panel
+#: Width of the figures shown in MLflow's image cards and the report: 6 in at 100 dpi = 600 px.
+CARD_WIDTH_IN = 6.0
+_DPI = 100
 
 
 def _show(ax, array2d: np.ndarray, **kwargs) -> None:
@@ -120,7 +126,8 @@ def mip_figure(
     Returns
     -------
     Figure
-        One row of 4 panels (image, ground truth, prediction, errors), or 2 when ``target`` is None.
+        600 px wide: 2 x 2 panels (image, ground truth, prediction, errors), or a row of 2 when ``target`` is
+        None.
     """
     image = np.asarray(image)
     check_ndim(image, 3, "image")
@@ -144,8 +151,12 @@ def mip_figure(
 
     a, b = image_mip.shape
     aspect = b / a  # displayed height / width
-    fig = Figure(figsize=(_PANEL_IN * len(panels), _PANEL_IN * aspect + 0.6), layout="constrained")
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    cols = 2 if len(panels) == 4 else len(panels)  # 2 x 2 at the card's width: each panel 300 px wide
+    rows = -(-len(panels) // cols)
+    panel = CARD_WIDTH_IN / cols
+    fig = Figure(figsize=(CARD_WIDTH_IN, rows * (panel * aspect + 0.3) + (0.35 if title else 0.0)), dpi=_DPI,
+                 layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax, (label, array, style) in zip(axes, panels):
         _show(ax, array, **style)
         ax.set_title(label, fontsize=9)
@@ -206,8 +217,9 @@ def mask_outline_figure(
         panels.append((f"slice {index}", plane(image, index), plane(brain_mask, index),
                        None if label is None else plane(label, index)))
     a, b = panels[0][1].shape
-    fig = Figure(figsize=(_PANEL_IN * len(panels), _PANEL_IN * b / a + 0.6), layout="constrained")
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    fig = Figure(figsize=(CARD_WIDTH_IN, 2 * (CARD_WIDTH_IN / 2 * b / a + 0.3) + (0.35 if title else 0.0)),
+                 dpi=_DPI, layout="constrained")
+    axes = fig.subplots(2, 2, squeeze=False).ravel()
     for ax, (name, background, mask2d, label2d) in zip(axes, panels):
         lo, hi = _display_range(background)
         _show(ax, background, cmap="gray", vmin=lo, vmax=hi)
@@ -246,7 +258,7 @@ def slice_panel_figure(
     cluster_maps: np.ndarray | None,
     predictions: np.ndarray | None,
     *,
-    n: int = 8,
+    n: int = 6,
 ) -> Figure:
     """Grid of crops: one column per crop, rows image / label / cluster map / vessel prediction.
 
@@ -262,12 +274,12 @@ def slice_panel_figure(
     predictions : (N, h, w) bool or float ndarray or None
         Vessel mask, or score in [0, 1]; None drops the row (data previews).
     n : int >= 1, keyword-only
-        Crops shown at most (the first ``n``).
+        Crops shown at most (the first ``n``); 6 leaves each crop 95 px wide at the card's 600 px.
 
     Returns
     -------
     Figure
-        ``rows x min(n, N)`` axes, one row for the images and one per stack given.
+        ``rows x min(n, N)`` axes, one row for the images and one per stack given, 600 px wide.
     """
     check_range(n, "n", 1)
     images = _stack(images, "images", None)
@@ -291,7 +303,8 @@ def slice_panel_figure(
     if predictions is not None:
         rows.append(("prediction", predictions[:cols].astype(np.float32), {"cmap": "magma", "vmin": 0, "vmax": 1}))
 
-    fig = Figure(figsize=(1.6 * cols + 0.8, 1.6 * len(rows)), layout="constrained")
+    side = (CARD_WIDTH_IN - 0.3) / cols  # one crop per column at the card's width
+    fig = Figure(figsize=(CARD_WIDTH_IN, side * len(rows) + 0.1), dpi=_DPI, layout="constrained")
     axes = fig.subplots(len(rows), cols, squeeze=False)
     for r, (label, stack, style) in enumerate(rows):
         for c in range(cols):
@@ -315,21 +328,22 @@ def _metric(values: Mapping[str, float], key: str) -> tuple[float, float | None]
 def comparison_bar_figure(
     table: Mapping[str, Mapping[str, float]], keys: Sequence[str] = ("dice", "cldice")
 ) -> Figure:
-    """Grouped bars comparing methods on a few metrics.
+    """Horizontal bars comparing methods on a few metrics, 600 px wide (one method per row, a bar per metric).
 
     Parameters
     ----------
     table : mapping method -> mapping metric key -> float
         Per-method metrics: plain keys (``dice``), or the ``{key}_mean`` / ``{key}_std`` pairs of
-        :func:`stego_core.evaluation.metrics.summarize`, drawn with error bars. NaN (not measured) draws no bar and
-        the label ``n/a``.
+        :func:`stego_core.evaluation.metrics.summarize`, drawn with error bars (a ``n_cases`` of 1 draws none: one
+        volume has no spread). NaN (not measured) draws no bar and the label ``n/a``.
     keys : sequence of str
         Metrics to draw, one bar per method and key.
 
     Returns
     -------
     Figure
-        One axes; methods on the x axis, bars labelled with their values.
+        One axes; methods on the y axis (in ``table`` order, top down), the score from 0 to 1 on x, bars
+        labelled with their values.
     """
     if not table:
         raise ValueError("table is empty; expected at least one method")
@@ -346,25 +360,25 @@ def comparison_bar_figure(
             except KeyError:
                 raise ValueError(f"table[{method!r}] has no metric {key!r} (nor {key}_mean); "
                                  f"it has {sorted(table[method])}") from None
-            if std is not None:
+            if std is not None and table[method].get("n_cases", 2) >= 2:
                 stds[i, j] = std
 
-    width = 0.8 / len(keys)
-    fig = Figure(figsize=(max(4.0, 1.0 + 0.5 * len(methods) * len(keys)), 3.6), layout="constrained")
+    height = 0.8 / len(keys)
+    fig = Figure(figsize=(CARD_WIDTH_IN, 0.32 * len(methods) * len(keys) + 1.0), dpi=_DPI, layout="constrained")
     ax = fig.subplots()
-    x = np.arange(len(methods))
+    y = np.arange(len(methods))
     for j, key in enumerate(keys):
         err = None if np.isnan(stds[:, j]).all() else np.nan_to_num(stds[:, j])
-        heights = np.nan_to_num(means[:, j])
-        bars = ax.bar(x + (j - (len(keys) - 1) / 2) * width, heights, width, yerr=err, capsize=3, label=key)
+        bars = ax.barh(y + (j - (len(keys) - 1) / 2) * height, np.nan_to_num(means[:, j]), height, xerr=err,
+                       capsize=2, label=key)
         ax.bar_label(bars, labels=["n/a" if np.isnan(v) else f"{v:.3f}" for v in means[:, j]], fontsize=7,
-                     padding=2)
-    ax.set_xticks(x, methods, rotation=30 if len(methods) > 4 else 0, ha="right" if len(methods) > 4 else "center")
-    top = float(np.max(np.nan_to_num(means) + np.nan_to_num(stds)))
-    ax.set_ylim(0, max(1.0, top) * 1.25)  # headroom for the value labels and the legend
-    ax.set_ylabel("score")
-    ax.legend(fontsize=8, ncols=len(keys), loc="upper left")
-    ax.grid(axis="y", alpha=0.3)
+                     padding=3)
+    ax.set_yticks(y, methods, fontsize=9)
+    ax.set_ylim(len(methods) - 0.5, -0.5)
+    ax.set_xlim(0.0, 1.12)  # room for the value labels
+    ax.set_xlabel("score (higher is better)", fontsize=9)
+    ax.legend(fontsize=8, ncols=len(keys), loc="lower right")
+    ax.grid(axis="x", alpha=0.3)
     return fig
 
 
@@ -394,7 +408,7 @@ def extras_figure(image: np.ndarray, extras: Mapping[str, np.ndarray], mask: np.
     panels += [(name if arr.dtype == bool else f"{name} probability", arr, "gray" if arr.dtype == bool else "magma")
                for name, arr in extras.items()]
     panels.append(("final mask", mask, "gray"))
-    fig = Figure(figsize=(3 * len(panels), 3.4), dpi=100)
+    fig = Figure(figsize=(CARD_WIDTH_IN, CARD_WIDTH_IN / len(panels) + 0.6), dpi=_DPI)
     for i, (name, arr, cmap) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
         _show(ax, np.asarray(arr, np.float32)[tuple(take)], cmap=cmap, vmin=0.0, vmax=1.0)
@@ -404,51 +418,71 @@ def extras_figure(image: np.ndarray, extras: Mapping[str, np.ndarray], mask: np.
     return fig
 
 
+def _bounded(key: str) -> bool:
+    """Whether a metric lies in [0, 1] (its axis then runs from 0 to 1)."""
+    return key in ("dice", "cldice", "tprec", "tsens", "precision", "recall") or key.startswith("recall_")
+
+
 def per_case_figure(per_case: Mapping[str, Mapping[str, Mapping[str, float]]],
                     keys: Sequence[str] = ("dice", "cldice")) -> Figure:
-    """Per-case dots (one per volume, joined per case across methods) and a box per method, one panel per key.
+    """Each method's value on every case: one dot per case (a colour per case, the same in every panel), the
+    method's mean as a tick, and a box from 5 cases on; one panel per key, stacked, 600 px wide.
+
+    Methods are categories: no line joins a case across them.
 
     Parameters
     ----------
     per_case : mapping method -> mapping case id -> mapping metric key -> float
-        A case a method lacks (or a key its row lacks) is NaN: no dot, and out of the box.
+        A case a method lacks (or a key its row lacks) is NaN: no dot, and out of the mean.
     keys : sequence of str
-        Metrics to draw, one panel each.
+        Metrics to draw, one panel each (titled with it); scores in [0, 1] on a 0-1 axis, others (Betti-number
+        errors) from 0.
 
     Returns
     -------
     Figure
-        One panel per key (titled with it): methods on the x axis, a box per method and, per case, one line
-        labelled with the case id through its values of every method.
+        One panel per key; methods on the y axis (top down in ``per_case`` order), a legend of the cases.
     """
     if not per_case:
         raise ValueError("per_case is empty; expected at least one method")
+    keys = tuple(keys)
     methods = list(per_case)
     cases = list(dict.fromkeys(c for rows in per_case.values() for c in rows))
-    fig = Figure(figsize=(max(5.0, 1.2 * len(methods) * len(keys)), 3.8), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(1, len(keys)))
+    panel = 0.3 * len(methods) + 0.8
+    fig = Figure(figsize=(CARD_WIDTH_IN, panel * len(keys) + 0.3), dpi=_DPI, layout="constrained")
+    axes = np.atleast_1d(fig.subplots(len(keys), 1)).ravel()
     colours = matplotlib.colormaps["tab10"]
+    spread = np.linspace(-0.22, 0.22, len(cases)) if len(cases) > 1 else np.zeros(1)
     for ax, key in zip(axes, keys):
-        values = [[per_case[m].get(c, {}).get(key, np.nan) for c in cases] for m in methods]
-        boxes = [[v for v in vs if np.isfinite(v)] for vs in values]
-        ax.boxplot([b if b else [np.nan] for b in boxes], positions=range(len(methods)), widths=0.5,
-                   showfliers=False)
+        values = np.array([[float(per_case[m].get(c, {}).get(key, np.nan)) for c in cases] for m in methods])
+        for i in range(len(methods)):
+            finite = values[i][np.isfinite(values[i])]
+            if finite.size >= 5:
+                ax.boxplot([finite], positions=[i], widths=0.6, vert=False, showfliers=False,
+                           medianprops={"color": "grey"})
+            if finite.size:
+                ax.plot([finite.mean()], [i], marker="|", color="black", markersize=14, markeredgewidth=2)
         for j, case in enumerate(cases):
-            ys = [values[i][j] for i in range(len(methods))]
-            ax.plot(range(len(methods)), ys, "o-", color=colours(j % 10), alpha=0.8, markersize=4, linewidth=0.8,
-                    label=case)
-        ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right", fontsize=8)
-        ax.set_ylim(0.0, 1.0)
-        ax.set_title(key)
-        ax.grid(axis="y", alpha=0.3)
-    axes[-1].legend(fontsize=7, loc="lower right")
+            ax.scatter(values[:, j], np.arange(len(methods)) + spread[j], s=16, color=colours(j % 10), zorder=3,
+                       label=case if ax is axes[0] else None)
+        ax.set_yticks(range(len(methods)), methods, fontsize=9)
+        ax.set_ylim(len(methods) - 0.5, -0.5)
+        top = np.nanmax(values) if np.isfinite(values).any() else 1.0
+        ax.set_xlim(0.0, 1.0 if _bounded(key) else max(1.0, float(top) * 1.1))
+        ax.set_xlabel(key, fontsize=9)
+        ax.tick_params(axis="x", labelsize=8)
+        ax.grid(axis="x", alpha=0.3)
+    if len(cases) <= 12:
+        fig.legend(fontsize=7, loc="outside lower center", ncols=min(len(cases), 6), frameon=False,
+                   title=f"{len(cases)} case{'s' if len(cases) != 1 else ''}; tick: mean", title_fontsize=7)
     return fig
 
 
 def radius_recall_figure(per_case: Mapping[str, Mapping[str, Mapping[str, float]]],
                          bins: Sequence[str] = RADIUS_BINS) -> Figure:
     """Recall per vessel-radius bin, thin to thick: one line per method (the mean over cases), with each
-    case's value as a faint dot.
+    case's value as a faint dot; 600 px wide. A bin that no case's label has (no vessel of that radius) is left
+    out, not drawn empty.
 
     Parameters
     ----------
@@ -462,16 +496,19 @@ def radius_recall_figure(per_case: Mapping[str, Mapping[str, Mapping[str, float]
     Returns
     -------
     Figure
-        One axes: x the bins, y the recall in [0, 1]; ``ax.get_lines()`` holds one line per method drawn,
-        labelled with the method, in the order of ``per_case``.
+        One axes: x the bins some case has, y the recall in [0, 1]; ``ax.get_lines()`` holds one line per method
+        drawn, labelled with the method, in the order of ``per_case``.
     """
     if not per_case:
         raise ValueError("per_case is empty; expected at least one method")
     bins = tuple(bins)
     if not bins:
         raise ValueError("bins is empty; expected at least one radius bin")
+    present = tuple(b for b in bins if any(np.isfinite(float(r.get(f"recall_{b}", np.nan)))
+                                           for rows in per_case.values() for r in rows.values()))
+    bins = present or bins
     keys = [f"recall_{b}" for b in bins]
-    fig = Figure(figsize=(max(4.5, 1.6 * len(bins) + 2.0), 3.8), layout="constrained")
+    fig = Figure(figsize=(CARD_WIDTH_IN, 3.6), dpi=_DPI, layout="constrained")
     ax = fig.subplots()
     colours = matplotlib.colormaps["tab10" if len(per_case) <= 10 else "tab20"]
     x = np.arange(len(bins), dtype=float)
@@ -481,7 +518,7 @@ def radius_recall_figure(per_case: Mapping[str, Mapping[str, Mapping[str, float]
         if not np.isfinite(values).any():
             continue
         colour = colours(i % colours.N)
-        jitter = (drawn - (len(per_case) - 1) / 2) * 0.03  # dots of different methods side by side
+        jitter = (drawn - (len(per_case) - 1) / 2) * 0.02  # dots of different methods side by side
         for row in values:
             ax.scatter(x + jitter, row, s=10, color=colour, alpha=0.35, linewidths=0)
         with np.errstate(invalid="ignore"):
@@ -490,12 +527,12 @@ def radius_recall_figure(per_case: Mapping[str, Mapping[str, Mapping[str, float]
         ax.plot(x, means, "o-", color=colour, linewidth=1.5, markersize=5, label=method)
         drawn += 1
     ax.set_xticks(x, list(bins))
-    ax.set_xlim(-0.4, len(bins) - 0.6)
+    ax.set_xlim(-0.3, len(bins) - 0.7)
     ax.set_ylim(0.0, 1.05)
-    ax.set_xlabel("vessel radius bin (label skeleton)")
-    ax.set_ylabel("recall")
-    ax.set_title("recall by vessel radius: mean over cases (line), cases (dots)", fontsize=10)
+    ax.set_xlabel("vessel radius bin (label skeleton)", fontsize=9)
+    ax.set_ylabel("recall", fontsize=9)
+    ax.set_title("recall by vessel radius: mean over cases (line), cases (dots)", fontsize=9)
     ax.grid(alpha=0.3)
     if drawn:
-        ax.legend(fontsize=7, loc="lower right", ncols=2 if drawn > 5 else 1)
+        ax.legend(fontsize=7, loc="best", ncols=2 if drawn > 5 else 1)
     return fig

@@ -45,6 +45,7 @@ from stego_core.methods.registry import (
     resolve_settings,
 )
 from stego_core.platform import tracking
+from stego_core.platform.params import settings_params
 from stego_core.runtime import distributed
 from stego_core.steps.base import RunSettings
 
@@ -310,6 +311,8 @@ def evaluate_cases(method: Method, cases: list[Case], cfg: EvaluateConfig, out_d
         post, row = score_result(result, prepared, steps, threshold=method.threshold, slice_axis=cfg.engine.axis,
                                  crf_settings=cfg.crf_settings, analysis=cfg.analysis)
         warning = domain_warning(prepared, post.mask, cfg.domain, name)
+        log.info("%s on %s (%d/%d): %s", name, case.case_id, index + 1, len(cases),
+                 ", ".join(f"{k} {row[k]:.3f}" for k in ("dice", "cldice") if k in row) or "scored (no label)")
         if prepared.profile:
             row["profile"] = prepared.profile
         if warning:
@@ -422,12 +425,15 @@ def _is_number(value: Any) -> bool:
 
 
 def write_viewer(prepared: PreparedCase, mask: np.ndarray, name: str, out_dir: Path, *, note: str = "") -> Path:
-    """Write ``viewer/<case>.html`` under ``out_dir``: the case's slices with ``mask`` against its label
+    """Write ``viewer/<case>.html`` under ``out_dir``: the case's image as stored (as the pipeline's viewer shows
+    it: the head, in the image's own intensities) with ``mask`` against its label
     (:func:`~stego_core.report.viewer.viewer_html`, one self-contained page that MLflow's artifact pane shows);
     ``note``: a domain warning shown on the page."""
+    from stego_core.data.io import load_volume
     from stego_core.report.viewer import viewer_html
 
-    page = viewer_html(prepared.image, {name: mask}, prepared.label, spacing_mm=prepared.spacing,
+    image = load_volume(prepared.case.image).data
+    page = viewer_html(image, {name: mask}, prepared.label, spacing_mm=prepared.spacing,
                        title=f"{name} on {prepared.case_id}", notes={name: note} if note else None)
     path = out_dir / "viewer" / f"{prepared.case_id}.html"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -532,7 +538,7 @@ def run_method(method: Method | str, cfg: EvaluateConfig, *, settings: Any = Non
         if isinstance(method, str):
             method = build_method(method, settings, ctx)
         tracking.log_plan(config, run.output_dir,
-                          params={f"resolved.{k}": v for k, v in _flat_settings(method.settings()).items()})
+                          params=settings_params(method.settings(), method=method.name))
         with distributed.main_first():  # rank 0 writes generated phantoms; the others read them
             cases = select_cases(cfg)
         tracking.tag_case_keys(c.case_id for c in cases)  # metric keys of every case: distinct, mapped back

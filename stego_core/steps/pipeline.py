@@ -24,11 +24,12 @@ from stego_core.config import derive, from_dict
 from stego_core.engine.postprocess import STEPS, PostprocessStep
 from stego_core.engine.reconstruction import EngineConfig
 from stego_core.evaluation.guard import DomainConfig
-from stego_core.evaluation.metrics import RADIUS_BINS, SCORE_KEYS
+from stego_core.evaluation.metrics import SCORE_KEYS
 from stego_core.methods.registry import METHODS, resolve_settings
 from stego_core.platform import tracking
+from stego_core.platform.console import StepClock, closing_block
 from stego_core.steps.base import DataSettings, RunSettings
-from stego_core.steps.comparison import log_comparison
+from stego_core.steps.comparison import REPORT, log_comparison
 from stego_core.steps.evaluation import (
     EvaluateConfig,
     check_data,
@@ -141,21 +142,49 @@ def _warned(s: dict[str, float]) -> str:
     return f"{int(s['domain_warnings'])}/{int(s.get('n_cases', 0))}"
 
 
+def metric_name(row: str) -> str:
+    """A row's name in MLflow metric keys (``<name>/dice``): MLflow's names hold no ``+``, so ``stego+crf`` is
+    ``stego_crf`` there; tables name the row ``stego+crf (stego_crf)`` so that both read the same.
+
+    >>> metric_name("stego+crf"), metric_name("otsu")
+    ('stego_crf', 'otsu')
+    """
+    return tracking.safe_key(row).replace("/", "_")
+
+
+def _label(row: str) -> str:
+    key = metric_name(row)
+    return row if key == row else f"{row} ({key})"
+
+
+def _n(s: dict[str, float]) -> int:
+    """How many volumes a row's summary is over (``n_cases``: the volumes it scored)."""
+    return int(s.get("n_cases", 0))
+
+
+def _mean_std(s: dict[str, float], k: str, digits: int = 3) -> str:
+    """``mean ± std`` of key ``k`` over the row's volumes; the mean alone for one volume (no spread to show)."""
+    mean, std = s.get(f"{k}_mean", float("nan")), s.get(f"{k}_std", float("nan"))
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if _n(s) >= 2 else f"{mean:.{digits}f}"
+
+
 def format_table(table: dict[str, dict[str, float]], keys: tuple[str, ...] = SCORE_KEYS) -> str:
-    """A plain-text comparison table: one row per method, mean ± std of each key, and the cases the domain
-    guard warned about (``domain``: warned / scored; the reasons are in each run's ``cases.csv``)."""
-    w = max([12, *(len(m) + 1 for m in table)])
-    head = f"{'method':<{w}}" + "".join(f"{k:>18}" for k in keys) + f"{'domain':>9}"
+    """A plain-text comparison table: one row per method, the volumes it scored (``n``), mean ± std of each key
+    over them (the value alone when n = 1), and the cases the domain guard warned about (``domain``: warned /
+    scored; the reasons are in each run's ``cases.csv``)."""
+    w = max([12, *(len(_label(m)) + 1 for m in table)])
+    head = f"{'method':<{w}}{'n':>3}" + "".join(f"{k:>16}" for k in keys) + f"{'domain':>9}"
     rows = [head, "-" * len(head)]
     for method, s in table.items():
-        rows.append(f"{method:<{w}}" + "".join(
-            f"{s.get(f'{k}_mean', float('nan')):>10.3f} ± {s.get(f'{k}_std', float('nan')):<5.3f}" for k in keys)
-            + f"{_warned(s):>9}")
-    return "\n".join(rows)
+        rows.append(f"{_label(method):<{w}}{_n(s):>3}" + "".join(f"{_mean_std(s, k):>16}" for k in keys)
+                    + f"{_warned(s):>9}")
+    ns = sorted({_n(s) for s in table.values()})
+    what = "mean ± std over the held-out volumes" if max(ns, default=0) >= 2 else "the score of the one volume"
+    return "\n".join([f"n = {'/'.join(map(str, ns))} held-out volume(s) per method; {what}.", *rows])
 
 
 def markdown_table(table: dict[str, dict[str, float]], runs: dict[str, str], experiment_id: str,
-                   keys: tuple[str, ...] = SCORE_KEYS) -> str:
+                   keys: tuple[str, ...] = SCORE_KEYS, *, run_id: str = "") -> str:
     """The comparison as a markdown note (the pipeline run's description): one row per method linking its run,
     best Dice / clDice in bold, and the best method by clDice named below the table."""
     top = {k: max((s.get(f"{k}_mean", float("-inf")) for s in table.values()), default=float("nan")) for k in keys}
@@ -163,8 +192,8 @@ def markdown_table(table: dict[str, dict[str, float]], runs: dict[str, str], exp
     for method, s in table.items():
         values = []
         for k in keys:
-            mean, std = s.get(f"{k}_mean", float("nan")), s.get(f"{k}_std", float("nan"))
-            text = f"{mean:.3f} ± {std:.3f}"
+            mean = s.get(f"{k}_mean", float("nan"))
+            text = _mean_std(s, k)
             values.append(f"**{text}**" if mean == top[k] else text)
         name = cell(method).replace("[", "\\[").replace("]", "\\]")
         link = f"[{name}](#/experiments/{experiment_id}/runs/{runs[method]})" if method in runs else name
@@ -174,7 +203,11 @@ def markdown_table(table: dict[str, dict[str, float]], runs: dict[str, str], exp
     scored = {m: s["cldice_mean"] for m, s in table.items() if s.get("cldice_mean") == s.get("cldice_mean")
               and "cldice_mean" in s}
     best = max(scored, key=scored.get) if scored else None
-    head = ["**Pipeline comparison** on the held-out volumes (mean ± std over volumes).", ""]
+    n = max((_n(s) for s in table.values()), default=0)
+    head = [f"**Pipeline comparison** on n = {n} held-out volume{'s' if n != 1 else ''} ("
+            + ("mean ± std over volumes)." if n >= 2 else "one volume: no spread).")
+            + (f" **Report: [{REPORT}](#/experiments/{experiment_id}/runs/{run_id}/artifacts/{REPORT})** (table with "
+               "CIs, per-case plots, viewers; `make ui` opens it full page)." if run_id else ""), ""]
     tail = ["", f"Best by clDice: **{cell(best)}** ({scored[best]:.3f}), run `{runs.get(best, '?')}`." if best else
             "No labels: no scores.", "", "Per-method metrics of this row: `<method>/dice`, `<method>/cldice`; "
             "figure: artifacts `comparison.png`."]
@@ -260,18 +293,19 @@ def _with_backbone(settings: Any, backbone: str, weights: str) -> Any:
 
 
 def run_main(cfg: MainConfig) -> str:
-    """Run every row of ``cfg.methods`` as a run nested under one ``pipeline`` run; returns the comparison table.
+    """Run every row of ``cfg.methods`` as a run nested under one ``pipeline`` run; returns the comparison table
+    followed by the last block (:func:`~stego_core.platform.console.closing_block`: the run, its report, ``make ui``).
 
     The pipeline run (under ``mlflow run -e main``: the project's own run) logs the table and the bar chart.
-    Rows with the same method and settings share one fitted state (``stego`` and ``stego+crf`` train once).
+    Rows with the same method and settings share one fitted state (``stego`` and ``stego+crf`` train once). Every
+    step opens with a banner naming it and ends with its elapsed time (:class:`~stego_core.platform.console.StepClock`).
     """
-    from stego_core.report.visualize import (
-        comparison_bar_figure,
-        per_case_figure,
-        radius_recall_figure,
-    )
+    from stego_core.report.visualize import comparison_bar_figure
     from stego_core.steps.prepare import run_prepare
 
+    rows = [r for r, spec in cfg.methods.items() if not any(st.step == "crf" for st in spec.postprocess)
+            or crf_available()]
+    clock = StepClock(int(cfg.prepare) + int(cfg.pretrain is not None) + len(rows) + 1, log)
     engine = dataclasses.replace(cfg.engine, axis=cfg.slicing.axis)  # every method's window, along the crops
     with tracking.start_run(cfg.experiment, run_name="pipeline", output_root=f"{cfg.output}/pipeline",
                             tags={"step": "pipeline", "method": "pipeline"},
@@ -279,60 +313,68 @@ def run_main(cfg: MainConfig) -> str:
                                         "appears here when it ends).") as parent:
         tracking.log_plan(cfg, parent.output_dir)
         if cfg.prepare:  # the crops, also exported in the seed's dataset layout
-            run_prepare(derive(PrepareConfig, cfg, output=f"{cfg.output}/prepare"), nested=True)
+            with clock.step("prepare", "the volumes (phantoms generated if need be), their crops"):
+                run_prepare(derive(PrepareConfig, cfg, output=f"{cfg.output}/prepare"), nested=True)
         backbone = None
         if cfg.pretrain is not None:
             # the pretrain section decides the pretraining; its volumes, crops, split and experiment are ours
             ours = {f.name: getattr(cfg, f.name) for f in (*dataclasses.fields(DataSettings),
                                                            *dataclasses.fields(RunSettings))}
             pre = dataclasses.replace(cfg.pretrain, **{**ours, "output": f"{cfg.output}/pretrain"})
-            backbone = (pre.backbone, run_pretrain(pre, nested=True).weights_uri)
+            with clock.step(f"pretrain {pre.backbone}", f"DINO on the training volumes' crops (no labels), at most "
+                                                        f"{pre.max_steps} steps / {pre.max_minutes:g} min"):
+                backbone = (pre.backbone, run_pretrain(pre, nested=True).weights_uri)
         table: dict[str, dict[str, float]] = {}
         runs: dict[str, str] = {}
         per_case: dict[str, dict[str, dict[str, float]]] = {}
         shared: dict[str, Any] = {}  # fitted states by method and settings: rows with equal ones train once
         folders: dict[str, Path] = {}
         notes: dict[str, dict[str, str]] = {}
-        for row, spec in cfg.methods.items():
-            if any(st.step == "crf" for st in spec.postprocess) and not crf_available():
-                continue
+        for row in rows:
+            spec = cfg.methods[row]
             settings = spec.settings if backbone is None else _with_backbone(spec.settings, *backbone)
             evaluate = derive(EvaluateConfig, cfg, engine=engine, postprocess=spec.postprocess,
                               output=f"{cfg.output}/{spec.method}")
-            result = run_method(spec.method, evaluate, settings=settings, name=row, run_name=row, nested=True,
-                                suffix=False, context={"shared": shared})
-            table[row], runs[row], per_case[row] = result.summary, result.run_id, _rows(result)
-            table[row] = {**result.summary, "domain_warnings": len(result.warned), "n_cases": len(result.rows)}
+            learned = METHODS[spec.method].kind == "learned"
+            same = next((r for r in rows[:rows.index(row)] if cfg.methods[r].method == spec.method
+                         and cfg.methods[r].settings == spec.settings), None)  # trained once, shared
+            fit = (f"{same}'s model, " if same else "fit on the training volumes, then ") if learned else ""
+            with clock.step(row, fit + "scored on the held-out volumes"):
+                result = run_method(spec.method, evaluate, settings=settings, name=row, run_name=row, nested=True,
+                                    suffix=False, context={"shared": shared})
+            runs[row], per_case[row] = result.run_id, _rows(result)
+            table[row] = {**result.summary, "domain_warnings": len(result.warned), "n_cases": len(per_case[row])}
             folders[row] = result.output_dir
             notes[row] = {r["case_id"]: r["domain_warning"] for r in result.rows if r.get("domain_warning")}
             for name, (summary, cases) in _extra_rows(result, row, getattr(result.method, "extra_rows", {})).items():
-                table[name], runs[name], per_case[name] = summary, result.run_id, cases
+                table[name], runs[name], per_case[name] = {**summary, "n_cases": len(cases)}, result.run_id, cases
                 folders[name] = result.output_dir  # its predictions are in the same run's folder
 
-        text = format_table(table)
-        key = {m: m.replace("+", "_") for m in {**table, **runs}}  # MLflow keys allow no '+'
-        tracking.set_tags({f"run.{key[m]}": r for m, r in runs.items()})
-        tracking.log_text(text + "\n", "comparison.txt")
-        means = {m: {k: s.get(f"{k}_mean", float("nan")) for k in SCORE_KEYS} for m, s in table.items()}
-        tracking.log_metrics({f"{key[m]}/{k}": v for m, row in means.items() for k, v in row.items()})
-        tracking.log_figure(comparison_bar_figure(means, keys=("dice", "cldice")), "comparison.png")
-        note = markdown_table(table, runs, parent.experiment_id)
-        if per_case and any(per_case.values()):
-            note += "\n\n" + log_comparison(per_case, title="Statistics across the held-out volumes")
-            tracking.log_figure(per_case_figure(per_case), "comparison_cases.png")
-            figures = ["`comparison_cases.png` (Dice and clDice per case and method)"]
-            if any(f"recall_{b}" in row for rows in per_case.values() for row in rows.values() for b in RADIUS_BINS):
-                tracking.log_figure(radius_recall_figure(per_case), "comparison_radius.png")
-                figures.append("`comparison_radius.png` (recall by vessel radius, one line per method)")
-            note += "\n\nFigures: " + ", ".join(figures) + "."
-        viewers = log_viewers(derive(EvaluateConfig, cfg), [m for m in table if m in runs], runs, parent.output_dir,
-                              folders, notes)
-        if any(notes.values()):
-            note += "\n\nDomain warnings (the case lies outside the domain the method or preset was chosen for, or "
-            note += "its mask is implausible there):\n\n" + "\n".join(
-                f"- {row} on {case}: {text}" for row, cases in notes.items() for case, text in cases.items())
-        if viewers:
-            note += ("\n\nSlice viewers (image, label and every method's prediction; TP grey, FP red, FN cyan): "
-                     + ", ".join(f"`viewer/{c}.html`" for c in viewers) + ".")
-        tracking.set_description(note)
-    return text
+        with clock.step("comparison", "tables, figures, viewers, report.html on the pipeline run"):
+            text = format_table(table)
+            key = {m: metric_name(m) for m in {**table, **runs}}  # MLflow keys allow no '+'
+            tracking.set_tags({f"run.{key[m]}": r for m, r in runs.items()})
+            tracking.log_text(text + "\n", "comparison.txt")
+            means = {m: {k: s.get(f"{k}_mean", float("nan")) for k in SCORE_KEYS} for m, s in table.items()}
+            tracking.log_metrics({f"{key[m]}/{k}": round(v, 4) for m, row in means.items() for k, v in row.items()})
+            tracking.log_figure(comparison_bar_figure(means, keys=("dice", "cldice")), "comparison.png")
+            viewers = log_viewers(derive(EvaluateConfig, cfg), [m for m in table if m in runs], runs,
+                                  parent.output_dir, folders, notes)
+            note = markdown_table(table, runs, parent.experiment_id, run_id=parent.run_id)
+            if per_case and any(per_case.values()):
+                note += "\n\n" + log_comparison(per_case, title="Statistics across the held-out volumes",
+                                                 report_title="Pipeline: the methods on the held-out volumes",
+                                                 runs=runs, viewers={c: f"viewer/{c}.html" for c in viewers})
+                note += ("\n\nFigures: `comparison_cases.png` (Dice and clDice per case and method), "
+                         "`comparison_radius.png` (recall by vessel radius), `comparison_betti.png` (Betti-number "
+                         "errors).")
+            if any(notes.values()):
+                note += ("\n\nDomain warnings (the case lies outside the domain the method or preset was chosen for, "
+                         "or its mask is implausible there):\n\n") + "\n".join(
+                    f"- {row} on {case}: {text}" for row, cases in notes.items() for case, text in cases.items())
+            if viewers:
+                note += ("\n\nSlice viewers (image, label and every method's prediction, two side by side; TP gold, FP "
+                         "red, FN cyan): " + ", ".join(f"`viewer/{c}.html`" for c in viewers) + ".")
+            tracking.set_description(note)
+        report = f"{tracking.client().get_run(parent.run_id).info.artifact_uri}/{REPORT}"
+        return text + "\n\n" + closing_block(parent.run_id, cfg.experiment, report, clock=clock)

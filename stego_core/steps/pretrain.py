@@ -50,6 +50,7 @@ from stego_core.features.pretraining import (
 )
 from stego_core.features.vit import WEIGHTS_ARTIFACT
 from stego_core.platform import tracking
+from stego_core.platform.params import always_logged, key_params
 from stego_core.runtime import distributed, faults
 from stego_core.runtime.distributed import TrainerSettings
 from stego_core.steps.base import DataSettings, RunSettings
@@ -182,9 +183,13 @@ def resume_state(cfg: PretrainConfig) -> dict[str, Any]:
     if run.info.status == "RUNNING" and faults.owner_alive(tags):
         raise ValueError(f"resume={run_id!r}: the run is still running (process {tags.get('owner_pid')}); stop it "
                          f"first (the run was left as it was)")
-    params = run.data.params
-    differ = [f"{k} (run {params[k]!r}, now {tracking.param_text(v)!r})" for k, v in flatten(cfg).items()
-              if k not in RESUMABLE and k in params and params[k] != tracking.param_text(v)]
+    # a setting the run did not log was at its default (a run logs what differs from the defaults and the
+    # settings always logged; a run without those logged no plan: nothing to compare)
+    params, logged_now = run.data.params, key_params(cfg)
+    differ = [f"{k} (run {params.get(k, 'its default')!r}, now {tracking.param_text(v)!r})"
+              for k, v in flatten(cfg).items() if k not in RESUMABLE
+              and (params[k] != tracking.param_text(v) if k in params
+                   else k in logged_now and not always_logged(k) and "backbone" in params)]
     if differ:
         raise ValueError(f"resume={run_id!r}: the plan differs from the run's in {'; '.join(differ[:4])}"
                          f"{' and more' if len(differ) > 4 else ''}. A resume continues the same plan (only "

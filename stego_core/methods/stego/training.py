@@ -20,6 +20,7 @@ import logging
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,7 @@ from stego_core.methods.stego.model import ClusterProbe, LinearProbe, StegoHead
 from stego_core.methods.stego.module import StegoModule
 from stego_core.methods.stego.settings import StegoSettings
 from stego_core.runtime import distributed
+from stego_core.runtime.progress import PlainProgress
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +147,25 @@ class VolumeValidation(L.Callback):
         if report and callable(report_to):
             report_to(step, metrics)
         return metrics
+
+
+class TrainProgress(L.Callback):
+    """The steps as plain log lines every 20 s when the output is not a terminal (Lightning's bar shows them on
+    one): :class:`stego_core.runtime.progress.PlainProgress`."""
+
+    def __init__(self, max_steps: int, *, enabled: bool) -> None:
+        self.max_steps, self.enabled = max_steps, enabled
+        self.plain: PlainProgress | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.plain = PlainProgress("train", self.max_steps, log, enabled=self.enabled and trainer.is_global_zero,
+                                   start=trainer.global_step)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if self.plain is not None:
+            loss = trainer.callback_metrics.get("loss")
+            fields = {"loss": float(loss)} if loss is not None else {}
+            self.plain.update(trainer.global_step, **fields)
 
 
 class ExceptionCheckpoint(L.pytorch.callbacks.OnExceptionCheckpoint):
@@ -342,8 +363,13 @@ def train_stego(settings: StegoSettings, backbone: Backbone, train: Sequence[Pre
         auto_insert_metric_name=False)
     # SIGTERM / SIGINT (faults.Interrupted) save checkpoints/interrupted.ckpt: train.resume_from=<this run id>
     on_interrupt = ExceptionCheckpoint(workdir / "checkpoints", "interrupted")
-    trainer = _trainer(settings, device, workdir, [validation_cb, checkpoints, on_interrupt, RankSignals()], monitor)
-    trainer.fit(module, datamodule=data, ckpt_path=settings.train.resume_from or None)
+    progress = TrainProgress(settings.train.max_steps, enabled=settings.train.progress)
+    trainer = _trainer(settings, device, workdir, [validation_cb, checkpoints, on_interrupt, RankSignals(), progress],
+                       monitor)
+    with warnings.catch_warnings():  # no resume: Lightning says it looks for a last checkpoint it cannot find
+        if not settings.train.resume_from:
+            warnings.filterwarnings("ignore", message=r".*ckpt_path.*")
+        trainer.fit(module, datamodule=data, ckpt_path=settings.train.resume_from or None)
     # last.ckpt is the final state, whatever step the last periodic checkpoint fell on
     trainer.save_checkpoint(workdir / "checkpoints" / "last.ckpt")
     module.eval()
