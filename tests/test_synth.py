@@ -190,3 +190,33 @@ def test_pretrain_synth_logs_a_model_that_synth_reloads(tmp_path, mlflow_store, 
     for method in (by_uri, by_file):
         got = predict_probability(method.state(), x, SynthMethodSettings(patch_size=(32, 32, 32)))
         np.testing.assert_allclose(got, ref, atol=1e-5)
+
+
+def test_the_selftrain_synth_preset_names_synth_as_teacher():
+    from conftest import REPO_ROOT
+
+    from stego_core.config import load_config
+    from stego_core.steps.pipeline import MainConfig
+
+    cfg = load_config(MainConfig, REPO_ROOT / "experiments/configs/selftrain_synth.yaml")
+    teacher = cfg.methods["selftrain"].settings.teacher
+    assert teacher.method == "synth" and teacher.name == "synth" and teacher.settings == SynthMethodSettings()
+    assert cfg.data.skull_strip == "none"
+
+
+@pytest.mark.slow
+def test_synth_teaches_a_self_trained_student(tiny_case):
+    """``selftrain.teacher: {method: synth}``: the student learns synth's confident voxels of a bright tube."""
+    from stego_core.data.cases import preprocess_case
+    from stego_core.data.io import make_case
+
+    case = preprocess_case(make_case(tiny_case(shape=(32, 32, 16))), DataConfig(source="folder", skull_strip="none"))
+    method = build_method("selftrain", {
+        "teacher": {"method": "synth", "skull_strip": "none"},
+        "student": {"training": {"steps": 20, "batch": 4, "crop": 32, "eval_every": 10, "val_every": 4,
+                                 "threads": 1}, "network": {"channels": [8, 16]}}})
+    result = method.predict(case)
+    teacher, label = result.extras["teacher"], case.label
+    assert result.prob.shape == case.image.shape and teacher.dtype == bool
+    tdice = 2 * (teacher & label).sum() / (teacher.sum() + label.sum())
+    assert tdice > 0.5
