@@ -29,15 +29,61 @@ def _linked(root: Path, prefix: str, into: Path) -> Path:
     return into
 
 
+#: The best registry method at its defaults per case set (Dice / clDice per case, measured with the same
+#: preprocessing: MRA and phantoms with the automatic brain mask, 2PM without), by mean Dice: percentile (q 99) on
+#: MRA, GMM on the phantoms (the research notes' baselines), twophoton on 2PM (docs/domains.md).
+BEST_CLASSICAL = {
+    "mra_mni_0590": ("percentile", .399, .436), "mra_mni_0591": ("percentile", .341, .382),
+    "mra_mni_0592": ("percentile", .461, .550), "mra_mni_0640": ("percentile", .415, .499),
+    "mra_mni_0656": ("percentile", .818, .595),
+    "2pm_burgess2014_noisysparsevessels": ("twophoton", .850, .889), "2pm_burgess2014_tgmouse": ("twophoton", .836, .761),
+    "2pm_poon2015_bbb_leakage": ("twophoton", .662, .812), "2pm_poon2015_plaquevessels": ("twophoton", .868, .769),
+    "2pm_santos2015_lowcontrastvessels": ("twophoton", .835, .886),
+    "2pm_santos2015_mixedsizelowcontrastvessels": ("twophoton", .699, .818),
+    "phantom_000": ("gmm", .732, .687), "phantom_001": ("gmm", .675, .578), "phantom_002": ("gmm", .688, .606),
+}
+
+
+def markdown(rows: list[dict]) -> str:
+    """A Dice / clDice table: one row per case, one column per weights name, the best classical method last;
+    then the mean per case set."""
+    names = list(dict.fromkeys(r["weights"] for r in rows))
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    cell = {(r["weights"], r["case"]): r for r in rows}
+    lines = ["| case | " + " | ".join(names) + " | best classical (defaults) |",
+             "|---" * (len(names) + 2) + "|"]
+    for c in cases:
+        best = BEST_CLASSICAL.get(c)
+        vals = [f"{cell[n, c]['dice']:.3f}/{cell[n, c]['cldice']:.3f}" if (n, c) in cell else "" for n in names]
+        ref = f"{best[0]} {best[1]:.3f}/{best[2]:.3f}" if best else ""
+        lines.append(f"| {c} | " + " | ".join(vals) + f" | {ref} |")
+    for set_name in dict.fromkeys(r["set"] for r in rows):
+        ids = [c for c in cases if any(r["case"] == c and r["set"] == set_name for r in rows)]
+        vals = []
+        for n in names:
+            got = [cell[n, c] for c in ids if (n, c) in cell]
+            vals.append(f"**{sum(g['dice'] for g in got) / len(got):.3f}/{sum(g['cldice'] for g in got) / len(got):.3f}**"
+                        if len(got) == len(ids) else "")
+        refs = [BEST_CLASSICAL[c] for c in ids if c in BEST_CLASSICAL]
+        ref = (f"**{sum(b[1] for b in refs) / len(refs):.3f}/{sum(b[2] for b in refs) / len(refs):.3f}**"
+               if len(refs) == len(ids) else "")
+        lines.append(f"| mean {set_name} ({len(ids)}) | " + " | ".join(vals) + f" | {ref} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--weights", nargs="+", required=True, help="name=path.pt ('name=' alone: the shipped weights)")
+    ap.add_argument("--report", default="", help="print the markdown table of a written --out file and stop")
+    ap.add_argument("--weights", nargs="+", default=[], help="name=path.pt ('name=' alone: the shipped weights)")
     ap.add_argument("--shared", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     ap.add_argument("--sets", default="phantom,2pm,mra")
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", default="synth_zero_shot.json")
     ap.add_argument("--store", default="")
     ap.add_argument("--normalize", default="volume")
     a = ap.parse_args()
+    if a.report:
+        print(markdown(json.loads(Path(a.report).read_text())))
+        return
     work = Path(tempfile.mkdtemp(prefix="synth-zs-"))
     if a.store:
         os.environ["MLFLOW_TRACKING_URI"] = a.store

@@ -220,3 +220,23 @@ def test_synth_teaches_a_self_trained_student(tiny_case):
     assert result.prob.shape == case.image.shape and teacher.dtype == bool
     tdice = 2 * (teacher & label).sum() / (teacher.sum() + label.sum())
     assert tdice > 0.5
+
+
+def test_the_mass_probe_is_label_free_and_flags_a_network_that_marks_masses():
+    from stego_core.methods.synth_training import mass_false_positives, mass_probe
+
+    img, mass = mass_probe((32, 32, 32))
+    assert img.shape == mass.shape == (32, 32, 32) and 0.2 < mass.mean() < 0.5
+    assert img[mass].mean() < 0.6 < img[~mass & (img > 0.8)].mean()
+
+    class Everything:  # a "network" whose logits mark every bright-enough voxel
+        training = False
+
+        def eval(self): return self
+
+        def train(self, mode=True): return self
+
+        def __call__(self, x):
+            return (x - 0.3) * 100
+
+    assert mass_false_positives(Everything(), (img, mass)) == 1.0
