@@ -69,6 +69,7 @@ def run_pretrain_synth(cfg: PretrainSynthConfig, *, nested: bool = False,
     from stego_core.data.synth import generate, sample_grid
 
     t = cfg.train
+    commit = tracking.git_commit()  # the code that trains, read before the loop (the checkout may move on)
     with tracking.start_run(cfg.experiment, run_name="pretrain-synth", nested=nested, output_root=cfg.output,
                             description="synth: a 3D U-Net trained on domain-randomized synthetic patches only "
                                         "(val_dice: held-out generator seeds)",
@@ -99,7 +100,7 @@ def run_pretrain_synth(cfg: PretrainSynthConfig, *, nested: bool = False,
         tracking.log_metrics({f"pretrain_synth/{k}": v for k, v in metrics.items()})
         weights = save_weights(trainer.model, out / "weights" / SHIPPED_WEIGHTS, t.network,
                                extra={"provenance": SHIPPED_PROVENANCE, "step": trainer.step})
-        provenance = provenance_record(cfg, metrics, run.run_id, trainer.history)
+        provenance = provenance_record(cfg, metrics, run.run_id, trainer.history, commit=commit)
         (out / "weights" / SHIPPED_PROVENANCE).write_text(json.dumps(provenance, indent=1) + "\n")
         tracking.log_artifact(out / "weights", "weights")
         model_uri = None
@@ -111,7 +112,7 @@ def run_pretrain_synth(cfg: PretrainSynthConfig, *, nested: bool = False,
 
 
 def provenance_record(cfg: PretrainSynthConfig, metrics: dict[str, float], run_id: str,
-                      history: list[dict[str, float]]) -> dict[str, Any]:
+                      history: list[dict[str, float]], *, commit: str = "") -> dict[str, Any]:
     """The provenance of trained weights: generator settings, training settings, steps, seed, commit, run,
     validation history; ``zero_shot`` is filled in when the weights are scored on real cases."""
     t = cfg.train
@@ -125,7 +126,7 @@ def provenance_record(cfg: PretrainSynthConfig, metrics: dict[str, float], run_i
         "val_dice": metrics.get("val_dice"),
         "training": {k: v for k, v in to_dict(t).items() if k != "generator"},
         "generator": to_dict(t.generator) if dataclasses.is_dataclass(t.generator) else dict(t.generator),
-        "commit": tracking.git_commit(), "run_id": run_id,
+        "commit": commit or tracking.git_commit(), "run_id": run_id,
         "validation_history": history,
         "zero_shot": [],
     }
