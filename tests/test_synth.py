@@ -240,3 +240,35 @@ def test_the_mass_probe_is_label_free_and_flags_a_network_that_marks_masses():
             return (x - 0.3) * 100
 
     assert mass_false_positives(Everything(), (img, mass)) == 1.0
+
+
+@pytest.mark.slow
+def test_synth_is_a_pipeline_row_and_a_sweep_target(tmp_path, mlflow_store, monkeypatch):
+    """By name only: a ``main`` row beside a classical method, and a sweep over its overlap via ``baseline``."""
+    import mlflow.models
+    from conftest import REPO_ROOT
+
+    from stego_core.config import load_config
+    from stego_core.steps.pipeline import MainConfig, run_main
+
+    monkeypatch.setattr(mlflow.models, "infer_pip_requirements",
+                        lambda model_uri, flavor, fallback=None, **kwargs: fallback)
+    root = str(tmp_path / "ph")
+    cfg = load_config(MainConfig, None, {"data.root": root, "data.phantom.n_volumes": 3,
+                                         "data.phantom.shape": [32, 32, 24], "prepare": False,
+                                         "methods": {"percentile": {}, "synth": {"settings": {"overlap": 0.5}}},
+                                         "experiment": "synth", "output": str(tmp_path / "main")})
+    text = run_main(cfg)
+    assert {line.split()[0] for line in text.splitlines()[2:]} == {"percentile", "synth"}
+
+    from sweeps.driver import load_sweep_config, run_sweep
+
+    sweep = load_sweep_config(None, {"target": "baseline", "base_config": str(REPO_ROOT / "experiments/configs/baseline.yaml"),
+                                     "base_overrides": ["method=synth", "progress=false", "viewer=false", "analysis=false",
+                                                        f"data.root={root}", "data.phantom.n_volumes=3",
+                                                        "data.phantom.shape=[32,32,24]", "log_model=false"],
+                                     "space": {"settings.overlap": {"type": "float", "low": 0.1, "high": 0.5}},
+                                     "seeds": [0], "n_trials": 1, "pruner": "none", "log_plots": False,
+                                     "study_name": "synth-sweep", "storage": f"sqlite:///{tmp_path / 'optuna.db'}",
+                                     "experiment": "synth"})
+    assert run_sweep(sweep).states.get("COMPLETE") == 1
