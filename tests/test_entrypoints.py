@@ -23,6 +23,7 @@ from stego_core.steps.ablation import AblationConfig
 from stego_core.steps.evaluation import BaselineConfig, ReconstructConfig
 from stego_core.steps.pipeline import MainConfig
 from stego_core.steps.prepare import PrepareConfig, load_crop_set
+from stego_core.steps.pretrain_synth import PretrainSynthConfig
 from stego_core.steps.training import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("mlflow_store")
@@ -90,7 +91,7 @@ def test_baseline_main_unknown_method_exit_2(tmp_path, capsys):
 # --------------------------------------------------------------------------------------------- MLproject
 
 ENTRY_POINTS = {"main": MainConfig, "prepare": PrepareConfig, "baseline": BaselineConfig, "train": TrainConfig,
-                "reconstruct": ReconstructConfig, "ablation": AblationConfig}
+                "reconstruct": ReconstructConfig, "ablation": AblationConfig, "pretrain_synth": PretrainSynthConfig}
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +103,7 @@ def project():
 
 def test_mlproject_entry_points_and_parameters(project):
     assert set(project._entry_points) == {"main", "prepare", "pretrain", "train", "reconstruct", "baseline", "sweep",
-                                          "doctor", "ablation", "selftrain"}
+                                          "doctor", "ablation", "selftrain", "pretrain_synth"}
     expected = {  # the -P keys the README shows, plus the shared ones
         "main": {"config", "extra"},
         "prepare": {"config", "source", "data_root", "output", "n_volumes", "seed", "patch_size", "stride",
@@ -116,6 +117,7 @@ def test_mlproject_entry_points_and_parameters(project):
         "sweep": {"config", "study_name", "n_trials", "timeout_s", "objective", "extra"},
         "ablation": {"config", "extra"},
         "selftrain": {"config", "source", "data_root", "teacher", "mode", "split", "extra"},
+        "pretrain_synth": {"config", "max_steps", "max_minutes", "seed", "extra"},
     }
     for name, params in expected.items():
         entry = project.get_entry_point(name)
@@ -147,6 +149,9 @@ def test_mlproject_commands_resolve_to_valid_configs(project):
     assert defaults["reconstruct"].model_uri == "runs:/0123abcd/model"
     assert list(defaults["main"].methods)[0] == "percentile"
     assert defaults["ablation"].variants[0].name == "none"
+    assert defaults["pretrain_synth"].train.max_minutes == 60.0 and defaults["pretrain_synth"].train.max_steps == 0
+    synth_run = _resolve(project, "pretrain_synth", {"max_steps": "5", "max_minutes": "0", "seed": "3"})
+    assert (synth_run.train.max_steps, synth_run.train.max_minutes, synth_run.train.seed) == (5, 0.0, 3)
     preset = _resolve(project, "baseline", {"config": "experiments/configs/best_mra.yaml", "source": "folder",
                                             "data_root": "cases", "split": "all"})
     assert preset.method == "gmm" and preset.postprocess

@@ -25,13 +25,14 @@ CONFIG_DIRS = (REPO_ROOT / "experiments" / "configs", REPO_ROOT / "sweeps" / "co
 SHIPPED = {
     "main.yaml": "main", "mra_offline.yaml": "main", "selftrain_mra.yaml": "main",
     "selftrain_mra_tree.yaml": "main", "selftrain_2pm.yaml": "main", "selftrain_stego.yaml": "main",
+    "selftrain_synth.yaml": "main",
     "prepare.yaml": "prepare",
     "baseline.yaml": "baseline", "best_mra.yaml": "baseline", "best_mra_tree.yaml": "baseline", "best_2pm.yaml": "baseline",
     "train.yaml": "train", "train_cpu.yaml": "train",
     "reconstruct.yaml": "reconstruct",
     "selftrain.yaml": "selftrain",
     "ablation.yaml": "ablation", "ablation_phantom.yaml": "ablation", "ablation_selftrain.yaml": "ablation",
-    "pretrain.yaml": "pretrain",
+    "pretrain.yaml": "pretrain", "pretrain_synth.yaml": "pretrain_synth",
     "sweep.yaml": "sweep", "sweep_baseline.yaml": "sweep",
 }
 #: Keys an entry point cannot run without, given the same way on both paths.
