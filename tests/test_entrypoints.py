@@ -149,7 +149,7 @@ def test_mlproject_commands_resolve_to_valid_configs(project):
     assert defaults["reconstruct"].model_uri == "runs:/0123abcd/model"
     assert list(defaults["main"].methods)[0] == "percentile"
     assert defaults["ablation"].variants[0].name == "none"
-    assert defaults["pretrain_synth"].train.max_minutes == 60.0 and defaults["pretrain_synth"].train.max_steps == 0
+    assert defaults["pretrain_synth"].train.max_minutes == 6.0 and defaults["pretrain_synth"].train.max_steps == 0
     synth_run = _resolve(project, "pretrain_synth", {"max_steps": "5", "max_minutes": "0", "seed": "3"})
     assert (synth_run.train.max_steps, synth_run.train.max_minutes, synth_run.train.seed) == (5, 0.0, 3)
     preset = _resolve(project, "baseline", {"config": "experiments/configs/best_mra.yaml", "source": "folder",

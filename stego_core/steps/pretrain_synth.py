@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class PretrainSynthConfig(RunSettings):
     """The ``pretrain_synth`` entry point: ``train`` (network, generator, budget; defaults = the shipped
-    weights' recipe, 60 minutes on one CPU thread), ``sample_grid`` generated samples pictured before training
+    weights' recipe, 6 minutes on one CPU thread), ``sample_grid`` generated samples pictured before training
     (0: none), ``log_model``: the network as the run's MLflow model."""
 
     train: SynthTrainSettings = field(default_factory=SynthTrainSettings)
