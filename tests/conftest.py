@@ -305,3 +305,10 @@ def segment_volume(segmenter, image, brain_mask, engine, *, progress=False, spac
 
     prob = predict_volume(segmenter, image, brain_mask, engine, progress=progress, spacing=spacing)
     return prob, binarize(prob, float(segmenter.threshold), brain_mask)
+
+
+def table_rows(text: str) -> list[str]:
+    """The method names of the comparison table that ``run_main`` returns (the table, a blank line, the last
+    block): the rows after the ``n = ...`` line, the header and its rule."""
+    table = text.partition("\n\n")[0]
+    return [line.split()[0] for line in table.splitlines()[3:] if line.strip()]

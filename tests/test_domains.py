@@ -163,7 +163,6 @@ def test_preset_auto_reads_the_modality_from_the_profiles():
 
 @pytest.mark.slow
 def test_preset_auto_runs_the_chosen_preset_and_says_why(tmp_path, mlflow_store, monkeypatch):
-    monkeypatch.chdir(REPO_ROOT)
     _stack_case(tmp_path / "stacks")
     cfg = load_config(BaselineConfig, CONFIGS / "baseline.yaml", {
         "preset": "auto", "data.source": "folder", "data.root": str(tmp_path / "stacks"), "split": "all",

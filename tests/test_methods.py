@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, table_rows
 
 from stego_core.config import load_config
 from stego_core.data.cases import DataConfig, ensure_cases, preprocess_case, split_cases
@@ -126,7 +126,7 @@ def test_the_toy_runs_through_every_entry_point(tmp_path, toy, mlflow_store, mon
                                          "methods": {"percentile": {}, "brightest": {"settings": {"q": 95.0}}},
                                          "experiment": "toy", "output": str(tmp_path / "main")})
     text = run_main(cfg)
-    assert {line.split()[0] for line in text.splitlines()[2:]} == {"percentile", "brightest"}
+    assert set(table_rows(text)) == {"percentile", "brightest"}
     assert toy.FITTED[-1] == train_ids
 
     # the ablation: fitted per data set on its training part (split: test)

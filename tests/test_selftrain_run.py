@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, table_rows
 
 from stego_core.config import load_config
 from stego_core.platform import tracking
@@ -199,7 +199,7 @@ def test_pipeline_selftrains_on_the_stego_it_trained(tmp_path, mlflow_store, mon
     real = stego_method.train_stego
     monkeypatch.setattr(stego_method, "train_stego", lambda *a, **k: (fits.append(1), real(*a, **k))[1])
     text = run_main(cfg)
-    rows = {line.split()[0] for line in text.splitlines()[2:]}
+    rows = set(table_rows(text))
     assert rows == {"percentile", "stego", "teacher-stego", "selftrain"}
     assert len(fits) == 1  # one STEGO training for the row and the teacher
     client = tracking.client()

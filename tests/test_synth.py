@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import table_rows
 
 from stego_core.data import synth
 from stego_core.data.cases import DataConfig
@@ -259,7 +260,7 @@ def test_synth_is_a_pipeline_row_and_a_sweep_target(tmp_path, mlflow_store, monk
                                          "methods": {"percentile": {}, "synth": {"settings": {"overlap": 0.5}}},
                                          "experiment": "synth", "output": str(tmp_path / "main")})
     text = run_main(cfg)
-    assert {line.split()[0] for line in text.splitlines()[2:]} == {"percentile", "synth"}
+    assert set(table_rows(text)) == {"percentile", "synth"}
 
     from sweeps.driver import load_sweep_config, run_sweep
 

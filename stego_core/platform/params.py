@@ -9,9 +9,9 @@ runs table offers them all as columns, and the few that matter drown. The whole 
   files state only what differs), and what a step decided (a pipeline's pretrained weights);
 - whatever names the method and the data (``method``, :data:`KEY_LEAVES`: ``split``, ``test_cases``,
   ``backbone``; ``data.source``, ``data.root``), every seed (a leaf ending in ``seed``), and the settings that
-  name a learned model (:data:`KEY_SETTINGS`: backbone, weights, clusters, code size, mapping rule, steps, crop
-  size, how the crops were sampled), even at their defaults, so that a filter such as
-  ``params.model.n_clusters = '64'`` finds every run;
+  name a learned model or its source (:data:`KEY_SETTINGS`: backbone, weights, clusters, code size, mapping rule,
+  steps, features cached or online, crop size, how the crops were sampled, the preset, a teacher's method and
+  preset), even at their defaults, so that a filter such as ``params.model.n_clusters = '64'`` finds every run;
 - a method's settings when they are few (:data:`SMALL_SETTINGS` leaves or less: a classical method's
   percentile, its number of classes), all of them.
 
@@ -31,7 +31,8 @@ KEY_LEAVES: frozenset[str] = frozenset({"split", "test_cases", "backbone"})
 #: Whole keys (or key endings after a ``.``) logged whenever a plan has them.
 KEY_SETTINGS: tuple[str, ...] = (
     "data.source", "data.root", "model.backbone", "model.weights", "model.n_clusters", "model.code_dim",
-    "model.cluster_rule", "model.cluster_fit", "train.max_steps", "patch_size", "max_steps", "sampling.method",
+    "model.cluster_rule", "model.cluster_fit", "train.max_steps", "train.features", "patch_size", "max_steps",
+    "sampling.method", "preset", "teacher.method", "teacher.preset",
 )
 #: A method's settings with at most this many leaves are logged whole.
 SMALL_SETTINGS = 8

@@ -210,10 +210,13 @@ def resolve_auto_preset(cfg: BaselineConfig) -> tuple[BaselineConfig, str, str]:
         zooms = tuple(float(z) for z in image.header.get_zooms()[:3]) if image.header is not None else None
         profiles[case.case_id] = case_profile(image.data, zooms, unit)
     name, reason = choose_preset(profiles, cfg.convention)
-    path = next((p for p in (config_path(name), Path(cfg.preset_dir) / name) if p.is_file()), None)
+    # the working directory, preset_dir, then the presets installed with the package (experiments/configs is
+    # package data beside stego_core, in a checkout and in site-packages alike)
+    shipped = Path(__file__).resolve().parents[2] / "experiments" / "configs" / name
+    path = next((p for p in (config_path(name), Path(cfg.preset_dir) / name, shipped) if p.is_file()), None)
     if path is None:
-        raise ValueError(f"preset=auto chose {name} but the file is neither in the working directory nor in "
-                         f"preset_dir={cfg.preset_dir}")
+        raise ValueError(f"preset=auto chose {name} but the file is neither in the working directory, nor in "
+                         f"preset_dir={cfg.preset_dir}, nor among the installed presets ({shipped.parent})")
     log.info("preset=auto: %s (%s)", name, reason)
     keep = {"data.source": cfg.data.source, "data.root": cfg.data.root, "split": cfg.split,
             "test_fraction": cfg.test_fraction, "split_seed": cfg.split_seed, "test_cases": list(cfg.test_cases),
