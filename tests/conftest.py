@@ -259,11 +259,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory, _mlflow_template_db:
         wait_for_health(url, proc, timeout_s=90, output=(folder / "server.log").read_text)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
         log.close()
 
 
@@ -305,6 +301,15 @@ def segment_volume(segmenter, image, brain_mask, engine, *, progress=False, spac
 
     prob = predict_volume(segmenter, image, brain_mask, engine, progress=progress, spacing=spacing)
     return prob, binarize(prob, float(segmenter.threshold), brain_mask)
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    """SIGTERM ``proc`` and wait for it; SIGKILL it after ``timeout`` seconds (a server a test started)."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def table_rows(text: str) -> list[str]:

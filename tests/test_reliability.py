@@ -16,7 +16,7 @@ from urllib.parse import quote, unquote
 
 import pytest
 import yaml
-from conftest import REPO_ROOT, free_port, wait_for_health
+from conftest import REPO_ROOT, free_port, stop_process, wait_for_health
 
 from stego_core.platform import tracking
 from stego_core.runtime import faults
@@ -229,11 +229,7 @@ def auth_server(tmp_path_factory, _mlflow_template_db):
         yield uri, f"http://127.0.0.1:{port}", folder, proxy
     finally:
         proxy.shutdown()
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_process(server)
         log.close()
 
 
