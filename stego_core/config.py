@@ -33,6 +33,11 @@ from typing import Any, TypeVar
 import yaml
 
 T = TypeVar("T")
+
+#: The folder holding ``stego_core/`` and ``experiments/`` (a checkout, or site-packages for an installed copy).
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+#: The presets shipped with the package (``experiments/configs``: package data beside ``stego_core``).
+SHIPPED_PRESETS = PROJECT_ROOT / "experiments" / "configs"
 #: The folder of the config file being loaded (:func:`load_config`): a path a config names (a teacher preset) is
 #: found relative to it when it is not relative to the working directory (:func:`config_path`).
 _LOADING_FROM: contextvars.ContextVar[Path | None] = contextvars.ContextVar("loading_from", default=None)

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import optuna
 
-from stego_core.config import flatten, load_config, parse_overrides
+from stego_core.config import PROJECT_ROOT, flatten, load_config, parse_overrides
 from stego_core.data.cases import ensure_cases
 from stego_core.platform import tracking
 from sweeps.space import SweepConfig, is_finite, suggest
@@ -29,7 +29,7 @@ from sweeps.storage import RUN_ATTR
 __all__ = ["Objective", "TrialPrunedRun", "check_space_keys", "config_class", "resolve_base_config",
            "trial_config"]
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = PROJECT_ROOT
 
 
 class TrialPrunedRun(optuna.TrialPruned, tracking.RunKilled):

@@ -117,11 +117,12 @@ def close_stale_runs(study: optuna.Study) -> int:
             continue
         children = client.search_runs([run.info.experiment_id], filter_string=(
             f"tags.mlflow.parentRunId = '{run_id}' and attributes.status = 'RUNNING'"))
-        for child in children:
-            client.set_tag(child.info.run_id, "end_reason", "worker lost (Optuna heartbeat stale)")
-            client.set_terminated(child.info.run_id, "FAILED")
-        client.set_tag(run_id, "trial_state", "FAIL")
-        client.set_tag(run_id, "end_reason", "worker lost (Optuna heartbeat stale)")
-        client.set_terminated(run_id, "FAILED")
+        with faults.deferred_signals():  # a trial's runs are closed whole, as tracking's own writes are
+            for child in children:
+                client.set_tag(child.info.run_id, "end_reason", "worker lost (Optuna heartbeat stale)")
+                client.set_terminated(child.info.run_id, "FAILED")
+            client.set_tag(run_id, "trial_state", "FAIL")
+            client.set_tag(run_id, "end_reason", "worker lost (Optuna heartbeat stale)")
+            client.set_terminated(run_id, "FAILED")
         closed += 1
     return closed

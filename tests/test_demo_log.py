@@ -61,5 +61,5 @@ def test_the_demo_log_names_every_step_and_has_no_bars_or_noise(tmp_path):
     for noise in ("ModuleNotFoundError", "Downloading artifacts", "💡", "litlogger", "LeafSpec", "weight_norm",
                   "ckpt_path", "weights_only", "Saving pytorch model by Pickle", "Traceback"):
         assert noise not in text, noise
-    masks = re.findall(r"case (\S+): brain mask keeps", text)
+    masks = re.findall(r"case (\S+): ((?:brain|head) mask \(data.skull_strip=\w+\)) keeps", text)
     assert len(masks) == len(set(masks)), "a case's brain-mask line repeated"

@@ -191,7 +191,7 @@ def preprocess_case(case: Case, data: DataConfig) -> PreparedCase:
     if not mask.any():
         raise ValueError(f"case {case.case_id}: the brain mask (data.skull_strip={mode!r}) is empty for "
                          f"{case.image}; is the image constant or not a head? try data.skull_strip=none")
-    warning = mask_plausibility(image, mask, case) if mode in ("auto", "head") else None
+    warning = mask_plausibility(image, mask, case, mode) if mode in ("auto", "head") else None
     masked, _ = apply_brain_mask(image, mask)
     image01 = standardize(masked, mask, method=data.standardize)
     image01 = np.where(mask, image01, 0.0).astype(np.float32)
@@ -206,27 +206,31 @@ def preprocess_case(case: Case, data: DataConfig) -> PreparedCase:
 #: A head's automatic brain mask keeps between these fractions of the volume / of its brightest voxels.
 PLAUSIBLE_MASK_FRACTION = (0.05, 0.95)
 PLAUSIBLE_BRIGHT_FRACTION = 0.1
-_SAID: set[tuple[str, float]] = set()  # the masks already reported in this process
+_SAID: set[tuple[str, str, float]] = set()  # the masks already reported in this process
 
 
-def mask_plausibility(image: np.ndarray, mask: np.ndarray, case: Case) -> str | None:
+def mask_plausibility(image: np.ndarray, mask: np.ndarray, case: Case, mode: str = "auto") -> str | None:
     """Log the fraction of the volume and of its bright voxels (top 5 %) the automatic mask keeps; return a
-    warning when either is implausible for a head (e.g. a microscopy stack keeps a sliver), else ``None``."""
+    warning when either is implausible for a head (e.g. a microscopy stack keeps a sliver), else ``None``.
+
+    ``mode`` (``data.skull_strip``) names the mask in the line: ``auto`` is the intracranial (brain) mask,
+    ``head`` the whole head's, so two presets' lines for one case do not read as one mask with two sizes."""
     import logging
 
     log = logging.getLogger(__name__)
     fraction = float(mask.mean())
     bright = image > np.percentile(image, 95)
     bright_kept = float(mask[bright].mean()) if bright.any() else 1.0
-    said = (str(case.image), round(fraction, 4))
+    what = f"{'head' if mode == 'head' else 'brain'} mask (data.skull_strip={mode})"
+    said = (str(case.image), mode, round(fraction, 4))
     log.log(logging.DEBUG if said in _SAID else logging.INFO,  # once per case and process: every step reloads it
-            "case %s: brain mask keeps %.1f%% of the volume and %.1f%% of its bright voxels", case.case_id,
+            "case %s: %s keeps %.1f%% of the volume and %.1f%% of its bright voxels", case.case_id, what,
             100 * fraction, 100 * bright_kept)
     _SAID.add(said)
     low, high = PLAUSIBLE_MASK_FRACTION
     if low <= fraction <= high and bright_kept >= PLAUSIBLE_BRIGHT_FRACTION:
         return None
-    warning = (f"case {case.case_id}: the automatic brain mask keeps {100 * fraction:.1f}% of the volume and "
+    warning = (f"case {case.case_id}: the automatic {what} keeps {100 * fraction:.1f}% of the volume and "
                f"{100 * bright_kept:.1f}% of its bright voxels: implausible for a head ({case.image}); "
                "if this is not a head scan use data.skull_strip=none")
     log.warning(warning)

@@ -26,6 +26,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from stego_core.config import PROJECT_ROOT
 from stego_core.data.io import Case
 from stego_core.runtime import distributed, faults
 from stego_core.runtime.faults import mask_secrets  # noqa: F401  (re-exported: what every writer masks with)
@@ -76,7 +77,7 @@ def tracking_uri() -> str:
 
 def git_commit(repo: str | Path | None = None) -> str:
     """The current git commit of ``repo`` (default: this package's checkout), or ``"unknown"``."""
-    repo = Path(repo) if repo else Path(__file__).resolve().parents[1]
+    repo = Path(repo) if repo else PROJECT_ROOT
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
         # A repository without commits prints "HEAD" and fails: only a successful answer is a commit.
@@ -202,6 +203,7 @@ def _end_status(exc: BaseException) -> str:
     return "KILLED" if isinstance(exc, (RunKilled, faults.Interrupted)) else "FAILED"
 
 
+@_whole
 def _claim_end(run_id: str, exc: BaseException) -> str | None:
     """Record that this rank ends launched run ``run_id`` because of ``exc``, unless another rank did first.
 
