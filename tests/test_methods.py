@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import nibabel as nib
 import numpy as np
 import pytest
 from conftest import REPO_ROOT, table_rows
@@ -30,6 +31,7 @@ def toy():
     import toy_method  # registers "brightest" (its one registration line)
 
     toy_method.FITTED.clear()
+    toy_method.PREDICTED.clear()
     return toy_method
 
 
@@ -151,6 +153,31 @@ def test_the_toy_runs_through_every_entry_point(tmp_path, toy, mlflow_store, mon
                                      "experiment": "toy"})
     done = run_sweep(sweep)
     assert done.states.get("COMPLETE") == 2 and all(ids == train_ids for ids in toy.FITTED[-2:])
+
+
+def test_pipeline_rows_that_differ_in_post_processing_predict_each_volume_once(tmp_path, toy, mlflow_store):
+    """``brightest`` and ``brightest+largest`` (same settings): one fit, one prediction per volume, read back by
+    the second row, which still applies its own step (its mask differs; its file is its own)."""
+    from stego_core.steps.pipeline import MainConfig, run_main
+
+    data_root = str(tmp_path / "ph")
+    same = {"settings": {"q": 90.0}}
+    cfg = load_config(MainConfig, None, {"data.root": data_root, "data.phantom.n_volumes": 3,
+                                         "data.phantom.shape": [32, 32, 24], "prepare": False, "split": "all",
+                                         "methods": {"brightest": same, "brightest+largest": same,
+                                                     "other": {"method": "brightest", "settings": {"q": 95.0}}},
+                                         "experiment": "toy", "output": str(tmp_path / "main")})
+    text = run_main(cfg)
+    cases = sorted(c.case_id for c in ensure_cases(DataConfig(root=data_root, phantom=TINY.phantom)))
+    assert set(table_rows(text)) == {"brightest", "brightest+largest", "other"}
+    assert len(toy.FITTED) == 2  # brightest (shared with brightest+largest) and other (other settings)
+    assert sorted(toy.PREDICTED) == sorted(cases * 2)  # brightest's and other's predictions; none for +largest
+    masks = {}
+    for row in ("brightest", "brightest+largest"):
+        path = next((tmp_path / "main" / "brightest").rglob(f"{cases[0]}_{row}_pred.nii.gz"))
+        masks[row] = np.asarray(nib.load(path).dataobj) > 0
+    assert masks["brightest+largest"].sum() < masks["brightest"].sum()  # its own step ran on the shared result
+    assert not (masks["brightest+largest"] & ~masks["brightest"]).any()
 
 
 @pytest.mark.slow

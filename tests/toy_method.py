@@ -3,7 +3,7 @@
 ``fit`` learns one intensity cut (the mean of the training volumes' ``q``-th brain percentile), ``predict``
 applies it; the state is that cut, saved and reloaded through the registry's one interface. Registered with one
 line, ``register_method(TOY)`` (or ``STEGO_METHOD_PLUGINS=toy_method`` for the entry points). ``FITTED``
-records the case ids every ``fit`` saw, so a test can tell that only training volumes reach it.
+records the case ids every ``fit`` saw (``PREDICTED`` those ``predict`` saw), so a test can tell that only training volumes reach it.
 """
 
 from __future__ import annotations
@@ -21,8 +21,10 @@ from stego_core.methods.registry import (
     register_method,
 )
 
-#: Case ids seen by each ``fit`` call, in order (a test's window into the method; not a pattern to copy).
+#: Case ids seen by each ``fit`` call, and by each ``predict`` call, in order (a test's window into the method;
+#: not a pattern to copy).
 FITTED: list[list[str]] = []
+PREDICTED: list[str] = []
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ class BrightestVoxels:
     def predict(self, case) -> Result:
         if self.cut is None:
             raise ValueError("brightest: fit it first")
+        PREDICTED.append(case.case_id)
         return Result(((case.image > float(self.cut.value)) & case.brain_mask).astype(np.float32))
 
     def settings(self) -> ToySettings:

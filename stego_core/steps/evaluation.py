@@ -23,6 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from stego_core._checks import check_choice
+from stego_core.config import SHIPPED_PRESETS
 from stego_core.data.cases import (
     DataConfig,
     PreparedCase,
@@ -41,8 +42,10 @@ from stego_core.methods import METHODS, BuildContext, build_method
 from stego_core.methods.registry import (
     CaseRefused,
     Method,
+    Result,
     remember_state,
     resolve_settings,
+    state_key,
 )
 from stego_core.platform import tracking
 from stego_core.platform.params import settings_params
@@ -210,9 +213,8 @@ def resolve_auto_preset(cfg: BaselineConfig) -> tuple[BaselineConfig, str, str]:
         zooms = tuple(float(z) for z in image.header.get_zooms()[:3]) if image.header is not None else None
         profiles[case.case_id] = case_profile(image.data, zooms, unit)
     name, reason = choose_preset(profiles, cfg.convention)
-    # the working directory, preset_dir, then the presets installed with the package (experiments/configs is
-    # package data beside stego_core, in a checkout and in site-packages alike)
-    shipped = Path(__file__).resolve().parents[2] / "experiments" / "configs" / name
+    # the working directory, preset_dir, then the presets installed with the package
+    shipped = SHIPPED_PRESETS / name
     path = next((p for p in (config_path(name), Path(cfg.preset_dir) / name, shipped) if p.is_file()), None)
     if path is None:
         raise ValueError(f"preset=auto chose {name} but the file is neither in the working directory, nor in "
@@ -269,15 +271,55 @@ def build_context(cfg: EvaluateConfig, monitor: Any, workdir: Path | None, *, de
                         shared=shared)
 
 
+class PredictionStore:
+    """Each volume's :class:`~stego_core.methods.registry.Result` kept on disk for the rows of one pipeline that
+    differ only in post-processing (``stego``, ``stego+largest``, ``stego+crf``): the first row predicts, the
+    others read. A key is the method, its resolved settings, the data and the engine (:meth:`key`); a result is
+    one ``.npz`` file in ``folder`` (the pipeline's temporary folder, removed when it ends)."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self._files: dict[tuple[str, str], Path] = {}
+
+    @staticmethod
+    def key(method: Method, cfg: EvaluateConfig) -> str:
+        """What makes two predictions of a volume equal: method and settings, preprocessing, engine."""
+        import json
+
+        from stego_core.config import to_dict
+
+        return state_key(method.name, method.settings()) + json.dumps(
+            [to_dict(cfg.data), to_dict(cfg.engine)], sort_keys=True, default=str)
+
+    def get(self, key: str, case_id: str) -> Result | None:
+        """The stored result of ``case_id`` under ``key``, or None."""
+        path = self._files.get((key, case_id))
+        if path is None:
+            return None
+        with np.load(path) as z:
+            names = [str(n) for n in z["names"]]
+            return Result(prob=z["prob"], extras={n: z[f"extra{i}"] for i, n in enumerate(names)})
+
+    def put(self, key: str, case_id: str, result: Result) -> None:
+        """Keep ``result`` of ``case_id`` under ``key``."""
+        path = self.folder / f"{len(self._files)}.npz"
+        names = list(result.extras)
+        np.savez(path, prob=result.prob, names=np.array(names, dtype=str),
+                 **{f"extra{i}": result.extras[n] for i, n in enumerate(names)})
+        self._files[(key, case_id)] = path
+
+
 def evaluate_cases(method: Method, cases: list[Case], cfg: EvaluateConfig, out_dir: Path, *,
-                   log_to_mlflow: bool = True, name: str | None = None) -> list[dict[str, Any]]:
+                   log_to_mlflow: bool = True, name: str | None = None,
+                   store: PredictionStore | None = None) -> list[dict[str, Any]]:
     """The one evaluation loop: reconstruct every case with ``method``, write predictions under ``out_dir``, and
     return one metrics row per case (:func:`~stego_core.evaluation.scoring.score_result`). Predictions are named
     ``<case>_<name>_pred.nii.gz`` (``name``: the run's method tag, default ``method.name``); a mask extra of the
     method's result (a self-training teacher) is written as ``<case>_<row>_pred.nii.gz``, ``<row>`` its row name
     (``method.extra_rows``), and drawn with the others in the stepped image ``<method>/slices``. A case the
     method refuses (:class:`~stego_core.methods.registry.CaseRefused`) gets a warning, a tag and a row without
-    scores.
+    scores. With ``store``, a volume predicted before with the same method, settings, data and engine (a
+    pipeline row that differs only in post-processing) is read back instead of predicted again.
 
     Launched as several processes (:mod:`stego_core.runtime.distributed`), each rank takes every ``world size``-th
     case and writes its predictions; rank 0 logs every case's scores, tags, predictions and figure into the one
@@ -301,8 +343,13 @@ def evaluate_cases(method: Method, cases: list[Case], cfg: EvaluateConfig, out_d
                         "meaningless", case.case_id, case.label)
             if log_to_mlflow:
                 out.tag({"label_empty": "true", f"label_empty/{case.case_id}": "true"})
+        key = PredictionStore.key(method, cfg) if store is not None else ""
         try:
-            result = method.predict(prepared)
+            result = store.get(key, case.case_id) if store is not None else None
+            if result is None:
+                result = method.predict(prepared)
+                if store is not None:
+                    store.put(key, case.case_id, result)
         except CaseRefused as exc:
             log.warning("%s refused case %s: %s", name, case.case_id, exc)
             if log_to_mlflow:
@@ -504,7 +551,7 @@ def log_state(method: Method, *, name: str = "model") -> str | None:
 def run_method(method: Method | str, cfg: EvaluateConfig, *, settings: Any = None, name: str | None = None,
                run_name: str | None = None, config: Any = None, nested: bool = False,
                tags: dict[str, str] | None = None, log_model: bool = True, context: dict | None = None,
-               suffix: bool = True) -> EvaluationResult:
+               suffix: bool = True, predictions: PredictionStore | None = None) -> EvaluationResult:
     """One MLflow run that (for a learned method) fits and then reconstructs and scores a method on the cases of
     ``cfg``.
 
@@ -524,6 +571,8 @@ def run_method(method: Method | str, cfg: EvaluateConfig, *, settings: Any = Non
         Log a learned method's state after a fit in this run.
     context : dict, optional
         ``device``, ``amp``, ``compile``, ``shared`` (fitted states by settings) for the method's context.
+    predictions : PredictionStore, optional
+        Volumes already predicted by an equal method (:func:`evaluate_cases`).
     """
     config = config if config is not None else cfg
     tail = steps_tag(cfg.postprocess_steps()) if suffix else ""  # e.g. "+crf", "+smooth+largest"
@@ -554,7 +603,7 @@ def run_method(method: Method | str, cfg: EvaluateConfig, *, settings: Any = Non
             fit_method(method, cfg, cases)
             remember_state(method, ctx)
             fitted_here = True
-        rows = evaluate_cases(method, cases, cfg, run.output_dir, name=label)
+        rows = evaluate_cases(method, cases, cfg, run.output_dir, name=label, store=predictions)
         refused = [r["refused"] for r in rows if "refused" in r]
         if rows and len(refused) == len(rows):  # a run that scored nothing does not report success
             raise ValueError(f"{label} scored none of the {len(rows)} volume(s): the method refused every one "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from stego_core.steps.base import DataSettings, RunSettings
 from stego_core.steps.comparison import REPORT, log_comparison
 from stego_core.steps.evaluation import (
     EvaluateConfig,
+    PredictionStore,
     check_data,
     run_method,
     select_cases,
@@ -310,7 +312,8 @@ def run_main(cfg: MainConfig) -> str:
     with tracking.start_run(cfg.experiment, run_name="pipeline", output_root=f"{cfg.output}/pipeline",
                             tags={"step": "pipeline", "method": "pipeline"},
                             description="The whole pipeline: " + ", ".join(cfg.methods) + " (the comparison "
-                                        "appears here when it ends).") as parent:
+                                        "appears here when it ends).") as parent, \
+            tempfile.TemporaryDirectory(prefix="stego-predictions-") as scratch:
         tracking.log_plan(cfg, parent.output_dir)
         if cfg.prepare:  # the crops, also exported in the seed's dataset layout
             with clock.step("prepare", "the volumes (phantoms generated if need be), their crops"):
@@ -328,6 +331,8 @@ def run_main(cfg: MainConfig) -> str:
         runs: dict[str, str] = {}
         per_case: dict[str, dict[str, dict[str, float]]] = {}
         shared: dict[str, Any] = {}  # fitted states by method and settings: rows with equal ones train once
+        # and predict once (rows that differ in post-processing only read the volumes back)
+        predictions = PredictionStore(scratch)
         folders: dict[str, Path] = {}
         notes: dict[str, dict[str, str]] = {}
         for row in rows:
@@ -341,7 +346,7 @@ def run_main(cfg: MainConfig) -> str:
             fit = (f"{same}'s model, " if same else "fit on the training volumes, then ") if learned else ""
             with clock.step(row, fit + "scored on the held-out volumes"):
                 result = run_method(spec.method, evaluate, settings=settings, name=row, run_name=row, nested=True,
-                                    suffix=False, context={"shared": shared})
+                                    suffix=False, context={"shared": shared}, predictions=predictions)
             runs[row], per_case[row] = result.run_id, _rows(result)
             table[row] = {**result.summary, "domain_warnings": len(result.warned), "n_cases": len(per_case[row])}
             folders[row] = result.output_dir
