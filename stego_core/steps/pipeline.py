@@ -343,7 +343,9 @@ def run_main(cfg: MainConfig) -> str:
             learned = METHODS[spec.method].kind == "learned"
             same = next((r for r in rows[:rows.index(row)] if cfg.methods[r].method == spec.method
                          and cfg.methods[r].settings == spec.settings), None)  # trained once, shared
-            fit = (f"{same}'s model, " if same else "fit on the training volumes, then ") if learned else ""
+            uri = str(getattr(settings, "model_uri", "") or "")
+            fit = ((f"the model {uri}, " if uri else f"{same}'s model, " if same else
+                    "fit on the training volumes, then ") if learned else "")
             with clock.step(row, fit + "scored on the held-out volumes"):
                 result = run_method(spec.method, evaluate, settings=settings, name=row, run_name=row, nested=True,
                                     suffix=False, context={"shared": shared}, predictions=predictions)
