@@ -23,7 +23,7 @@ CONFIG_DIRS = (REPO_ROOT / "experiments" / "configs", REPO_ROOT / "sweeps" / "co
 
 #: Which entry point each shipped YAML file is written for (a new file must be listed here).
 SHIPPED = {
-    "main.yaml": "main", "mra_offline.yaml": "main", "selftrain_mra.yaml": "main",
+    "main.yaml": "main", "mra_offline.yaml": "main", "mra_offline_tree.yaml": "main", "selftrain_mra.yaml": "main",
     "selftrain_mra_tree.yaml": "main", "selftrain_2pm.yaml": "main", "selftrain_stego.yaml": "main",
     "selftrain_synth.yaml": "main",
     "prepare.yaml": "prepare",
@@ -177,3 +177,20 @@ def test_stego_teacher_preset_trains_stego_as_mra_offline_does():
     stego = offline.methods["stego"].settings
     assert teacher.methods["stego"].settings == stego
     assert teacher.methods["selftrain"].settings.teacher.settings == stego  # the stego row's model teaches
+
+
+def test_clusters_mapped_with_labels_are_refused_on_the_volumes_they_segment():
+    """``split: all`` evaluates the volumes STEGO is fitted on: a label rule would read the labels it is scored
+    with, so the plan is refused at load (directly, and through a self-training teacher); label-free rules and a
+    trained model (``model_uri``) pass."""
+    configs = REPO_ROOT / "experiments" / "configs"
+    tree = C.load_config(MainConfig, configs / "mra_offline_tree.yaml", [])
+    assert tree.split == "test" and tree.methods["stego"].settings.model.cluster_rule == "dice"
+    with pytest.raises(ValueError, match=r"methods.stego: model.cluster_rule='dice'.*split: all"):
+        C.load_config(MainConfig, configs / "mra_offline_tree.yaml", ["split=all"])
+    dice = {"model": {"cluster_rule": "dice"}}
+    with pytest.raises(ValueError, match=r"methods.selftrain: teacher: model.cluster_rule='dice'"):
+        C.load_config(MainConfig, None, {"split": "all", "methods": {"selftrain": {"settings": {
+            "teacher": {"method": "stego", "settings": dice}}}}})
+    C.load_config(MainConfig, configs / "mra_offline.yaml", ["split=all"])  # bright_cut: label-free
+    C.load_config(MainConfig, None, {"split": "all", "methods": {"stego": {"settings": {**dice, "model_uri": "m"}}}})

@@ -55,11 +55,14 @@ from stego_core.steps.base import RunSettings
 log = logging.getLogger(__name__)
 
 
-def check_data(settings: Any, data: DataConfig) -> None:
-    """A method's settings may require a preprocessing (a self-training teacher chosen with a skull strip)."""
-    check = getattr(settings, "check_data", None)
-    if callable(check):
-        check(data)
+def check_data(settings: Any, data: DataConfig, split: str = "test") -> None:
+    """A method's settings may require a preprocessing (a self-training teacher chosen with a skull strip) or
+    refuse a split (STEGO mapping clusters with labels refuses ``split: all``, which evaluates its training
+    volumes)."""
+    for hook, value in (("check_data", data), ("check_split", split)):
+        check = getattr(settings, hook, None)
+        if callable(check):
+            check(value)
 
 
 @dataclass(frozen=True)
@@ -129,7 +132,7 @@ class BaselineConfig(EvaluateConfig):
         check_choice(self.preset, "preset", ("", "auto"))
         check_choice(self.convention, "convention", tuple(AUTO_PRESETS["mra"]))
         object.__setattr__(self, "settings", resolve_settings(self.method, self.settings))
-        check_data(self.settings, self.data)
+        check_data(self.settings, self.data, self.split)
 
 
 @dataclass(frozen=True)

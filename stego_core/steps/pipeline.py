@@ -131,7 +131,7 @@ class MainConfig(DataSettings, RunSettings):
             specs[row] = _spec(row, value, self.slicing)
         for row, spec in specs.items():
             try:
-                check_data(spec.settings, self.data)
+                check_data(spec.settings, self.data, self.split)
             except ValueError as exc:
                 raise ValueError(f"methods.{row}: {exc}") from None
         object.__setattr__(self, "methods", specs)

@@ -33,7 +33,7 @@ class SelfTrainConfig(SelfTrainSettings, EvaluateConfig):
     def __post_init__(self) -> None:
         EvaluateConfig.__post_init__(self)
         SelfTrainSettings.__post_init__(self)
-        check_data(self.method_settings(), self.data)
+        check_data(self.method_settings(), self.data, self.split)
 
     def method_settings(self) -> SelfTrainSettings:
         """The ``selftrain`` method's own settings (what its logged model carries)."""

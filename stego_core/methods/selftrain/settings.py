@@ -340,6 +340,16 @@ class SelfTrainSettings:
     def __post_init__(self) -> None:
         check_choice(self.mode, "mode", ("transductive", "inductive"))
 
+    def check_split(self, split: str) -> None:
+        """A teacher fitted on the training volumes answers for its own split rule (a STEGO teacher mapping its
+        clusters with labels refuses ``split: all``)."""
+        check = getattr(self.teacher.settings, "check_split", None)
+        if callable(check) and not self.model_uri:
+            try:
+                check(split)
+            except ValueError as exc:
+                raise ValueError(f"teacher: {exc}") from None
+
     def check_data(self, data: Any) -> None:
         """The run's skull strip must be the one the teacher was chosen with (a preset's)."""
         wanted = self.teacher.skull_strip

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from stego_core._checks import check_choice, check_range
 from stego_core.data.sampling import SamplingConfig
 from stego_core.data.slicing import SlicingConfig
-from stego_core.methods.stego.mapping import CLUSTER_RULES
+from stego_core.methods.stego.mapping import CLUSTER_RULES, LABEL_FREE_RULES
 from stego_core.methods.stego.model import LossConfig
 from stego_core.runtime.distributed import TrainerSettings
 
@@ -128,3 +128,12 @@ class StegoSettings:
     slicing: SlicingConfig = field(default_factory=SlicingConfig)
     val_stride: int | None = None
     model_uri: str = ""
+
+    def check_split(self, split: str) -> None:
+        """``split: all`` evaluates the very volumes STEGO is fitted on, so its clusters must then be mapped
+        without their labels (a label-free ``model.cluster_rule``): labels only score the volumes evaluated."""
+        if split == "all" and not self.model_uri and self.model.cluster_rule not in LABEL_FREE_RULES:
+            raise ValueError(f"model.cluster_rule={self.model.cluster_rule!r} may map the clusters with the labels "
+                             "of the training volumes, and split: all evaluates those same volumes; use a "
+                             f"label-free rule ({', '.join(LABEL_FREE_RULES)}) or split: test (test_cases=[...] "
+                             "names the volumes to segment)")
