@@ -203,7 +203,6 @@ def _end_status(exc: BaseException) -> str:
     return "KILLED" if isinstance(exc, (RunKilled, faults.Interrupted)) else "FAILED"
 
 
-@_whole
 def _claim_end(run_id: str, exc: BaseException) -> str | None:
     """Record that this rank ends launched run ``run_id`` because of ``exc``, unless another rank did first.
 
@@ -213,6 +212,8 @@ def _claim_end(run_id: str, exc: BaseException) -> str | None:
     first (its status and error are then recorded: ``error`` and ``error.txt``, or ``end_reason``, prefixed with
     the rank; a rank other than 0 also ends the run, which rank 0 alone would otherwise do).
     """
+    # Not held back from signals like the other writes (:func:`_whole`): it runs while torchrun tears the ranks
+    # down, and a SIGTERM held here would be raised again out of the claim, after it, into the run's ending.
     c = client()
     tags = c.get_run(run_id).data.tags
     if END_STATUS_TAG in tags and tags.get(END_RANK_TAG) != str(distributed.global_rank()):
