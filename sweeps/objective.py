@@ -29,8 +29,6 @@ from sweeps.storage import RUN_ATTR
 __all__ = ["Objective", "TrialPrunedRun", "check_space_keys", "config_class", "resolve_base_config",
            "trial_config"]
 
-REPO_ROOT = PROJECT_ROOT
-
 
 class TrialPrunedRun(optuna.TrialPruned, tracking.RunKilled):
     """The pruner stopped a trial: Optuna records it PRUNED and its MLflow runs end KILLED."""
@@ -41,9 +39,9 @@ def resolve_base_config(path: str) -> Path:
     given = Path(path)
     if given.is_file():
         return given
-    if not given.is_absolute() and (REPO_ROOT / given).is_file():
-        return REPO_ROOT / given
-    raise FileNotFoundError(f"base_config {path} not found (looked in {Path.cwd()} and {REPO_ROOT})")
+    if not given.is_absolute() and (PROJECT_ROOT / given).is_file():
+        return PROJECT_ROOT / given
+    raise FileNotFoundError(f"base_config {path} not found (looked in {Path.cwd()} and {PROJECT_ROOT})")
 
 
 def config_class(target: str) -> type:

@@ -55,7 +55,7 @@ from stego_core.steps.base import RunSettings
 log = logging.getLogger(__name__)
 
 
-def check_data(settings: Any, data: DataConfig, split: str = "test") -> None:
+def check_data(settings: Any, data: DataConfig, split: str) -> None:
     """A method's settings may require a preprocessing (a self-training teacher chosen with a skull strip) or
     refuse a split (STEGO mapping clusters with labels refuses ``split: all``, which evaluates its training
     volumes)."""
@@ -333,6 +333,7 @@ def evaluate_cases(method: Method, cases: list[Case], cfg: EvaluateConfig, out_d
     steps = cfg.postprocess_steps()
     extra_rows = dict(getattr(method, "extra_rows", {}) or {})
     rows = []
+    key = PredictionStore.key(method, cfg) if store is not None else ""
     mine = distributed.shard(list(enumerate(cases)))
     for index, case in tqdm(mine, desc=f"evaluate {method.name}", unit="vol",
                             disable=None if cfg.progress else True):
@@ -346,7 +347,6 @@ def evaluate_cases(method: Method, cases: list[Case], cfg: EvaluateConfig, out_d
                         "meaningless", case.case_id, case.label)
             if log_to_mlflow:
                 out.tag({"label_empty": "true", f"label_empty/{case.case_id}": "true"})
-        key = PredictionStore.key(method, cfg) if store is not None else ""
         try:
             result = store.get(key, case.case_id) if store is not None else None
             if result is None:
@@ -554,7 +554,7 @@ def log_state(method: Method, *, name: str = "model") -> str | None:
 def run_method(method: Method | str, cfg: EvaluateConfig, *, settings: Any = None, name: str | None = None,
                run_name: str | None = None, config: Any = None, nested: bool = False,
                tags: dict[str, str] | None = None, log_model: bool = True, context: dict | None = None,
-               suffix: bool = True, predictions: PredictionStore | None = None) -> EvaluationResult:
+               suffix: bool = True, store: PredictionStore | None = None) -> EvaluationResult:
     """One MLflow run that (for a learned method) fits and then reconstructs and scores a method on the cases of
     ``cfg``.
 
@@ -574,7 +574,7 @@ def run_method(method: Method | str, cfg: EvaluateConfig, *, settings: Any = Non
         Log a learned method's state after a fit in this run.
     context : dict, optional
         ``device``, ``amp``, ``compile``, ``shared`` (fitted states by settings) for the method's context.
-    predictions : PredictionStore, optional
+    store : PredictionStore, optional
         Volumes already predicted by an equal method (:func:`evaluate_cases`).
     """
     config = config if config is not None else cfg
@@ -606,7 +606,7 @@ def run_method(method: Method | str, cfg: EvaluateConfig, *, settings: Any = Non
             fit_method(method, cfg, cases)
             remember_state(method, ctx)
             fitted_here = True
-        rows = evaluate_cases(method, cases, cfg, run.output_dir, name=label, store=predictions)
+        rows = evaluate_cases(method, cases, cfg, run.output_dir, name=label, store=store)
         refused = [r["refused"] for r in rows if "refused" in r]
         if rows and len(refused) == len(rows):  # a run that scored nothing does not report success
             raise ValueError(f"{label} scored none of the {len(rows)} volume(s): the method refused every one "

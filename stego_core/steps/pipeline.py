@@ -331,8 +331,11 @@ def run_main(cfg: MainConfig) -> str:
         runs: dict[str, str] = {}
         per_case: dict[str, dict[str, dict[str, float]]] = {}
         shared: dict[str, Any] = {}  # fitted states by method and settings: rows with equal ones train once
-        # and predict once (rows that differ in post-processing only read the volumes back)
-        predictions = PredictionStore(scratch)
+        # and predict once (rows that differ in post-processing only read the volumes back); a row without such a
+        # twin writes nothing there
+        store = PredictionStore(scratch)
+        twins = {r: [o for o in rows if (cfg.methods[o].method, cfg.methods[o].settings)
+                     == (cfg.methods[r].method, cfg.methods[r].settings)] for r in rows}
         folders: dict[str, Path] = {}
         notes: dict[str, dict[str, str]] = {}
         for row in rows:
@@ -341,14 +344,14 @@ def run_main(cfg: MainConfig) -> str:
             evaluate = derive(EvaluateConfig, cfg, engine=engine, postprocess=spec.postprocess,
                               output=f"{cfg.output}/{spec.method}")
             learned = METHODS[spec.method].kind == "learned"
-            same = next((r for r in rows[:rows.index(row)] if cfg.methods[r].method == spec.method
-                         and cfg.methods[r].settings == spec.settings), None)  # trained once, shared
+            same = twins[row][0] if twins[row][0] != row else None  # trained once, shared
             uri = str(getattr(settings, "model_uri", "") or "")
             fit = ((f"the model {uri}, " if uri else f"{same}'s model, " if same else
                     "fit on the training volumes, then ") if learned else "")
             with clock.step(row, fit + "scored on the held-out volumes"):
                 result = run_method(spec.method, evaluate, settings=settings, name=row, run_name=row, nested=True,
-                                    suffix=False, context={"shared": shared}, predictions=predictions)
+                                    suffix=False, context={"shared": shared},
+                                    store=store if len(twins[row]) > 1 else None)
             runs[row], per_case[row] = result.run_id, _rows(result)
             table[row] = {**result.summary, "domain_warnings": len(result.warned), "n_cases": len(per_case[row])}
             folders[row] = result.output_dir
